@@ -1,0 +1,8 @@
+"""BYOL: LightningModule, heads, target EMA and tau schedule, LARS, lr schedule."""
+from byol.functional import byol_loss, lr_schedule, regression_loss, scaled_lr, tau_schedule
+from byol.heads import mlp_head
+from byol.lars import LARS, lars_param_groups
+from byol.module import BYOL
+
+__all__ = ["BYOL", "LARS", "byol_loss", "lars_param_groups", "lr_schedule", "mlp_head", "regression_loss",
+           "scaled_lr", "tau_schedule"]

@@ -1,0 +1,44 @@
+"""BYOL's pure pieces: the regression loss and the learning-rate and target-decay schedules (no state)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``||normalize(p) - normalize(z)||^2 = 2 - 2 cos(p, z)`` in [0, 4]; ``z`` gets no gradient.
+
+    Computed in float32 so bf16 autocast does not round the cosine near 1 (where the loss lives late in training).
+    """
+    p = F.normalize(p.float(), dim=-1)
+    z = F.normalize(z.detach().float(), dim=-1)  # stop-gradient: the target only provides regression targets
+    return 2.0 - 2.0 * (p * z).sum(dim=-1)
+
+
+def byol_loss(q1: torch.Tensor, q2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """The symmetric BYOL loss: q1 predicts z2 and q2 predicts z1, summed, mean over the batch (range [0, 8])."""
+    return (regression_loss(q1, z2) + regression_loss(q2, z1)).mean()
+
+
+def tau_schedule(step: int, total_steps: int, base: float) -> float:
+    """Target decay ``1 - (1 - base) (cos(pi k / K) + 1) / 2``: ``base`` at step 0, 1 at the last step."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    k = min(max(step, 0), total_steps)
+    return 1.0 - (1.0 - base) * (math.cos(math.pi * k / total_steps) + 1.0) / 2.0
+
+
+def lr_schedule(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
+    """Linear warmup from 0 over ``warmup_steps``, then cosine decay to 0 at ``total_steps`` (BYOL, per step)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(step - warmup_steps, span) / span
+    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """BYOL's linear scaling rule: ``base_lr * global_batch / 256``."""
+    return base_lr * global_batch / 256.0

@@ -1,0 +1,239 @@
+"""The BYOL LightningModule: online and target networks, the EMA target update, LARS, the online classifier."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+import augment
+import zoo
+from byol.functional import byol_loss, lr_schedule, scaled_lr, tau_schedule
+from byol.heads import mlp_head
+from byol.lars import LARS, lars_param_groups
+from zoo.trainer import NAN_POLICIES, check_finite_loss
+
+
+class BYOL(pl.LightningModule):
+    """Bootstrap Your Own Latent (Grill et al. 2020), faithful to the paper and the authors' code.
+
+    Args:
+        encoder: registry name of the backbone (``zoo.available()``), e.g. ``resnet50``, ``resnet18_cifar``.
+        encoder_overrides: keyword overrides for the backbone constructor.
+        image_size: side of the augmented views.
+        num_classes: classes of the online classifier; None reads it from the datamodule.
+        projector_hidden: hidden width of projector and predictor (4096).
+        projection_dim: output width of projector and predictor (256).
+        base_lr: lr per 256 images; the peak lr is ``base_lr * global_batch / 256``.
+        weight_decay: LARS weight decay (biases and norm parameters excluded).
+        momentum: LARS momentum.
+        lars_eta: LARS trust coefficient.
+        tau_base: initial target decay; cosine-scheduled to 1.
+        warmup_epochs: linear lr warmup length in epochs (``warmup_steps`` overrides it).
+        warmup_steps: linear lr warmup length in steps, if set.
+        augment_overrides: per-view preset overrides passed to ``augment.byol_views``.
+        aug_seed: seed of the augmentation generator (offset by the rank under DDP).
+        compile: ``torch.compile`` the per-view forward (GPU; works on CPU but compiles slowly).
+        channels_last: use channels-last memory format (default: on GPU only).
+        nan_policy: ``stop`` or ``skip`` on a non-finite loss.
+    """
+
+    def __init__(self, encoder: str = "resnet50", encoder_overrides: dict[str, Any] | None = None, image_size: int = 224,
+                 num_classes: int | None = None, projector_hidden: int = 4096, projection_dim: int = 256,
+                 base_lr: float = 0.2, weight_decay: float = 1.5e-6, momentum: float = 0.9, lars_eta: float = 1e-3,
+                 tau_base: float = 0.996, warmup_epochs: float = 10.0, warmup_steps: int | None = None,
+                 augment_overrides: dict[str, dict[str, Any]] | None = None, aug_seed: int = 0, compile: bool = False,
+                 channels_last: bool | None = None, nan_policy: str = "stop") -> None:
+        super().__init__()
+        if base_lr <= 0:
+            raise ValueError(f"model.base_lr must be positive, got {base_lr}")
+        if weight_decay < 0:
+            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        if not 0.0 <= tau_base <= 1.0:
+            raise ValueError(f"model.tau_base must be in [0, 1], got {tau_base}")
+        if warmup_epochs < 0 or (warmup_steps is not None and warmup_steps < 0):
+            raise ValueError("model.warmup_epochs / model.warmup_steps must be >= 0")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"model.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if image_size < 8:
+            raise ValueError(f"model.image_size must be >= 8, got {image_size}")
+        self.save_hyperparameters()
+        self.online_encoder = zoo.create(encoder, **(encoder_overrides or {}))
+        dim = self.online_encoder.num_features
+        self.online_projector = mlp_head(dim, projector_hidden, projection_dim)
+        self.online_predictor = mlp_head(projection_dim, projector_hidden, projection_dim)
+        # The target starts as an exact copy and is only ever moved by the EMA, never by gradients.
+        self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
+        self.online_classifier: nn.Linear | None = nn.Linear(dim, num_classes) if num_classes else None
+        views = augment.byol_views(image_size, **(augment_overrides or {}))
+        self.view1, self.view2 = views
+        self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224))
+        self._aug_gen: torch.Generator | None = None
+        self._aug_state: torch.Tensor | None = None
+        self._stepped = False
+        self.skipped_images: list[str] = []
+        self._compiled_views = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Size the online classifier from the data and refuse batches too small for batch norm."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.online_classifier is None:
+            if dm is None or not hasattr(dm, "num_classes"):
+                raise ValueError("model.num_classes is not set and the datamodule does not expose num_classes")
+            self.online_classifier = nn.Linear(self.online_encoder.num_features, dm.num_classes)
+            self.hparams.num_classes = dm.num_classes
+        if stage == "fit" and dm is not None and getattr(dm, "batch_size", 2) < 2:
+            raise ValueError(f"data.batch_size is {dm.batch_size} but BYOL's batch norm needs at least 2 images per "
+                             "device (per-view batch statistics); use a batch size of 2 or more")
+        if self._use_channels_last():
+            self.to(memory_format=torch.channels_last)
+
+    def _use_channels_last(self) -> bool:
+        cl = self.hparams.channels_last
+        return bool(torch.cuda.is_available()) if cl is None else bool(cl)
+
+    def global_batch(self) -> int:
+        """Images per optimizer step across every device (the lr scaling rule's batch)."""
+        per_device = getattr(self.trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            raise ValueError("the datamodule has no batch_size; BYOL needs it to scale the learning rate")
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        """LARS on the online networks and the classifier, with the per-step warmup + cosine schedule."""
+        total = int(self.trainer.estimated_stepping_batches)
+        if self.hparams.warmup_steps is not None:
+            warmup = int(self.hparams.warmup_steps)
+        else:
+            per_epoch = max(int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches, 1)
+            warmup = int(round(self.hparams.warmup_epochs * per_epoch))
+        warmup = min(warmup, max(total - 1, 0))
+        self.total_steps, self.warmup = total, warmup
+        peak = scaled_lr(self.hparams.base_lr, self.global_batch())
+        online = [(n, p) for n, p in self.named_parameters() if not n.startswith("target_")]
+        opt = LARS(lars_param_groups(online), lr=peak, momentum=self.hparams.momentum,
+                   weight_decay=self.hparams.weight_decay, eta=self.hparams.lars_eta)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_schedule(step, total, warmup, 1.0))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def _generator(self) -> torch.Generator:
+        if self._aug_gen is None or self._aug_gen.device != self.device:
+            self._aug_gen = torch.Generator(device=self.device)
+            self._aug_gen.manual_seed(self.hparams.aug_seed * 1_000_003 + self.global_rank)
+            if self._aug_state is not None:
+                self._aug_gen.set_state(self._aug_state)
+                self._aug_state = None
+        return self._aug_gen
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Decode raw JPEG bytes on the device they were moved to; drop and record undecodable files."""
+        self.skipped_images.extend(batch.get("skipped", []))
+        images = batch["image"]
+        if isinstance(images, list) and images and images[0].dim() == 1:
+            from augment.decode import decode_batch
+
+            decoded, bad = decode_batch(images, self.device)
+            if bad:
+                keep = [i for i in range(len(images)) if i not in set(bad)]
+                self.skipped_images.extend(f"<batch item {i}>" for i in bad)
+                batch["label"] = batch["label"][keep]
+            batch["image"] = decoded
+        return batch
+
+    def _views_forward(self, v1: torch.Tensor, v2: torch.Tensor):
+        # Each view goes through the networks separately: batch-norm statistics are per view (the paper's setting).
+        h1, h2 = self.online_encoder(v1), self.online_encoder(v2)
+        q1 = self.online_predictor(self.online_projector(h1))
+        q2 = self.online_predictor(self.online_projector(h2))
+        with torch.no_grad():  # target forward in training mode (batch statistics), no gradient
+            z1 = self.target_projector(self.target_encoder(v1))
+            z2 = self.target_projector(self.target_encoder(v2))
+        return h1, q1, q2, z1, z2
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        """Two views, symmetric regression loss, online classifier on stop-gradient view-1 features."""
+        self._stepped = False
+        labels = batch["label"]
+        if len(labels) < 2:
+            rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
+            return None
+        gen = self._generator()
+        v1, v2 = self.view1(batch["image"], gen), self.view2(batch["image"], gen)
+        if self._use_channels_last():
+            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        forward = self._views_forward
+        if self.hparams.compile:
+            if self._compiled_views is None:
+                self._compiled_views = torch.compile(self._views_forward)
+            forward = self._compiled_views
+        h1, q1, q2, z1, z2 = forward(v1, v2)
+        loss = byol_loss(q1, q2, z1, z2)
+        logits = self.online_classifier(h1.detach())  # stop-gradient: the probe must not shape the encoder
+        cls_loss = F.cross_entropy(logits.float(), labels)
+        total = loss + cls_loss
+        if not check_finite_loss(self, total, self.hparams.nan_policy):
+            return None
+        self._stepped = True
+        top1 = (logits.argmax(-1) == labels).float().mean()
+        self.log_dict({"train/loss": loss, "train/cls_loss": cls_loss, "train/online_top1": top1,
+                       "train/tau": self.current_tau()}, prog_bar=True, sync_dist=False)
+        return total
+
+    def current_tau(self) -> float:
+        """Target decay for the step about to be taken."""
+        total = getattr(self, "total_steps", None) or int(self.trainer.estimated_stepping_batches)
+        return tau_schedule(self.global_step, total, self.hparams.tau_base)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """EMA target update from the *new* online weights, with tau of the step just taken (parameters only)."""
+        if not self._stepped:
+            return
+        tau = tau_schedule(self.global_step - 1, self.total_steps, self.hparams.tau_base)
+        for online, target in ((self.online_encoder, self.target_encoder), (self.online_projector, self.target_projector)):
+            t, o = list(target.parameters()), list(online.parameters())
+            torch._foreach_lerp_(t, o, 1.0 - tau)  # t <- tau * t + (1 - tau) * o
+
+    def on_train_epoch_end(self) -> None:
+        """Report undecodable images once per epoch (paths), and count them."""
+        if self.skipped_images:
+            shown = ", ".join(self.skipped_images[:10])
+            rank_zero_warn(f"epoch {self.current_epoch}: skipped {len(self.skipped_images)} undecodable images: {shown}"
+                           + (" ..." if len(self.skipped_images) > 10 else ""))
+        self.log("data/skipped_images", float(len(self.skipped_images)))
+        self.skipped_images = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Online classifier accuracy on the evaluation view (resize + centre crop)."""
+        x = self.eval_view(batch["image"])
+        if self._use_channels_last():
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.online_classifier(self.online_encoder(x))
+        labels = batch["label"]
+        top5 = logits.topk(min(5, logits.shape[-1]), -1).indices.eq(labels[:, None]).any(-1).float().mean()
+        self.log_dict({"val/online_top1": (logits.argmax(-1) == labels).float().mean(), "val/online_top5": top5},
+                      prog_bar=True, sync_dist=True, batch_size=len(labels))
+
+    test_step = validation_step
+
+    # ----------------------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the augmentation generator's state so a resumed run draws the same views."""
+        if self._aug_gen is not None:
+            checkpoint["byol_aug_rng"] = self._aug_gen.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the generator state and build the classifier before the weights are loaded."""
+        if "byol_aug_rng" in checkpoint:
+            self._aug_state = checkpoint["byol_aug_rng"]
+            self._aug_gen = None
+        n = checkpoint.get("hyper_parameters", {}).get("num_classes")
+        if self.online_classifier is None and n:
+            self.online_classifier = nn.Linear(self.online_encoder.num_features, n)

@@ -1,0 +1,5 @@
+"""Language-model training on the shared trainer: causal LM, Gemma 2 distillation, evals, scaling laws."""
+from lm.causal_lm import CausalLM
+
+
+__all__ = ["CausalLM"]

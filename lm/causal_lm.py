@@ -1,0 +1,227 @@
+"""``lm.CausalLM``: next-token training of any zoo Transformer on the shared trainer.
+
+Logs train/val loss, bits per byte (via the data module's bytes per token), validation perplexity, tokens/s and
+MFU (6 N + attention FLOPs per token over the device's datasheet peak; skipped on CPU unless ``peak_flops`` is
+given). Routed models add the RL-R REINFORCE loss (reward = the token's log-likelihood, detached, minus a running
+mean baseline) and log per-expert load and routing entropy.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import zoo
+from lm.metrics import bits_per_byte, flops_per_token, matmul_params, mfu, peak_flops
+from lm.optim import lr_at, make_adamw, param_groups
+from zoo.attention import attention_flops_per_token
+from zoo.routing import reinforce_loss, routed_layers
+
+
+def split_batch(batch: Tensor | tuple | list) -> tuple[Tensor | None, Tensor]:
+    """(window indices or None, tokens [B, T+1]) from a TextDataModule batch."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1]
+    return None, batch
+
+
+def token_nll(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Per-token negative log-likelihood [B, T] of tokens[:, 1:] given tokens[:, :-1] (float32)."""
+    logits = model(tokens[:, :-1])
+    targets = tokens[:, 1:]
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), reduction="none").view_as(targets)
+
+
+def check_data_fits(model_name: str, config: Any, vocab_size: int | None, seq_len: int | None,
+                    tokenizer: str | None = None) -> None:
+    """Raise a ValueError naming the value when a tokenizer or sequence length does not fit the model."""
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer!r} has vocab_size={vocab_size} but model {model_name!r} has "
+                         f"vocab_size={config.vocab_size}; use the model's tokenizer or set "
+                         f"model_overrides: {{vocab_size: {vocab_size}}}")
+    if seq_len is not None and seq_len > config.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds model {model_name!r}'s max_seq_len={config.max_seq_len}; "
+                         f"lower data.seq_len or set model_overrides: {{max_seq_len: {seq_len}}}")
+
+
+class CausalLM(L.LightningModule):
+    """Next-token language-model training of a zoo Transformer (AdamW, warmup + cosine, routed-model extras)."""
+
+    def __init__(self, model: str = "gemma2-tiny", model_overrides: dict[str, Any] | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.1, warmup_steps: int = 100,
+                 total_steps: int | None = None, min_lr_ratio: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, reinforce_weight: float = 1.0,
+                 baseline_momentum: float = 0.99, peak_flops: float | None = None,
+                 throughput_every: int = 10) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = zoo.create(model, **(model_overrides or {}))
+        if not hasattr(self.model, "config"):
+            raise ValueError(f"model {model!r} is not a zoo language model (it has no .config); "
+                             "pick one of the Transformer names in zoo.available()")
+        # Running mean of the REINFORCE reward; NaN until the first batch sets it (no arbitrary initial value).
+        self.register_buffer("reward_baseline", torch.tensor(float("nan")))
+        self.bytes_per_token: dict[str, float] = {}
+        self._flops_per_token: float | None = None
+        self._tok_count = 0
+        self._tok_mark: float | None = None
+        self._val_sum = torch.zeros(())
+        self._val_n = torch.zeros(())
+
+    @property
+    def config(self) -> Any:
+        """The Transformer's config."""
+        return self.model.config
+
+    # -- data checks ---------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check the data module's tokenizer and seq_len against the model; read its bytes per token."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        vocab = dm.vocab_size if hasattr(dm, "vocab_size") else None
+        check_data_fits(self.hparams.model, self.config, vocab, getattr(dm, "seq_len", None),
+                        getattr(dm, "tokenizer_spec", None))
+        if hasattr(dm, "bytes_per_token"):
+            if getattr(dm, "meta", None) is None:
+                dm.setup(stage)
+            self.bytes_per_token = {s: dm.bytes_per_token(s) for s in ("train", "val")}
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Logits [B, T, V]."""
+        return self.model(input_ids)
+
+    def _routing_loss_and_logs(self, nll: Tensor, stage: str) -> Tensor:
+        """REINFORCE loss of RL-R layers (reward = token log-likelihood minus a running mean) + routing logs."""
+        layers = routed_layers(self.model)
+        loss = nll.new_zeros(())
+        if not layers:
+            return loss
+        reward = -nll.detach()
+        for i, layer in enumerate(layers):
+            for e, frac in enumerate(layer.last_stats.get("load", torch.empty(0)).tolist()):
+                self.log(f"{stage}/route{i}/load_e{e}", frac)
+            for key in ("load_entropy", "router_entropy"):
+                if key in layer.last_stats:
+                    self.log(f"{stage}/route{i}/{key}", layer.last_stats[key])
+            if stage == "train" and layer.last_log_prob is not None:
+                base = self.reward_baseline
+                base = reward.mean() if torch.isnan(base) else base
+                loss = loss + reinforce_loss(layer.last_log_prob, reward, base)
+        if stage == "train" and any(layer.last_log_prob is not None for layer in layers):
+            m = self.hparams.baseline_momentum
+            mean = reward.mean()
+            new = mean if torch.isnan(self.reward_baseline) else m * self.reward_baseline + (1 - m) * mean
+            self.reward_baseline.copy_(new)
+            self.log("train/reinforce_loss", loss)
+            self.log("train/reward_baseline", self.reward_baseline)
+        return loss
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """Next-token loss (+ REINFORCE for RL-R routers)."""
+        _, tokens = split_batch(batch)
+        nll = token_nll(self.model, tokens)
+        loss = nll.mean()
+        rl = self._routing_loss_and_logs(nll, "train")
+        self.log("train/loss", loss, prog_bar=True)
+        if "train" in self.bytes_per_token:
+            self.log("train/bpb", bits_per_byte(loss.detach(), self.bytes_per_token["train"]), prog_bar=True)
+        return loss + self.hparams.reinforce_weight * rl
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Throughput and MFU over the last ``throughput_every`` steps (first window skipped: warm-up)."""
+        _, tokens = split_batch(batch)
+        b, t1 = tokens.shape
+        if self._flops_per_token is None:
+            c = self.config
+            self._flops_per_token = flops_per_token(matmul_params(self.model, c.vocab_size),
+                                                    attention_flops_per_token(c.n_layers, c.n_heads, c.head_dim,
+                                                                              t1 - 1))
+        self._tok_count += b * (t1 - 1) * self.trainer.world_size
+        if (batch_idx + 1) % self.hparams.throughput_every:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # only at window ends: per-step syncs would slow training
+        now = time.perf_counter()
+        if self._tok_mark is not None:
+            rate = self._tok_count / max(now - self._tok_mark, 1e-9)
+            self.log("perf/tokens_per_s", rate)
+            peak = self.hparams.peak_flops or peak_flops(self.device)
+            util = mfu(self._flops_per_token, rate, peak, self.trainer.world_size)
+            if util is not None:
+                self.log("perf/mfu", util)
+        self._tok_mark, self._tok_count = now, 0
+
+    def on_train_epoch_start(self) -> None:
+        """Restart the throughput window so evaluation time is not counted as training time."""
+        self._tok_mark, self._tok_count = None, 0
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the token-weighted validation sums."""
+        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_n = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._tok_mark = None  # validation pauses training: next throughput window starts fresh
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        """Accumulate summed NLL and token count (exact token-weighted mean, not a mean of batch means)."""
+        _, tokens = split_batch(batch)
+        nll = token_nll(self.model, tokens)
+        self._routing_loss_and_logs(nll, "val")
+        self._val_sum += nll.double().sum()
+        self._val_n += nll.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log val/loss, val/ppl and val/bpb from the summed NLL across all ranks."""
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        n = self.trainer.strategy.reduce(self._val_n, reduce_op="sum")
+        if float(n) == 0:
+            return
+        loss = (total / n).float()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss))
+        if "val" in self.bytes_per_token:
+            self.log("val/bpb", bits_per_byte(loss, self.bytes_per_token["val"]), prog_bar=True)
+
+    # -- optimiser -----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        """AdamW (no decay on norms/biases/embeddings) with per-step warmup + cosine to min_lr_ratio of peak."""
+        hp = self.hparams
+        opt = make_adamw(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=hp.betas, eps=hp.eps)
+        total = hp.total_steps or int(self.trainer.estimated_stepping_batches)
+        if total <= 0 or total == math.inf:
+            raise ValueError("cannot size the cosine schedule: set trainer.max_steps or model total_steps")
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_at(s, 1.0, hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a trained model by name or checkpoint (evals, distillation teachers)
+# ----------------------------------------------------------------------------------------------------------------
+def load_lm(spec: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """A zoo Transformer from a registry name (random init) or a CausalLM / Distill checkpoint (.ckpt)."""
+    if not (spec.endswith(".ckpt") or os.path.sep in spec or os.path.isfile(spec)):
+        return zoo.create(spec)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"checkpoint {spec!r} does not exist; train one with `zoo fit --config ...` "
+                                "or pass a model name from zoo.available()")
+    ckpt = torch.load(spec, map_location=map_location, weights_only=True)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "student" in hp:  # a Distill checkpoint: the student is the model
+        name, overrides, prefix = hp["student"], hp.get("student_overrides"), "student."
+    elif "model" in hp:
+        name, overrides, prefix = hp["model"], hp.get("model_overrides"), "model."
+    else:
+        raise ValueError(f"checkpoint {spec!r} has no lm.CausalLM or lm.Distill hyper-parameters; "
+                         "it was not written by this project's language-model trainer")
+    model = zoo.create(name, **(overrides or {}))
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,560 @@
+"""Scaling-law fitting: Chinchilla approaches 1-3, compute-optimal allocation, and the routed-LM law.
+
+Pure functions over numpy arrays (no I/O, no training). Formulas follow ``shared/reference/lm.md``:
+Hoffmann et al. 2022 (Chinchilla) for the dense laws, Clark et al. 2022 for routed language models.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import optimize
+
+__all__ = [
+    "ScalingFitWarning", "ParametricFit", "PowerLawFit", "IsoFlopProfile", "IsoFlopFit", "TrainingCurve",
+    "EnvelopeFit", "RoutedCoefficients", "RoutedFit", "ROUTED_COEFFICIENTS", "CHINCHILLA_PUBLISHED",
+    "fit_parametric", "fit_isoflop", "fit_envelope", "compute_optimal", "fit_power_law", "parametric_loss",
+    "expert_transform", "routed_loss", "effective_params", "routing_cutoff", "fit_routed", "check_runs",
+]
+
+HUBER_DELTA = 1e-3  # Hoffmann et al. section D.2
+# The paper's L-BFGS initialisation grid (lm.md): 5 * 5 * 5 * 6 * 6 = 4500 starting points.
+_ALPHA_GRID = np.arange(0.0, 2.0 + 1e-9, 0.5)
+_E_GRID = np.arange(-1.0, 1.0 + 1e-9, 0.5)
+_AB_GRID = np.arange(0.0, 25.0 + 1e-9, 5.0)
+
+
+class ScalingFitWarning(UserWarning):
+    """A fit finished but its result should not be trusted (did not converge, or is degenerate)."""
+
+
+# --------------------------------------------------------------------------------------------- validation
+def check_runs(**columns: Any) -> dict[str, np.ndarray]:
+    """Validate equal-length columns of finite positive numbers; errors name the column and the row."""
+    out: dict[str, np.ndarray] = {}
+    length = None
+    for name, values in columns.items():
+        try:
+            arr = np.asarray(values, dtype=float).reshape(-1)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"column {name!r} must hold numbers: {exc}") from None
+        if length is None:
+            length = arr.size
+        elif arr.size != length:
+            raise ValueError(f"column {name!r} has {arr.size} values but the others have {length}; "
+                             "every run needs one value per column")
+        bad_nan = np.flatnonzero(~np.isfinite(arr))
+        if bad_nan.size:
+            i = int(bad_nan[0])
+            raise ValueError(f"row {i} has a non-finite {name} ({arr[i]!r}); remove or fix that run "
+                             f"({bad_nan.size} such row(s) in all)")
+        bad = np.flatnonzero(arr <= 0)
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"row {i}: {name} = {arr[i]!r} is not positive; every {name} must be > 0 "
+                             f"({bad.size} such row(s) in all)")
+        out[name] = arr
+    return out
+
+
+# --------------------------------------------------------------------------------------------- Approach 3
+@dataclass(frozen=True)
+class ParametricFit:
+    """Approach 3 result: L(N, D) = E + A / N^alpha + B / D^beta, with bootstrap standard errors."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    objective: float  # sum of Huber losses on log-loss at the optimum
+    converged: bool
+    message: str
+    n_runs: int
+    se: dict[str, float] = field(default_factory=dict)  # bootstrap std errors of E, A, B, alpha, beta
+    n_bootstrap: int = 0
+
+    def predict(self, N: Any, D: Any) -> np.ndarray:
+        """Predicted loss at parameters N and tokens D."""
+        return parametric_loss(N, D, self.E, self.A, self.B, self.alpha, self.beta)
+
+    @property
+    def exponents(self) -> tuple[float, float]:
+        """Allocation exponents (a, b): N_opt ∝ C^a, D_opt ∝ C^b."""
+        s = self.alpha + self.beta
+        return self.beta / s, self.alpha / s
+
+    @property
+    def G(self) -> float:
+        """G = (alpha A / (beta B))^(1 / (alpha + beta)) of the allocation formula."""
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / (self.alpha + self.beta))
+
+
+# Hoffmann et al. 2022, eq. (10) / lm.md.
+CHINCHILLA_PUBLISHED = ParametricFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, objective=float("nan"),
+                                     converged=True, message="published values (Hoffmann et al. 2022)", n_runs=0)
+
+
+def parametric_loss(N: Any, D: Any, E: float, A: float, B: float, alpha: float, beta: float) -> np.ndarray:
+    """L(N, D) = E + A / N^alpha + B / D^beta."""
+    N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
+    return E + A / N**alpha + B / D**beta
+
+
+def _huber_objective(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray,
+                     weights: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted SUM of Huber(log L_hat - log L) and its gradient, batched over rows of theta (S, 5).
+
+    theta columns are (a, b, e, alpha, beta) with log L_hat = LSE(a - alpha log N, b - beta log D, e).
+    ``weights`` (S or 1, n) carry bootstrap resampling counts so every resample is one row of a batch.
+    """
+    a, b, e, alpha, beta = (theta[:, i:i + 1] for i in range(5))
+    t1 = a - alpha * logN
+    t2 = b - beta * logD
+    t3 = np.broadcast_to(e, t1.shape)
+    m = np.maximum(np.maximum(t1, t2), t3)
+    x1, x2, x3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(t3 - m)
+    z = x1 + x2 + x3
+    r = m + np.log(z) - logL
+    absr = np.abs(r)
+    hub = np.where(absr <= delta, 0.5 * r * r, delta * (absr - 0.5 * delta))
+    dr = np.clip(r, -delta, delta) * weights / z
+    g1, g2, g3 = dr * x1, dr * x2, dr * x3
+    grad = np.stack([g1.sum(1), g2.sum(1), g3.sum(1), -(g1 * logN).sum(1), -(g2 * logD).sum(1)], axis=1)
+    return (hub * weights).sum(1), grad
+
+
+def _batched_lbfgs(fg, x0: np.ndarray, max_iter: int, memory: int = 10, gtol: float = 1e-12
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Independent L-BFGS runs, one per row of x0, vectorised (backtracking Armijo line search).
+
+    Running 4500 starts one scipy call at a time costs minutes; these rows never interact, so the
+    two-loop recursion and the line search are done for all rows at once.
+    """
+    x = x0.astype(float).copy()
+    f, g = fg(x)
+    S, P = x.shape
+    s_hist = np.zeros((memory, S, P))
+    y_hist = np.zeros((memory, S, P))
+    rho = np.zeros((memory, S))
+    gamma = np.full(S, 1.0)
+    active = np.ones(S, dtype=bool)
+    k = 0
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        q = g.copy()
+        order = [(k - 1 - j) % memory for j in range(min(k, memory))]
+        alphas = []
+        for i in order:
+            al = rho[i] * np.einsum("sp,sp->s", s_hist[i], q)
+            q -= al[:, None] * y_hist[i]
+            alphas.append(al)
+        r = gamma[:, None] * q
+        for i, al in zip(reversed(order), reversed(alphas)):
+            be = rho[i] * np.einsum("sp,sp->s", y_hist[i], r)
+            r += s_hist[i] * (al - be)[:, None]
+        d = -r
+        slope = np.einsum("sp,sp->s", g, d)
+        reset = slope >= 0  # not a descent direction: fall back to steepest descent
+        d[reset] = -g[reset] / np.maximum(np.linalg.norm(g[reset], axis=1, keepdims=True), 1e-300)
+        slope = np.einsum("sp,sp->s", g, d)
+        d[~active] = 0.0
+        t = np.ones(S)
+        accepted = ~active.copy()
+        x_new, f_new, g_new = x.copy(), f.copy(), g.copy()
+        for _ls in range(40):
+            trial = x + t[:, None] * d
+            ft, gt = fg(trial)
+            ok = (~accepted) & np.isfinite(ft) & (ft <= f + 1e-4 * t * slope)
+            x_new[ok], f_new[ok], g_new[ok] = trial[ok], ft[ok], gt[ok]
+            accepted |= ok
+            if accepted.all():
+                break
+            t = np.where(accepted, t, t * 0.5)
+        stalled = ~accepted  # no decrease found along d: this row is at its optimum (numerically)
+        sv, yv = x_new - x, g_new - g
+        sy = np.einsum("sp,sp->s", sv, yv)
+        slot = k % memory
+        good = sy > 1e-30
+        s_hist[slot], y_hist[slot] = sv, yv
+        rho[slot] = np.where(good, 1.0 / np.where(good, sy, 1.0), 0.0)
+        gamma = np.where(good, sy / np.maximum(np.einsum("sp,sp->s", yv, yv), 1e-300), gamma)
+        k += 1
+        df = f - f_new
+        x, f, g = x_new, f_new, g_new
+        done = stalled | (np.abs(g).max(1) < gtol) | (df <= 1e-15 * np.maximum(np.abs(f), 1e-30))
+        active &= ~done
+    return x, f
+
+
+def _theta_to_params(theta: np.ndarray) -> dict[str, float]:
+    a, b, e, alpha, beta = (float(v) for v in theta)
+    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta}
+
+
+def _paper_grid() -> np.ndarray:
+    return np.array([(a, b, e, al, be) for al, be, e, a, b in
+                     itertools.product(_ALPHA_GRID, _ALPHA_GRID, _E_GRID, _AB_GRID, _AB_GRID)])
+
+
+def fit_parametric(N: Any, D: Any, L: Any, n_bootstrap: int = 0, delta: float = HUBER_DELTA, seed: int = 0,
+                   max_iter: int = 300, bootstrap_starts: int = 32) -> ParametricFit:
+    """Chinchilla Approach 3: fit L = E + A/N^alpha + B/D^beta on log-loss (sum of Huber, L-BFGS from the grid).
+
+    Every point of the paper's grid is run through L-BFGS (vectorised) and the best is polished with scipy's
+    L-BFGS-B, whose convergence flag is reported. Bootstrap refits (rows resampled with replacement) start
+    from the full-data optimum and the ``bootstrap_starts`` grid points that ended best, since re-running all
+    4500 starts per resample costs n_bootstrap times the whole fit for the same answer.
+    """
+    cols = check_runs(N=N, D=D, L=L)
+    n = cols["N"].size
+    if n < 6:
+        raise ValueError(f"Approach 3 fits 5 parameters and needs at least 6 runs; got {n}")
+    logN, logD, logL = np.log(cols["N"]), np.log(cols["D"]), np.log(cols["L"])
+    if np.unique(logN).size < 2 or np.unique(logD).size < 2:
+        raise ValueError("Approach 3 needs runs with at least 2 distinct N and 2 distinct D")
+    ones = np.ones((1, n))
+
+    def fg(th: np.ndarray, w: np.ndarray = ones) -> tuple[np.ndarray, np.ndarray]:
+        return _huber_objective(th, logN[None], logD[None], logL[None], w, delta)
+
+    grid = _paper_grid()
+    with np.errstate(over="ignore", invalid="ignore"):
+        ends, fends = _batched_lbfgs(fg, grid, max_iter=max_iter)
+    fends = np.where(np.isfinite(fends), fends, np.inf)
+    ranked = np.argsort(fends)
+    best_theta, best_f, converged, message = _polish(fg, ends[ranked[:5]], max_iter)
+
+    params = _theta_to_params(best_theta)
+    se: dict[str, float] = {}
+    if n_bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        starts = np.vstack([best_theta[None], grid[ranked[:bootstrap_starts]]])
+        samples = []
+        for _ in range(n_bootstrap):
+            w = np.bincount(rng.integers(0, n, n), minlength=n).astype(float)[None]
+            with np.errstate(over="ignore", invalid="ignore"):
+                th, fb = _batched_lbfgs(lambda t: fg(t, w), starts, max_iter=max_iter)
+            p = _theta_to_params(th[int(np.nanargmin(np.where(np.isfinite(fb), fb, np.inf)))])
+            samples.append([p[k] for k in ("E", "A", "B", "alpha", "beta")])
+        arr = np.asarray(samples)
+        se = {k: float(v) for k, v in zip(("E", "A", "B", "alpha", "beta"), arr.std(axis=0, ddof=1))}
+    fit = ParametricFit(**params, objective=float(best_f), converged=converged, message=message, n_runs=n,
+                        se=se, n_bootstrap=n_bootstrap)
+    if not converged:
+        warnings.warn(f"Approach 3 fit did not converge ({message}); treat E, A, B, alpha, beta as unreliable",
+                      ScalingFitWarning, stacklevel=2)
+    elif min(fit.alpha, fit.beta) < 1e-3:
+        warnings.warn(f"Approach 3 fit is degenerate (alpha={fit.alpha:.3g}, beta={fit.beta:.3g}): the runs do "
+                      "not constrain one of the power laws; widen the grid of N or D", ScalingFitWarning, stacklevel=2)
+    return fit
+
+
+def _polish(fg, candidates: np.ndarray, max_iter: int) -> tuple[np.ndarray, float, bool, str]:
+    """Refine the best batched results with scipy L-BFGS-B; its convergence flag is the one reported."""
+    best: tuple[np.ndarray, float, bool, str] | None = None
+    for th0 in candidates:
+        def fun(t: np.ndarray) -> tuple[float, np.ndarray]:
+            f, g = fg(t[None])
+            return float(f[0]), g[0]
+        with np.errstate(over="ignore", invalid="ignore"):
+            res = optimize.minimize(fun, th0, jac=True, method="L-BFGS-B",
+                                    options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-12})
+        if np.isfinite(res.fun) and (best is None or res.fun < best[1]):
+            best = (res.x, float(res.fun), bool(res.success), str(res.message))
+    if best is None:
+        return candidates[0], float("nan"), False, "every start produced a non-finite objective"
+    return best
+
+
+# --------------------------------------------------------------------------------------------- Approaches 1 and 2
+@dataclass(frozen=True)
+class PowerLawFit:
+    """N_opt = k_n * C^a and D_opt = k_d * C^b, fitted by least squares in log-log space."""
+
+    a: float
+    k_n: float
+    b: float
+    k_d: float
+    a_se: float = float("nan")
+    b_se: float = float("nan")
+
+    def predict(self, C: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(N_opt, D_opt) at compute C."""
+        C = np.asarray(C, dtype=float)
+        return self.k_n * C**self.a, self.k_d * C**self.b
+
+
+def fit_power_law(x: Any, y: Any) -> tuple[float, float, float]:
+    """Least-squares fit of y = k x^p in log space; returns (p, k, standard error of p)."""
+    lx, ly = np.log(np.asarray(x, dtype=float)), np.log(np.asarray(y, dtype=float))
+    if lx.size < 2 or np.ptp(lx) == 0:
+        raise ValueError("a power law needs at least 2 distinct x values")
+    X = np.stack([lx, np.ones_like(lx)], axis=1)
+    coef, *_ = np.linalg.lstsq(X, ly, rcond=None)
+    se = float("nan")
+    if lx.size > 2:
+        resid = ly - X @ coef
+        s2 = float(resid @ resid) / (lx.size - 2)
+        se = math.sqrt(s2 / float(((lx - lx.mean()) ** 2).sum()))
+    return float(coef[0]), math.exp(float(coef[1])), se
+
+
+def _power_laws(C: np.ndarray, N_opt: np.ndarray, D_opt: np.ndarray) -> PowerLawFit:
+    a, k_n, a_se = fit_power_law(C, N_opt)
+    b, k_d, b_se = fit_power_law(C, D_opt)
+    return PowerLawFit(a=a, k_n=k_n, b=b, k_d=k_d, a_se=a_se, b_se=b_se)
+
+
+@dataclass(frozen=True)
+class IsoFlopProfile:
+    """One compute budget of Approach 2: loss = p2 (ln N)^2 + p1 ln N + p0 and its minimum."""
+
+    C: float
+    N_opt: float
+    D_opt: float
+    L_min: float
+    coeffs: tuple[float, float, float]  # (p2, p1, p0)
+    n_runs: int
+
+
+@dataclass(frozen=True)
+class IsoFlopFit:
+    """Approach 2 result: one parabola per budget and the power laws through their minima."""
+
+    profiles: list[IsoFlopProfile]
+    law: PowerLawFit
+
+
+def _run_field(run: Any, key: str, i: int) -> float:
+    try:
+        return float(run[key]) if isinstance(run, Mapping) else float(getattr(run, key))
+    except (KeyError, AttributeError):
+        raise ValueError(f"run {i} has no {key!r} field; each run needs N, D, L (and C for IsoFLOP budgets)") from None
+
+
+def fit_isoflop(runs: Iterable[Any], min_per_budget: int = 3) -> IsoFlopFit:
+    """Chinchilla Approach 2: per compute budget C a parabola of loss in ln N; power laws through the minima.
+
+    ``runs`` are mappings or objects with N, D, L and optionally C (the nominal budget, used to group runs;
+    when absent C = 6 N D). D_opt = C / (6 N_opt) as in the paper.
+    """
+    runs = list(runs)
+    has_c = bool(runs) and all((("C" in r) if isinstance(r, Mapping) else hasattr(r, "C")) for r in runs)
+    N = [_run_field(r, "N", i) for i, r in enumerate(runs)]
+    D = [_run_field(r, "D", i) for i, r in enumerate(runs)]
+    L = [_run_field(r, "L", i) for i, r in enumerate(runs)]
+    C = [_run_field(r, "C", i) for i, r in enumerate(runs)] if has_c else [6 * n * d for n, d in zip(N, D)]
+    cols = check_runs(N=N, D=D, L=L, C=C)
+    # Budgets are grouped after rounding to 3 significant digits so 6ND computed in float still groups.
+    keys = np.array([float(f"{c:.3g}") for c in cols["C"]])
+    profiles = []
+    for key in np.unique(keys):
+        idx = np.flatnonzero(keys == key)
+        lnN = np.log(cols["N"][idx])
+        if np.unique(lnN).size < min_per_budget:
+            raise ValueError(f"compute budget C={key:.3g} has {np.unique(lnN).size} distinct model sizes; "
+                             f"a parabola needs at least {min_per_budget} (runs {idx.tolist()})")
+        p2, p1, p0 = np.polyfit(lnN, cols["L"][idx], 2)
+        if p2 <= 0:
+            raise ValueError(f"the IsoFLOP profile at C={key:.3g} is not convex (curvature {p2:.3g}); its "
+                             f"minimum is not bracketed by the model sizes (runs {idx.tolist()}): add sizes "
+                             "on both sides of the best one")
+        ln_opt = -p1 / (2 * p2)
+        Cb = float(np.median(cols["C"][idx]))
+        n_opt = math.exp(ln_opt)
+        profiles.append(IsoFlopProfile(C=Cb, N_opt=n_opt, D_opt=Cb / (6 * n_opt),
+                                       L_min=float(p0 - p1 * p1 / (4 * p2)), coeffs=(float(p2), float(p1), float(p0)),
+                                       n_runs=int(idx.size)))
+    if len(profiles) < 2:
+        raise ValueError(f"Approach 2 needs at least 2 compute budgets to fit N_opt ∝ C^a; got {len(profiles)}")
+    Cs = np.array([p.C for p in profiles])
+    law = _power_laws(Cs, np.array([p.N_opt for p in profiles]), np.array([p.D_opt for p in profiles]))
+    return IsoFlopFit(profiles=profiles, law=law)
+
+
+@dataclass(frozen=True)
+class TrainingCurve:
+    """One run's training curve: a model of N parameters evaluated after each token count."""
+
+    N: float
+    tokens: Sequence[float]
+    loss: Sequence[float]
+
+
+@dataclass(frozen=True)
+class EnvelopeFit:
+    """Approach 1 result: the minimum-loss envelope over training curves at each C and its power laws."""
+
+    C: np.ndarray
+    N_opt: np.ndarray
+    D_opt: np.ndarray
+    L_min: np.ndarray
+    law: PowerLawFit
+
+
+def fit_envelope(curves: Iterable[Any], n_points: int = 50, min_cover: int = 2) -> EnvelopeFit:
+    """Chinchilla Approach 1: for log-spaced C, the run with the lowest loss at D = C / (6N); fit power laws.
+
+    Each curve is interpolated in ln D; a FLOP value is used only where at least ``min_cover`` curves reach
+    it, because where one run alone covers C the 'minimum' is that run by default and biases the slope.
+    """
+    parsed = []
+    for i, c in enumerate(curves):
+        N = _run_field(c, "N", i)
+        tok = np.asarray(c["tokens"] if isinstance(c, Mapping) else c.tokens, dtype=float)
+        loss = np.asarray(c["loss"] if isinstance(c, Mapping) else c.loss, dtype=float)
+        cols = check_runs(tokens=tok, loss=loss)
+        if N <= 0 or not math.isfinite(N):
+            raise ValueError(f"curve {i}: N = {N!r} is not positive")
+        if tok.size < 2:
+            raise ValueError(f"curve {i} (N={N:.3g}) has {tok.size} points; a training curve needs at least 2")
+        order = np.argsort(cols["tokens"])
+        parsed.append((N, np.log(cols["tokens"][order]), cols["loss"][order]))
+    if len({p[0] for p in parsed}) < 2:
+        raise ValueError(f"Approach 1 needs training curves of at least 2 model sizes; got {len(parsed)} curve(s)")
+    lo = [math.log(6 * N) + t[0] for N, t, _ in parsed]
+    hi = [math.log(6 * N) + t[-1] for N, t, _ in parsed]
+    grid = np.linspace(min(lo), max(hi), n_points)
+    C_out, N_out, L_out = [], [], []
+    for lc in grid:
+        cands = [(float(np.interp(lc - math.log(6 * N), t, l)), N)
+                 for (N, t, l), a, b in zip(parsed, lo, hi) if a - 1e-9 <= lc <= b + 1e-9]
+        if len(cands) < min_cover:
+            continue
+        best_l, best_n = min(cands)
+        C_out.append(math.exp(lc))
+        N_out.append(best_n)
+        L_out.append(best_l)
+    if len(set(N_out)) < 2:
+        raise ValueError("the loss envelope is won by a single model size at every covered FLOP count; "
+                         "Approach 1 needs curves that overlap in compute and cross each other")
+    C_a, N_a = np.array(C_out), np.array(N_out, dtype=float)
+    D_a = C_a / (6 * N_a)
+    return EnvelopeFit(C=C_a, N_opt=N_a, D_opt=D_a, L_min=np.array(L_out), law=_power_laws(C_a, N_a, D_a))
+
+
+def compute_optimal(C: Any, fit: ParametricFit | PowerLawFit | IsoFlopFit | EnvelopeFit
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Compute-optimal (N_opt, D_opt) at FLOPs C from any fit (Approach 3 formula or Approach 1/2 power laws)."""
+    C = np.asarray(C, dtype=float)
+    if np.any(~(C > 0)):
+        raise ValueError(f"compute budgets must be positive; got {C}")
+    if isinstance(fit, ParametricFit):
+        a, b = fit.exponents
+        return fit.G * (C / 6) ** a, (C / 6) ** b / fit.G
+    if isinstance(fit, (IsoFlopFit, EnvelopeFit)):
+        fit = fit.law
+    if isinstance(fit, PowerLawFit):
+        return fit.predict(C)
+    raise TypeError(f"compute_optimal takes a ParametricFit, PowerLawFit, IsoFlopFit or EnvelopeFit, not "
+                    f"{type(fit).__name__}")
+
+
+# --------------------------------------------------------------------------------------------- routed law
+@dataclass(frozen=True)
+class RoutedCoefficients:
+    """Clark et al. 2022: log10 L = a log10 N + b log10 Ê + c log10 N log10 Ê + d, Ê saturating in E."""
+
+    a: float
+    b: float
+    c: float
+    d: float
+    e_start: float
+    e_max: float
+    name: str = ""
+
+
+# Clark et al. 2022, fitted (a, b, c, d, E_start, E_max) per routing method, as listed in lm.md.
+ROUTED_COEFFICIENTS: dict[str, RoutedCoefficients] = {
+    "s-base": RoutedCoefficients(-0.082, -0.108, 0.009, 1.104, 1.847, 314.478, "S-BASE"),
+    "rl-r": RoutedCoefficients(-0.083, -0.126, 0.012, 1.111, 1.880, 469.982, "RL-R"),
+    "hash": RoutedCoefficients(-0.087, -0.136, 0.012, 1.157, 4.175, 477.741, "Hash"),
+}
+
+
+def expert_transform(E: Any, e_start: float, e_max: float) -> np.ndarray:
+    """Saturating expert count: 1/Ê = 1 / (E - 1 + (1/E_start - 1/E_max)^-1) + 1/E_max."""
+    if not 0 < e_start < e_max:
+        raise ValueError(f"need 0 < E_start < E_max; got E_start={e_start}, E_max={e_max}")
+    E = np.asarray(E, dtype=float)
+    return 1.0 / (1.0 / (E - 1.0 + 1.0 / (1.0 / e_start - 1.0 / e_max)) + 1.0 / e_max)
+
+
+def routed_loss(N: Any, E: Any, coeffs: RoutedCoefficients) -> np.ndarray:
+    """Loss of a routed model with dense base size N and E experts (E = 1 is the dense model)."""
+    lN = np.log10(np.asarray(N, dtype=float))
+    lE = np.log10(expert_transform(E, coeffs.e_start, coeffs.e_max))
+    return 10.0 ** (coeffs.a * lN + coeffs.b * lE + coeffs.c * lN * lE + coeffs.d)
+
+
+def effective_params(N: Any, E: Any, coeffs: RoutedCoefficients) -> np.ndarray:
+    """N_bar: the dense size with the same loss, L(N_bar, 1) = L(N, E) (solved in closed form)."""
+    lN = np.log10(np.asarray(N, dtype=float))
+    lE = np.log10(expert_transform(E, coeffs.e_start, coeffs.e_max))
+    l1 = math.log10(float(expert_transform(1.0, coeffs.e_start, coeffs.e_max)))
+    rhs = coeffs.a * lN + coeffs.b * lE + coeffs.c * lN * lE - coeffs.b * l1
+    return 10.0 ** (rhs / (coeffs.a + coeffs.c * l1))
+
+
+def routing_cutoff(coeffs: RoutedCoefficients) -> float:
+    """The N above which more experts raise the loss: d log L / d log Ê = b + c log10 N changes sign."""
+    if coeffs.c <= 0:
+        return float("inf")
+    return 10.0 ** (-coeffs.b / coeffs.c)
+
+
+@dataclass(frozen=True)
+class RoutedFit:
+    """fit_routed result: the coefficients, the residual sum of squares in log10 L, and convergence."""
+
+    coeffs: RoutedCoefficients
+    rss: float
+    converged: bool
+    message: str
+    n_runs: int
+
+
+def fit_routed(N: Any, E: Any, L: Any, name: str = "fit") -> RoutedFit:
+    """Fit the routed law to runs (N dense size, E experts >= 1, L loss) by least squares on log10 L.
+
+    For fixed (E_start, E_max) the law is linear in (a, b, c, d), so those are solved exactly and only the
+    two saturation parameters are searched (from a small grid, then Nelder-Mead in log space).
+    """
+    cols = check_runs(N=N, E=E, L=L)
+    n = cols["N"].size
+    if n < 7:
+        raise ValueError(f"the routed law has 6 parameters and needs at least 7 runs; got {n}")
+    if np.any(cols["E"] < 1):
+        i = int(np.flatnonzero(cols["E"] < 1)[0])
+        raise ValueError(f"row {i}: E = {cols['E'][i]} experts; E counts experts and must be >= 1 (1 = dense)")
+    if np.unique(cols["E"]).size < 3 or np.unique(cols["N"]).size < 2:
+        raise ValueError("the routed law needs at least 3 distinct expert counts and 2 distinct base sizes")
+    lN, y = np.log10(cols["N"]), np.log10(cols["L"])
+
+    def solve(p: np.ndarray) -> tuple[float, np.ndarray]:
+        es = 1.0 + math.exp(p[0])  # E_start > 1 and E_max > E_start by construction
+        em = es + math.exp(p[1])
+        lE = np.log10(expert_transform(cols["E"], es, em))
+        X = np.stack([lN, lE, lN * lE, np.ones_like(lN)], axis=1)
+        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+        r = y - X @ coef
+        return float(r @ r), coef
+
+    starts = [np.array([math.log(es - 1), math.log(em)]) for es in (1.5, 2.0, 4.0, 8.0) for em in (30, 100, 300, 1000)]
+    best = min((optimize.minimize(lambda p: solve(p)[0], s, method="Nelder-Mead",
+                                  options={"xatol": 1e-8, "fatol": 1e-16, "maxiter": 4000}) for s in starts),
+               key=lambda r: r.fun)
+    rss, coef = solve(best.x)
+    es = 1.0 + math.exp(best.x[0])
+    em = es + math.exp(best.x[1])
+    coeffs = RoutedCoefficients(*(float(v) for v in coef), e_start=es, e_max=em, name=name)
+    fit = RoutedFit(coeffs=coeffs, rss=rss, converged=bool(best.success), message=str(best.message), n_runs=n)
+    if not fit.converged:
+        warnings.warn(f"routed-law fit did not converge ({fit.message})", ScalingFitWarning, stacklevel=2)
+    return fit

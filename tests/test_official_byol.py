@@ -1,0 +1,272 @@
+"""The official BYOL converter on files written in exactly the release's layout from a random torchvision ResNet-50."""
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import types
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from zoo.weights import load_backbone
+from zoo.weights.byol_official import (apply_tf_same_padding, haiku_to_torchvision, infer_arch, read_official_pickle,
+                                       tf_same_padding)
+from zoo.weights.safe_load import UnsafeFileError
+
+
+# Stand-ins for the classes the release references; pickled by reference under the official module paths.
+class _ByolExperimentState(NamedTuple):
+    online_params: Any
+    target_params: Any
+    online_state: Any
+    target_state: Any
+    opt_state: Any
+
+
+class ScaleByScheduleState(NamedTuple):
+    count: Any
+
+
+class TraceState(NamedTuple):
+    trace: Any
+
+
+class EmptyState(NamedTuple):
+    pass
+
+
+_FAKE_CLASSES = {
+    "byol.byol_experiment": [_ByolExperimentState],
+    "optax._src.transform": [ScaleByScheduleState, TraceState],
+    "optax._src.base": [EmptyState],
+}
+
+
+for _modname, _classes in _FAKE_CLASSES.items():
+    for _cls in _classes:
+        _cls.__module__ = _modname
+
+
+@pytest.fixture()
+def official_modules(monkeypatch):
+    """Make the fake classes importable under the official module names while pickling."""
+    for modname, classes in _FAKE_CLASSES.items():
+        for parent in ("optax", "optax._src"):
+            if modname.startswith(parent + ".") and parent not in sys.modules:
+                monkeypatch.setitem(sys.modules, parent, types.ModuleType(parent))
+        mod = types.ModuleType(modname)
+        for cls in classes:
+            setattr(mod, cls.__name__, cls)
+        monkeypatch.setitem(sys.modules, modname, mod)
+
+
+def _bn_params(sd: dict, name: str) -> dict:
+    c = sd[f"{name}.weight"].numel()
+    return {"scale": sd[f"{name}.weight"].numpy().reshape(1, 1, 1, c), "offset": sd[f"{name}.bias"].numpy().reshape(1, 1, 1, c)}
+
+
+def _ema(avg: np.ndarray, c: int) -> dict:
+    return {"counter": np.array(1000, np.int32), "hidden": (avg * 0.5).reshape(1, 1, 1, c), "average": avg.reshape(1, 1, 1, c)}
+
+
+def to_haiku(model: torchvision.models.ResNet, prefix: str) -> tuple[dict, dict]:
+    """Inverse mapping (torchvision -> Haiku flat dicts), written independently of the converter."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params: dict[str, dict] = {}
+    state: dict[str, dict] = {}
+
+    def conv(tv: str, hk: str) -> None:
+        params[f"{prefix}/~/{hk}"] = {"w": sd[f"{tv}.weight"].permute(2, 3, 1, 0).contiguous().numpy()}
+
+    def bn(tv: str, hk: str) -> None:
+        params[f"{prefix}/~/{hk}"] = _bn_params(sd, tv)
+        c = sd[f"{tv}.weight"].numel()
+        state[f"{prefix}/~/{hk}/~/mean_ema"] = _ema(sd[f"{tv}.running_mean"].numpy(), c)
+        state[f"{prefix}/~/{hk}/~/var_ema"] = _ema(sd[f"{tv}.running_var"].numpy(), c)
+
+    conv("conv1", "initial_conv")
+    bn("bn1", "initial_batchnorm")
+    for g in range(4):
+        for b, block in enumerate(getattr(model, f"layer{g + 1}")):
+            base = f"block_group_{g}/~/block_{b}/~/"
+            for i in range(3):
+                conv(f"layer{g + 1}.{b}.conv{i + 1}", f"{base}conv_{i}")
+                bn(f"layer{g + 1}.{b}.bn{i + 1}", f"{base}batchnorm_{i}")
+            if block.downsample is not None:
+                conv(f"layer{g + 1}.{b}.downsample.0", f"{base}shortcut_conv")
+                bn(f"layer{g + 1}.{b}.downsample.1", f"{base}shortcut_batchnorm")
+    return params, state
+
+
+def _random_resnet50(seed: int) -> torchvision.models.ResNet:
+    torch.manual_seed(seed)
+    m = torchvision.models.resnet50()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):  # non-trivial BN so the test sees whether stats are used
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def _features_only(m: torchvision.models.ResNet) -> torchvision.models.ResNet:
+    m.fc = nn.Identity()
+    return m.eval()
+
+
+def _heads(rng: np.random.Generator, d: int = 2048) -> dict:
+    lin = lambda i, o, bias=True: {"w": rng.normal(size=(i, o)).astype(np.float32) * 0.01,
+                                   **({"b": np.zeros(o, np.float32)} if bias else {})}
+    return {"projector/~/linear": lin(d, 16), "projector/~/batch_norm": {"scale": np.ones((16,), np.float32)},
+            "projector/~/linear_1": lin(16, 8, bias=False), "classifier": lin(d, 10)}
+
+
+@pytest.fixture(scope="module")
+def sources():
+    online, target = _random_resnet50(0), _random_resnet50(1)
+    return online, target
+
+
+def _write_release(path, online, target, prefix="res_net50") -> dict:
+    rng = np.random.default_rng(0)
+    op, os_ = to_haiku(online, prefix)
+    tp, ts = to_haiku(target, prefix)
+    op.update(_heads(rng))
+    tp.update({k: v for k, v in _heads(rng).items() if k.startswith("projector")})
+    opt_state = (EmptyState(), TraceState(trace={"classifier": {"w": np.zeros((2, 2), np.float32)}}),
+                 ScaleByScheduleState(count=np.array(7, np.int32)))
+    es = _ByolExperimentState(op, tp, os_, ts, opt_state)
+    with open(path, "wb") as f:
+        pickle.dump({"experiment_state": es, "step": 312784, "rng": np.zeros(2, np.uint32)}, f, protocol=2)
+    return op
+
+
+def test_release_layout_roundtrip_online_target_head(tmp_path, official_modules, sources):
+    online, target = sources
+    path = tmp_path / "pretrain_res50x1.pkl"
+    op = _write_release(path, online, target)
+    raw = read_official_pickle(path)
+    assert raw["step"] == 312784 and set(raw) >= {"online_params", "target_params", "online_state", "opt_state"}
+    assert infer_arch(raw["online_params"]) == "resnet50"
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want_online = _features_only(online)(x)
+        want_target = _features_only(target)(x)
+        m = load_backbone(path, padding="torch", arch=_features_only(torchvision.models.resnet50()))
+        t = load_backbone(path, which="target", padding="torch", arch=_features_only(torchvision.models.resnet50()))
+        got_online, got_target = m(x), t(x)
+        clf = load_backbone(path, padding="torch", arch=_features_only(torchvision.models.resnet50()), head=True)
+        logits = clf(x)
+    torch.testing.assert_close(got_online, want_online, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_target, want_target, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got_online, got_target)
+    w, b = torch.from_numpy(op["classifier"]["w"]), torch.from_numpy(op["classifier"]["b"])
+    torch.testing.assert_close(logits, want_online @ w + b, rtol=1e-4, atol=1e-4)
+
+
+def _manual_tf_same_forward(m: torchvision.models.ResNet, x: torch.Tensor) -> torch.Tensor:
+    """Reference: torchvision ResNet-50 forward with TF-SAME pads written out by hand for a 64x64 input."""
+    x = F.relu(m.bn1(F.conv2d(F.pad(x, (2, 3, 2, 3)), m.conv1.weight, stride=2)))  # 64 -> 32: pads 2 / 3
+    x = F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), 3, 2)  # 32 -> 16: pads 0 / 1
+    for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+        for blk in layer:
+            out = F.relu(blk.bn1(F.conv2d(x, blk.conv1.weight)))
+            if blk.conv2.stride[0] == 2:  # 16->8, 8->4, 4->2: pads 0 / 1
+                out = F.conv2d(F.pad(out, (0, 1, 0, 1)), blk.conv2.weight, stride=2)
+            else:
+                out = F.conv2d(out, blk.conv2.weight, padding=1)
+            out = blk.bn3(blk.conv3(F.relu(blk.bn2(out))))
+            idt = x
+            if blk.downsample is not None:
+                ds = blk.downsample[0]
+                idt = blk.downsample[1](F.conv2d(x, ds.weight, stride=ds.stride))
+            x = F.relu(out + idt)
+    return x.mean((2, 3))
+
+
+def test_tf_same_matches_manual_asymmetric_reference(tmp_path, official_modules, sources):
+    online, target = sources
+    path = tmp_path / "pretrain_res50x1.pkl"
+    _write_release(path, online, target)
+    m = load_backbone(path, arch=_features_only(torchvision.models.resnet50()))  # default padding: tf_same
+    assert m.zoo_padding == "tf_same"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = m(x)
+        want = _manual_tf_same_forward(online, x)
+        torch_pad = _features_only(online)(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - torch_pad).abs().max() > 1e-3  # the option really changes the stride-2 layers
+
+
+def test_tf_same_padding_formula_and_swap():
+    assert tf_same_padding(224, 7, 2) == (2, 3)
+    assert tf_same_padding(112, 3, 2) == (0, 1)
+    assert tf_same_padding(7, 3, 2) == (1, 1)  # odd input: symmetric, like torch
+    assert tf_same_padding(56, 1, 2) == (0, 0)
+    assert tf_same_padding(56, 3, 1) == (1, 1)
+    m = torchvision.models.resnet18()
+    keys = list(m.state_dict())
+    assert apply_tf_same_padding(m) == 1 + 1 + 3 + 3  # stem, max-pool, 3 strided convs + 3 strided shortcuts
+    assert list(m.state_dict()) == keys
+
+
+def test_res_net200x2_naming_and_any_prefix():
+    """ResNet-200 (2x) naming: res_net200 prefix, 3/24/36/3 blocks, 128-channel stem -> 'resnet200x2'."""
+    params = {"res_net200/~/initial_conv": {"w": np.zeros((7, 7, 3, 128), np.float32)}}
+    for g, n in enumerate((3, 24, 36, 3)):
+        for b in range(n):
+            params[f"res_net200/~/block_group_{g}/~/block_{b}/~/conv_0"] = {"w": np.zeros((1, 1, 1, 1), np.float32)}
+    assert infer_arch(params) == "resnet200x2"
+    # The key mapping is prefix-agnostic: a ResNet-50 written under res_net200 maps to the same torchvision names.
+    src = _random_resnet50(3)
+    p50, s50 = to_haiku(src, "res_net50")
+    p200, s200 = to_haiku(src, "res_net200")
+    a, b = haiku_to_torchvision(p50, s50), haiku_to_torchvision(p200, s200)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    want = {k for k in src.state_dict() if not k.startswith("fc.")}
+    assert set(a) == want
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_crafted_pickle_is_refused_without_running(tmp_path, official_modules):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    es = _ByolExperimentState({}, {}, {}, {}, _Payload(str(marker)))
+    with open(path, "wb") as f:
+        pickle.dump({"experiment_state": es, "step": 0}, f, protocol=2)
+    with pytest.raises(UnsafeFileError, match="system"):
+        read_official_pickle(path)
+    with pytest.raises(UnsafeFileError):
+        load_backbone(path, arch="resnet50")
+    assert not marker.exists()
+
+
+def test_truncated_and_wrong_files(tmp_path, official_modules):
+    path = tmp_path / "cut.pkl"
+    with open(path, "wb") as f:
+        f.write(pickle.dumps({"experiment_state": _ByolExperimentState({}, {}, {}, {}, ())}, protocol=2)[:20])
+    with pytest.raises(ValueError, match="truncated"):
+        read_official_pickle(path)
+    other = tmp_path / "other.pkl"
+    other.write_bytes(pickle.dumps({"weights": np.zeros(3)}, protocol=2))
+    with pytest.raises(ValueError, match="experiment_state"):
+        read_official_pickle(other)
+    with pytest.raises(FileNotFoundError):
+        read_official_pickle(tmp_path / "missing.pkl")

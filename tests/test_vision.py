@@ -1,0 +1,53 @@
+"""Image encoders of the registry: shapes, widths, torchvision key compatibility, errors."""
+import pytest
+import torch
+import torchvision
+
+import zoo
+
+
+@pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet50", 2048), ("resnet18_cifar", 512),
+                                      ("convnet_tiny", 256)])
+def test_encoders_return_features(name, dim):
+    m = zoo.create(name).eval()
+    size = 32 if "cifar" in name or "tiny" in name else 64
+    out = m(torch.rand(2, 3, size, size))
+    assert out.shape == (2, dim) and m.num_features == dim
+
+
+def test_wide_and_deep_resnets_have_byol_sizes_on_meta():
+    # BYOL Table 6 / 1b: R50 24M, R50(2x) 94M, R50(4x) 375M, R200(2x) 250M parameters (encoder only)
+    for name, millions, feat in [("resnet50", 24, 2048), ("resnet50x2", 94, 4096), ("resnet50x4", 375, 8192),
+                                 ("resnet200x2", 250, 4096)]:
+        m = zoo.create(name, device="meta")
+        n = sum(p.numel() for p in m.parameters()) / 1e6
+        assert abs(n - millions) / millions < 0.06, (name, n)
+        assert m.num_features == feat
+        assert all(p.is_meta for p in m.parameters())
+
+
+def test_resnet_loads_torchvision_state_dict_and_matches_outputs():
+    tv = torchvision.models.resnet18().eval()
+    ours = zoo.create("resnet18").eval()
+    sd = {k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    ours.load_state_dict(sd, strict=True)
+    tv.fc = torch.nn.Identity()
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(ours(x), tv(x), atol=1e-5)
+
+
+def test_cifar_stem_keeps_resolution():
+    m = zoo.create("resnet18_cifar")
+    assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, torch.nn.Identity)
+
+
+def test_timm_encoder_and_unknown_names():
+    m = zoo.create("timm:resnet10t").eval()
+    assert m(torch.rand(1, 3, 32, 32)).shape == (1, m.num_features)
+    with pytest.raises(KeyError, match="resnet5O"):
+        zoo.create("resnet5O")
+    with pytest.raises(KeyError, match="timm has no model"):
+        zoo.create("timm:not_a_real_model_xyz")
+    with pytest.raises(ValueError, match="without downloading"):
+        zoo.create("timm:resnet18", pretrained=True)
+    assert "resnet50x2" in zoo.available() and "convnet_tiny" in zoo.available()

@@ -1,0 +1,66 @@
+"""`zoo`: LightningCLI (fit / validate / test / predict) plus the probe, export, convert, eval and scaling tools.
+
+Methods are reached only through class paths in configs (``class_path: byol.BYOL``) and tools through import
+strings below, so ``zoo`` never imports ``byol`` or ``lm`` itself.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningCLI
+
+from zoo.trainer import complete_trainer_kwargs, trainer_defaults
+
+# subcommand -> "module:function" taking argv and returning an exit code.
+TOOLS = {
+    "probe": ("zoo.probe:main", "linear probe / kNN evaluation of any backbone"),
+    "export": ("zoo.weights.export:main", "export a checkpoint's encoder to safetensors"),
+    "convert": ("zoo.weights.byol_official:main", "convert an official BYOL .pkl release to safetensors"),
+    "export-hf": ("zoo.weights.hf:main", "export a zoo language model to a Hugging Face folder"),
+    "eval": ("lm.evals:main", "language-model evaluations: needle in a haystack, perplexity"),
+    "scaling": ("lm.sweep:main", "scaling-law sweeps and fits"),
+}
+
+
+class ZooCLI(LightningCLI):
+    """LightningCLI whose Trainer always gets the shared defaults from ``zoo.trainer``."""
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        config = dict(config)
+        config["callbacks"] = list(config.get("callbacks") or []) + list(callbacks)
+        if self.save_config_callback and not config.get("fast_dev_run", False):
+            config["callbacks"].append(self.save_config_callback(
+                self._parser(self.subcommand), self.config.get(str(self.subcommand), self.config), **self.save_config_kwargs))
+        return self.trainer_class(**complete_trainer_kwargs(config))
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> ZooCLI:
+    """Build (and by default run) the Lightning part of ``zoo`` on ``args``."""
+    return ZooCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=trainer_defaults(),
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"description": "byol-zoo. Also: " + "; ".join(f"zoo {k}: {v[1]}" for k, v in TOOLS.items())},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TOOLS:
+        module, func = TOOLS[argv[0]][0].split(":")
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    run_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Image datasets shared by every method: embedded digits, CIFAR-10/100 folders, ImageFolder / ImageNet.
+
+Datasets yield ``(uint8 tensor [3, H, W], label)`` — or raw file bytes with ``decode="device"`` — and never
+augment: augmentation runs on the device after transfer (``augment``). Files that cannot be decoded are skipped,
+and their paths travel with the batch (``batch["skipped"]``) so the training module can count and log them.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
+
+
+class TensorImageDataset(Dataset):
+    """In-memory uint8 images [N, 3, H, W] with integer labels (digits, CIFAR)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
+        self.images, self.labels, self.classes = images, labels, list(classes)
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def digits_dataset(split: str, size: int = 32, val_fraction: float = 0.2, seed: int = 0) -> TensorImageDataset:
+    """scikit-learn's 1,797 real 8x8 handwritten digits, upsampled (bilinear) to ``size`` and made RGB.
+
+    The split is a fixed stratified one (``seed``), so train and val never share an image.
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float().div(16.0)[:, None]  # values 0..16 -> [0, 1]
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(d.target).long()
+    rng = np.random.default_rng(seed)
+    val_idx = np.concatenate([rng.permutation(np.flatnonzero(d.target == c))[: int(round(val_fraction * (d.target == c).sum()))]
+                              for c in range(10)])
+    is_val = np.zeros(len(y), dtype=bool)
+    is_val[val_idx] = True
+    keep = torch.from_numpy(is_val if split == "val" else ~is_val)
+    return TensorImageDataset(x[keep], y[keep], [str(c) for c in range(10)])
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles; allow only the numpy reconstruction they need, never arbitrary code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file: not a plain array")
+
+
+def cifar_dataset(root: str | os.PathLike, split: str, num_classes: int = 10) -> TensorImageDataset:
+    """CIFAR-10/100 from the torchvision-format folder (``cifar-10-batches-py`` / ``cifar-100-python``)."""
+    sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+    base = Path(root)
+    folder = base if (base / ("batches.meta" if num_classes == 10 else "meta")).exists() else base / sub
+    if num_classes == 10:
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        meta_file, label_key, names_key = "batches.meta", "labels", "label_names"
+    else:
+        files = ["train"] if split == "train" else ["test"]
+        meta_file, label_key, names_key = "meta", "fine_labels", "fine_label_names"
+    missing = [f for f in files + [meta_file] if not (folder / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-{num_classes} not found: looked for {', '.join(missing)} in {folder}. Download the python version "
+            f"(e.g. torchvision.datasets.CIFAR{num_classes}(root={str(base)!r}, download=True) on a machine with "
+            f"internet) and pass its folder as 'cifar{num_classes}:{base}'.")
+
+    def read(name: str) -> dict:
+        with open(folder / name, "rb") as f:
+            return _ArrayOnlyUnpickler(f, encoding="latin1").load()
+
+    batches = [read(f) for f in files]
+    x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+    y = np.concatenate([b[label_key] for b in batches])
+    classes = read(meta_file)[names_key]
+    return TensorImageDataset(torch.from_numpy(x), torch.from_numpy(np.asarray(y)).long(), classes)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _flat_val_labels(root: Path, files: list[Path], classes: list[str]) -> list[int]:
+    """Labels for the flat official validation folder, always through the wnid (ILSVRC ids are not sorted-wnid order)."""
+    where = [root, root / "val", root / "devkit" / "data", root / "ILSVRC2012_devkit_t12" / "data"]
+    index = {c: i for i, c in enumerate(classes)}
+    for d in where:
+        sol = d / "LOC_val_solution.csv"
+        if sol.exists():  # Kaggle copy: ImageId,PredictionString (wnid first)
+            with open(sol, newline="") as f:
+                by_id = {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(f)}
+            return [index[by_id[p.stem]] for p in files]
+        gt = d / "ILSVRC2012_validation_ground_truth.txt"
+        if gt.exists():  # devkit: one ILSVRC2012_ID per line in image order; meta.mat maps id -> wnid
+            ids = [int(line) for line in gt.read_text().split()]
+            id_to_wnid = _devkit_id_to_wnid(gt.parent)
+            order = sorted(files)
+            if len(ids) < len(order):
+                raise ValueError(f"{gt} has {len(ids)} labels but {len(order)} images were found in the flat val folder")
+            by_name = {p.name: index[id_to_wnid[ids[int(p.stem.rsplit('_', 1)[-1]) - 1]]] for p in order}
+            return [by_name[p.name] for p in files]
+    raise FileNotFoundError(
+        f"the validation folder {root / 'val'} is flat (no class sub-folders) but no label file was found; looked for "
+        f"{' or '.join(VAL_LABEL_FILES)} in {', '.join(str(d) for d in where)}. Copy the devkit's ground-truth file "
+        f"(with meta.mat beside it) or Kaggle's LOC_val_solution.csv there, or sort val into wnid folders.")
+
+
+def _devkit_id_to_wnid(folder: Path) -> dict[int, str]:
+    meta = folder / "meta.mat"
+    if meta.exists():
+        from scipy.io import loadmat
+
+        synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
+        return {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets if int(s["num_children"]) == 0}
+    txt = folder / "map_clsloc.txt"  # "wnid id name" per line, shipped with some copies
+    if txt.exists():
+        return {int(parts[1]): parts[0] for parts in (line.split() for line in txt.read_text().splitlines()) if parts}
+    raise FileNotFoundError(f"{folder} has ILSVRC2012_validation_ground_truth.txt but neither meta.mat nor map_clsloc.txt "
+                            "to map ILSVRC2012 ids to wnids; copy meta.mat from the ImageNet devkit there")
+
+
+class ImageFolderDataset(Dataset):
+    """ImageNet-layout folder: ``root/train/<class>/*`` and ``root/val/<class>/*`` (or a flat val + label file).
+
+    Args:
+        root: dataset root holding ``train/`` and ``val/``.
+        split: "train" or "val".
+        decode: "worker" decodes on the CPU in the loader workers; "device" returns raw file bytes (uint8 1-D) so
+            the batch is decoded after transfer (GPU nvjpeg, see ``augment.decode``).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", decode: str = "worker") -> None:
+        self.root = Path(root)
+        if decode not in ("worker", "device"):
+            raise ValueError(f"decode must be 'worker' or 'device', got {decode!r}")
+        self.decode = decode
+        train_dir, split_dir = self.root / "train", self.root / split
+        if not split_dir.is_dir():
+            raise FileNotFoundError(
+                f"image folder split not found: {split_dir} does not exist. Expected the ImageNet layout "
+                f"<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG; pass 'imagefolder:<root>'.")
+        class_dir = train_dir if train_dir.is_dir() else split_dir
+        self.classes = sorted(d.name for d in class_dir.iterdir() if d.is_dir())
+        if not self.classes:
+            raise FileNotFoundError(f"no class folders in {class_dir}; expected {class_dir}/<class>/<image files>")
+        sub = [d for d in split_dir.iterdir() if d.is_dir()]
+        if sub:
+            index = {c: i for i, c in enumerate(self.classes)}
+            unknown = sorted(d.name for d in sub if d.name not in index)
+            if unknown:
+                raise ValueError(f"{split_dir} has class folders missing from {class_dir}: {unknown[:5]}")
+            self.samples = [(p, index[d.name]) for d in sorted(sub) for p in _list_images(d)]
+        else:
+            files = _list_images(split_dir)
+            self.samples = list(zip(files, _flat_val_labels(self.root, files, self.classes)))
+        if not self.samples:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str] | tuple[None, int, str]:
+        path, label = self.samples[i]
+        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8) if path.stat().st_size else torch.empty(0, dtype=torch.uint8)
+        if self.decode == "device":
+            return data, label, str(path)
+        from augment.decode import decode_batch
+
+        images, bad = decode_batch([data], "cpu")
+        if bad:
+            return None, label, str(path)
+        return images[0], label, str(path)
+
+
+def build_dataset(spec: str, split: str = "train", root: str | None = None, decode: str = "worker",
+                  image_size: int = 32) -> Dataset:
+    """Dataset from a spec: ``digits``, ``cifar10:<root>``, ``cifar100:<root>`` or ``imagefolder:<root>``."""
+    name, _, path = spec.partition(":")
+    path = path or root
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if name == "digits":
+        return digits_dataset(split, size=image_size)
+    if name in ("cifar10", "cifar100"):
+        if not path:
+            raise ValueError(f"{name} needs a folder: use '{name}:/path/to/folder'")
+        return cifar_dataset(path, split, num_classes=int(name[5:]))
+    if name == "imagefolder":
+        if not path:
+            raise ValueError("imagefolder needs a root: use 'imagefolder:/path/to/imagenet'")
+        return ImageFolderDataset(path, split, decode=decode)
+    raise ValueError(f"unknown dataset {spec!r}: use digits, cifar10:<dir>, cifar100:<dir> or imagefolder:<dir>")
+
+
+def collate_images(batch: list[tuple]) -> dict[str, Any]:
+    """Stack a batch; images of different sizes (or raw bytes) stay a list; undecodable samples are dropped and named."""
+    skipped = [item[2] for item in batch if len(item) > 2 and item[0] is None]
+    kept = [item for item in batch if item[0] is not None]
+    images = [item[0] for item in kept]
+    labels = torch.tensor([item[1] for item in kept], dtype=torch.long)
+    same = len(images) > 0 and images[0].dim() == 3 and all(im.shape == images[0].shape for im in images)
+    return {"image": torch.stack(images) if same else images, "label": labels, "skipped": skipped}

@@ -1,0 +1,114 @@
+"""Language models of the zoo as data: Gemma, Gemma 2, Gopher, Chinchilla (+ the 50-shape ladder) and tiny CPU models.
+
+Every entry is a ``TransformerConfig`` of the one Transformer (zoo/transformer.py). Importing this module registers
+each name with ``zoo.registry``; builders accept keyword overrides of any config field:
+``zoo.create("gemma2-tiny", n_layers=2)``, ``zoo.create("gemma2-27b", device="meta")``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from zoo.registry import register
+from zoo.transformer import Transformer, TransformerConfig
+
+CONFIGS: dict[str, TransformerConfig] = {}
+
+# --- Gemma (Gemma Team 2024, Table 1) and Gemma 2 (Gemma Team 2024, Tables 1-2); released checkpoints: vocab 256000.
+# Shared: tied embeddings, RoPE base 10k, GeGLU (tanh GELU), RMSNorm (1 + w) eps 1e-6, embeddings * sqrt(d_model).
+_GEMMA = dict(vocab_size=256000, max_seq_len=8192, ffn="geglu", norm_unit_offset=True, embed_scale=True,
+              tie_embeddings=True, positions="rope", rope_base=10000.0, norm_eps=1e-6)
+# Gemma 2 adds: post-norms, local(4096)/global alternation starting with local, soft-caps 50 (attention) / 30 (final).
+_GEMMA2 = dict(_GEMMA, post_norms=True, window=4096, layer_pattern=("local", "global"), attn_softcap=50.0,
+               final_softcap=30.0)
+#            name          table     d_model layers d_ff   heads kv  head_dim query_scale
+_GEMMA_TABLE = [
+    ("gemma-2b",   _GEMMA,  2048, 18, 16384, 8,  1,  256, 256 ** -0.5),
+    ("gemma-7b",   _GEMMA,  3072, 28, 24576, 16, 16, 256, 256 ** -0.5),
+    ("gemma2-2b",  _GEMMA2, 2304, 26, 9216,  8,  4,  256, 256 ** -0.5),
+    ("gemma2-9b",  _GEMMA2, 3584, 42, 14336, 16, 8,  256, 256 ** -0.5),
+    ("gemma2-27b", _GEMMA2, 4608, 46, 36864, 32, 16, 128, 144 ** -0.5),  # query scale (d_model / heads)^-1/2
+]
+for _name, _base, _d, _l, _ff, _h, _kv, _hd, _qs in _GEMMA_TABLE:
+    CONFIGS[_name] = TransformerConfig(**_base, d_model=_d, n_layers=_l, d_ff=_ff, n_heads=_h, n_kv_heads=_kv,
+                                       head_dim=_hd, query_scale=_qs)
+
+# --- Gopher (Rae et al. 2021, Table 1) and Chinchilla 70B (Hoffmann et al. 2022, Table 4).
+# Shared: SentencePiece vocab 32000, context 2048, FFN 4 x d_model (GELU MLP), pre-norm RMSNorm, Transformer-XL
+# relative positions. Embeddings tied (input = output matrix): this reproduces the reported sizes (see tests).
+_GOPHER = dict(vocab_size=32000, max_seq_len=2048, ffn="gelu", positions="relative", tie_embeddings=True)
+#            name              layers heads kv_size d_model
+_GOPHER_TABLE = [
+    ("gopher-44m",     8,  16,  32,  512),
+    ("gopher-117m",    12, 12,  64,  768),
+    ("gopher-417m",    12, 12,  128, 1536),
+    ("gopher-1.4b",    24, 16,  128, 2048),
+    ("gopher-7.1b",    32, 32,  128, 4096),
+    ("gopher-280b",    80, 128, 128, 16384),
+    ("chinchilla-70b", 80, 64,  128, 8192),  # Hoffmann et al. Table 4
+]
+for _name, _l, _h, _kv, _d in _GOPHER_TABLE:
+    CONFIGS[_name] = TransformerConfig(**_GOPHER, d_model=_d, n_layers=_l, n_heads=_h, head_dim=_kv, d_ff=4 * _d)
+
+# Reported sizes of the Gopher/Chinchilla entries above, for the parameter-count tests.
+REPORTED_PARAMS: dict[str, float] = {
+    "gopher-44m": 44e6, "gopher-117m": 117e6, "gopher-417m": 417e6, "gopher-1.4b": 1.4e9,
+    "gopher-7.1b": 7.1e9, "gopher-280b": 280e9, "chinchilla-70b": 70e9,
+}
+
+# --- Chinchilla scaling ladder (Hoffmann et al. 2022, Table A9): reported params (M), d_model, ffw, kv, heads, layers.
+_LADDER_TABLE = [
+    (44, 512, 2048, 64, 8, 8), (57, 576, 2304, 64, 9, 9), (74, 640, 2560, 64, 10, 10),
+    (90, 640, 2560, 64, 10, 13), (106, 640, 2560, 64, 10, 16), (117, 768, 3072, 64, 12, 12),
+    (140, 768, 3072, 64, 12, 15), (163, 768, 3072, 64, 12, 18), (175, 896, 3584, 64, 14, 14),
+    (196, 896, 3584, 64, 14, 16), (217, 896, 3584, 64, 14, 18), (251, 1024, 4096, 64, 16, 16),
+    (278, 1024, 4096, 64, 16, 18), (306, 1024, 4096, 64, 16, 20), (425, 1280, 5120, 128, 10, 18),
+    (489, 1280, 5120, 128, 10, 21), (509, 1408, 5632, 128, 11, 18), (552, 1280, 5120, 128, 10, 24),
+    (587, 1408, 5632, 128, 11, 21), (632, 1536, 6144, 128, 12, 19), (664, 1408, 5632, 128, 11, 24),
+    (724, 1536, 6144, 128, 12, 22), (816, 1536, 6144, 128, 12, 25), (893, 1792, 7168, 128, 14, 20),
+    (1018, 1792, 7168, 128, 14, 23), (1143, 1792, 7168, 128, 14, 26), (1266, 2048, 8192, 128, 16, 22),
+    (1424, 2176, 8704, 128, 17, 22), (1429, 2048, 8192, 128, 16, 25), (1593, 2048, 8192, 128, 16, 28),
+    (1609, 2176, 8704, 128, 17, 25), (1731, 2304, 9216, 128, 18, 24), (1794, 2176, 8704, 128, 17, 28),
+    (2007, 2304, 9216, 128, 18, 28), (2283, 2304, 9216, 128, 18, 32), (2298, 2560, 10240, 128, 20, 26),
+    (2639, 2560, 10240, 128, 20, 30), (2980, 2560, 10240, 128, 20, 34), (3530, 2688, 10752, 128, 22, 36),
+    (3802, 2816, 11264, 128, 22, 36), (4084, 2944, 11776, 128, 22, 36), (4516, 3072, 12288, 128, 24, 36),
+    (6796, 3584, 14336, 128, 28, 40), (9293, 4096, 16384, 128, 32, 42), (11452, 4352, 17408, 128, 32, 47),
+    (12295, 4608, 18432, 128, 36, 44), (12569, 4608, 18432, 128, 32, 47), (13735, 4864, 19456, 128, 32, 47),
+    (14940, 4992, 19968, 128, 32, 49), (16183, 5120, 20480, 128, 40, 47),
+]
+for _p, _d, _ff, _kv, _h, _l in _LADDER_TABLE:
+    _name = f"chinchilla-ladder-{_p}m"
+    CONFIGS[_name] = TransformerConfig(**_GOPHER, d_model=_d, d_ff=_ff, head_dim=_kv, n_heads=_h, n_layers=_l)
+    REPORTED_PARAMS[_name] = _p * 1e6
+
+# --- Tiny CPU models (ours, not from a paper): byte vocabulary (256 bytes + pad/bos/eos, see zoo.tokenizer).
+CONFIGS["gemma2-tiny"] = TransformerConfig(
+    **dict(_GEMMA2, vocab_size=259, max_seq_len=1024, window=64), d_model=256, n_layers=6, d_ff=768, n_heads=4,
+    n_kv_heads=2, head_dim=64, query_scale=64 ** -0.5)
+CONFIGS["gemma-tiny"] = TransformerConfig(
+    **dict(_GEMMA, vocab_size=259, max_seq_len=1024), d_model=256, n_layers=4, d_ff=768, n_heads=4, n_kv_heads=1,
+    head_dim=64)
+CONFIGS["gopher-tiny"] = TransformerConfig(
+    **dict(_GOPHER, vocab_size=259, max_seq_len=1024), d_model=256, n_layers=4, n_heads=4, head_dim=64, d_ff=1024)
+
+
+def get_config(name: str, **overrides) -> TransformerConfig:
+    """The registered config `name` with field overrides applied (a new object; the table is not modified)."""
+    if name not in CONFIGS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(CONFIGS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown language model {name!r}.{hint} Known: see zoo.lm_configs.CONFIGS")
+    return CONFIGS[name].replace(**overrides)
+
+
+def _builder(name: str) -> Callable[..., Transformer]:
+    def build(**overrides) -> Transformer:
+        return Transformer(get_config(name, **overrides))
+
+    build.__doc__ = f"Build the {name!r} Transformer; keyword arguments override TransformerConfig fields."
+    return build
+
+
+for _name in CONFIGS:
+    register(_name, _builder(_name))

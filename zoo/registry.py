@@ -1,0 +1,65 @@
+"""One table of named models: name -> builder. Families register themselves on import.
+
+Builders are plain callables taking keyword overrides and returning an ``nn.Module``. Paper numbers live with
+the family (``zoo/vision.py``, ``zoo/lm_configs.py``) as data; this module only looks names up.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+# Modules whose import registers model families. Listed by name so zoo never imports byol/lm.
+_FAMILY_MODULES = ("zoo.vision", "zoo.lm_configs")
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_loaded = False
+
+
+def register(name: str, builder: Callable[..., nn.Module] | None = None):
+    """Register ``builder`` under ``name``; usable as ``register(name, fn)`` or as a decorator."""
+
+    def _add(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"model name {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return _add(builder) if builder is not None else _add
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for mod in _FAMILY_MODULES:
+            importlib.import_module(mod)
+
+
+def available() -> list[str]:
+    """Every registered model name (``timm:<name>`` is accepted too, for any timm model)."""
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def create(name: str, device: str | torch.device | None = None, **overrides) -> nn.Module:
+    """Build the model registered as ``name`` (or ``timm:<name>``) with keyword ``overrides``.
+
+    ``device="meta"`` builds without allocating memory (for counting parameters of the big language models).
+    """
+    _ensure_loaded()
+    if name.startswith("timm:"):
+        builder = _REGISTRY["timm"]
+        overrides = {"model_name": name[len("timm:"):], **overrides}
+    elif name in _REGISTRY:
+        builder = _REGISTRY[name]
+    else:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown model {name!r}.{hint} See zoo.available() for every name, or use 'timm:<name>'.")
+    if device is None:
+        return builder(**overrides)
+    with torch.device(device):
+        return builder(**overrides)

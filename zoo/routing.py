@@ -1,0 +1,167 @@
+"""Routed feed-forward layers (Clark et al. 2022): one expert per token, chosen by S-BASE, Hash or RL-R.
+
+``RoutedFFN(config)`` replaces the dense FFN of a Transformer layer; it is called as ``ffn(x, input_ids)`` with
+x [B, T, D] and input_ids [B, T] and returns [B, T, D]. Every expert is the config's dense FFN kind (GeGLU or
+GELU MLP of the config's hidden size), so a routed model spends the same FLOPs per token as its dense base
+(plus a D x E router matmul).
+
+The maths (Sinkhorn balancing, routing statistics, the REINFORCE loss) are pure functions kept apart from the
+module so each can be tested against its formula.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+
+# routing -> transformer only (transformer imports routing lazily, inside Block), so there is no import cycle.
+from zoo.transformer import DenseFFN, TransformerConfig
+
+ROUTERS = ("sbase", "hash", "rlr")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure functions
+# ----------------------------------------------------------------------------------------------------------------
+def sinkhorn(logits: Tensor, n_iters: int = 8) -> Tensor:
+    """Balance exp(logits) [N, E] into a transport plan with row sums 1/N and column sums 1/E (log domain)."""
+    if logits.dim() != 2:
+        raise ValueError(f"sinkhorn expects logits of shape [tokens, experts], got {tuple(logits.shape)}")
+    n, e = logits.shape
+    # Log domain because exp(logits) over- or under-flows for confident routers.
+    log_p = logits.float()
+    log_row, log_col = -math.log(n), -math.log(e)
+    for _ in range(n_iters):
+        log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True) + log_col
+        log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True) + log_row
+    return log_p.exp()
+
+
+def load_fractions(expert_idx: Tensor, n_experts: int) -> Tensor:
+    """Fraction of tokens sent to each expert, [E] summing to 1."""
+    counts = torch.bincount(expert_idx.reshape(-1), minlength=n_experts).float()
+    return counts / counts.sum().clamp_min(1.0)
+
+
+def entropy(p: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy in nats of probability vectors along ``dim`` (0 log 0 = 0)."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
+
+
+def routing_stats(expert_idx: Tensor, n_experts: int, probs: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-expert load, entropy of the load (log E when balanced) and mean per-token router entropy."""
+    load = load_fractions(expert_idx, n_experts)
+    stats = {"load": load, "load_entropy": entropy(load)}
+    if probs is not None:
+        stats["router_entropy"] = entropy(probs.float()).mean()
+    return stats
+
+
+def reinforce_loss(log_prob: Tensor, reward: Tensor, baseline: Tensor | float) -> Tensor:
+    """REINFORCE surrogate: -mean((reward - baseline) * log_prob); reward is detached (it is not a gradient path)."""
+    advantage = (reward.detach() - baseline).to(log_prob.dtype)
+    return -(advantage * log_prob).mean()
+
+
+def hash_table(vocab_size: int, n_experts: int, seed: int = 0) -> Tensor:
+    """Fixed random token-id -> expert map: a seeded balanced shuffle, so every expert gets ~vocab/E ids."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(vocab_size, generator=g)
+    table = torch.empty(vocab_size, dtype=torch.long)
+    table[perm] = torch.arange(vocab_size) % n_experts
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------------
+def expert_config(config: TransformerConfig) -> TransformerConfig:
+    """The dense config each expert is built from: ffn = the config's expert kind (``expert_ffn``, default GeGLU)."""
+    # ffn="routed" says nothing about the experts' MLP; Gopher-style models set expert_ffn="gelu".
+    kind = getattr(config, "expert_ffn", "geglu")
+    if kind not in ("geglu", "gelu"):
+        raise ValueError(f"expert FFN kind must be 'geglu' or 'gelu', got expert_ffn={kind!r}")
+    return dataclasses.replace(config, ffn=kind)
+
+
+class RoutedFFN(nn.Module):
+    """A routed FFN layer: each token goes to exactly one of ``n_experts`` experts picked by the config's router."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.d_model = config.d_model
+        self.n_experts = int(config.n_experts)
+        self.router_kind = str(config.router)
+        if self.router_kind not in ROUTERS:
+            raise ValueError(f"unknown router {self.router_kind!r}; choose one of {ROUTERS}")
+        if self.n_experts < 1:
+            raise ValueError(f"n_experts must be >= 1, got {self.n_experts}")
+        self.sinkhorn_iters = int(getattr(config, "sinkhorn_iters", 8))
+        # Experts are exactly the dense FFN (same class, same init), so routed vs dense compares like with like.
+        dense = expert_config(config)
+        self.experts = nn.ModuleList(DenseFFN(dense) for _ in range(self.n_experts))
+        if self.router_kind == "hash":
+            vocab = int(config.vocab_size)
+            seed = int(getattr(config, "hash_seed", 0))
+            # A buffer, not a parameter: the map is fixed, but it must travel with checkpoints and devices.
+            self.register_buffer("token_to_expert", hash_table(vocab, self.n_experts, seed), persistent=True)
+            self.router = None
+        else:
+            self.router = nn.Linear(self.d_model, self.n_experts, bias=False)
+            # Small init keeps early routing near uniform, so no expert wins by accident of initialisation.
+            nn.init.normal_(self.router.weight, std=0.02 / math.sqrt(self.d_model))
+        self.last_log_prob: Tensor | None = None
+        self.last_expert: Tensor | None = None
+        self.last_stats: dict[str, Tensor] = {}
+
+    def route(self, x: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Pick one expert per token: returns expert indices [N] and the gate per token [N] (None = ungated)."""
+        if self.router_kind == "hash":
+            idx = self.token_to_expert[input_ids.reshape(-1)]
+            self.last_log_prob = None
+            self.last_stats = routing_stats(idx, self.n_experts)
+            return idx, None
+        logits = self.router(x).float()  # [N, E]; float32 because Sinkhorn and sampling need the range
+        probs = logits.softmax(-1)
+        if self.router_kind == "sbase":
+            with torch.no_grad():
+                # Balanced assignment only while training: at inference, tokens arrive a few at a time and
+                # Clark et al. route greedily.
+                plan = sinkhorn(logits, self.sinkhorn_iters) if self.training else probs
+                idx = plan.argmax(-1)
+            gate = probs.gather(-1, idx[:, None]).squeeze(-1)
+            self.last_log_prob = None
+        else:  # rlr: the router is a policy; the LM module adds the REINFORCE loss from last_log_prob.
+            with torch.no_grad():
+                idx = torch.multinomial(probs, 1).squeeze(-1) if self.training else probs.argmax(-1)
+            log_probs = logits.log_softmax(-1)
+            self.last_log_prob = log_probs.gather(-1, idx[:, None]).squeeze(-1).reshape(input_ids.shape)
+            gate = None
+        self.last_stats = routing_stats(idx.detach(), self.n_experts, probs.detach())
+        return idx, gate
+
+    def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        """Route each token of x [B, T, D] (ids [B, T]) to one expert; returns [B, T, D]."""
+        if x.shape[:2] != input_ids.shape:
+            raise ValueError(f"x {tuple(x.shape)} and input_ids {tuple(input_ids.shape)} disagree on [B, T]")
+        flat = x.reshape(-1, self.d_model)
+        idx, gate = self.route(flat, input_ids)
+        self.last_expert = idx.detach().reshape(input_ids.shape)
+        out = torch.zeros_like(flat)
+        # Gather/scatter per expert: cheap at small E, and with one expert per token no token is ever dropped.
+        for e, expert in enumerate(self.experts):
+            # An idle expert still runs on zero rows, so its weights stay in the graph (DDP needs every
+            # parameter to receive a gradient, even a zero one).
+            sel = (idx == e).nonzero(as_tuple=True)[0]
+            y = expert(flat.index_select(0, sel))
+            if gate is not None:
+                y = y * gate.index_select(0, sel)[:, None].to(y.dtype)
+            out.index_copy_(0, sel, y.to(out.dtype))
+        return out.reshape_as(x)
+
+
+def routed_layers(model: nn.Module) -> list[RoutedFFN]:
+    """Every RoutedFFN inside ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, RoutedFFN)]

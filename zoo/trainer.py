@@ -1,0 +1,141 @@
+"""The one Trainer setup every `zoo fit` uses: precision, DDP, checkpoints, loggers, progress bar.
+
+``trainer_defaults()`` feeds LightningCLI; ``build_trainer(**overrides)`` gives the same Trainer to code that runs
+outside the CLI (the probe, the scaling sweep, tests).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file in the same folder, fsync, then rename: a kill mid-write never truncates last.ckpt."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # Our checkpoints hold only tensors, numbers, strings and plain containers: refuse anything executable.
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class RootCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose default folder is ``<default_root_dir>/checkpoints`` (not a per-version log folder),
+    so ``--ckpt_path last`` and ``<root>/checkpoints/last.ckpt`` always name the same file."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM (preemption) or Ctrl-C, write a resumable ``last.ckpt`` before exiting.
+
+    Only for those two: a run that stops on a numerical fault must not replace the last good checkpoint.
+    """
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
+        folder = ckpt.dirpath if ckpt else os.path.join(trainer.default_root_dir, "checkpoints")
+        trainer.save_checkpoint(os.path.join(folder, "last.ckpt"))
+
+
+def default_callbacks(every_n_train_steps: int | None = None) -> list[Callback]:
+    """Checkpointing (last.ckpt), preemption save, lr monitor and the rich progress bar."""
+    return [
+        RootCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps),
+        PreemptionCheckpoint(),
+        LearningRateMonitor(logging_interval="step"),
+        RichProgressBar(leave=True),
+    ]
+
+
+def trainer_defaults() -> dict[str, Any]:
+    """Plain-value Trainer defaults: bf16-mixed on GPU, 32-bit on CPU; SyncBatchNorm whenever DDP is on."""
+    on_gpu = torch.cuda.is_available()
+    return {
+        "accelerator": "auto",
+        "devices": "auto" if on_gpu else 1,
+        "strategy": "auto",  # DDP when devices > 1; "fsdp" for models that do not fit one device
+        "precision": "bf16-mixed" if on_gpu else "32-true",
+        "sync_batchnorm": True,  # a no-op on one device; BYOL's BN statistics are global across devices
+        "default_root_dir": "runs/default",
+        "log_every_n_steps": 10,
+    }
+
+
+def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Add what every run needs and a user's config may leave out: our callbacks (unless the user gave one of the
+    same type), the atomic checkpoint writer, and CSV + TensorBoard loggers under ``default_root_dir``."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    kwargs = dict(kwargs)
+    root = kwargs.get("default_root_dir") or "runs/default"
+    user = list(kwargs.get("callbacks") or [])
+    user_types = {type(c) for c in user}
+    has_ckpt = any(isinstance(c, ModelCheckpoint) for c in user)
+    extra = [c for c in default_callbacks()
+             if type(c) not in user_types and not (isinstance(c, ModelCheckpoint) and has_ckpt)]
+    if kwargs.get("enable_progress_bar") is False:
+        extra = [c for c in extra if not isinstance(c, RichProgressBar)]
+    if kwargs.get("logger") is False:
+        extra = [c for c in extra if not isinstance(c, LearningRateMonitor)]
+    kwargs["callbacks"] = user + extra
+    plugins = list(kwargs.get("plugins") or [])
+    if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    kwargs["plugins"] = plugins
+    if kwargs.get("logger") in (None, True):
+        kwargs["logger"] = [CSVLogger(root, name="logs"), TensorBoardLogger(root, name="tb")]
+    return kwargs
+
+
+def build_trainer(**overrides: Any) -> pl.Trainer:
+    """A Trainer with the shared defaults, any keyword overridden."""
+    return pl.Trainer(**complete_trainer_kwargs({**trainer_defaults(), **overrides}))
+
+
+def check_finite_loss(module: pl.LightningModule, loss: torch.Tensor, policy: str) -> bool:
+    """The NaN/Inf guard every training step calls: True when ``loss`` is finite.
+
+    ``policy="stop"`` raises ``FloatingPointError`` naming the step (no checkpoint is written on that exception, so
+    the last good one survives); ``policy="skip"`` counts the step (logged as ``train/nonfinite_steps``) and the
+    caller returns None so Lightning skips backward and the optimizer step.
+    """
+    if bool(torch.isfinite(loss.detach()).all()):
+        return True
+    step = module.global_step
+    if policy == "stop":
+        raise FloatingPointError(
+            f"non-finite loss ({loss.detach().float().item()}) at step {step}; training stopped before the weights were "
+            f"updated, the last checkpoint is still good. Lower the learning rate or set nan_policy: skip to skip such steps.")
+    module.nonfinite_steps = getattr(module, "nonfinite_steps", 0) + 1
+    module.log("train/nonfinite_steps", float(module.nonfinite_steps))
+    return False
+
+
+NAN_POLICIES = ("stop", "skip")

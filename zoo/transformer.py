@@ -1,0 +1,335 @@
+"""ONE decoder-only Transformer; Gemma, Gemma 2, Gopher and Chinchilla are configs of it (see zoo/lm_configs.py).
+
+Per block (pre-norm, optional post-norms as in Gemma 2):
+    x = x + post_attn_norm(attn(attn_norm(x)))
+    x = x + post_ffn_norm(ffn(ffn_norm(x), input_ids))
+Attention math, backends and the KV cache live in zoo/attention.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo import attention as A
+
+FFN_KINDS = ("geglu", "gelu", "routed")
+ROUTERS = ("sbase", "hash", "rlr")
+
+
+@dataclass
+class TransformerConfig:
+    """Every switch of the Transformer; model families differ only by these values."""
+
+    vocab_size: int = 259
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA; in between: GQA
+    head_dim: int | None = None  # None: d_model // n_heads
+    d_ff: int = 1024  # hidden size of the FFN (per GeGLU branch)
+    max_seq_len: int = 2048
+    ffn: str = "geglu"  # "geglu" (tanh-GELU gate) | "gelu" (exact GELU MLP) | "routed" (zoo.routing.RoutedFFN)
+    norm_eps: float = 1e-6
+    norm_unit_offset: bool = False  # RMSNorm scales by (1 + w), w initialised to 0 (Gemma)
+    post_norms: bool = False  # extra RMSNorm on the attention and FFN outputs (Gemma 2)
+    embed_scale: bool = False  # multiply embeddings by sqrt(d_model) rounded to the activation dtype (Gemma)
+    tie_embeddings: bool = True
+    query_scale: float | None = None  # None: head_dim ** -0.5
+    positions: str = "rope"  # "rope" | "relative" (Transformer-XL: relative keys, content and position biases)
+    rope_base: float = 10000.0
+    window: int | None = None  # sliding window W (keys incl. the current one) of "local" layers
+    layer_pattern: tuple[str, ...] = ("global",)  # cycled over layers; Gemma 2: ("local", "global")
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    attn_backend: str = "auto"  # "auto" | "eager" | "sdpa" | "flex" (see zoo.attention.pick_backend)
+    n_experts: int = 1
+    router: str = "sbase"  # "sbase" | "hash" | "rlr"
+    routing_frequency: int = 1  # with ffn="routed", layer i is routed iff i % routing_frequency == routing_frequency-1
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.layer_pattern = tuple(self.layer_pattern)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set head_dim")
+            self.head_dim = self.d_model // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.ffn not in FFN_KINDS:
+            raise ValueError(f"ffn={self.ffn!r}; expected one of {FFN_KINDS}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r}; expected one of {ROUTERS}")
+        if self.positions not in ("rope", "relative"):
+            raise ValueError(f"positions={self.positions!r}; expected 'rope' or 'relative'")
+        if self.attn_backend not in A.BACKENDS:
+            raise ValueError(f"attn_backend={self.attn_backend!r}; expected one of {A.BACKENDS}")
+        bad = [t for t in self.layer_pattern if t not in ("global", "local")]
+        if bad or not self.layer_pattern:
+            raise ValueError(f"layer_pattern={self.layer_pattern!r}; use a non-empty tuple of 'global'/'local'")
+        if "local" in self.layer_pattern and (self.window is None or self.window < 1):
+            raise ValueError(f"layer_pattern has 'local' layers but window={self.window!r}; set window >= 1")
+        if self.routing_frequency < 1:
+            raise ValueError(f"routing_frequency={self.routing_frequency} must be >= 1")
+
+    @property
+    def scale(self) -> float:
+        """Query scale actually used."""
+        return self.query_scale if self.query_scale is not None else A.default_query_scale(self.head_dim)
+
+    def layer_window(self, i: int) -> int | None:
+        """Sliding window of layer i (None for global layers)."""
+        return self.window if self.layer_pattern[i % len(self.layer_pattern)] == "local" else None
+
+    def is_routed(self, i: int) -> bool:
+        """Whether layer i uses the routed FFN."""
+        return self.ffn == "routed" and i % self.routing_frequency == self.routing_frequency - 1
+
+    def replace(self, **overrides) -> "TransformerConfig":
+        """Copy with fields overridden; unknown names raise a ValueError listing the valid ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back; scale (1 + w) with unit_offset, else w."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool) -> None:
+        super().__init__()
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalise the last dimension."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = self.weight.float()
+        return (h * (1.0 + w if self.unit_offset else w)).type_as(x)
+
+
+class DenseFFN(nn.Module):
+    """GeGLU (tanh GELU gate, Gemma) or a plain GELU MLP (Gopher); called as ffn(x, input_ids)."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.gated = config.ffn != "gelu"
+        d, h = config.d_model, config.d_ff
+        self.gate_proj = nn.Linear(d, h, bias=False) if self.gated else None
+        self.up_proj = nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def forward(self, x: Tensor, input_ids: Tensor | None = None) -> Tensor:
+        """[B, T, D] -> [B, T, D]; input_ids is unused (same signature as the routed FFN)."""
+        if self.gated:
+            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped / multi-query attention with RoPE or Transformer-XL relative positions."""
+
+    def __init__(self, config: TransformerConfig, layer: int) -> None:
+        super().__init__()
+        c = config
+        self.layer, self.n_heads, self.n_kv, self.hd = layer, c.n_heads, c.n_kv_heads, c.head_dim
+        self.window, self.cap, self.scale, self.backend = c.layer_window(layer), c.attn_softcap, c.scale, c.attn_backend
+        self.relative = c.positions == "relative"
+        self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        if self.relative:
+            # Transformer-XL: r_{i-j} = W_r sinusoid(i-j); u (content bias) and v (position bias) per head.
+            self.r_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
+            self.content_bias = nn.Parameter(torch.zeros(c.n_heads, c.head_dim))
+            self.position_bias = nn.Parameter(torch.zeros(c.n_heads, c.head_dim))
+
+    def forward(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor] | None, cache: A.KVCache | None) -> Tensor:
+        """x [B, T, D], pos [T] absolute positions (0.. without a cache) -> [B, T, D]."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
+        if rope is not None:
+            q, k = A.apply_rope(q, *rope), A.apply_rope(k, *rope)
+        k_pos = pos
+        if cache is not None:
+            k, v, k_pos = cache.update(self.layer, k, v, pos)
+        backend = A.pick_backend(self.backend, cap=self.cap, relative=self.relative, cached=cache is not None,
+                                 device=x.device)
+        bias = None
+        if self.relative:
+            end = cache.seen + t if cache is not None else t  # python int: no device sync
+            bias = self._relative_bias(q, pos, k_pos, end, x.dtype)
+            q = q + self.content_bias[None, :, None, :].to(q.dtype)
+        if backend == "flex":
+            out = A.flex_attention(q, k, v, scale=self.scale, cap=self.cap, window=self.window)
+        elif backend == "sdpa":
+            plain = cache is None and self.window is None and bias is None
+            mask = None if plain else A.visible(pos, k_pos, self.window)
+            out = A.sdpa_attention(q, k, v, scale=self.scale, mask=mask, bias=bias)
+        else:
+            out = A.eager_attention(q, k, v, scale=self.scale, mask=A.visible(pos, k_pos, self.window),
+                                    cap=self.cap, bias=bias)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+
+    def _relative_bias(self, q: Tensor, pos: Tensor, k_pos: Tensor, end: int, dtype: torch.dtype) -> Tensor:
+        # Visible distances are 0 .. min(W, end) - 1; masked pairs are clamped by the gather and masked out later.
+        n_dist = min(self.window or end, end)
+        dist = torch.arange(n_dist, device=q.device)
+        table = A.sinusoid_table(dist, self.r_proj.in_features).to(dtype)
+        rel = self.r_proj(table).view(n_dist, self.n_heads, self.hd)
+        q_pos_bias = q + self.position_bias[None, :, None, :].to(q.dtype)
+        distance = pos[:, None] - k_pos[None, :]
+        return A.relative_position_logits(q_pos_bias, rel, distance) * self.scale
+
+
+class Block(nn.Module):
+    """One Transformer layer: attention and FFN, each pre-normed, optionally post-normed."""
+
+    def __init__(self, config: TransformerConfig, layer: int) -> None:
+        super().__init__()
+        c = config
+        norm = lambda: RMSNorm(c.d_model, c.norm_eps, c.norm_unit_offset)  # noqa: E731
+        self.attn_norm, self.attn = norm(), Attention(c, layer)
+        self.post_attn_norm = norm() if c.post_norms else None
+        self.ffn_norm = norm()
+        if c.is_routed(layer):
+            from zoo.routing import RoutedFFN  # lazy: routing is optional and lives in its own module
+
+            self.ffn = RoutedFFN(c)
+        else:
+            self.ffn = DenseFFN(c)
+        self.post_ffn_norm = norm() if c.post_norms else None
+
+    def forward(self, x: Tensor, input_ids: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor] | None,
+                cache: A.KVCache | None) -> Tensor:
+        """[B, T, D] -> [B, T, D]."""
+        h = self.attn(self.attn_norm(x), pos, rope, cache)
+        x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
+        h = self.ffn(self.ffn_norm(x), input_ids)
+        return x + (self.post_ffn_norm(h) if self.post_ffn_norm is not None else h)
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: forward(input_ids) -> logits [B, T, V]."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
+        self.norm = RMSNorm(c.d_model, c.norm_eps, c.norm_unit_offset)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+        if isinstance(m, (Attention, DenseFFN)):
+            # Residual-branch outputs scaled by 1/sqrt(2L) so the residual stream's variance does not grow with depth.
+            out = m.o_proj if isinstance(m, Attention) else m.down_proj
+            nn.init.normal_(out.weight, std=std / math.sqrt(2 * self.config.n_layers))
+
+    @property
+    def output_weight(self) -> Tensor:
+        """The [V, D] matrix producing logits (the embedding when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids: Tensor, *, kv_cache: A.KVCache | None = None,
+                return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits [B, T, V] (and the final-norm hidden states [B, T, D] when return_hidden)."""
+        c = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        start = kv_cache.seen if kv_cache is not None else 0
+        t = input_ids.shape[1]
+        if start + t > c.max_seq_len:
+            raise ValueError(f"sequence length {start + t} exceeds the model's max_seq_len={c.max_seq_len}; "
+                             "use shorter inputs or build the model with a larger max_seq_len")
+        if kv_cache is not None and start + t > kv_cache.max_len:
+            raise ValueError(f"sequence length {start + t} exceeds the KV cache size {kv_cache.max_len}; "
+                             "create the cache with a larger max_len")
+        x = self.embed(input_ids)
+        if c.embed_scale:
+            # Round sqrt(d) to the activation dtype first (bf16: sqrt(3072) -> 55.5), as released checkpoints expect.
+            x = x * torch.tensor(math.sqrt(c.d_model), dtype=x.dtype, device=x.device)
+        pos = torch.arange(start, start + t, device=input_ids.device)
+        rope = A.rope_cos_sin(pos, c.head_dim, c.rope_base, x.dtype) if c.positions == "rope" else None
+        for layer in self.layers:
+            x = layer(x, input_ids, pos, rope, kv_cache)
+        if kv_cache is not None:
+            kv_cache.seen = start + t
+        hidden = self.norm(x)
+        logits = A.softcap(F.linear(hidden, self.output_weight), c.final_softcap)
+        return (logits, hidden) if return_hidden else logits
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> A.KVCache:
+        """An empty KV cache for `batch` sequences of up to `max_len` tokens (ring buffers of W for local layers)."""
+        c = self.config
+        max_len = c.max_seq_len if max_len is None else max_len
+        sizes = [min(c.layer_window(i) or max_len, max_len) for i in range(c.n_layers)]
+        p = self.embed.weight
+        return A.KVCache(c.n_layers, sizes, batch, c.n_kv_heads, c.head_dim, p.device, p.dtype)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
+                 use_cache: bool = True, eos_id: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Append up to max_new_tokens tokens; greedy when temperature == 0, else sampled. Returns [B, T + new]."""
+        total = input_ids.shape[1] + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
+                             f"exceeds max_seq_len={self.config.max_seq_len}")
+        cache = self.new_cache(input_ids.shape[0], total) if use_cache else None
+        seq, step_in = input_ids, input_ids
+        for _ in range(max_new_tokens):
+            logits = self(step_in if use_cache else seq, kv_cache=cache)[:, -1, :].float()
+            nxt = sample_next(logits, temperature, top_k, generator)
+            seq = torch.cat((seq, nxt[:, None]), dim=1)
+            step_in = nxt[:, None]
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
+        return seq
+
+    def num_params(self, embedding: bool = True) -> int:
+        """Parameter count (tied weights once); embedding=False leaves out the input/output embedding matrices."""
+        total = sum(p.numel() for p in self.parameters())
+        if not embedding:
+            total -= self.embed.weight.numel() + (self.lm_head.weight.numel() if self.lm_head is not None else 0)
+        return total
+
+
+def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """Next token ids [B] from logits [B, V]: argmax at temperature 0, else softmax(logits / T) (top-k optional)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+def flops_per_token(config: TransformerConfig, seq_len: int, n_params_nonembed: int | None = None) -> float:
+    """Training FLOPs per token: 6 N + 6 L H hd T, with N = non-embedding params + the output projection.
+
+    Windows are ignored (full causal attention counted) so MFU figures compare across implementations.
+    """
+    c = config
+    if n_params_nonembed is None:
+        with torch.device("meta"):
+            n_params_nonembed = Transformer(c).num_params(embedding=False)
+    n = n_params_nonembed + c.vocab_size * c.d_model
+    return 6.0 * n + A.attention_flops_per_token(c.n_layers, c.n_heads, c.head_dim, seq_len)

@@ -1,0 +1,308 @@
+"""The official BYOL release (``pretrain_res50x1.pkl``, ``pretrain_res200x2.pkl``, ablations) -> torchvision ResNet.
+
+The files are dill pickles (protocol 2) of ``{'experiment_state': _ByolExperimentState(...), 'step', 'rng'}`` whose
+leaves are NumPy arrays. They reference classes from ``byol``/``optax``/``haiku``; a restricted unpickler turns those
+references into inert stand-ins and refuses every other global, so nothing in the file can run code.
+Haiku uses TF 'SAME' padding (asymmetric for stride-2 layers); ``apply_tf_same_padding`` reproduces it exactly.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.weights.safe_load import UnsafeFileError
+
+__all__ = [
+    "read_official_pickle",
+    "haiku_to_torchvision",
+    "haiku_classifier",
+    "infer_arch",
+    "tf_same_padding",
+    "TFSameConv2d",
+    "TFSameMaxPool2d",
+    "apply_tf_same_padding",
+    "EXPERIMENT_STATE_FIELDS",
+]
+
+# Field order of the official ``_ByolExperimentState`` NamedTuple (pickled positionally).
+EXPERIMENT_STATE_FIELDS = ("online_params", "target_params", "online_state", "target_state", "opt_state")
+
+# Modules whose class references become inert stand-ins (the containers of the release); nothing else is imported.
+_STUB_MODULE_PREFIXES = ("byol.", "optax.", "haiku.")
+
+
+def _numpy_core(name: str) -> Any:
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed numpy.core to numpy._core
+    return getattr(core.multiarray, name)
+
+
+def _codecs_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1'); only text encoding happens here.
+    return text.encode(encoding)
+
+
+# Exact (module, name) pairs that resolve to real, side-effect-free callables.
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_core("_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_core("_reconstruct"),
+    ("numpy.core.multiarray", "scalar"): lambda: _numpy_core("scalar"),
+    ("numpy._core.multiarray", "scalar"): lambda: _numpy_core("scalar"),
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _codecs_encode,
+    ("collections", "OrderedDict"): lambda: OrderedDict,
+}
+
+
+class PickledStub:
+    """Inert stand-in for a pickled object of a class we refuse to import; keeps its args and state as data."""
+
+    pickled_class = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "PickledStub":
+        obj = object.__new__(cls)
+        obj.args, obj.kwargs, obj.state = args, kwargs, None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # REDUCE calls cls(*args); __new__ kept them
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<stub {self.pickled_class} args={len(self.args)}>"
+
+
+_STUB_TYPES: dict[str, type] = {}
+
+
+def _stub_type(qualname: str) -> type:
+    if qualname not in _STUB_TYPES:
+        _STUB_TYPES[qualname] = type(qualname.rsplit(".", 1)[-1], (PickledStub,), {"pickled_class": qualname})
+    return _STUB_TYPES[qualname]
+
+
+def _dill_create_namedtuple(name: str, fieldnames: Any, modulename: str, *rest: Any) -> type:
+    # dill may pickle a NamedTuple class by value; we only need a stand-in type of that name.
+    return _stub_type(f"{modulename}.{name}")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler whose ``find_class`` returns stand-ins for byol/optax/haiku and refuses everything else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]()
+        if module in ("dill._dill", "dill.dill") and name == "_create_namedtuple":
+            return _dill_create_namedtuple
+        if any((module + ".").startswith(p) for p in _STUB_MODULE_PREFIXES):
+            return _stub_type(f"{module}.{name}")
+        raise UnsafeFileError(
+            f"refused to load global {module}.{name}: the official-BYOL reader only accepts NumPy arrays and the "
+            "byol/optax/haiku containers (nothing in the file is executed). Is this really a BYOL release file?"
+        )
+
+
+def _to_plain(obj: Any) -> Any:
+    """Turn stand-ins into dicts/tuples recursively so callers only see builtins and NumPy arrays."""
+    if isinstance(obj, PickledStub):
+        if obj.pickled_class.endswith("_ByolExperimentState"):
+            return {f: _to_plain(v) for f, v in zip(EXPERIMENT_STATE_FIELDS, obj.args)}
+        # Mapping containers (e.g. haiku's FlatMapping) pickle as cls(dict) or with a dict state.
+        if len(obj.args) == 1 and isinstance(obj.args[0], Mapping):
+            return _to_plain(obj.args[0])
+        return {"__class__": obj.pickled_class, "args": _to_plain(obj.args), "state": _to_plain(obj.state)}
+    if isinstance(obj, Mapping):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain(v) for v in obj) if not hasattr(obj, "_fields") else tuple(_to_plain(v) for v in obj)
+    return obj
+
+
+def read_official_pickle(path: str | os.PathLike) -> dict[str, Any]:
+    """Load an official BYOL ``.pkl`` safely: {'online_params', 'target_params', 'online_state', ..., 'step'}."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"official BYOL checkpoint {str(p)!r} does not exist; download e.g. "
+                                "pretrain_res50x1.pkl from the BYOL release and pass its path.")
+    with open(p, "rb") as f:
+        data = f.read()
+    try:
+        raw = _RestrictedUnpickler(io.BytesIO(data)).load()
+    except UnsafeFileError as err:
+        raise UnsafeFileError(f"{str(p)!r}: {err}") from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"could not read {str(p)!r} as an official BYOL pickle ({type(err).__name__}: {err}); "
+                         "is the file truncated?") from None
+    raw = _to_plain(raw)
+    if not isinstance(raw, dict) or "experiment_state" not in raw or not isinstance(raw["experiment_state"], dict):
+        keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{str(p)!r} is not an official BYOL checkpoint: expected a dict with 'experiment_state', "
+                         f"found {keys}.")
+    out = dict(raw["experiment_state"])
+    out["step"] = raw.get("step")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Haiku -> torchvision key mapping (pure functions on dicts of arrays).
+
+_BLOCK_RE = re.compile(r"^block_group_(\d+)/~/block_(\d+)/~/(conv|batchnorm)_(\d+)$")
+_SHORTCUT_RE = re.compile(r"^block_group_(\d+)/~/block_(\d+)/~/shortcut_(conv|batchnorm)$")
+
+
+def _torso_prefix(params: Mapping[str, Any]) -> str:
+    prefixes = {k.split("/~/", 1)[0] for k in params if re.match(r"^res_net\w*/~/", k)}
+    if len(prefixes) != 1:
+        raise ValueError(f"expected exactly one Haiku ResNet torso (keys 'res_net*/~/...'), found {sorted(prefixes)}; "
+                         f"first keys: {sorted(params)[:5]}")
+    return prefixes.pop()
+
+
+def _torch_module_name(sub: str) -> tuple[str, str] | None:
+    """Haiku module path inside the torso -> (torchvision module name, 'conv' | 'bn'); None if unknown."""
+    if sub == "initial_conv":
+        return "conv1", "conv"
+    if sub == "initial_batchnorm":
+        return "bn1", "bn"
+    m = _BLOCK_RE.match(sub)
+    if m:
+        g, b, kind, i = int(m[1]), int(m[2]), m[3], int(m[4])
+        return (f"layer{g + 1}.{b}.conv{i + 1}", "conv") if kind == "conv" else (f"layer{g + 1}.{b}.bn{i + 1}", "bn")
+    m = _SHORTCUT_RE.match(sub)
+    if m:
+        g, b, kind = int(m[1]), int(m[2]), m[3]
+        return (f"layer{g + 1}.{b}.downsample.0", "conv") if kind == "conv" else (f"layer{g + 1}.{b}.downsample.1", "bn")
+    return None
+
+
+def haiku_to_torchvision(params: Mapping[str, Mapping[str, Any]], state: Mapping[str, Mapping[str, Any]]
+                         ) -> dict[str, torch.Tensor]:
+    """Map a Haiku ResNet torso (params + BN EMA state) to torchvision state-dict names (no ``fc``)."""
+    prefix = _torso_prefix(params)
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, leaves in params.items():
+        if not key.startswith(prefix + "/~/"):
+            continue
+        sub = key[len(prefix) + 3:]
+        mapped = _torch_module_name(sub)
+        if mapped is None:
+            unknown.append(key)
+            continue
+        name, kind = mapped
+        if kind == "conv":
+            out[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(np.asarray(leaves["w"]).transpose(3, 2, 0, 1)))
+            if "b" in leaves:
+                out[f"{name}.bias"] = torch.from_numpy(np.asarray(leaves["b"]).reshape(-1).copy())
+            continue
+        if "scale" in leaves:
+            out[f"{name}.weight"] = torch.from_numpy(np.asarray(leaves["scale"]).reshape(-1).copy())
+        if "offset" in leaves:
+            out[f"{name}.bias"] = torch.from_numpy(np.asarray(leaves["offset"]).reshape(-1).copy())
+        for ema, buf in (("mean_ema", "running_mean"), ("var_ema", "running_var")):
+            st = state.get(f"{key}/~/{ema}")
+            if st is None:
+                raise ValueError(f"batch-norm statistics {key}/~/{ema} are missing from the checkpoint state; "
+                                 "use the matching online/target state.")
+            out[f"{name}.{buf}"] = torch.from_numpy(np.asarray(st["average"], dtype=np.float32).reshape(-1).copy())
+        counter = state.get(f"{key}/~/mean_ema", {}).get("counter", 0)
+        out[f"{name}.num_batches_tracked"] = torch.tensor(int(np.asarray(counter).reshape(-1)[0]), dtype=torch.long)
+    if unknown:
+        raise ValueError(f"unrecognised Haiku modules in the ResNet torso: {unknown[:5]}; this converter knows "
+                         "initial_conv/initial_batchnorm/block_group_g/~/block_b/~/{conv_i,batchnorm_i,shortcut_*}.")
+    return out
+
+
+def haiku_classifier(params: Mapping[str, Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """The online linear classifier as ``{'weight' [C, D], 'bias' [C]}`` (Haiku stores w as [D, C])."""
+    keys = [k for k in params if k == "classifier" or k.startswith("classifier/")]
+    if not keys:
+        raise ValueError("this checkpoint's parameters have no 'classifier' module; load it without head=True.")
+    leaves = params[keys[0]]
+    w = np.asarray(leaves["w"])
+    b = np.asarray(leaves["b"]) if "b" in leaves else np.zeros(w.shape[1], dtype=w.dtype)
+    return {"weight": torch.from_numpy(np.ascontiguousarray(w.T)), "bias": torch.from_numpy(b.reshape(-1).copy())}
+
+
+# Bottleneck blocks per group -> depth, for naming the registry architecture.
+_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152, (3, 24, 36, 3): 200}
+
+
+def infer_arch(params: Mapping[str, Mapping[str, Any]]) -> str:
+    """Registry name of the torso: depth from blocks per group, width multiplier from the stem (64 channels = x1)."""
+    prefix = _torso_prefix(params)
+    blocks: dict[int, set[int]] = {}
+    for key in params:
+        m = _BLOCK_RE.match(key[len(prefix) + 3:]) if key.startswith(prefix + "/~/") else None
+        if m:
+            blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+    counts = tuple(len(blocks[g]) for g in sorted(blocks))
+    depth = _DEPTHS.get(counts)
+    if depth is None:
+        raise ValueError(f"cannot name a ResNet with {counts} blocks per group; pass arch=<registry name>.")
+    stem = np.asarray(params[f"{prefix}/~/initial_conv"]["w"])
+    width = stem.shape[-1] // 64
+    return f"resnet{depth}" + (f"x{width}" if width > 1 else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TF 'SAME' padding.
+
+def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """(before, after) padding TF 'SAME' uses along one axis; the extra pixel goes after, unlike PyTorch."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pad_amounts(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+                 ) -> tuple[int, int, int, int]:
+    top, bottom = tf_same_padding(x.shape[-2], kernel[0], stride[0], dilation[0])
+    left, right = tf_same_padding(x.shape[-1], kernel[1], stride[1], dilation[1])
+    return left, right, top, bottom
+
+
+class TFSameConv2d(nn.Conv2d):
+    """``nn.Conv2d`` computing TF 'SAME' padding from the input size (same parameters and state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, _pad_amounts(x, self.kernel_size, self.stride, self.dilation))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class TFSameMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` with TF 'SAME' padding (padded cells never win: they are -inf)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
+        s = (self.stride,) * 2 if isinstance(self.stride, int) else tuple(self.stride)
+        d = (self.dilation,) * 2 if isinstance(self.dilation, int) else tuple(self.dilation)
+        x = F.pad(x, _pad_amounts(x, k, s, d), value=float("-inf"))
+        return F.max_pool2d(x, k, s, 0, d, ceil_mode=False, return_indices=self.return_indices)
+
+
+def apply_tf_same_padding(model: nn.Module) -> int:
+    """Give every strided conv / max-pool TF 'SAME' padding in place; returns how many layers changed."""
+    changed = 0
+    for module in model.modules():
+        # Swapping the class in place keeps parameters, hooks and state-dict keys exactly as they were.
+        if type(module) is nn.Conv2d and max(module.stride) > 1:
+            module.__class__ = TFSameConv2d
+            changed += 1
+        elif type(module) is nn.MaxPool2d and (module.stride if isinstance(module.stride, int) else max(module.stride)) > 1:
+            module.__class__ = TFSameMaxPool2d
+            changed += 1
+    return changed

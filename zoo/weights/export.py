@@ -1,0 +1,57 @@
+"""``zoo export CKPT --out backbone.safetensors``: the encoder only, with JSON metadata naming its architecture.
+
+The file reloads with ``zoo.load_backbone(path)`` and no other argument.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from zoo.weights import EXPORT_FORMAT, load_backbone
+from zoo.weights.safe_load import write_safetensors
+
+__all__ = ["export_backbone", "main"]
+
+
+def export_backbone(source: str | os.PathLike, out: str | os.PathLike, which: str = "online",
+                    arch: str | None = None, padding: str | None = None) -> Path:
+    """Write the encoder of ``source`` (anything ``load_backbone`` reads) to ``out`` as safetensors."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {str(out)!r}: exports are safetensors files; name it <something>.safetensors.")
+    model = load_backbone(source, which=which, padding=padding, arch=arch)
+    meta = {
+        "format": EXPORT_FORMAT,
+        "version": 1,
+        "arch": model.zoo_arch,
+        "arch_overrides": model.zoo_arch_overrides,
+        "num_features": int(getattr(model, "num_features", 0) or 0),
+        "padding": model.zoo_padding,
+        "which": model.zoo_which,
+        "source": Path(str(source)).name,
+    }
+    return write_safetensors(out, model.state_dict(), meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``zoo export CKPT --out backbone.safetensors [--which target] [--arch NAME]``."""
+    ap = argparse.ArgumentParser(prog="zoo export", description="Export a backbone's encoder weights to safetensors.")
+    ap.add_argument("checkpoint", help="our .ckpt, an official BYOL .pkl, or a state dict (then give --arch)")
+    ap.add_argument("--out", required=True, help="output .safetensors path")
+    ap.add_argument("--which", default="online", choices=("online", "target"), help="BYOL branch to export")
+    ap.add_argument("--arch", default=None, help="registry name, needed for plain state dicts")
+    ap.add_argument("--padding", default=None, choices=("torch", "tf_same"), help="padding recorded for reloading")
+    args = ap.parse_args(argv)
+    try:
+        path = export_backbone(args.checkpoint, args.out, which=args.which, arch=args.arch, padding=args.padding)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"zoo export: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

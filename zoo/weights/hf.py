@@ -1,0 +1,274 @@
+"""Hugging Face Gemma / Gemma 2 checkpoints <-> the zoo Transformer.
+
+``from_hf(folder)`` reads ``config.json`` and ``model.safetensors`` (or the shards named by
+``model.safetensors.index.json``) of a local folder; ``export_hf(model, folder)`` writes the same layout back, so
+``transformers`` can load what the zoo trained. Naming trap handled here: in Gemma 1 ``post_attention_layernorm`` is
+the pre-MLP norm; in Gemma 2 it is a real post-attention norm and the pre-MLP norm is ``pre_feedforward_layernorm``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from zoo.transformer import Transformer, TransformerConfig
+
+SUPPORTED = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+_LAYER_TYPE = {"sliding_attention": "local", "full_attention": "global"}
+
+
+# ----------------------------------------------------------------------------------------------- config
+def _pattern(layer_types: list[str]) -> tuple[str, ...]:
+    """Shortest cycle reproducing the per-layer attention types."""
+    ours = [_LAYER_TYPE[t] for t in layer_types]
+    for p in range(1, len(ours) + 1):
+        if all(ours[i] == ours[i % p] for i in range(len(ours))):
+            return tuple(ours[:p])
+    return tuple(ours)
+
+
+def config_from_hf(cfg: dict, source: str = "config.json") -> TransformerConfig:
+    """TransformerConfig of a Hugging Face Gemma / Gemma 2 ``config.json`` dict."""
+    mtype = cfg.get("model_type")
+    if mtype not in SUPPORTED:
+        raise ValueError(f"{source}: model_type={mtype!r} is not supported; from_hf reads {sorted(SUPPORTED)} "
+                         f"(architectures {sorted(SUPPORTED.values())})")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    # Gemma 1 configs say "gelu" but the released models (and transformers) use the tanh approximation.
+    if act not in ("gelu_pytorch_tanh", "gelu"):
+        raise ValueError(f"{source}: hidden_activation={act!r} is not supported (expected 'gelu_pytorch_tanh')")
+    if cfg.get("attention_bias", False):
+        raise ValueError(f"{source}: attention_bias=true is not supported by the zoo Transformer")
+    rope = cfg.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{source}: rope_type={rope.get('rope_type')!r} is not supported (only 'default')")
+    n_heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+    fields = dict(
+        vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads", n_heads), head_dim=head_dim,
+        d_ff=cfg["intermediate_size"], max_seq_len=cfg.get("max_position_embeddings", 8192), ffn="geglu",
+        norm_eps=cfg.get("rms_norm_eps", 1e-6), norm_unit_offset=True, embed_scale=True,
+        tie_embeddings=cfg.get("tie_word_embeddings", True), positions="rope",
+        rope_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+    )
+    if mtype == "gemma2":
+        n = cfg["num_hidden_layers"]
+        # Older configs lack layer_types; transformers then alternates sliding (even layers) / global.
+        types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+        unknown = sorted(set(types) - set(_LAYER_TYPE))
+        if unknown:
+            raise ValueError(f"{source}: layer_types has unsupported entries {unknown}")
+        window = cfg.get("sliding_window")
+        fields.update(post_norms=True, layer_pattern=_pattern(types),
+                      window=window if "sliding_attention" in types else None,
+                      query_scale=cfg.get("query_pre_attn_scalar", head_dim) ** -0.5,
+                      attn_softcap=cfg.get("attn_logit_softcapping"), final_softcap=cfg.get("final_logit_softcapping"))
+    return TransformerConfig(**fields)
+
+
+def config_to_hf(c: TransformerConfig) -> dict:
+    """Hugging Face config.json dict for a Gemma-compatible TransformerConfig (ValueError naming the field if not)."""
+    need = dict(positions="rope", ffn="geglu", norm_unit_offset=True, embed_scale=True)
+    for field, value in need.items():
+        if getattr(c, field) != value:
+            raise ValueError(f"cannot export to Hugging Face Gemma: config.{field}={getattr(c, field)!r}, "
+                             f"Gemma needs {value!r}")
+    gemma2 = c.post_norms or c.window is not None or c.attn_softcap is not None or c.final_softcap is not None
+    if not gemma2 and c.scale != 1 / math.sqrt(c.head_dim):
+        raise ValueError(f"cannot export query_scale={c.query_scale} as Gemma 1 (fixed head_dim**-0.5); "
+                         "Gemma 2 configs carry query_pre_attn_scalar")
+    if gemma2 and not c.post_norms:
+        raise ValueError("cannot export a config with windows/soft-caps but post_norms=False: Gemma 2 has post-norms")
+    out = dict(
+        architectures=[SUPPORTED["gemma2" if gemma2 else "gemma"]], model_type="gemma2" if gemma2 else "gemma",
+        vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        intermediate_size=c.d_ff, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+        hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", attention_bias=False,
+        tie_word_embeddings=c.tie_embeddings, rope_theta=c.rope_base,
+        rope_parameters={"rope_theta": c.rope_base, "rope_type": "default"}, torch_dtype="float32",
+    )
+    if gemma2:
+        inv = {v: k for k, v in _LAYER_TYPE.items()}
+        window = c.window if c.window is not None else c.max_seq_len
+        out.update(layer_types=[inv["local" if c.layer_window(i) else "global"] for i in range(c.n_layers)],
+                   sliding_window=window, query_pre_attn_scalar=c.scale ** -2,
+                   attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- names
+def hf_names(c: TransformerConfig, gemma2: bool) -> dict[str, str]:
+    """Map our state_dict keys -> Hugging Face keys."""
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not c.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(c.n_layers):
+        ours, hf = f"layers.{i}.", f"model.layers.{i}."
+        for p in ("q", "k", "v", "o"):
+            names[f"{ours}attn.{p}_proj.weight"] = f"{hf}self_attn.{p}_proj.weight"
+        for p in ("gate", "up", "down"):
+            names[f"{ours}ffn.{p}_proj.weight"] = f"{hf}mlp.{p}_proj.weight"
+        names[f"{ours}attn_norm.weight"] = f"{hf}input_layernorm.weight"
+        if gemma2:
+            names[f"{ours}post_attn_norm.weight"] = f"{hf}post_attention_layernorm.weight"
+            names[f"{ours}ffn_norm.weight"] = f"{hf}pre_feedforward_layernorm.weight"
+            names[f"{ours}post_ffn_norm.weight"] = f"{hf}post_feedforward_layernorm.weight"
+        else:
+            names[f"{ours}ffn_norm.weight"] = f"{hf}post_attention_layernorm.weight"  # Gemma 1: the pre-MLP norm
+    return names
+
+
+def _shard_map(folder: Path) -> dict[str, Path]:
+    """HF tensor name -> safetensors file holding it (single file or index + shards)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map'): {err}") from err
+        files = {name: folder / shard for name, shard in weight_map.items()}
+        missing = sorted({str(p) for p in files.values() if not p.is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are missing: {missing}; download every shard")
+        return files
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+# ----------------------------------------------------------------------------------------------- load / save
+def from_hf(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
+            **overrides) -> Transformer:
+    """Load a local Hugging Face Gemma / Gemma 2 folder as a zoo Transformer (overrides: e.g. attn_backend)."""
+    from safetensors import safe_open
+
+    folder = Path(path).expanduser()
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: from_hf expects a local Hugging Face model folder")
+    raw = json.loads(cfg_file.read_text())
+    config = config_from_hf(raw, str(cfg_file))
+    if overrides:
+        config = config.replace(**overrides)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    gemma2 = raw["model_type"] == "gemma2"
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: v for k, v in model.state_dict().items()}
+    names = hf_names(config, gemma2)
+    files = _shard_map(folder)
+    missing = [hf for hf in names.values() if hf not in files]
+    if missing:
+        raise ValueError(f"{folder}: checkpoint lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         f"required by {cfg_file.name} (model_type={raw['model_type']!r})")
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for ours, hf in names.items():
+        by_file.setdefault(files[hf], []).append((ours, hf))
+    for file, pairs in by_file.items():
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for ours, hf in pairs:
+                t = f.get_tensor(hf)
+                want = tuple(expected[ours].shape)
+                if tuple(t.shape) != want:
+                    raise ValueError(f"{file.name}: tensor {hf!r} has shape {tuple(t.shape)} but {cfg_file.name} "
+                                     f"implies {want}; the config and weights do not match")
+                state[ours] = t.to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def export_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write a zoo Transformer as a Hugging Face Gemma / Gemma 2 folder (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    folder = Path(path).expanduser()
+    hf_cfg = config_to_hf(model.config)
+    if any(model.config.is_routed(i) for i in range(model.config.n_layers)):
+        raise ValueError("cannot export a routed (mixture-of-experts) model to Hugging Face Gemma")
+    names = hf_names(model.config, hf_cfg["model_type"] == "gemma2")
+    sd = model.state_dict()
+    tensors = {hf: sd[ours].detach().to(dtype or sd[ours].dtype).contiguous().cpu() for ours, hf in names.items()}
+    if dtype is not None:
+        hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    return folder
+
+
+def load_hf_tokenizer(path: str | Path):
+    """The tokenizer of a Hugging Face folder (tokenizer.json preferred, else tokenizer.model)."""
+    from zoo.tokenizer import load_tokenizer
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass the Hugging Face model folder")
+    return load_tokenizer(folder)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _load_model(spec: str, model_name: str | None, overrides: dict) -> Transformer:
+    import zoo
+
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return zoo.create(spec, **overrides)  # a registry name: random init (unknown names raise with hints)
+    if path.is_dir():
+        return from_hf(path, **overrides)
+    if model_name is None:
+        raise ValueError(f"{path} is a checkpoint file: pass --model NAME (the registry entry it was trained as)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        sd = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+    # Lightning modules hold the Transformer under an attribute (e.g. "model."): strip whatever precedes our keys.
+    prefix = next((k[: -len("embed.weight")] for k in sd if k.endswith("embed.weight")), None)
+    if prefix is None:
+        raise ValueError(f"{path}: no 'embed.weight' tensor found; is this a zoo language-model checkpoint?")
+    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    model = zoo.create(model_name, **overrides)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path} does not match model {model_name!r} with overrides {overrides}: {err}") from err
+    return model
+
+
+def main(argv: list[str]) -> int:
+    """`zoo export-hf CKPT_OR_NAME --out DIR [--model NAME] [--set field=value ...] [--dtype bfloat16]`."""
+    ap = argparse.ArgumentParser(prog="zoo export-hf", description="Write a zoo language model as a Hugging Face "
+                                 "Gemma / Gemma 2 folder loadable by transformers.")
+    ap.add_argument("source", help="registry name (random init), a .ckpt/.safetensors checkpoint, or an HF folder")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--model", help="registry name of the checkpoint's architecture (for checkpoint files)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a TransformerConfig field (value parsed as JSON, else a string)")
+    ap.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
+    args = ap.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            ap.error(f"--set {item!r}: expected FIELD=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    model = _load_model(args.source, args.model, overrides)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = export_hf(model, args.out, dtype=dtype)
+    print(f"wrote {out}/config.json and model.safetensors ({model.num_params():,} parameters)")
+    return 0

@@ -1,0 +1,139 @@
+"""The project's one safe loader for weight files: torch pickles with ``weights_only=True`` and safetensors.
+
+Every module that reads a checkpoint goes through here, so "never unpickle untrusted code" holds in one place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+__all__ = [
+    "UnsafeFileError",
+    "safe_torch_load",
+    "read_safetensors",
+    "write_safetensors",
+    "load_state_dict_file",
+    "sniff_format",
+]
+
+# Safetensors metadata is str -> str; the project stores its own JSON blob under this one key.
+ZOO_METADATA_KEY = "zoo"
+
+
+class UnsafeFileError(ValueError):
+    """A weight file asked to import or call something outside the safe allow-list; it was not executed."""
+
+
+def _as_path(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"weight file {str(p)!r} does not exist; check the path (looked at {p.resolve()}).")
+    if p.is_dir():
+        raise IsADirectoryError(f"{str(p)!r} is a folder; pass the weight file inside it (.ckpt, .pth, .safetensors).")
+    return p
+
+
+def sniff_format(path: str | os.PathLike) -> str:
+    """Guess a weight file's container from its first bytes: 'zip' (torch), 'pickle', 'safetensors' or 'unknown'."""
+    p = _as_path(path)
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
+        return "pickle"
+    if len(head) >= 9:
+        # safetensors: 8-byte little-endian header length, then a JSON object.
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    return "unknown"
+
+
+def safe_torch_load(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", extra_globals: Iterable[Any] = ()
+) -> Any:
+    """``torch.load(path, weights_only=True)`` with a clear error when the file wants to run code.
+
+    ``extra_globals`` are classes/functions the caller vouches for (e.g. a known hyper-parameter container).
+    """
+    p = _as_path(path)
+    try:
+        with torch.serialization.safe_globals(list(extra_globals)):
+            return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"global[s]? [`']?([\w.]+)", str(err))
+        what = found.group(1) if found else "a non-tensor object"
+        raise UnsafeFileError(
+            f"{str(p)!r} is a pickle that references {what}, which is not allowed (loading uses weights_only=True so "
+            "pickled code is never executed). If you trust this file, re-save its tensors with "
+            "safetensors or torch.save(state_dict); if it is an official BYOL .pkl, give it a .pkl name."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"could not read {str(p)!r} as a torch file ({type(err).__name__}: {err}); "
+                         "is it truncated or in another format?") from None
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata of a ``.safetensors`` file; the project's JSON blob is decoded under key 'zoo'."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    p = _as_path(path)
+    try:
+        with safe_open(str(p), framework="pt", device=device) as f:
+            meta: dict[str, Any] = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"could not read {str(p)!r} as safetensors ({err}); is the file truncated?") from None
+    if ZOO_METADATA_KEY in meta:
+        try:
+            meta[ZOO_METADATA_KEY] = json.loads(meta[ZOO_METADATA_KEY])
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{str(p)!r}: the 'zoo' metadata entry is not valid JSON ({err}).") from None
+    return tensors, meta
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], zoo_meta: dict | None = None) -> Path:
+    """Write tensors (made contiguous, shared storage split) with the project's JSON metadata under 'zoo'."""
+    from safetensors.torch import save_file
+
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses aliased storage (e.g. tied weights); cloning gives each tensor its own buffer.
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {ZOO_METADATA_KEY: json.dumps(zoo_meta, sort_keys=True)} if zoo_meta is not None else None
+    save_file(flat, str(p), metadata=meta)
+    return p
+
+
+def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a plain state-dict file (.pth/.pt/.bin/.safetensors) safely; returns (tensors, metadata).
+
+    Torch files that wrap the state dict (``{'state_dict': ...}``, ``{'model': ...}``) are unwrapped.
+    """
+    p = _as_path(path)
+    fmt = sniff_format(p)
+    if p.suffix == ".safetensors" or fmt == "safetensors":
+        return read_safetensors(p)
+    obj = safe_torch_load(p)
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state", "module", "net"):
+            if key in obj and isinstance(obj[key], dict) and not isinstance(obj.get(key), torch.Tensor):
+                meta = {k: v for k, v in obj.items() if k != key and not isinstance(v, (dict, torch.Tensor))}
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{str(p)!r} does not hold a state dict of tensors (got {type(obj).__name__}); save it with "
+            "torch.save(model.state_dict(), path) or as .safetensors."
+        )
+    return dict(obj), meta
