@@ -1,1 +1,23 @@
-"""placeholder"""
+"""Batched per-sample image augmentations on any device; BYOL view presets as data; GPU JPEG decode.
+
+* ``augment.ops``: reference ops (pure functions, the specification), ``augment.fused``: the fast path that runs;
+* ``augment.presets``: BYOL's two views and the linear-eval pipelines as data;
+* ``augment.byol_views(size)``, ``augment.LinearEvalTrain(size)``, ``augment.LinearEvalTest(size)``: modules called
+  as ``module(images, generator=None) -> float32 [B, 3, size, size]``;
+* ``augment.decode.decode_batch``: JPEG bytes -> uint8 images (nvjpeg on GPU, CPU fallback, bad files reported).
+"""
+from augment.ops import (
+    adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, center_crop, gaussian_blur, hflip, normalize,
+    random_resized_crop, resize, resize_short_side, sample_crop_boxes, solarize, to_grayscale,
+)
+from augment.params import ViewParams, sample_view_params
+from augment.presets import EvalPreset, ViewPreset, byol_presets, linear_eval_test_preset, linear_eval_train_preset
+from augment.views import ByolView, LinearEvalTest, LinearEvalTrain, byol_views
+
+__all__ = [
+    "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation", "center_crop", "gaussian_blur",
+    "hflip", "normalize", "random_resized_crop", "resize", "resize_short_side", "sample_crop_boxes", "solarize",
+    "to_grayscale", "ViewParams", "sample_view_params", "EvalPreset", "ViewPreset", "byol_presets",
+    "linear_eval_test_preset", "linear_eval_train_preset", "ByolView", "LinearEvalTest", "LinearEvalTrain",
+    "byol_views",
+]

@@ -121,7 +121,8 @@ def random_resized_crop(
 ) -> torch.Tensor:
     """Crop each image to its box (top, left, height, width) and bicubic-resize to ``size``, clipped to [0, 1].
 
-    ``images``: a batch ``[B, C, H, W]`` or a list of ``[C, H_i, W_i]`` (uint8 is scaled by 1/255).
+    ``images``: a batch ``[B, C, H, W]`` or a list of ``[C, H_i, W_i]`` (uint8 is scaled by 1/255; in a list mixing
+    1- and 3-channel images the 1-channel ones are repeated to RGB).
     """
     out_hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(images) != boxes.shape[0]:
@@ -131,6 +132,8 @@ def random_resized_crop(
         if t < 0 or l < 0 or h < 1 or w < 1 or t + h > img.shape[-2] or l + w > img.shape[-1]:
             raise ValueError(f"crop box {(t, l, h, w)} lies outside an image of size {tuple(img.shape[-2:])}")
         crops.append(resize(img[:, t:t + h, l:l + w], out_hw))
+    if len({c.shape[0] for c in crops}) > 1:  # a list mixing gray and RGB images: gray becomes RGB
+        crops = [c.expand(3, -1, -1) for c in crops]
     return torch.stack(crops)
 
 

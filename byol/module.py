@@ -35,7 +35,7 @@ class BYOL(pl.LightningModule):
         tau_base: initial target decay; cosine-scheduled to 1.
         warmup_epochs: linear lr warmup length in epochs (``warmup_steps`` overrides it).
         warmup_steps: linear lr warmup length in steps, if set.
-        augment_overrides: per-view preset overrides passed to ``augment.byol_views``.
+        augment_overrides: preset overrides for ``augment.byol_views`` (``blur_p``: both views, ``view2_solarize_p``: one).
         aug_seed: seed of the augmentation generator (offset by the rank under DDP).
         compile: ``torch.compile`` the per-view forward (GPU; works on CPU but compiles slowly).
         channels_last: use channels-last memory format (default: on GPU only).
@@ -46,7 +46,7 @@ class BYOL(pl.LightningModule):
                  num_classes: int | None = None, projector_hidden: int = 4096, projection_dim: int = 256,
                  base_lr: float = 0.2, weight_decay: float = 1.5e-6, momentum: float = 0.9, lars_eta: float = 1e-3,
                  tau_base: float = 0.996, warmup_epochs: float = 10.0, warmup_steps: int | None = None,
-                 augment_overrides: dict[str, dict[str, Any]] | None = None, aug_seed: int = 0, compile: bool = False,
+                 augment_overrides: dict[str, Any] | None = None, aug_seed: int = 0, compile: bool = False,
                  channels_last: bool | None = None, nan_policy: str = "stop") -> None:
         super().__init__()
         if base_lr <= 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -61,7 +62,12 @@ class CausalLM(L.LightningModule):
                  throughput_every: int = 10) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = zoo.create(model, **(model_overrides or {}))
+        self._init_common(model, model_overrides)
+
+    def _init_common(self, model: str, overrides: dict[str, Any] | None) -> None:
+        """Build the trained model and the state shared with lm.Distill (which trains its student the same way)."""
+        self.model_name = model
+        self.model = zoo.create(model, **(overrides or {}))
         if not hasattr(self.model, "config"):
             raise ValueError(f"model {model!r} is not a zoo language model (it has no .config); "
                              "pick one of the Transformer names in zoo.available()")
@@ -86,7 +92,7 @@ class CausalLM(L.LightningModule):
         if dm is None:
             return
         vocab = dm.vocab_size if hasattr(dm, "vocab_size") else None
-        check_data_fits(self.hparams.model, self.config, vocab, getattr(dm, "seq_len", None),
+        check_data_fits(self.model_name, self.config, vocab, getattr(dm, "seq_len", None),
                         getattr(dm, "tokenizer_spec", None))
         if hasattr(dm, "bytes_per_token"):
             if getattr(dm, "meta", None) is None:
@@ -205,23 +211,36 @@ class CausalLM(L.LightningModule):
 # ----------------------------------------------------------------------------------------------------------------
 # Loading a trained model by name or checkpoint (evals, distillation teachers)
 # ----------------------------------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str) -> str:
+    """A .ckpt file as given, or the one a run folder holds: its last.ckpt, else the newest *.ckpt inside."""
+    if os.path.isdir(path):
+        found = sorted(Path(path).rglob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime))
+        if not found:
+            raise FileNotFoundError(f"no .ckpt file under {path!r}; train the model first "
+                                    "(e.g. `zoo fit --config configs/lm/stdlib_gemma2_tiny.yaml`)")
+        return str(found[-1])
+    return path
+
+
 def load_lm(spec: str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """A zoo Transformer from a registry name (random init) or a CausalLM / Distill checkpoint (.ckpt)."""
-    if not (spec.endswith(".ckpt") or os.path.sep in spec or os.path.isfile(spec)):
+    """A zoo Transformer from a registry name (random init), a CausalLM / Distill .ckpt, or a run folder."""
+    if not (spec.endswith(".ckpt") or os.path.sep in spec or os.path.exists(spec)):
         return zoo.create(spec)
+    spec = resolve_checkpoint(spec)
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist; train one with `zoo fit --config ...` "
                                 "or pass a model name from zoo.available()")
     ckpt = torch.load(spec, map_location=map_location, weights_only=True)
     hp = ckpt.get("hyper_parameters") or {}
-    if "student" in hp:  # a Distill checkpoint: the student is the model
-        name, overrides, prefix = hp["student"], hp.get("student_overrides"), "student."
+    if "student" in hp:  # a Distill checkpoint: the student is the trained model
+        name, overrides = hp["student"], hp.get("student_overrides")
     elif "model" in hp:
-        name, overrides, prefix = hp["model"], hp.get("model_overrides"), "model."
+        name, overrides = hp["model"], hp.get("model_overrides")
     else:
         raise ValueError(f"checkpoint {spec!r} has no lm.CausalLM or lm.Distill hyper-parameters; "
                          "it was not written by this project's language-model trainer")
     model = zoo.create(name, **(overrides or {}))
+    prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(state)
     return model.eval()

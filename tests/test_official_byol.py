@@ -1,6 +1,7 @@
 """The official BYOL converter on files written in exactly the release's layout from a random torchvision ResNet-50."""
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import sys
@@ -53,9 +54,7 @@ for _modname, _classes in _FAKE_CLASSES.items():
         _cls.__module__ = _modname
 
 
-@pytest.fixture()
-def official_modules(monkeypatch):
-    """Make the fake classes importable under the official module names while pickling."""
+def _install_fake_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     for modname, classes in _FAKE_CLASSES.items():
         for parent in ("optax", "optax._src"):
             if modname.startswith(parent + ".") and parent not in sys.modules:
@@ -66,13 +65,21 @@ def official_modules(monkeypatch):
         monkeypatch.setitem(sys.modules, modname, mod)
 
 
+@pytest.fixture()
+def official_modules(monkeypatch):
+    """Make the fake classes importable under the official module names while pickling."""
+    _install_fake_modules(monkeypatch)
+
+
 def _bn_params(sd: dict, name: str) -> dict:
     c = sd[f"{name}.weight"].numel()
-    return {"scale": sd[f"{name}.weight"].numpy().reshape(1, 1, 1, c), "offset": sd[f"{name}.bias"].numpy().reshape(1, 1, 1, c)}
+    return {"scale": sd[f"{name}.weight"].numpy().reshape(1, 1, 1, c),
+            "offset": sd[f"{name}.bias"].numpy().reshape(1, 1, 1, c)}
 
 
 def _ema(avg: np.ndarray, c: int) -> dict:
-    return {"counter": np.array(1000, np.int32), "hidden": (avg * 0.5).reshape(1, 1, 1, c), "average": avg.reshape(1, 1, 1, c)}
+    return {"counter": np.array(1000, np.int32), "hidden": (avg * 0.5).reshape(1, 1, 1, c),
+            "average": avg.reshape(1, 1, 1, c)}
 
 
 def to_haiku(model: torchvision.models.ResNet, prefix: str) -> tuple[dict, dict]:
@@ -129,16 +136,12 @@ def _heads(rng: np.random.Generator, d: int = 2048) -> dict:
             "projector/~/linear_1": lin(16, 8, bias=False), "classifier": lin(d, 10)}
 
 
-@pytest.fixture(scope="module")
-def sources():
-    online, target = _random_resnet50(0), _random_resnet50(1)
-    return online, target
-
-
-def _write_release(path, online, target, prefix="res_net50") -> dict:
+def _write_release(path, online: nn.Module, target: nn.Module, prefix: str = "res_net50") -> dict:
     rng = np.random.default_rng(0)
     op, os_ = to_haiku(online, prefix)
     tp, ts = to_haiku(target, prefix)
+    # Share identical leaves between online and target (pickle memoises them) to keep the file small.
+    tp = {k: (op[k] if all(np.array_equal(v, op[k][n]) for n, v in tp[k].items()) else tp[k]) for k in tp}
     op.update(_heads(rng))
     tp.update({k: v for k, v in _heads(rng).items() if k.startswith("projector")})
     opt_state = (EmptyState(), TraceState(trace={"classifier": {"w": np.zeros((2, 2), np.float32)}}),
@@ -149,23 +152,37 @@ def _write_release(path, online, target, prefix="res_net50") -> dict:
     return op
 
 
-def test_release_layout_roundtrip_online_target_head(tmp_path, official_modules, sources):
-    online, target = sources
-    path = tmp_path / "pretrain_res50x1.pkl"
-    op = _write_release(path, online, target)
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """(path, online, target, online haiku params): one file in the official layout, written once per module."""
+    online = _random_resnet50(0)
+    target = copy.deepcopy(online)
+    with torch.no_grad():  # the target differs from the online network in its last stage only
+        for p in target.layer4.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("release") / "pretrain_res50x1.pkl"
+    with pytest.MonkeyPatch.context() as mp:
+        _install_fake_modules(mp)
+        op = _write_release(path, online, target)
+    return path, online, target, op
+
+
+def _resnet50_features() -> nn.Module:
+    return _features_only(torchvision.models.resnet50())
+
+
+def test_release_layout_roundtrip_online_target_head(release):
+    path, online, target, op = release
     raw = read_official_pickle(path)
     assert raw["step"] == 312784 and set(raw) >= {"online_params", "target_params", "online_state", "opt_state"}
     assert infer_arch(raw["online_params"]) == "resnet50"
-
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        want_online = _features_only(online)(x)
-        want_target = _features_only(target)(x)
-        m = load_backbone(path, padding="torch", arch=_features_only(torchvision.models.resnet50()))
-        t = load_backbone(path, which="target", padding="torch", arch=_features_only(torchvision.models.resnet50()))
-        got_online, got_target = m(x), t(x)
-        clf = load_backbone(path, padding="torch", arch=_features_only(torchvision.models.resnet50()), head=True)
-        logits = clf(x)
+        want_online = _features_only(copy.deepcopy(online))(x)
+        want_target = _features_only(copy.deepcopy(target))(x)
+        clf = load_backbone(path, padding="torch", arch=_resnet50_features(), head=True)
+        t = load_backbone(path, which="target", padding="torch", arch=_resnet50_features())
+        got_online, logits, got_target = clf.encoder(x), clf(x), t(x)
     torch.testing.assert_close(got_online, want_online, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_target, want_target, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got_online, got_target)
@@ -193,17 +210,15 @@ def _manual_tf_same_forward(m: torchvision.models.ResNet, x: torch.Tensor) -> to
     return x.mean((2, 3))
 
 
-def test_tf_same_matches_manual_asymmetric_reference(tmp_path, official_modules, sources):
-    online, target = sources
-    path = tmp_path / "pretrain_res50x1.pkl"
-    _write_release(path, online, target)
-    m = load_backbone(path, arch=_features_only(torchvision.models.resnet50()))  # default padding: tf_same
-    assert m.zoo_padding == "tf_same"
+def test_tf_same_matches_manual_asymmetric_reference(release):
+    path, online, _, _ = release
+    m = load_backbone(path)  # architecture inferred (zoo's resnet50), default padding: tf_same
+    assert m.zoo_padding == "tf_same" and m.zoo_arch == "resnet50"
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         got = m(x)
         want = _manual_tf_same_forward(online, x)
-        torch_pad = _features_only(online)(x)
+        torch_pad = _features_only(copy.deepcopy(online))(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got - torch_pad).abs().max() > 1e-3  # the option really changes the stride-2 layers
 

@@ -143,3 +143,30 @@ def test_routing_stats_and_bad_inputs():
     with pytest.raises(ValueError, match="disagree"):
         layer(torch.randn(2, 3, 16), torch.zeros(2, 4, dtype=torch.long))
     assert routed_layers(torch.nn.Sequential(layer, torch.nn.Linear(2, 2))) == [layer]
+
+
+@pytest.mark.parametrize("router", ["sbase", "hash", "rlr"])
+def test_routed_model_trains_on_cpu(tmp_path, router):
+    from lm import CausalLM
+    from lm_testutil import TINY, quiet_trainer, tiny_data
+
+    torch.manual_seed(0)
+    dm = tiny_data(tmp_path)
+    module = CausalLM(model_overrides={**TINY, "ffn": "routed", "n_experts": 4, "router": router,
+                                       "routing_frequency": 1}, lr=3e-3, warmup_steps=2)
+    assert len(routed_layers(module.model)) == 2
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    trainer.validate(module, dm)
+    before = trainer.callback_metrics["val/loss"].item()
+    trainer = quiet_trainer(tmp_path, max_steps=30)
+    trainer.fit(module, dm)
+    m = trainer.callback_metrics
+    assert m["val/loss"].item() < before - 1.0
+    loads = [m[f"train/route0/load_e{e}"].item() for e in range(4)]
+    assert sum(loads) == pytest.approx(1.0, abs=1e-5)
+    assert "train/route1/load_entropy" in m and "val/route0/load_entropy" in m
+    if router == "rlr":
+        assert "train/reinforce_loss" in m and torch.isfinite(module.reward_baseline)
+        assert module.reward_baseline.item() < 0  # a running mean of log-likelihoods
+    else:
+        assert "train/reinforce_loss" not in m

@@ -31,6 +31,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [B, H, T, hd] by the RoPE tables [T, hd]."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    # Tables follow x's dtype: under autocast x is bf16 while the tables were built for the fp32 residual stream,
+    # and promoting q/k to fp32 would send the attention kernel down its slow fp32 path.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotated * sin
 
 
@@ -104,7 +107,8 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tenso
 
 
 @functools.lru_cache(maxsize=64)
-def _block_mask(seq_len: int, window: int | None, device: str):
+def make_block_mask(seq_len: int, window: int | None, device: str):
+    """FlexAttention BlockMask for causal attention over positions 0..T-1, optionally a window of W keys (cached)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     if window is None:
@@ -134,7 +138,7 @@ def _compiled_flex():
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, cap: float | None, window: int | None,
-                   compiled: bool | None = None) -> Tensor:
+                   compiled: bool | None = None, block_mask=None) -> Tensor:
     """FlexAttention over a full causal sequence (positions 0..T-1): soft-cap as score_mod, window as block mask.
 
     Compiled (fused kernel) on CUDA by default; uncompiled elsewhere, where PyTorch falls back to an unfused
@@ -146,7 +150,8 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, cap: float 
         raise ValueError("flex backend handles full sequences only (no KV cache); use 'eager' or 'sdpa' instead")
     if compiled is None:
         compiled = q.is_cuda
-    block_mask = _block_mask(q.shape[2], window, str(q.device))
+    if block_mask is None:
+        block_mask = make_block_mask(q.shape[2], window, str(q.device))
     fn = _compiled_flex() if compiled and not torch.compiler.is_compiling() else _flex
     return fn(q, k, v, score_mod=_score_mod(cap), block_mask=block_mask, scale=scale,
               enable_gqa=q.shape[1] != k.shape[1])
@@ -177,14 +182,13 @@ class KVCache:
     position each slot holds (-1 = empty), which is all the masks and relative distances need.
     """
 
-    def __init__(self, n_layers: int, sizes: list[int], batch: int, n_kv_heads: int, head_dim: int,
+    def __init__(self, max_len: int, sizes: list[int], batch: int, n_kv_heads: int, head_dim: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
         self.k = [torch.zeros(batch, n_kv_heads, s, head_dim, device=device, dtype=dtype) for s in sizes]
         self.v = [torch.zeros(batch, n_kv_heads, s, head_dim, device=device, dtype=dtype) for s in sizes]
         self.pos = [torch.full((s,), -1, device=device, dtype=torch.long) for s in sizes]
-        self.max_len = max(sizes) if sizes else 0
+        self.max_len = max_len  # positions the cache may hold in total (local layers keep only their window)
         self.seen = 0  # tokens already written (the next token's position)
-        assert len(sizes) == n_layers
 
     def update(self, layer: int, k_new: Tensor, v_new: Tensor, pos_new: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Store new keys/values; return (keys, values, positions) the new queries attend over."""

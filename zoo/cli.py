@@ -1,4 +1,4 @@
-"""`zoo`: LightningCLI (fit / validate / test / predict) plus the probe, export, convert, eval and scaling tools.
+"""`zoo`: LightningCLI (fit / validate / test / predict) plus the probe, export, export-hf, eval and scaling tools.
 
 Methods are reached only through class paths in configs (``class_path: byol.BYOL``) and tools through import
 strings below, so ``zoo`` never imports ``byol`` or ``lm`` itself.
@@ -18,8 +18,7 @@ from zoo.trainer import complete_trainer_kwargs, trainer_defaults
 # subcommand -> "module:function" taking argv and returning an exit code.
 TOOLS = {
     "probe": ("zoo.probe:main", "linear probe / kNN evaluation of any backbone"),
-    "export": ("zoo.weights.export:main", "export a checkpoint's encoder to safetensors"),
-    "convert": ("zoo.weights.byol_official:main", "convert an official BYOL .pkl release to safetensors"),
+    "export": ("zoo.weights.export:main", "export the encoder of a checkpoint or an official BYOL .pkl to safetensors"),
     "export-hf": ("zoo.weights.hf:main", "export a zoo language model to a Hugging Face folder"),
     "eval": ("lm.evals:main", "language-model evaluations: needle in a haystack, perplexity"),
     "scaling": ("lm.sweep:main", "scaling-law sweeps and fits"),

@@ -1,4 +1,5 @@
-"""Tokenizers behind one small interface: encode(str) -> list[int], decode(list[int]) -> str, vocab_size, bos_id, eos_id.
+"""Tokenizers behind one small interface: encode(str) -> list[int], decode(list[int]) -> str, vocab_size, bos_id,
+eos_id.
 
 - ``ByteTokenizer``: UTF-8 bytes 0..255 plus pad/bos/eos (no files; the default).
 - ``HFTokenizer``: a Hugging Face ``tokenizer.json`` through the ``tokenizers`` package.

@@ -44,10 +44,19 @@ class RootCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose default folder is ``<default_root_dir>/checkpoints`` (not a per-version log folder),
     so ``--ckpt_path last`` and ``<root>/checkpoints/last.ckpt`` always name the same file."""
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def _use_root(self, trainer: pl.Trainer) -> None:
         if self.dirpath is None:
-            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._use_root(trainer)
         super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        # ``ckpt_path="last"`` is resolved before ``setup``: without this it would look in a new log-version folder
+        # and silently start from scratch.
+        self._use_root(trainer)
+        return super()._find_last_checkpoints(trainer)
 
 
 class PreemptionCheckpoint(Callback):

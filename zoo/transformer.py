@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +142,7 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.layer, self.n_heads, self.n_kv, self.hd = layer, c.n_heads, c.n_kv_heads, c.head_dim
-        self.window, self.cap, self.scale, self.backend = c.layer_window(layer), c.attn_softcap, c.scale, c.attn_backend
+        self.window, self.cap, self.scale = c.layer_window(layer), c.attn_softcap, c.scale
         self.relative = c.positions == "relative"
         self.q_proj = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=False)
         self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
@@ -153,27 +154,25 @@ class Attention(nn.Module):
             self.content_bias = nn.Parameter(torch.zeros(c.n_heads, c.head_dim))
             self.position_bias = nn.Parameter(torch.zeros(c.n_heads, c.head_dim))
 
-    def forward(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor] | None, cache: A.KVCache | None) -> Tensor:
-        """x [B, T, D], pos [T] absolute positions (0.. without a cache) -> [B, T, D]."""
+    def forward(self, x: Tensor, ctx: "StepContext") -> Tensor:
+        """x [B, T, D] -> [B, T, D]; ctx carries positions, RoPE tables, cache, backend and block masks."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        if rope is not None:
-            q, k = A.apply_rope(q, *rope), A.apply_rope(k, *rope)
-        k_pos = pos
+        if ctx.rope is not None:
+            q, k = A.apply_rope(q, *ctx.rope), A.apply_rope(k, *ctx.rope)
+        pos, k_pos, cache = ctx.pos, ctx.pos, ctx.cache
         if cache is not None:
             k, v, k_pos = cache.update(self.layer, k, v, pos)
-        backend = A.pick_backend(self.backend, cap=self.cap, relative=self.relative, cached=cache is not None,
-                                 device=x.device)
         bias = None
         if self.relative:
-            end = cache.seen + t if cache is not None else t  # python int: no device sync
-            bias = self._relative_bias(q, pos, k_pos, end, x.dtype)
+            bias = self._relative_bias(q, pos, k_pos, ctx.end, x.dtype)
             q = q + self.content_bias[None, :, None, :].to(q.dtype)
-        if backend == "flex":
-            out = A.flex_attention(q, k, v, scale=self.scale, cap=self.cap, window=self.window)
-        elif backend == "sdpa":
+        if ctx.backend == "flex":
+            out = A.flex_attention(q, k, v, scale=self.scale, cap=self.cap, window=self.window,
+                                   block_mask=ctx.block_masks.get(self.window))
+        elif ctx.backend == "sdpa":
             plain = cache is None and self.window is None and bias is None
             mask = None if plain else A.visible(pos, k_pos, self.window)
             out = A.sdpa_attention(q, k, v, scale=self.scale, mask=mask, bias=bias)
@@ -191,6 +190,23 @@ class Attention(nn.Module):
         q_pos_bias = q + self.position_bias[None, :, None, :].to(q.dtype)
         distance = pos[:, None] - k_pos[None, :]
         return A.relative_position_logits(q_pos_bias, rel, distance) * self.scale
+
+
+class StepContext(NamedTuple):
+    """What every layer of one forward call shares."""
+
+    pos: Tensor  # [T] absolute positions of the new tokens
+    rope: tuple[Tensor, Tensor] | None  # RoPE cos/sin [T, head_dim]
+    cache: A.KVCache | None
+    end: int  # position after the last new token (python int: no device sync)
+    backend: str  # resolved attention backend
+    block_masks: dict  # window (None = global) -> FlexAttention BlockMask
+
+
+@torch.compiler.disable
+def _flex_block_masks(seq_len: int, windows: tuple[int, ...], device: str) -> dict:
+    # Built (and cached) outside any compiled graph, so a compiled model reuses the same masks every step.
+    return {(w or None): A.make_block_mask(seq_len, w or None, device) for w in windows}
 
 
 class Block(nn.Module):
@@ -211,10 +227,9 @@ class Block(nn.Module):
             self.ffn = DenseFFN(c)
         self.post_ffn_norm = norm() if c.post_norms else None
 
-    def forward(self, x: Tensor, input_ids: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor] | None,
-                cache: A.KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, input_ids: Tensor, ctx: "StepContext") -> Tensor:
         """[B, T, D] -> [B, T, D]."""
-        h = self.attn(self.attn_norm(x), pos, rope, cache)
+        h = self.attn(self.attn_norm(x), ctx)
         x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
         h = self.ffn(self.ffn_norm(x), input_ids)
         return x + (self.post_ffn_norm(h) if self.post_ffn_norm is not None else h)
@@ -231,16 +246,36 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.d_model, c.norm_eps, c.norm_unit_offset)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        self._windows = tuple(sorted({c.layer_window(i) or 0 for i in range(c.n_layers)}))
+        if not self.embed.weight.is_meta:  # meta builds (counting, loading) have no values to initialise
+            self.init_weights()
 
-    def _init_weights(self, m: nn.Module) -> None:
+    def init_weights(self) -> None:
+        """(Re)initialise every weight; call after ``to_empty()`` on a model built on the meta device.
+
+        Only this module's own parts are touched: a routed FFN's router keeps the init its module chose.
+        """
         std = self.config.init_std
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=std)
-        if isinstance(m, (Attention, DenseFFN)):
-            # Residual-branch outputs scaled by 1/sqrt(2L) so the residual stream's variance does not grow with depth.
-            out = m.o_proj if isinstance(m, Attention) else m.down_proj
-            nn.init.normal_(out.weight, std=std / math.sqrt(2 * self.config.n_layers))
+        # Residual-branch outputs scaled by 1/sqrt(2L) so the residual stream's variance does not grow with depth.
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.constant_(m.weight, 0.0 if m.unit_offset else 1.0)
+            elif isinstance(m, Attention):
+                for lin in (m.q_proj, m.k_proj, m.v_proj) + ((m.r_proj,) if m.relative else ()):
+                    nn.init.normal_(lin.weight, std=std)
+                nn.init.normal_(m.o_proj.weight, std=out_std)
+                if m.relative:
+                    nn.init.zeros_(m.content_bias)
+                    nn.init.zeros_(m.position_bias)
+            elif isinstance(m, DenseFFN):
+                for lin in (m.gate_proj, m.up_proj):
+                    if lin is not None:
+                        nn.init.normal_(lin.weight, std=std)
+                nn.init.normal_(m.down_proj.weight, std=out_std)
 
     @property
     def output_weight(self) -> Tensor:
@@ -267,8 +302,12 @@ class Transformer(nn.Module):
             x = x * torch.tensor(math.sqrt(c.d_model), dtype=x.dtype, device=x.device)
         pos = torch.arange(start, start + t, device=input_ids.device)
         rope = A.rope_cos_sin(pos, c.head_dim, c.rope_base, x.dtype) if c.positions == "rope" else None
+        backend = A.pick_backend(c.attn_backend, cap=c.attn_softcap, relative=c.positions == "relative",
+                                 cached=kv_cache is not None, device=x.device)
+        masks = _flex_block_masks(t, self._windows, str(x.device)) if backend == "flex" else {}
+        ctx = StepContext(pos, rope, kv_cache, start + t, backend, masks)
         for layer in self.layers:
-            x = layer(x, input_ids, pos, rope, kv_cache)
+            x = layer(x, input_ids, ctx)
         if kv_cache is not None:
             kv_cache.seen = start + t
         hidden = self.norm(x)
@@ -281,7 +320,7 @@ class Transformer(nn.Module):
         max_len = c.max_seq_len if max_len is None else max_len
         sizes = [min(c.layer_window(i) or max_len, max_len) for i in range(c.n_layers)]
         p = self.embed.weight
-        return A.KVCache(c.n_layers, sizes, batch, c.n_kv_heads, c.head_dim, p.device, p.dtype)
+        return A.KVCache(max_len, sizes, batch, c.n_kv_heads, c.head_dim, p.device, p.dtype)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,

@@ -1,36 +1,101 @@
-"""The image DataModule: datasets from ``zoo.data.images``, reproducible order, uint8 batches for on-device augmentation."""
+"""The image DataModule: datasets from ``zoo.data.images``, reproducible order, uint8 batches for on-device augmentation.
+
+Resuming in the middle of an epoch replays exactly the batches the interrupted run had not trained on yet:
+the order depends only on (seed, epoch), the shard only on (rank, world size), and the training loader is
+``state_dict``-able (Lightning stores its position in the checkpoint and hands it back on ``--ckpt_path``).
+"""
 from __future__ import annotations
 
-from typing import Iterator
+import math
+from typing import Any, Callable, Iterator
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.data.images import build_dataset, collate_images
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation that depends only on (seed, epoch), so a resumed run replays the same data order.
+class EpochShuffleSampler(DistributedSampler):
+    """This rank's share of a permutation that depends only on (seed, epoch), so a resumed run replays the same order.
 
-    Lightning calls ``set_epoch`` at each epoch start (and wraps this sampler for DDP).
+    Rank ``r`` of ``world`` takes ``perm[r::world]`` (the permutation padded by wrapping to a multiple of ``world``),
+    so at every step the ranks together see the same images as one process with a ``world`` times larger batch.
+    It is a ``DistributedSampler`` so that Lightning neither wraps nor reshuffles it under DDP (its wrapper would
+    reshuffle with its own seed and never forward ``set_epoch``); Lightning calls ``set_epoch`` at each epoch start.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        # DistributedSampler.__init__ would query torch.distributed; we know rank and world already.
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, False
+        self.num_samples = math.ceil(n / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.dataset = range(n)
+        self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch``."""
         self.epoch = epoch
 
+    def skip_next(self, count: int) -> None:
+        """Make the next iteration start at this rank's ``count``-th index (resume inside an epoch)."""
+        self._start = max(0, int(count))
+
+    def global_order(self) -> list[int]:
+        """The permutation of the current epoch across all ranks (padded to a multiple of the world size)."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        pad = self.total_size - len(order)
+        return order + (order * math.ceil(pad / max(len(order), 1)))[:pad]
+
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        start, self._start = self._start, 0
+        return iter(self.global_order()[self.rank::self.num_replicas][start:])
 
     def __len__(self) -> int:
-        return self.n
+        return self.num_samples
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position (epoch, batches already trained on) goes into the checkpoint.
+
+    ``position`` reports that position at save time (the DataModule reads it from the trainer, because the loader
+    itself runs ahead of training by the prefetched batches). On ``load_state_dict`` the next iteration selects the
+    saved epoch's permutation and skips the consumed batches by index, without loading them.
+    """
+
+    def __init__(self, *args: Any, position: Callable[[], tuple[int, int]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+        self._resume: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "batches"}``: where training stands in the data."""
+        epoch, batches = self.position() if self.position is not None else (int(getattr(self.sampler, "epoch", 0)), 0)
+        return {"epoch": int(epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next iteration continue from ``state``."""
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+    def __iter__(self):
+        if self._resume is not None:
+            epoch, batches = self._resume
+            self._resume = None
+            sampler = self.sampler
+            if not isinstance(sampler, EpochShuffleSampler):
+                raise TypeError(f"cannot resume inside an epoch with a {type(sampler).__name__}; "
+                                "use zoo.data.loaders.EpochShuffleSampler")
+            # Lightning creates the resumed iterator before it calls set_epoch, so the epoch is set here.
+            sampler.set_epoch(epoch)
+            sampler.skip_next(batches * (self.batch_size or 1))
+        return super().__iter__()
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -67,11 +132,9 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.train_set = self._build("train")
             self.val_set = self._build("val")
-        if self.trainer is not None and self.batch_size * world < world:
-            raise ValueError(f"data.batch_size {self.batch_size} is smaller than the {world} devices")
-        if len(self.train_set) < self.batch_size:
-            raise ValueError(f"data.batch_size {self.batch_size} is larger than the {len(self.train_set)} training "
-                             f"images of {self.dataset!r}; lower it")
+        if len(self.train_set) < self.batch_size * world:
+            raise ValueError(f"data.batch_size {self.batch_size} times {world} devices is larger than the "
+                             f"{len(self.train_set)} training images of {self.dataset!r}; lower it")
 
     @property
     def num_classes(self) -> int:
@@ -80,11 +143,27 @@ class ImageDataModule(pl.LightningDataModule):
             self.train_set = self._build("train")
         return len(self.train_set.classes)
 
+    def _shard(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.world_size, t.global_rank) if t is not None else (1, 0)
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches trained on in it), as the fit loop will see it after a restore."""
+        t = self.trainer
+        done = t.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= t.num_training_batches:  # a finished epoch resumes at the start of the next one
+            return t.current_epoch + 1, 0
+        return t.current_epoch, done
+
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(ds), self.seed, shuffle=train),
-                          drop_last=train,  # a last batch of 1 would break batch norm
-                          num_workers=self.num_workers, collate_fn=collate_images,
-                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+        world, rank = self._shard()
+        return ResumableLoader(
+            ds, batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(ds), self.seed, shuffle=train, num_replicas=world, rank=rank),
+            drop_last=train,  # a last batch of 1 would break batch norm
+            num_workers=self.num_workers, collate_fn=collate_images,
+            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+            position=self._train_position if (train and self.trainer is not None) else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

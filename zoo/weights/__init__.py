@@ -5,7 +5,7 @@ Sources, auto-detected:
 - our export (``zoo export CKPT --out x.safetensors``): architecture read from the file's JSON metadata;
 - torchvision / timm state dicts (``.pth``/``.pt``/``.bin``/``.safetensors``) for a named ``arch``;
 - the official BYOL release (``.pkl``): restricted unpickler, Haiku -> torchvision names, TF-SAME padding;
-- ``random:<arch>``: a randomly initialised encoder (the usual sanity baseline for a probe).
+- ``random:<arch>``: a randomly initialised encoder, seed 0 (the usual sanity baseline for a probe).
 """
 from __future__ import annotations
 
@@ -181,7 +181,10 @@ def load_backbone(source: str | os.PathLike, which: str = "online", padding: str
     src = str(source)
     if src.startswith("random:"):
         name = src[len("random:"):]
-        return _finish(_build(name), name, {}, padding or "torch", src, "random")
+        with torch.random.fork_rng(devices=[]):  # seeded: the same "random" encoder in every run and mode
+            torch.manual_seed(0)
+            model = _build(name)
+        return _finish(model, name, {}, padding or "torch", src, "random")
     path = Path(source).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"backbone {src!r} does not exist; pass a .ckpt, .safetensors, .pth or official .pkl "

@@ -184,7 +184,7 @@ def _torch_module_name(sub: str) -> tuple[str, str] | None:
     m = _SHORTCUT_RE.match(sub)
     if m:
         g, b, kind = int(m[1]), int(m[2]), m[3]
-        return (f"layer{g + 1}.{b}.downsample.0", "conv") if kind == "conv" else (f"layer{g + 1}.{b}.downsample.1", "bn")
+        return (f"layer{g + 1}.{b}.downsample.{0 if kind == 'conv' else 1}", "conv" if kind == "conv" else "bn")
     return None
 
 
@@ -204,7 +204,8 @@ def haiku_to_torchvision(params: Mapping[str, Mapping[str, Any]], state: Mapping
             continue
         name, kind = mapped
         if kind == "conv":
-            out[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(np.asarray(leaves["w"]).transpose(3, 2, 0, 1)))
+            hwio = np.asarray(leaves["w"])
+            out[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(hwio.transpose(3, 2, 0, 1)))  # -> OIHW
             if "b" in leaves:
                 out[f"{name}.bias"] = torch.from_numpy(np.asarray(leaves["b"]).reshape(-1).copy())
             continue
@@ -283,13 +284,15 @@ class TFSameConv2d(nn.Conv2d):
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
 class TFSameMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` with TF 'SAME' padding (padded cells never win: they are -inf)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = (self.kernel_size,) * 2 if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
-        s = (self.stride,) * 2 if isinstance(self.stride, int) else tuple(self.stride)
-        d = (self.dilation,) * 2 if isinstance(self.dilation, int) else tuple(self.dilation)
+        k, s, d = _pair(self.kernel_size), _pair(self.stride), _pair(self.dilation)
         x = F.pad(x, _pad_amounts(x, k, s, d), value=float("-inf"))
         return F.max_pool2d(x, k, s, 0, d, ceil_mode=False, return_indices=self.return_indices)
 
@@ -302,7 +305,7 @@ def apply_tf_same_padding(model: nn.Module) -> int:
         if type(module) is nn.Conv2d and max(module.stride) > 1:
             module.__class__ = TFSameConv2d
             changed += 1
-        elif type(module) is nn.MaxPool2d and (module.stride if isinstance(module.stride, int) else max(module.stride)) > 1:
+        elif type(module) is nn.MaxPool2d and max(_pair(module.stride)) > 1:
             module.__class__ = TFSameMaxPool2d
             changed += 1
     return changed

@@ -95,8 +95,12 @@ def config_to_hf(c: TransformerConfig) -> dict:
     if gemma2:
         inv = {v: k for k, v in _LAYER_TYPE.items()}
         window = c.window if c.window is not None else c.max_seq_len
+        scalar = c.scale ** -2
+        if abs(scalar - round(scalar)) > 1e-6 * scalar:
+            raise ValueError(f"cannot export query_scale={c.scale}: Gemma 2 stores query_pre_attn_scalar = "
+                             f"query_scale**-2 = {scalar} as an integer")
         out.update(layer_types=[inv["local" if c.layer_window(i) else "global"] for i in range(c.n_layers)],
-                   sliding_window=window, query_pre_attn_scalar=c.scale ** -2,
+                   sliding_window=window, query_pre_attn_scalar=int(round(scalar)),
                    attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap)
     return out
 
@@ -145,6 +149,19 @@ def _shard_map(folder: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+def _fields_of(hf_name: str) -> str:
+    """The config.json fields that determine a tensor's shape (for error messages)."""
+    for part, fields in (("embed_tokens", "vocab_size, hidden_size"), ("lm_head", "vocab_size, hidden_size"),
+                         ("q_proj", "num_attention_heads, head_dim, hidden_size"),
+                         ("o_proj", "num_attention_heads, head_dim, hidden_size"),
+                         ("k_proj", "num_key_value_heads, head_dim, hidden_size"),
+                         ("v_proj", "num_key_value_heads, head_dim, hidden_size"),
+                         ("mlp", "intermediate_size, hidden_size"), ("norm", "hidden_size")):
+        if part in hf_name:
+            return fields
+    return "hidden_size"
+
+
 # ----------------------------------------------------------------------------------------------- load / save
 def from_hf(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
             **overrides) -> Transformer:
@@ -181,7 +198,7 @@ def from_hf(path: str | Path, dtype: torch.dtype | str = torch.float32, device: 
                 want = tuple(expected[ours].shape)
                 if tuple(t.shape) != want:
                     raise ValueError(f"{file.name}: tensor {hf!r} has shape {tuple(t.shape)} but {cfg_file.name} "
-                                     f"implies {want}; the config and weights do not match")
+                                     f"implies {want} (fields {_fields_of(hf)}); the config and weights do not match")
                 state[ours] = t.to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

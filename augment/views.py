@@ -1,0 +1,119 @@
+"""Augmentation modules: BYOL's two views and the linear-evaluation transforms, on whatever device the batch is on.
+
+Call signature of every module: ``module(images, generator=None) -> float32 [B, 3, size, size]`` (normalised), where
+``images`` is a uint8 or float ``[B, C, H, W]`` batch (C = 1 is expanded to RGB; float must be in [0, 1]) or a list of
+``[C, H_i, W_i]`` tensors of different sizes (e.g. decoded JPEGs).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from augment import fused
+from augment.params import ViewParams, sample_view_params
+from augment.presets import EvalPreset, ViewPreset, byol_presets, linear_eval_test_preset, \
+    linear_eval_train_preset
+
+__all__ = ["ByolView", "LinearEvalTrain", "LinearEvalTest", "byol_views", "image_sizes"]
+
+Images = torch.Tensor | Sequence[torch.Tensor]
+
+
+def image_sizes(images: Images) -> tuple[torch.Tensor | int, torch.Tensor | int, int, torch.device]:
+    """(heights, widths, batch size, device) of a batch or a list; validates shapes with a readable error."""
+    if torch.is_tensor(images):
+        if images.ndim != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
+            raise ValueError(f"images must be a non-empty [B, C, H, W] tensor with C = 1 or 3; got shape "
+                             f"{tuple(images.shape)} (use a list for images of different sizes)")
+        _check_dtype(images)
+        return int(images.shape[-2]), int(images.shape[-1]), int(images.shape[0]), images.device
+    if not isinstance(images, (list, tuple)) or len(images) == 0:
+        raise ValueError(f"images must be a [B, C, H, W] tensor or a non-empty list of [C, H, W] tensors; got "
+                         f"{type(images).__name__}")
+    for i, img in enumerate(images):
+        if not torch.is_tensor(img) or img.ndim != 3 or img.shape[0] not in (1, 3) or min(img.shape[1:]) < 1:
+            raise ValueError(f"image {i} must be a [C, H, W] tensor with C = 1 or 3; got "
+                             f"{tuple(getattr(img, 'shape', ()))}")
+        _check_dtype(img)
+        if img.dtype != images[0].dtype or img.device != images[0].device:
+            raise ValueError(f"image {i} has dtype/device {img.dtype}/{img.device}, image 0 has "
+                             f"{images[0].dtype}/{images[0].device}: a batch must share both")
+    hs = torch.tensor([int(i.shape[-2]) for i in images])
+    ws = torch.tensor([int(i.shape[-1]) for i in images])
+    return hs, ws, len(images), images[0].device
+
+
+def _check_dtype(t: torch.Tensor) -> None:
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise ValueError(f"images must be uint8 (0-255) or float (0-1); got dtype {t.dtype}")
+
+
+class ByolView(nn.Module):
+    """One BYOL view: per-sample crop/flip/colour/grayscale/blur/solarize drawn from ``generator``, then normalise."""
+
+    def __init__(self, preset: ViewPreset, per_sample: bool | None = None) -> None:
+        super().__init__()
+        self.preset = preset
+        self.per_sample = per_sample
+        self.last_params: ViewParams | None = None  # parameters of the latest call (for inspection / tests)
+
+    def sample_params(self, images: Images, generator: torch.Generator | None = None) -> ViewParams:
+        """Draw this view's per-sample parameters for ``images`` (on the batch's device)."""
+        hs, ws, n, device = image_sizes(images)
+        return sample_view_params(self.preset, hs, ws, n, generator, device)
+
+    def apply(self, images: Images, params: ViewParams) -> torch.Tensor:
+        """Apply the view with explicit parameters (the fused implementation)."""
+        image_sizes(images)
+        return fused.apply_view(images, params, self.preset, self.per_sample)
+
+    @torch.no_grad()
+    def forward(self, images: Images, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment a batch: ``float32 [B, 3, size, size]``, normalised."""
+        self.last_params = self.sample_params(images, generator)
+        return self.apply(images, self.last_params)
+
+    def extra_repr(self) -> str:
+        return repr(self.preset)
+
+
+def byol_views(size: int = 224, per_sample: bool | None = None, **preset_overrides
+               ) -> tuple[ByolView, ByolView]:
+    """BYOL's two view modules at ``size`` (paper presets; overrides as in ``augment.presets.byol_presets``)."""
+    p1, p2 = byol_presets(size, **preset_overrides)
+    return ByolView(p1, per_sample), ByolView(p2, per_sample)
+
+
+class LinearEvalTrain(nn.Module):
+    """Linear-probe training transform: random resized crop (0.08-1) + flip, normalised."""
+
+    def __init__(self, size: int = 224, **overrides) -> None:
+        super().__init__()
+        self.preset: EvalPreset = linear_eval_train_preset(size, **overrides)
+        # reuse the view sampler with every colour/blur/solarize probability at zero
+        self._view = ViewPreset(size=size, crop_scale=self.preset.crop_scale, crop_ratio=self.preset.crop_ratio,
+                                flip_p=self.preset.flip_p, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+    @torch.no_grad()
+    def forward(self, images: Images, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Random crop + flip of a batch: ``float32 [B, 3, size, size]``, normalised."""
+        hs, ws, n, device = image_sizes(images)
+        p = sample_view_params(self._view, hs, ws, n, generator, device)
+        return fused.apply_eval_train(images, p.boxes, p.flip, self.preset)
+
+
+class LinearEvalTest(nn.Module):
+    """Linear-probe test transform: bicubic resize of the short side (256 at 224) + centre crop, normalised."""
+
+    def __init__(self, size: int = 224, resize: int | None = None, **overrides) -> None:
+        super().__init__()
+        self.preset: EvalPreset = linear_eval_test_preset(size, resize, **overrides)
+
+    @torch.no_grad()
+    def forward(self, images: Images, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Deterministic transform (``generator`` accepted for a uniform signature, unused)."""
+        image_sizes(images)
+        return fused.apply_eval_test(images, self.preset.resize_to, self.preset.size, self.preset.mean,
+                                     self.preset.std)

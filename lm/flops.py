@@ -1,0 +1,110 @@
+"""FLOP counting for a zoo Transformer config: C = 6 N D and the detailed per-layer count (Chinchilla App. F).
+
+The detailed count follows Hoffmann et al. 2022, Appendix F, per sequence of T tokens, forward pass:
+  embeddings 2 T V d; per layer: Q/K/V projections 2 T d (H + 2 K) hd, logits 2 T^2 H hd, softmax 3 H T^2,
+  softmax @ values 2 T^2 H hd, output projection 2 T H hd d, feed-forward 2 T (m d f); final logits 2 T d V;
+  training = 3 x forward (backward = 2 x forward).
+Generalised to our one Transformer: K = kv heads (GQA/MQA), m = 3 weight matrices for GeGLU and 2 for the GELU
+MLP, routed FFN layers add a router (2 T d E) and run one expert per token. Relative-position terms of the
+Transformer-XL variant, norms and soft-caps are not counted (each well under 1% for the shapes in the paper).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["FlopBreakdown", "flops_6nd", "forward_flops", "training_flops", "param_count", "tokens_for_budget"]
+
+
+@dataclass(frozen=True)
+class FlopBreakdown:
+    """Forward FLOPs of one sequence, by part (Chinchilla Appendix F rows)."""
+
+    embeddings: float
+    attention_qkv: float
+    attention_logits: float
+    attention_softmax: float
+    attention_reduce: float
+    attention_project: float
+    feed_forward: float
+    router: float
+    logits: float
+
+    @property
+    def forward(self) -> float:
+        """Total forward FLOPs of the sequence."""
+        return (self.embeddings + self.attention_qkv + self.attention_logits + self.attention_softmax
+                + self.attention_reduce + self.attention_project + self.feed_forward + self.router + self.logits)
+
+    @property
+    def training(self) -> float:
+        """Forward + backward FLOPs (backward counted as twice the forward)."""
+        return 3.0 * self.forward
+
+
+def flops_6nd(N: float, D: float) -> float:
+    """The standard training-compute approximation C = 6 N D."""
+    if N <= 0 or D <= 0:
+        raise ValueError(f"N and D must be positive; got N={N}, D={D}")
+    return 6.0 * float(N) * float(D)
+
+
+def _field(config: Any, name: str) -> Any:
+    if not hasattr(config, name):
+        raise ValueError(f"config {type(config).__name__} has no field {name!r}; pass a zoo TransformerConfig")
+    return getattr(config, name)
+
+
+def forward_flops(config: Any, seq_len: int) -> FlopBreakdown:
+    """Detailed forward FLOPs of one sequence of ``seq_len`` tokens for a TransformerConfig (see module doc)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    T = float(seq_len)
+    d, V, n_layers = _field(config, "d_model"), _field(config, "vocab_size"), _field(config, "n_layers")
+    H, K, hd, f = (_field(config, k) for k in ("n_heads", "n_kv_heads", "head_dim", "d_ff"))
+    ffn = _field(config, "ffn")
+    mats = 3 if ffn == "geglu" or (ffn == "routed" and getattr(config, "expert_ffn", "geglu") == "geglu") else 2
+    n_routed = sum(1 for i in range(n_layers) if config.is_routed(i)) if ffn == "routed" else 0
+    # Hash routing is a table lookup: no router matmul.
+    E = 0 if getattr(config, "router", "") == "hash" else int(getattr(config, "n_experts", 1))
+    return FlopBreakdown(
+        embeddings=2 * T * V * d,
+        attention_qkv=n_layers * 2 * T * d * (H + 2 * K) * hd,
+        attention_logits=n_layers * 2 * T * T * H * hd,
+        attention_softmax=n_layers * 3 * H * T * T,
+        attention_reduce=n_layers * 2 * T * T * H * hd,
+        attention_project=n_layers * 2 * T * H * hd * d,
+        # One expert per token: a routed layer does the work of one dense FFN plus its router.
+        feed_forward=n_layers * 2 * T * mats * d * f,
+        router=n_routed * 2 * T * d * E,
+        logits=2 * T * d * V,
+    )
+
+
+def training_flops(config: Any, tokens: float, seq_len: int, method: str = "detailed",
+                   n_params: float | None = None) -> float:
+    """Training FLOPs for ``tokens`` tokens: 'detailed' (Appendix F count) or '6nd' (N = non-embedding params)."""
+    if tokens <= 0:
+        raise ValueError(f"tokens must be positive, got {tokens}")
+    if method == "detailed":
+        return forward_flops(config, seq_len).training * float(tokens) / seq_len
+    if method == "6nd":
+        return flops_6nd(n_params if n_params is not None else param_count(config, embedding=False), tokens)
+    raise ValueError(f"method={method!r}; use 'detailed' or '6nd'")
+
+
+def param_count(config: Any, embedding: bool = True) -> int:
+    """Exact parameter count of the zoo Transformer built from ``config`` (on the meta device: no memory)."""
+    from zoo.transformer import Transformer
+
+    with torch.device("meta"):
+        return int(Transformer(config).num_params(embedding=embedding))
+
+
+def tokens_for_budget(C: float, N: float) -> float:
+    """Tokens D that spend compute C on a model of N parameters under C = 6 N D."""
+    if C <= 0 or N <= 0:
+        raise ValueError(f"C and N must be positive; got C={C}, N={N}")
+    return C / (6.0 * N)

@@ -1,0 +1,121 @@
+"""byol.BYOL in a real (tiny) training run: EMA semantics, per-view forward, stop-gradients, schedules, bad input."""
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from byol import BYOL, lr_schedule, scaled_lr, tau_schedule
+from zoo.data import ImageDataModule
+from zoo.trainer import build_trainer
+
+TINY = dict(encoder="convnet_tiny", encoder_overrides={"widths": [8, 16, 16, 32]}, image_size=16, projector_hidden=32,
+            projection_dim=16, base_lr=0.5, tau_base=0.9, warmup_steps=2)
+
+
+def _data(batch_size=16):
+    return ImageDataModule("digits", batch_size=batch_size, num_workers=0, image_size=16)
+
+
+class Recorder(pl.Callback):
+    """Snapshots online/target parameters around each step and the lr / tau actually used."""
+
+    def __init__(self):
+        self.before, self.after, self.lrs = [], [], []
+
+    def on_train_batch_start(self, trainer, module, batch, idx):
+        self.before.append(copy.deepcopy({k: v.detach().clone() for k, v in module.state_dict().items()}))
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, idx):
+        self.after.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+
+def _fit(tmp_path, steps=3, **kw):
+    model = BYOL(**{**TINY, **kw})
+    rec = Recorder()
+    # Recorder runs before the module's on_train_batch_end? No: Lightning calls callbacks first, then the module,
+    # so "after" is taken before the EMA; the EMA is checked against the next step's "before".
+    trainer = build_trainer(default_root_dir=str(tmp_path), max_steps=steps, callbacks=[rec], logger=False,
+                            enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(model, _data())
+    return model, rec, trainer
+
+
+def test_target_is_ema_of_new_online_weights_with_scheduled_tau(tmp_path):
+    model, rec, trainer = _fit(tmp_path, steps=3)
+    total = model.total_steps
+    assert total == 3
+    for k in range(2):
+        tau = tau_schedule(k, total, 0.9)
+        new_online, old_target = rec.after[k], rec.before[k]
+        got = rec.before[k + 1]
+        for name in ("0.weight", "3.weight"):
+            exp = tau * old_target[f"target_projector.{name}"] + (1 - tau) * new_online[f"online_projector.{name}"]
+            assert torch.allclose(got[f"target_projector.{name}"], exp, atol=1e-6)
+        w = "features.0.weight"
+        exp = tau * old_target[f"target_encoder.{w}"] + (1 - tau) * new_online[f"online_encoder.{w}"]
+        assert torch.allclose(got[f"target_encoder.{w}"], exp, atol=1e-6)
+    # batch-norm running statistics of the target are its own (updated by its train-mode forward), not copied
+    assert not torch.equal(model.target_encoder.features[1].running_mean, model.online_encoder.features[1].running_mean)
+    assert all(not p.requires_grad for p in model.target_encoder.parameters())
+
+
+def test_lr_follows_warmup_cosine_of_scaled_base(tmp_path):
+    model, rec, _ = _fit(tmp_path, steps=4)
+    peak = scaled_lr(0.5, 16)
+    assert rec.lrs == pytest.approx([lr_schedule(k, 4, 2, peak) for k in range(4)])
+
+
+def test_views_are_forwarded_separately_and_classifier_is_stop_gradient():
+    model = BYOL(**TINY, num_classes=10)
+    seen = []
+    model.online_encoder.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    v1, v2 = torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)
+    model._views_forward(v1, v2)
+    assert seen == [8, 8]  # two calls of batch B, never one of 2B: batch-norm statistics per view
+    # the online classifier's loss must not reach the encoder
+    h1 = model.online_encoder(v1)
+    loss = torch.nn.functional.cross_entropy(model.online_classifier(h1.detach()), torch.zeros(8, dtype=torch.long))
+    loss.backward()
+    assert all(p.grad is None for p in model.online_encoder.parameters())
+    assert model.online_classifier.weight.grad is not None
+
+
+def test_views_differ_per_sample_and_are_reproducible():
+    model = BYOL(**TINY, num_classes=10)
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    x[:] = x[0]  # identical images: any difference between outputs comes from per-sample parameters
+    g = torch.Generator().manual_seed(3)
+    a = model.view1(x, g)
+    assert a.shape == (6, 3, 16, 16) and a.dtype == torch.float32
+    assert len({round(float(v), 4) for v in a.flatten(1).mean(1)}) > 3
+    g2 = torch.Generator().manual_seed(3)
+    assert torch.equal(model.view1(x, g2), a)
+
+
+def test_training_runs_logs_and_checkpoints(tmp_path):
+    model = BYOL(**TINY)
+    trainer = build_trainer(default_root_dir=str(tmp_path), max_steps=12, enable_progress_bar=False,
+                            limit_val_batches=2, val_check_interval=12, enable_model_summary=False)
+    trainer.fit(model, _data(32))
+    m = trainer.callback_metrics
+    assert {"train/loss", "train/online_top1", "val/online_top1", "train/tau"} <= set(m)
+    assert 0.0 <= float(m["train/loss"]) <= 8.0 + 2.5  # BYOL loss in [0, 8] plus the classifier's cross-entropy
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert model.hparams.num_classes == 10  # read from the datamodule, saved for reloading
+
+
+def test_bad_values_fail_early_with_the_key():
+    with pytest.raises(ValueError, match="tau_base"):
+        BYOL(**{**TINY, "tau_base": 1.5})
+    with pytest.raises(ValueError, match="base_lr"):
+        BYOL(**{**TINY, "base_lr": -0.1})
+    with pytest.raises(ValueError, match="nan_policy"):
+        BYOL(**TINY, nan_policy="ignore")
+
+
+def test_batch_of_one_is_refused_before_training(tmp_path):
+    trainer = build_trainer(default_root_dir=str(tmp_path), max_steps=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        trainer.fit(BYOL(**TINY), _data(1))

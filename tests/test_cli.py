@@ -1,0 +1,55 @@
+"""The `zoo` command: LightningCLI with the shared trainer, configs shipped, tool subcommands."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zoo.cli import TOOLS, main, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "byol").glob("*.yaml")))
+def test_every_byol_config_parses_and_instantiates(config, capsys):
+    cli = run_cli(["--config", str(ROOT / config), "--trainer.devices", "1", "--trainer.accelerator", "cpu",
+                   "--trainer.precision", "32-true", "--trainer.logger", "false"], run=False)
+    assert type(cli.model).__name__ == "BYOL"
+    assert cli.model.hparams.base_lr > 0
+
+
+def test_imagenet_presets_match_the_paper():
+    want = {100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99), 1000: (0.2, 1.5e-6, 0.996)}
+    for epochs, (lr, wd, tau) in want.items():
+        cfg = yaml.safe_load((ROOT / f"configs/byol/imagenet_resnet50_{epochs}ep.yaml").read_text())
+        args = cfg["model"]["init_args"]
+        assert (args["base_lr"], args["weight_decay"], args["tau_base"]) == (lr, wd, tau)
+        assert cfg["trainer"]["max_epochs"] == epochs and args["warmup_epochs"] == 10
+        assert cfg["trainer"]["devices"] * cfg["trainer"]["num_nodes"] * cfg["data"]["init_args"]["batch_size"] == 4096
+
+
+def test_fit_through_the_cli_writes_last_checkpoint(tmp_path):
+    run_cli(["fit", "--config", str(ROOT / "configs/byol/digits.yaml"), "--trainer.max_steps", "2",
+             "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]",
+             "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+             "--data.init_args.batch_size", "16", "--model.init_args.projector_hidden", "32"])
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "logs").is_dir() and (tmp_path / "tb").is_dir()  # CSV and TensorBoard loggers
+
+
+def test_print_config_and_unknown_key_via_console_script():
+    out = subprocess.run([sys.executable, "-m", "zoo.cli", "fit", "--config", "configs/byol/digits.yaml", "--print_config"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "class_path: byol.BYOL" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "zoo.cli", "fit", "--config", "configs/byol/digits.yaml",
+                          "--model.init_args.no_such_key", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "no_such_key" in bad.stderr
+
+
+def test_tools_are_dispatched_by_import_string():
+    assert set(TOOLS) >= {"probe", "export", "export-hf", "eval", "scaling"}
+    for target, _ in TOOLS.values():
+        module, func = target.split(":")
+        mod = __import__(module, fromlist=[func])
+        assert callable(getattr(mod, func)), target

@@ -1,0 +1,130 @@
+"""lm.evals: needle-in-a-haystack prompt, scoring, report files, perplexity / bpb, unigram baseline, CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import zoo
+from lm import CausalLM
+from lm.evals import (build_needle_prompt, byte_unigram_baseline, evaluate_perplexity, main, needle_in_haystack,
+                      write_needle_report)
+from lm_testutil import TINY, quiet_trainer, tiny_data
+from zoo.data.text import TextDataModule
+from zoo.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+HAY = "Essays are long. They go on and on about startups.\nAnother line of filler text here.\n"
+
+
+class Oracle(nn.Module):
+    """Reads the needle from the prompt and types its number (or a wrong one): a model with known recall."""
+
+    def __init__(self, lie: bool = False) -> None:
+        super().__init__()
+        self.lie = lie
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        text = TOK.decode(ids[0].tolist())
+        city = re.findall(r"What is the special magic (\w+) number\?", text)[-1]
+        number = re.search(rf"The special magic {city} number is: (\d+)\.", text).group(1)
+        if self.lie:
+            number = str(int(number) + 1)
+        answered = text.rsplit("number is: ", 1)[1]
+        target = (number + "\n")[min(len(answered), len(number))]
+        logits = torch.full((1, ids.shape[1], 259), -10.0)
+        logits[0, -1, TOK.encode(target)[0]] = 10.0
+        return logits
+
+
+def test_needle_prompt_length_depth_and_errors():
+    hay = TOK.encode(HAY)
+    for depth in (0.0, 0.5, 1.0):
+        ids, pos = build_needle_prompt(TOK, hay, 400, depth, "Tokyo", 1234567)
+        assert len(ids) == 400
+        text = TOK.decode(ids)
+        assert " The special magic Tokyo number is: 1234567.\n" in text
+        assert text.endswith("What is the special magic Tokyo number? The special magic Tokyo number is: ")
+        needle_at = text.index("The special magic Tokyo")
+        assert needle_at == pos + 1
+    _, p0 = build_needle_prompt(TOK, hay, 400, 0.0, "Tokyo", 1)
+    _, p5 = build_needle_prompt(TOK, hay, 400, 0.5, "Tokyo", 1)
+    _, p1 = build_needle_prompt(TOK, hay, 400, 1.0, "Tokyo", 1)
+    assert p0 == 0 < p5 < p1
+    assert TOK.decode(hay * 10)[p5 - 1] == "\n"  # snapped to a line start
+    with pytest.raises(ValueError, match="context length 20 is too short"):
+        build_needle_prompt(TOK, hay, 20, 0.5, "Tokyo", 1)
+    with pytest.raises(ValueError, match="depth=1.5"):
+        build_needle_prompt(TOK, hay, 400, 1.5, "Tokyo", 1)
+
+
+def test_needle_scoring_with_oracles_and_report_files(tmp_path):
+    lengths, depths = [200, 300], [0.0, 0.5, 1.0]
+    rows = needle_in_haystack(Oracle(), TOK, lengths, depths, haystack=HAY, seed=1)
+    assert len(rows) == 6 and all(r["found"] == 1 for r in rows)
+    assert len({r["number"] for r in rows}) == 6  # a fresh random needle per cell
+    wrong = needle_in_haystack(Oracle(lie=True), TOK, lengths, depths, haystack=HAY, seed=1)
+    assert all(r["found"] == 0 for r in wrong)
+    paths = write_needle_report(rows[:3] + wrong[3:], tmp_path / "out")
+    with open(paths["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 6 and [r["found"] for r in table] == ["1"] * 3 + ["0"] * 3
+    md = paths["md"].read_text()
+    assert "| depth \\ length | 200 | 300 |" in md and "| recall | 100% | 0% |" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_needle_on_a_tiny_transformer_and_cli(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = zoo.create("gemma2-tiny", **{**TINY, "max_seq_len": 256})
+    rows = needle_in_haystack(model, TOK, [140, 160], [0.0, 1.0], haystack=HAY)
+    assert {r["found"] for r in rows} <= {0, 1} and len(rows) == 4
+    with pytest.raises(ValueError, match="context length 250 \\+ 12 answer tokens exceeds the model's max_seq_len=256"):
+        needle_in_haystack(model, TOK, [250], [0.5], haystack=HAY)
+    hay = tmp_path / "hay.txt"
+    hay.write_text(HAY)
+    code = main(["needle", "--model", "gemma2-tiny", "--lengths", "140", "--depths", "0,1", "--haystack", str(hay),
+                 "--out", str(tmp_path / "needle"), "--device", "cpu"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["cells"] == 2 and 0 <= result["recall"] <= 1
+    assert (tmp_path / "needle" / "needle.png").is_file() and (tmp_path / "needle" / "needle.md").is_file()
+    assert main(["needle", "--model", str(tmp_path / "nope.ckpt")]) == 2
+    assert "nope.ckpt" in capsys.readouterr().out
+
+
+def test_perplexity_matches_training_validation_and_cli(tmp_path, capsys):
+    dm = tiny_data(tmp_path)
+    module = CausalLM(model_overrides=TINY, warmup_steps=1)
+    trainer = quiet_trainer(tmp_path, max_steps=3, limit_val_batches=None)
+    trainer.fit(module, dm)
+    result = evaluate_perplexity(module.model, dm)
+    assert result["loss"] == pytest.approx(trainer.callback_metrics["val/loss"].item(), rel=1e-5)
+    assert result["ppl"] == pytest.approx(math.exp(result["loss"]))
+    assert result["bpb"] == pytest.approx(result["loss"] / math.log(2) / dm.bytes_per_token("val"))
+    ckpt = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(ckpt)
+    code = main(["ppl", "--model", str(ckpt), "--paths", str(tmp_path / "corpus"), "--seq-len", "32",
+                 "--cache-dir", str(tmp_path / "cache"), "--unigram", "--device", "cpu"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["loss"] == pytest.approx(result["loss"], rel=1e-5) or out["tokens"] != result["tokens"]
+    assert out["val_cross_entropy_bpb"] > 0
+
+
+def test_byte_unigram_baseline_by_hand(tmp_path):
+    root = tmp_path / "ab"
+    root.mkdir()
+    for i in range(6):
+        (root / f"d{i}.txt").write_text("ab" * 200 if i % 2 else "aabb" * 100)
+    dm = TextDataModule(paths=str(root), pattern="*.txt", seq_len=16, val_fraction=0.3,
+                        cache_dir=str(tmp_path / "c"), progress=False)
+    base = byte_unigram_baseline(dm)
+    assert base["train_entropy_bpb"] == pytest.approx(1.0)  # a and b equally often; EOS is not a byte
+    # Val under add-one-smoothed train counts: slightly above 1 bit.
+    assert 1.0 < base["val_cross_entropy_bpb"] < 1.05

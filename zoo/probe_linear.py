@@ -1,0 +1,188 @@
+"""The linear classifier of the probe, trained two ways with one recipe (BYOL's linear evaluation):
+SGD Nesterov 0.9, no weight decay, lr = base x batch / 256, per-step cosine to 0, zero-initialised layer.
+
+- ``train_linear``: on cached features (fast mode);
+- ``LinearProbeModule``: a LightningModule over images with the frozen encoder in inference mode (protocol mode).
+Both draw batches from ``EpochShuffleSampler(n, seed)``, so on a centre-crop-only probe they see the same batches.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["scaled_lr", "cosine_factor", "make_optimizer", "ProbeHead", "train_linear", "evaluate_linear",
+           "LinearProbeModule"]
+
+
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    """lr = base x batch / 256 (BYOL's linear-evaluation rule)."""
+    return base_lr * batch_size / 256
+
+
+def cosine_factor(step: int, total_steps: int) -> float:
+    """Cosine decay from 1 to 0 over ``total_steps`` (per step)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def make_optimizer(params, base_lr: float, batch_size: int, total_steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """SGD Nesterov 0.9 without weight decay and its per-step cosine schedule."""
+    opt = torch.optim.SGD(params, lr=scaled_lr(base_lr, batch_size), momentum=0.9, nesterov=True, weight_decay=0.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total_steps))
+
+
+def zero_linear(num_features: int, num_classes: int) -> nn.Linear:
+    """Zero-initialised linear layer: the probe is convex, so this start is as good as any and deterministic."""
+    lin = nn.Linear(num_features, num_classes)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+FEATURE_NORMS = ("none", "batchnorm")
+
+
+class ProbeHead(nn.Module):
+    """The trained part of the probe: a zero-initialised linear layer, optionally after a parameter-free batch norm.
+
+    ``feature_norm="none"`` is BYOL's protocol; ``"batchnorm"`` (BN without affine, as in MAE's linear probe) makes
+    the probe insensitive to the feature scale, which matters for untrained or small encoders.
+    """
+
+    def __init__(self, num_features: int, num_classes: int, feature_norm: str = "none") -> None:
+        super().__init__()
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm={feature_norm!r}: choose one of {FEATURE_NORMS}")
+        self.norm = nn.BatchNorm1d(num_features, affine=False) if feature_norm == "batchnorm" else None
+        self.linear = zero_linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, num_classes]."""
+        if self.norm is not None:
+            # a batch of one has no batch statistics: use the running ones
+            x = F.batch_norm(x, self.norm.running_mean, self.norm.running_var, None, None,
+                             self.training and len(x) > 1, self.norm.momentum, self.norm.eps)
+        return self.linear(x)
+
+
+def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, base_lr: float, epochs: int,
+                 batch_size: int, seed: int = 0, device: str | torch.device = "cpu", feature_norm: str = "none"
+                 ) -> ProbeHead:
+    """Fit the linear probe on precomputed features with the protocol's optimiser, schedule and batch order."""
+    from zoo.data.loaders import EpochShuffleSampler
+
+    device = torch.device(device)
+    x, y = feats.to(device).float(), labels.to(device)
+    n = len(y)
+    if n == 0:
+        raise ValueError("no training features to fit the linear probe on")
+    lin = ProbeHead(x.shape[1], num_classes, feature_norm).to(device).train()
+    steps = math.ceil(n / batch_size)
+    opt, sched = make_optimizer(lin.parameters(), base_lr, batch_size, epochs * steps)
+    sampler = EpochShuffleSampler(n, seed)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)), device=device)
+        for i in range(steps):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(lin(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return lin.cpu().eval()
+
+
+@torch.no_grad()
+def evaluate_linear(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
+    """Top-1 / top-5 accuracy (percent) of a trained probe head on features."""
+    from zoo.probe_knn import topk_accuracy
+
+    return topk_accuracy(head.eval()(feats.float()), labels)
+
+
+class LinearProbeModule(pl.LightningModule):
+    """Protocol-mode probe: frozen encoder (batch norm in inference mode, no gradient) + one trained linear layer.
+
+    Args:
+        encoder: module mapping the prepared batch to features [B, D].
+        num_features, num_classes: sizes of the linear layer.
+        base_lr, batch_size: lr = base x global batch / 256 (``batch_size`` is per device).
+        epochs: cosine length; ``steps_per_epoch`` is taken from the trainer.
+        prepare_train, prepare_test: batch dict -> encoder input (the train and test views).
+        seed: seed of the train-view randomness.
+        feature_norm: "none" (the paper) or "batchnorm" (see ``ProbeHead``).
+    """
+
+    def __init__(self, encoder: nn.Module, num_features: int, num_classes: int, base_lr: float, batch_size: int,
+                 epochs: int, prepare_train: Callable, prepare_test: Callable, seed: int = 0,
+                 feature_norm: str = "none") -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.encoder.requires_grad_(False)
+        self.head = ProbeHead(num_features, num_classes, feature_norm)
+        self.base_lr, self.batch_size, self.epochs = base_lr, batch_size, epochs
+        self.prepare_train, self.prepare_test, self.seed = prepare_train, prepare_test, seed
+        self.result: dict[str, Any] = {}
+        self._gen: torch.Generator | None = None
+        self._counts = torch.zeros(3)
+        # Undecodable files named by the loader (this process's share under DDP).
+        self.skipped: dict[str, set[str]] = {"train": set(), "test": set()}
+
+    def train(self, mode: bool = True) -> "LinearProbeModule":
+        """Lightning switches modules to train mode each epoch; the encoder stays in inference mode regardless."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def _features(self, batch: dict[str, Any], prepare: Callable, gen: torch.Generator | None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.encoder(prepare(batch, gen)).float()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """Cross-entropy of the linear layer on frozen features of the train view."""
+        self.skipped["train"].update(batch.get("skipped", []))
+        if len(batch["label"]) == 0:
+            return None  # every image of this batch was undecodable (counted by the loader)
+        if self._gen is None or self._gen.device != self.device:
+            self._gen = torch.Generator(device=self.device).manual_seed(self.seed + 7919 * self.global_rank)
+        logits = self.head(self._features(batch, self.prepare_train, self._gen))
+        loss = F.cross_entropy(logits, batch["label"])
+        self.log("probe/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the top-1 / top-5 counters."""
+        self._counts = torch.zeros(3, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Count top-1 / top-5 hits on the test view."""
+        self.skipped["test"].update(batch.get("skipped", []))
+        if len(batch["label"]) == 0:
+            return
+        logits = self.head(self._features(batch, self.prepare_test, None))
+        y = batch["label"]
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hit = top == y[:, None]
+        self._counts += torch.stack([hit[:, :1].any(1).sum(), hit.any(1).sum(), torch.tensor(len(y), device=y.device)]
+                                    ).to(self._counts)
+
+    def on_validation_epoch_end(self) -> None:
+        """Sum the counters over devices and keep top-1 / top-5 (percent) in ``self.result``."""
+        counts = self.trainer.strategy.reduce(self._counts, reduce_op="sum") if self.trainer.world_size > 1 \
+            else self._counts
+        n = max(float(counts[2]), 1.0)
+        self.result = {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n, "n": int(counts[2])}
+        self.log("probe/top1", self.result["top1"], sync_dist=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """SGD Nesterov on the linear layer only, cosine per step over ``epochs``."""
+        steps = self.trainer.estimated_stepping_batches
+        global_batch = self.batch_size * self.trainer.world_size
+        opt, sched = make_optimizer(self.head.parameters(), self.base_lr, global_batch, int(steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
