@@ -51,7 +51,10 @@ def _check_dtype(t: torch.Tensor) -> None:
 
 
 class ByolView(nn.Module):
-    """One BYOL view: per-sample crop/flip/colour/grayscale/blur/solarize drawn from ``generator``, then normalise."""
+    """One BYOL view: per-sample crop/flip/colour/grayscale/blur/solarize drawn from ``generator``, then normalise.
+
+    ``per_sample``: schedule of the fused path (see ``augment.fused.apply_view``); None picks by device and size.
+    """
 
     def __init__(self, preset: ViewPreset, per_sample: bool | None = None) -> None:
         super().__init__()

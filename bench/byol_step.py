@@ -16,8 +16,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, report, sync, time_steps  # noqa: E402
+# The repo root goes first: Python put bench/ on the path, and bench/augment.py must not shadow the augment package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, report, sync, time_steps  # noqa: E402
 
 
 class RandomImages(Dataset):

@@ -36,9 +36,11 @@ class ProbeReport(pl.Callback):
 
         dm = trainer.datamodule
         size = pl_module.hparams.image_size
+        # Parameter-free BN on the features: a random encoder's features have a different scale than a trained one's,
+        # and one lr grid must serve both for the comparison to be fair.
         cfg = ProbeConfig(epochs=self.epochs, batch_size=256, lr_grid=self.lr_grid, heldout=0.1, image_size=size,
-                          resize=round(size * 256 / 224), cache_dir=None, progress=False, num_workers=0,
-                          extract_batch_size=256, device=str(pl_module.device))
+                          resize=round(size * 256 / 224), feature_norm="batchnorm", cache_dir=None, progress=False,
+                          num_workers=0, extract_batch_size=256, device=str(pl_module.device))
         trained = evaluate(pl_module.online_encoder, dm.train_set, dm.val_set, mode="fast", cfg=cfg, data_id=dm.dataset)
         initial = evaluate(self.initial.to(pl_module.device), dm.train_set, dm.val_set, mode="fast", cfg=cfg,
                            data_id=dm.dataset)

@@ -191,12 +191,19 @@ class BYOL(pl.LightningModule):
         total = getattr(self, "total_steps", None) or int(self.trainer.estimated_stepping_batches)
         return tau_schedule(self.global_step, total, self.hparams.tau_base)
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """LARS step, then the EMA target update from the *new* online weights (tau of the step just taken).
+
+        The EMA runs here rather than in ``on_train_batch_end`` because callbacks' batch-end hooks (periodic and
+        preemption checkpoints) run before the module's: a checkpoint written there would miss this step's EMA.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._stepped:
+            self.update_target(tau_schedule(self.trainer.global_step, self.total_steps, self.hparams.tau_base))
+
     @torch.no_grad()
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA target update from the *new* online weights, with tau of the step just taken (parameters only)."""
-        if not self._stepped:
-            return
-        tau = tau_schedule(self.global_step - 1, self.total_steps, self.hparams.tau_base)
+    def update_target(self, tau: float) -> None:
+        """target <- tau * target + (1 - tau) * online, parameters only (batch-norm statistics stay the target's)."""
         for online, target in ((self.online_encoder, self.target_encoder), (self.online_projector, self.target_projector)):
             t, o = list(target.parameters()), list(online.parameters())
             torch._foreach_lerp_(t, o, 1.0 - tau)  # t <- tau * t + (1 - tau) * o

@@ -119,3 +119,23 @@ def test_batch_of_one_is_refused_before_training(tmp_path):
     trainer = build_trainer(default_root_dir=str(tmp_path), max_steps=1, logger=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="at least 2 images"):
         trainer.fit(BYOL(**TINY), _data(1))
+
+
+def test_probe_report_compares_trained_with_initial_encoder(tmp_path, capsys):
+    import json
+
+    from byol import ProbeReport
+
+    report = ProbeReport(epochs=3, lr_grid=(0.4,))
+    model = BYOL(**TINY)
+    trainer = build_trainer(default_root_dir=str(tmp_path), max_steps=2, logger=False, enable_progress_bar=False,
+                            limit_val_batches=0, enable_model_summary=False, callbacks=[report])
+    trainer.fit(model, _data(32))
+    saved = json.loads((tmp_path / "probe_report.json").read_text())
+    assert saved == report.result
+    assert 0 <= saved["random_init_top1"] <= 100 and 0 <= saved["trained_top1"] <= 100
+    assert saved["gain_points"] == pytest.approx(saved["trained_top1"] - saved["random_init_top1"])
+    # the initial copy really is the initial encoder: it differs from the trained one
+    w0 = report.initial.features[0].weight
+    assert not torch.equal(w0, model.online_encoder.features[0].weight.cpu())
+    assert "random initialisation" in capsys.readouterr().out

@@ -76,10 +76,7 @@ class ImagePrepare:
     collate = staticmethod(collate_indexed)
 
     def __init__(self, size: int = 224, resize: int | None = 256, train: bool = False) -> None:
-        try:
-            from augment import LinearEvalTest, LinearEvalTrain
-        except ImportError:  # before augment's package namespace re-exports its views
-            from augment.views import LinearEvalTest, LinearEvalTrain
+        from augment import LinearEvalTest, LinearEvalTrain
 
         self.size, self.resize, self.train = size, resize, train
         self.view = LinearEvalTrain(size) if train else LinearEvalTest(size, resize)

@@ -62,15 +62,33 @@ class RootCheckpoint(ModelCheckpoint):
 class PreemptionCheckpoint(Callback):
     """On SIGTERM (preemption) or Ctrl-C, write a resumable ``last.ckpt`` before exiting.
 
+    Lightning's handler only sets ``trainer.received_sigterm``; the first batch end after it we save, in the same
+    loop state as a periodic checkpoint (the state Lightning's mid-epoch restore is built for), and Lightning then
+    raises ``SIGTERMException``. A signal that arrives outside a training batch is saved from ``on_exception``.
     Only for those two: a run that stops on a numerical fault must not replace the last good checkpoint.
     """
+
+    def __init__(self) -> None:
+        self._saved_step: int | None = None
+
+    @staticmethod
+    def _path(trainer: pl.Trainer) -> str:
+        ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
+        folder = ckpt.dirpath if ckpt else os.path.join(trainer.default_root_dir, "checkpoints")
+        return os.path.join(folder, "last.ckpt")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.received_sigterm and self._saved_step != trainer.global_step:
+            trainer.save_checkpoint(self._path(trainer))
+            self._saved_step = trainer.global_step
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
-        ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.dirpath), None)
-        folder = ckpt.dirpath if ckpt else os.path.join(trainer.default_root_dir, "checkpoints")
-        trainer.save_checkpoint(os.path.join(folder, "last.ckpt"))
+        if isinstance(exception, SIGTERMException) and self._saved_step == trainer.global_step:
+            return  # already saved at this step's batch end; the loop state now would restore less cleanly
+        trainer.save_checkpoint(self._path(trainer))
 
 
 def default_callbacks(every_n_train_steps: int | None = None) -> list[Callback]:

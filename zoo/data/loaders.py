@@ -65,19 +65,26 @@ class EpochShuffleSampler(DistributedSampler):
 class ResumableLoader(DataLoader):
     """A DataLoader whose position (epoch, batches already trained on) goes into the checkpoint.
 
-    ``position`` reports that position at save time (the DataModule reads it from the trainer, because the loader
-    itself runs ahead of training by the prefetched batches). On ``load_state_dict`` the next iteration selects the
+    ``progress`` reports the fit loop's (finished epochs, batches trained on in this epoch, batches per epoch): the
+    loader cannot count that itself, because Lightning fetches ahead of training. On ``load_state_dict`` the next iteration selects the
     saved epoch's permutation and skips the consumed batches by index, without loading them.
     """
 
-    def __init__(self, *args: Any, position: Callable[[], tuple[int, int]] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int, int | float]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.position = position
+        self.progress = progress
         self._resume: tuple[int, int] | None = None
+        self._iter_epoch = 0  # the epoch whose batches the current iterator yields
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batches"}``: where training stands in the data."""
-        epoch, batches = self.position() if self.position is not None else (int(getattr(self.sampler, "epoch", 0)), 0)
+        epoch, batches = self._iter_epoch, 0
+        if self.progress is not None:
+            finished, batches, per_epoch = self.progress()
+            if finished > epoch:  # this epoch's loop has ended (exhausted, max_steps or should_stop): resume at the next
+                epoch, batches = finished, 0
+            elif batches >= per_epoch:  # saved after the epoch's last batch, before the loop noticed the end
+                epoch, batches = epoch + 1, 0
         return {"epoch": int(epoch), "batches": int(batches)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -85,16 +92,20 @@ class ResumableLoader(DataLoader):
         self._resume = (int(state["epoch"]), int(state["batches"]))
 
     def __iter__(self):
+        sampler = self.sampler
         if self._resume is not None:
             epoch, batches = self._resume
             self._resume = None
-            sampler = self.sampler
             if not isinstance(sampler, EpochShuffleSampler):
                 raise TypeError(f"cannot resume inside an epoch with a {type(sampler).__name__}; "
                                 "use zoo.data.loaders.EpochShuffleSampler")
             # Lightning creates the resumed iterator before it calls set_epoch, so the epoch is set here.
             sampler.set_epoch(epoch)
             sampler.skip_next(batches * (self.batch_size or 1))
+        elif self.progress is not None and hasattr(sampler, "set_epoch"):
+            # Same reason, for a checkpoint without loader state: at least start the right epoch's order.
+            sampler.set_epoch(max(self.progress()[0], int(getattr(sampler, "epoch", 0))))
+        self._iter_epoch = int(getattr(sampler, "epoch", 0))
         return super().__iter__()
 
 
@@ -147,13 +158,12 @@ class ImageDataModule(pl.LightningDataModule):
         t = self.trainer
         return (t.world_size, t.global_rank) if t is not None else (1, 0)
 
-    def _train_position(self) -> tuple[int, int]:
-        """(epoch, batches trained on in it), as the fit loop will see it after a restore."""
+    def _train_progress(self) -> tuple[int, int, int | float]:
+        """(epochs the fit loop has finished, batches trained on in the current epoch, batches per epoch)."""
         t = self.trainer
-        done = t.fit_loop.epoch_loop.batch_progress.current.processed
-        if done >= t.num_training_batches:  # a finished epoch resumes at the start of the next one
-            return t.current_epoch + 1, 0
-        return t.current_epoch, done
+        loop = t.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed, \
+            t.num_training_batches
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         world, rank = self._shard()
@@ -163,7 +173,7 @@ class ImageDataModule(pl.LightningDataModule):
             drop_last=train,  # a last batch of 1 would break batch norm
             num_workers=self.num_workers, collate_fn=collate_images,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
-            position=self._train_position if (train and self.trainer is not None) else None)
+            progress=self._train_progress if (train and self.trainer is not None) else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
