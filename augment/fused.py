@@ -78,14 +78,18 @@ def _matmul_resample(x: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> tor
     return (wy @ x) @ wx.transpose(-1, -2)
 
 
-def crop_resize_flip(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None
-                     ) -> torch.Tensor:
-    """Crop each sample of ``x [B, C, H, W]`` to its box, bicubic-resize to ``size``, flip where asked, clip."""
+def crop_resize_flip(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Crop each sample of ``x [B, C, H, W]`` to its box, bicubic-resize to ``size``, flip where asked, clip.
+
+    ``dtype`` is the compute dtype (bfloat16 uses tensor cores on GPUs; uint8 values are exact in it).
+    """
     scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
-    xf = x.to(torch.float32)
+    xf = x.to(dtype)
     t, l, h, w = boxes.to(x.device).unbind(1)
-    wy = resize_matrix(t, h, size, 0, size, x.shape[-2]) * scale  # fold the uint8 scaling into the weights
-    wx = resize_matrix(l, w, size, 0, size, x.shape[-1])
+    # fold the uint8 scaling into the weights
+    wy = (resize_matrix(t, h, size, 0, size, x.shape[-2]) * scale).to(dtype)
+    wx = resize_matrix(l, w, size, 0, size, x.shape[-1]).to(dtype)
     if flip is not None:
         wx = torch.where(flip.to(x.device).view(-1, 1, 1), wx.flip(1), wx)
     return _matmul_resample(xf, wy, wx).clamp_(0.0, 1.0)
@@ -264,25 +268,28 @@ def solarize_normalize(x: torch.Tensor, solarize: torch.Tensor | None, threshold
 
 
 def apply_view(images: torch.Tensor | Sequence[torch.Tensor], p: ViewParams, preset,
-               per_sample: bool | None = None) -> torch.Tensor:
+               per_sample: bool | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One BYOL view of a batch with given parameters: crop/flip/resize -> colour -> blur -> solarize -> normalise.
 
     ``per_sample=False``: the whole batch at once, static shapes, no host sync - for GPUs, torch.compile and CUDA
     graphs. ``True``: the same stage functions, one image at a time and only the stages it uses (no identity work
     for unselected ops, crop matmuls restricted to the box, every intermediate cache-resident): about 2x faster in
     eager CPU mode at 224 px, slower below ~96 px where per-call overhead dominates. Default (None): True on CPU
-    for sizes >= PER_SAMPLE_MIN_SIZE, else False.
+    for sizes >= PER_SAMPLE_MIN_SIZE, else False. ``dtype``: dtype of the resampling/blur matmuls of the batched
+    schedule (e.g. torch.bfloat16 for tensor cores); colour math and the output are always float32.
     """
     dev = images.device if torch.is_tensor(images) else images[0].device
     if per_sample is None:
-        per_sample = dev.type == "cpu" and preset.size >= PER_SAMPLE_MIN_SIZE
+        per_sample = dev.type == "cpu" and preset.size >= PER_SAMPLE_MIN_SIZE and dtype == torch.float32
     if per_sample:
         return _apply_view_per_sample(images, p, preset)
     x, boxes = prepare_batch(images, p.boxes)
-    x = crop_resize_flip(x, boxes, preset.size, p.flip)
+    # matmuls in ``dtype``; the colour pass stays float32 (bf16 hue arithmetic would be off by ~0.05), which costs
+    # nothing once torch.compile fuses it into one kernel
+    x = crop_resize_flip(x, boxes, preset.size, p.flip, dtype).float()
     x = colour_pass(x, p)
     if preset.blur_p > 0:  # static preset switch, not data-dependent
-        x = blur(x, p.sigma, p.blur, preset.kernel_size)
+        x = blur(x.to(dtype), p.sigma, p.blur, preset.kernel_size).float()
     return solarize_normalize(x, p.solarize if preset.solarize_p > 0 else None, preset.solarize_threshold,
                               preset.mean, preset.std)
 

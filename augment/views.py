@@ -54,12 +54,15 @@ class ByolView(nn.Module):
     """One BYOL view: per-sample crop/flip/colour/grayscale/blur/solarize drawn from ``generator``, then normalise.
 
     ``per_sample``: schedule of the fused path (see ``augment.fused.apply_view``); None picks by device and size.
+    ``dtype``: compute dtype (``torch.bfloat16`` halves memory traffic on GPUs); the output is float32.
     """
 
-    def __init__(self, preset: ViewPreset, per_sample: bool | None = None) -> None:
+    def __init__(self, preset: ViewPreset, per_sample: bool | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.preset = preset
         self.per_sample = per_sample
+        self.dtype = dtype
         self.last_params: ViewParams | None = None  # parameters of the latest call (for inspection / tests)
 
     def sample_params(self, images: Images, generator: torch.Generator | None = None) -> ViewParams:
@@ -70,7 +73,7 @@ class ByolView(nn.Module):
     def apply(self, images: Images, params: ViewParams) -> torch.Tensor:
         """Apply the view with explicit parameters (the fused implementation)."""
         image_sizes(images)
-        return fused.apply_view(images, params, self.preset, self.per_sample)
+        return fused.apply_view(images, params, self.preset, self.per_sample, self.dtype)
 
     @torch.no_grad()
     def forward(self, images: Images, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -82,11 +85,11 @@ class ByolView(nn.Module):
         return repr(self.preset)
 
 
-def byol_views(size: int = 224, per_sample: bool | None = None, **preset_overrides
-               ) -> tuple[ByolView, ByolView]:
+def byol_views(size: int = 224, per_sample: bool | None = None, dtype: torch.dtype = torch.float32,
+               **preset_overrides) -> tuple[ByolView, ByolView]:
     """BYOL's two view modules at ``size`` (paper presets; overrides as in ``augment.presets.byol_presets``)."""
     p1, p2 = byol_presets(size, **preset_overrides)
-    return ByolView(p1, per_sample), ByolView(p2, per_sample)
+    return ByolView(p1, per_sample, dtype), ByolView(p2, per_sample, dtype)
 
 
 class LinearEvalTrain(nn.Module):

@@ -244,3 +244,25 @@ def test_bad_inputs_give_clear_errors():
         ops.random_resized_crop(_img(), torch.tensor([[0, 0, 50, 5]] * 3), 4)
     with pytest.raises(ValueError, match="odd"):
         ops.gaussian_blur(_img(), torch.ones(3), 4)
+
+
+def test_kornia_crop_and_resize_samples_a_different_grid():
+    """Why random_resized_crop is written here: kornia maps the box's corner pixels onto the output's corner
+    pixels and interpolates across the box edge, whereas crop-then-resize (TF/torchvision) uses half-pixel
+    centres inside the crop only."""
+    import kornia
+
+    x = _img(b=1, h=20, w=16, seed=11)
+    t, l, h, w = 2, 3, 10, 8
+    corners = torch.tensor([[[l, t], [l + w - 1, t], [l + w - 1, t + h - 1], [l, t + h - 1]]], dtype=torch.float32)
+    theirs = kornia.geometry.transform.crop_and_resize(x, corners, (12, 12), mode="bicubic", align_corners=False)
+    assert (theirs - ops.random_resized_crop(x, torch.tensor([[t, l, h, w]]), 12)).abs().max() > 0.01
+
+
+def test_kornia_default_blur_border_is_reflect_not_zero():
+    import kornia
+
+    ones = torch.ones(1, 3, 9, 9)
+    reflect = kornia.filters.gaussian_blur2d(ones, (7, 7), (2.0, 2.0))
+    assert torch.allclose(reflect, ones)  # reflect keeps a constant image constant; TF's zero padding does not
+    assert not torch.allclose(ops.gaussian_blur(ones, torch.tensor([2.0]), 7), ones)

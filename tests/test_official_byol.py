@@ -301,3 +301,23 @@ def test_truncated_and_wrong_files(tmp_path, official_modules):
         read_official_pickle(other)
     with pytest.raises(FileNotFoundError):
         read_official_pickle(tmp_path / "missing.pkl")
+
+
+@pytest.mark.slow
+def test_res_net200x2_full_roundtrip(tmp_path, official_modules):
+    """The real ResNet-200 (2x) layout (250M parameters): written as 'res_net200', inferred and loaded back."""
+    from zoo.registry import create
+
+    torch.manual_seed(0)
+    src = create("resnet200x2").eval()
+    params, state = to_haiku(src, "res_net200")
+    path = tmp_path / "pretrain_res200x2.pkl"
+    es = _ByolExperimentState(params, params, state, state, (EmptyState(),))
+    with open(path, "wb") as f:
+        pickle.dump({"experiment_state": es, "step": 1, "rng": np.zeros(2, np.uint32)}, f, protocol=2)
+    del params, state
+    m = load_backbone(path, padding="torch")
+    assert m.zoo_arch == "resnet200x2" and m.num_features == 4096
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), src(x), rtol=1e-4, atol=1e-4)

@@ -70,14 +70,6 @@ def test_parametric_objective_is_the_sum_of_huber_losses(parametric_fit):
     assert fit.objective > 10 * huber.mean()  # a mean would be ~77x smaller
 
 
-def test_parametric_noise_free_is_exact():
-    N, D, L = chinchilla_grid(noise=0.0)
-    fit = S.fit_parametric(N, D, L)
-    assert fit.converged
-    np.testing.assert_allclose(fit.predict(N, D), L, rtol=2e-4)
-    assert abs(fit.alpha - 0.34) < 0.01 and abs(fit.beta - 0.28) < 0.01
-
-
 def test_parametric_nonconvergence_is_reported_not_silent():
     N, D, L = chinchilla_grid(noise=0.002)
     with pytest.warns(S.ScalingFitWarning, match="did not converge"):

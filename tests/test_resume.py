@@ -1,0 +1,146 @@
+"""Exact resume: a run interrupted at step N and resumed with ``--ckpt_path last`` ends bit-identical (CPU) to the
+same run left alone for 2N steps: online and target weights, batch-norm statistics, optimizer and lr-scheduler
+state, tau schedule position, augmentation generator, data order and the logged loss trace.
+
+Every run goes through ``zoo.cli.run_cli`` (the real ``zoo fit``), with 4 batches per epoch and N = 5, so the
+interruption lands in the middle of the second epoch and the resumed run crosses an epoch boundary.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from zoo.cli import run_cli
+
+STEPS, PER_EPOCH = 10, 4
+
+CONFIG = {
+    "seed_everything": 0,
+    "trainer": {"max_steps": STEPS, "limit_train_batches": PER_EPOCH, "limit_val_batches": 0, "log_every_n_steps": 1,
+                "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu", "devices": 1},
+    "model": {"class_path": "byol.BYOL", "init_args": {
+        "encoder": "convnet_tiny", "encoder_overrides": {"widths": [8, 16, 16, 32]}, "image_size": 16,
+        "projector_hidden": 32, "projection_dim": 16, "base_lr": 1.0, "tau_base": 0.9, "warmup_steps": 2}},
+    "data": {"class_path": "zoo.data.ImageDataModule", "init_args": {
+        "dataset": "digits", "image_size": 16, "batch_size": 16, "num_workers": 0}},
+}
+
+
+def zoo_fit(root: Path, *extra: str, callbacks: list[dict] | None = None):
+    """``zoo fit --config <tiny BYOL> --trainer.default_root_dir root ...``; returns the CLI (model, trainer)."""
+    cfg = {**CONFIG, "trainer": {**CONFIG["trainer"], "default_root_dir": str(root)}}
+    if callbacks:
+        cfg["trainer"]["callbacks"] = callbacks
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"config{len(list(root.glob('config*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return run_cli(["fit", "--config", str(path), *extra])
+
+
+def loss_trace(root: Path) -> dict[int, tuple[float, float, float]]:
+    """step -> (train/loss, train/tau, lr) from every CSV log version under ``root`` (a resumed run adds one)."""
+    out: dict[int, dict[str, float]] = {}
+    for f in sorted((root / "logs").glob("version_*/metrics.csv")):
+        for row in csv.DictReader(f.open()):
+            step = int(row["step"])
+            for k, v in row.items():
+                if v not in ("", None) and k != "step":
+                    out.setdefault(step, {})[k] = float(v)
+    lr_key = next(k for k in next(iter(out.values())) if k.startswith("lr-"))
+    return {s: (r["train/loss"], r["train/tau"], r[lr_key]) for s, r in out.items() if "train/loss" in r}
+
+
+def last(root: Path) -> dict:
+    return torch.load(root / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+
+
+def assert_same_tree(a, b, where="checkpoint"):
+    """Bit-exact equality of nested checkpoint content (tensors with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(set(a) ^ set(b))}"
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted 2N-step run: (final model state, last.ckpt, loss trace)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cli = zoo_fit(root)
+    assert cli.trainer.global_step == STEPS
+    state = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    return state, last(root), loss_trace(root)
+
+
+def check_same_as_reference(reference, cli, root: Path) -> None:
+    state, ckpt, trace = reference
+    assert cli.trainer.global_step == STEPS
+    # online, target, classifier weights and every batch-norm statistic, bit for bit
+    assert_same_tree(state, cli.model.state_dict(), "model")
+    resumed = last(root)
+    assert_same_tree(ckpt["state_dict"], resumed["state_dict"], "state_dict")
+    assert_same_tree(ckpt["optimizer_states"], resumed["optimizer_states"], "optimizer")  # LARS momentum buffers
+    assert_same_tree(ckpt["lr_schedulers"], resumed["lr_schedulers"], "lr_scheduler")
+    assert_same_tree(ckpt["byol_aug_rng"], resumed["byol_aug_rng"], "augmentation generator")
+    assert ckpt["global_step"] == resumed["global_step"] and ckpt["epoch"] == resumed["epoch"]
+    # tau position: the schedule length and the step agree, so the next tau would too
+    assert cli.model.total_steps == STEPS
+    # the logged trace (loss, tau, lr) of interrupted + resumed equals the uninterrupted one, step by step
+    got = loss_trace(root)
+    assert sorted(got) == sorted(trace) and len(trace) == STEPS
+    assert got == trace
+
+
+def test_sigterm_mid_epoch_then_ckpt_path_last_is_bit_exact(reference, tmp_path):
+    root = tmp_path / "preempted"
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException after our preemption checkpoint
+        zoo_fit(root, callbacks=[{"class_path": "fault_callbacks.SigtermAt", "init_args": {"step": 5}}])
+    saved = last(root)
+    assert saved["global_step"] == 5
+    # step 5 is batch 1 of epoch 1: the loader state says so, and the resume must skip exactly that batch
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    cli = zoo_fit(root, "--ckpt_path", "last")
+    check_same_as_reference(reference, cli, root)
+
+
+def test_sigterm_on_last_batch_of_an_epoch_resumes_at_next_epoch(reference, tmp_path):
+    root = tmp_path / "preempted_at_epoch_end"
+    with pytest.raises(SystemExit):
+        zoo_fit(root, callbacks=[{"class_path": "fault_callbacks.SigtermAt", "init_args": {"step": PER_EPOCH}}])
+    assert last(root)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 0}]
+    check_same_as_reference(reference, zoo_fit(root, "--ckpt_path", "last"), root)
+
+
+def test_periodic_checkpoint_then_hard_crash_resumes_exactly(reference, tmp_path):
+    """No graceful save: the run dies at step 7; the periodic checkpoint of step 6 (mid-epoch) is resumed.
+
+    This is the path where the EMA used to be lost: periodic checkpoints are written in callbacks' batch-end hooks,
+    which Lightning runs before the module's; BYOL now updates the target inside ``optimizer_step``.
+    """
+    root = tmp_path / "crashed"
+    periodic = {"class_path": "zoo.trainer.RootCheckpoint", "init_args": {"save_last": True, "save_top_k": 0,
+                                                                         "every_n_train_steps": 3}}
+    with pytest.raises(ConnectionAbortedError):
+        zoo_fit(root, callbacks=[{"class_path": "fault_callbacks.CrashAt", "init_args": {"step": 7}}, periodic])
+    saved = last(root)
+    assert saved["global_step"] == 6
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    cli = zoo_fit(root, "--ckpt_path", "last", callbacks=[periodic])
+    state, ckpt, trace = reference
+    assert_same_tree(state, cli.model.state_dict(), "model")
+    assert_same_tree(ckpt["optimizer_states"], last(root)["optimizer_states"], "optimizer")
+    # the crashed run never logged step 7; every step both runs logged agrees
+    got = loss_trace(root)
+    assert set(got) == set(trace) and all(got[s] == trace[s] for s in trace)
