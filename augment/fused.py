@@ -1,16 +1,19 @@
 """Fused batched augmentation: what actually runs. ``augment.ops`` is the specification it is tested against.
 
-Design (issue 4), all free of data-dependent Python control flow so ``torch.compile`` can trace it:
+Design (issue 4); the batched schedule has no data-dependent Python control flow, so ``torch.compile`` traces it
+whole (tested with ``fullgraph=True``):
 
 * crop + resize + flip of the whole batch = two batched matmuls ``out = Wy @ X @ Wx^T`` with per-sample sparse
   interpolation matrices. The rows of ``Wy``/``Wx`` hold exactly the four bicubic taps ``F.interpolate`` would use
   on the cropped image (indices clamped to the crop, which a grid_sample over the whole image cannot do), so the
   result equals the reference to fp32 rounding; a flip is a reversal of ``Wx``'s rows, i.e. free. Variable-size
   images are first cut to their boxes and zero-padded to a common size (only the crops are copied).
-* colour jitter (per-sample random order) + grayscale = one elementwise pass. Saturation and hue commute (both act
-  inside HSV and keep V), so any order of {B, C, S, H} embeds in the fixed stage template h-A-h-A-h, where "h" is a
-  combined saturation+hue HSV step and "A" a brightness-or-contrast affine step; a stage not used by a sample gets
-  identity parameters. That is 5 stages instead of the 16 a "compute all four ops in each of four slots" scheme needs.
+* colour jitter (per-sample random order) + grayscale = one elementwise function with per-sample parameters
+  (under torch.compile a handful of fused kernels; the contrast means are the only reductions). Saturation and hue
+  commute (both act inside HSV and keep V), so any order of {B, C, S, H} embeds in the fixed stage template
+  h-A-h-A-h, where "h" is a combined saturation+hue HSV step in closed form and "A" a brightness-or-contrast affine
+  step; a stage a sample does not use gets identity parameters. That is 5 stages instead of the 16 of a "compute
+  all four ops in each of four slots" scheme. On CPU (eager) each stage runs only on the samples that use it.
 * blur = per-sample Toeplitz slabs: each axis is cut into overlapping windows of ``32 + 2r`` samples (a view) and
   multiplied by a ``[32, 32 + 2r]`` banded slab, one batched matmul per axis (4x fewer FLOPs than a full banded
   matrix at 224 px); zero padding is explicit (TF 'SAME').
@@ -167,8 +170,8 @@ def _hsv_stage(x: torch.Tensor, sat: torch.Tensor, hue: torch.Tensor) -> torch.T
     return torch.addcmul(v[:, None], c[:, None], torch.minimum(k, 4 - k).clamp_(0.0, 1.0), value=-1)
 
 
-def _stage_params(p: ViewParams, device, dtype) -> tuple[list[bool], list[tuple[torch.Tensor, torch.Tensor]],
-                                                         torch.Tensor]:
+def _stage_params(p: ViewParams, device: torch.device, dtype: torch.dtype
+                  ) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Per template stage: (use mask [B], (param1 [B], param2 [B])) with identity values where unused."""
     order = p.order.to(device)
     stage = _STAGES.to(device)[order[:, 0] * 64 + order[:, 1] * 16 + order[:, 2] * 4 + order[:, 3]]
@@ -192,15 +195,25 @@ def _run_stage(kind: str, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
     return _hsv_stage(x, a, b)
 
 
-def colour_pass(x: torch.Tensor, p: ViewParams) -> torch.Tensor:
+def colour_pass(x: torch.Tensor, p: ViewParams, subset: bool = False) -> torch.Tensor:
     """Colour jitter (per-sample random order, clip after each op) then grayscale, for RGB ``x`` in [0, 1].
 
-    Every stage runs on the whole batch with identity parameters where a sample does not use it: static shapes.
+    ``subset=False``: every stage runs on the whole batch with identity parameters where a sample does not use it
+    (static shapes: GPU, compile). ``True`` (CPU, where the index sync is free): each stage runs only on the
+    samples that use it, roughly halving the work.
     """
-    _, params, _ = _stage_params(p, x.device, x.dtype)
-    for kind, (a, b) in zip(STAGE_TEMPLATE, params):
-        x = _run_stage(kind, x, a, b)
-    return torch.where(p.gray.to(x.device).view(-1, 1, 1, 1), _grayscale(x), x)
+    uses, params, _ = _stage_params(p, x.device, x.dtype)
+    gray = p.gray.to(x.device)
+    if not subset:
+        for kind, (a, b) in zip(STAGE_TEMPLATE, params):
+            x = _run_stage(kind, x, a, b)
+        return torch.where(gray.view(-1, 1, 1, 1), _grayscale(x), x)
+    for kind, use, (a, b) in zip(STAGE_TEMPLATE, uses, params):
+        idx = use.nonzero().flatten()
+        if idx.numel():
+            x = x.index_copy(0, idx, _run_stage(kind, x.index_select(0, idx), a[idx], b[idx]))
+    idx = gray.nonzero().flatten()
+    return x.index_copy(0, idx, _grayscale(x.index_select(0, idx))) if idx.numel() else x
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -285,13 +298,18 @@ def apply_view(images: torch.Tensor | Sequence[torch.Tensor], p: ViewParams, pre
         return _apply_view_per_sample(images, p, preset)
     x, boxes = prepare_batch(images, p.boxes)
     # matmuls in ``dtype``; the colour pass stays float32 (bf16 hue arithmetic would be off by ~0.05), which costs
-    # nothing once torch.compile fuses it into one kernel
+    # little once torch.compile fuses it (memory traffic, not arithmetic, bounds it)
     x = crop_resize_flip(x, boxes, preset.size, p.flip, dtype).float()
-    x = colour_pass(x, p)
+    x = colour_pass(x, p, subset=x.device.type == "cpu" and not _tracing())
     if preset.blur_p > 0:  # static preset switch, not data-dependent
         x = blur(x.to(dtype), p.sigma, p.blur, preset.kernel_size).float()
     return solarize_normalize(x, p.solarize if preset.solarize_p > 0 else None, preset.solarize_threshold,
                               preset.mean, preset.std)
+
+
+def _tracing() -> bool:
+    """True while torch.compile traces: keep shapes static there even on CPU."""
+    return torch.compiler.is_compiling()
 
 
 def _apply_view_per_sample(images: torch.Tensor | Sequence[torch.Tensor], p: ViewParams, preset) -> torch.Tensor:
@@ -306,14 +324,20 @@ def _apply_view_per_sample(images: torch.Tensor | Sequence[torch.Tensor], p: Vie
     slabs = _band_block(blur_taps(p.sigma, torch.ones_like(p.blur), preset.kernel_size), block)
     boxes, gray, blur_on = p.boxes.tolist(), p.gray.tolist(), p.blur.tolist()
     solar = p.solarize.tolist() if preset.solarize_p > 0 else [False] * n
+    # every image's resampling matrices in one go (their columns cover the box only; sliced per image below)
+    zero = torch.zeros(n, dtype=torch.long, device=dev)
+    uint8 = images[0].dtype == torch.uint8
+    wy_all = resize_matrix(zero, p.boxes[:, 2], size, 0, size, int(p.boxes[:, 2].max())) * (1 / 255 if uint8 else 1)
+    wx_all = resize_matrix(zero, p.boxes[:, 3], size, 0, size, int(p.boxes[:, 3].max()))
+    wx_all = torch.where(p.flip.view(-1, 1, 1), wx_all.flip(1), wx_all)
     out = torch.empty(n, 3, size, size, device=dev)
     mean = torch.tensor(preset.mean, device=dev).view(1, -1, 1, 1)
     std = torch.tensor(preset.std, device=dev).view(1, -1, 1, 1)
     for i in range(n):
         t, l, h, w = boxes[i]
-        crop = images[i][:, t:t + h, l:l + w][None]  # only the box is read
-        box = torch.tensor([[0, 0, h, w]], device=dev)
-        x = crop_resize_flip(crop.expand(-1, 3, -1, -1) if crop.shape[1] == 1 else crop, box, size, p.flip[i:i + 1])
+        crop = images[i][:, t:t + h, l:l + w][None].to(torch.float32)  # only the box is read
+        crop = crop.expand(-1, 3, -1, -1) if crop.shape[1] == 1 else crop
+        x = _matmul_resample(crop, wy_all[i:i + 1, :, :h], wx_all[i:i + 1, :, :w]).clamp_(0.0, 1.0)
         for k, kind in enumerate(STAGE_TEMPLATE):
             if uses[i][k]:
                 x = _run_stage(kind, x, params[k][0][i:i + 1], params[k][1][i:i + 1])

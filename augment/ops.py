@@ -204,7 +204,7 @@ def gaussian_kernel1d(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int,
                   flags: torch.Tensor | None = None) -> torch.Tensor:
-    """Separable Gaussian blur with per-sample ``sigma`` [B] and ZERO padding (TF 'SAME'), for samples with ``flags``."""
+    """Separable Gaussian blur, per-sample ``sigma`` [B], ZERO padding (TF 'SAME'), for samples with ``flags``."""
     _check_batch(images)
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"blur kernel_size must be a positive odd integer; got {kernel_size}")

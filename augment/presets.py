@@ -8,7 +8,8 @@ Scaling to other image sizes (``size`` argument; e.g. 32 px CIFAR/digits, 64 px,
 * blur taps follow BYOL's own rule ``2 * ((size // 10) // 2) + 1`` (i.e. ``size // 10`` rounded up to odd):
   224 -> 23, 96 -> 9, 64 -> 7, 32 -> 3; sigma stays U[0.1, 2.0] in pixels like the paper's code (the kernel radius
   then bounds the blur for small images);
-* linear-eval test resizes the short side to ``round(size * 256 / 224)`` (256 at 224, 37 at 32) and centre-crops ``size``.
+* linear-eval test resizes the short side to ``round(size * 256 / 224)`` (256 at 224, 37 at 32) and centre-crops
+  ``size``.
 """
 from __future__ import annotations
 

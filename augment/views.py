@@ -54,15 +54,19 @@ class ByolView(nn.Module):
     """One BYOL view: per-sample crop/flip/colour/grayscale/blur/solarize drawn from ``generator``, then normalise.
 
     ``per_sample``: schedule of the fused path (see ``augment.fused.apply_view``); None picks by device and size.
-    ``dtype``: compute dtype (``torch.bfloat16`` halves memory traffic on GPUs); the output is float32.
+    ``dtype``: dtype of the resampling/blur matmuls (``torch.bfloat16`` for tensor cores); the output is float32.
+    ``compile``: run the batched schedule through ``torch.compile`` for fixed-size batch tensors (lists of
+    variable-size images stay eager: every new padded shape would recompile).
     """
 
     def __init__(self, preset: ViewPreset, per_sample: bool | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, compile: bool = False) -> None:
         super().__init__()
         self.preset = preset
         self.per_sample = per_sample
         self.dtype = dtype
+        self.use_compile = compile  # not ``self.compile``: that would shadow nn.Module.compile()
+        self._compiled = None
         self.last_params: ViewParams | None = None  # parameters of the latest call (for inspection / tests)
 
     def sample_params(self, images: Images, generator: torch.Generator | None = None) -> ViewParams:
@@ -73,6 +77,11 @@ class ByolView(nn.Module):
     def apply(self, images: Images, params: ViewParams) -> torch.Tensor:
         """Apply the view with explicit parameters (the fused implementation)."""
         image_sizes(images)
+        if self.use_compile and torch.is_tensor(images):
+            if self._compiled is None:
+                preset, dtype = self.preset, self.dtype
+                self._compiled = torch.compile(lambda x, p: fused.apply_view(x, p, preset, False, dtype))
+            return self._compiled(images, params)
         return fused.apply_view(images, params, self.preset, self.per_sample, self.dtype)
 
     @torch.no_grad()
@@ -86,10 +95,10 @@ class ByolView(nn.Module):
 
 
 def byol_views(size: int = 224, per_sample: bool | None = None, dtype: torch.dtype = torch.float32,
-               **preset_overrides) -> tuple[ByolView, ByolView]:
+               compile: bool = False, **preset_overrides) -> tuple[ByolView, ByolView]:
     """BYOL's two view modules at ``size`` (paper presets; overrides as in ``augment.presets.byol_presets``)."""
     p1, p2 = byol_presets(size, **preset_overrides)
-    return ByolView(p1, per_sample, dtype), ByolView(p2, per_sample, dtype)
+    return ByolView(p1, per_sample, dtype, compile), ByolView(p2, per_sample, dtype, compile)
 
 
 class LinearEvalTrain(nn.Module):

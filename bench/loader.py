@@ -74,11 +74,12 @@ def _sync(device: torch.device) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", default=None, help="folder of JPEGs (searched recursively); default: synthetic")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--images", type=int, default=None, help="images to use (default 64 CPU, 1024 GPU)")
     ap.add_argument("--batch", type=int, default=None, help="default 32 on CPU, 256 on GPU")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=2, help="passes over the images; the best is reported")
+    ap.add_argument("--bf16", action="store_true", help="our resampling/blur matmuls in bfloat16 (GPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -96,7 +97,7 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         paths = make_folder(Path(tmp.name), n)
     n = len(paths)
-    v1, v2 = augment.byol_views(args.size)
+    v1, v2 = augment.byol_views(args.size, dtype=torch.bfloat16 if args.bf16 else torch.float32)
     g = torch.Generator(device=device).manual_seed(0)
 
     def ours_pass() -> tuple[float, int]:

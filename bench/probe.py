@@ -10,13 +10,21 @@ feature cache), so its time includes the one feature-extraction pass.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+# `python bench/probe.py` puts bench/ first on sys.path, where bench/augment.py would shadow the augment package:
+# the repository goes first, bench/ last (for bench/common.py).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE] + [str(_HERE)]
+
+
+def _device_name(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--feature-norm", default="batchnorm", choices=("none", "batchnorm"))
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None, help="also write the JSON line to this file")
     a = ap.parse_args(argv)
 
     from zoo.data.images import build_dataset
@@ -52,21 +61,22 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         proto = evaluate(enc, train, test, "protocol", cfg, out=tmp)
         t_proto = time.perf_counter() - t0
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'}, " \
-        f"{torch.get_num_threads()} threads)"
-    rows = [("fast (features once + linear on features)", t_fast, fast["top1"]),
-            ("protocol (Lightning, encoder every step)", t_proto, proto["top1"])]
-    print(f"probe bench: {a.backbone} on {a.data}, {len(train)} train / {len(test)} test images, "
-          f"{a.epochs} epochs, batch {a.batch_size}, lr grid {a.lr}, centre-crop probe, {device}")
-    print(f"{'mode':<45}{'seconds':>10}{'top-1 %':>10}")
-    for name, t, top1 in rows:
-        print(f"{name:<45}{t:>10.2f}{top1:>10.2f}")
-    print(f"top-1 difference {abs(fast['top1'] - proto['top1']):.2f} points; protocol / fast time ratio "
-          f"{t_proto / t_fast:.1f}x")
-    print(json.dumps({"bench": "probe", "backbone": a.backbone, "data": a.data, "epochs": a.epochs,
-                      "device": device, "fast_s": round(t_fast, 3), "protocol_s": round(t_proto, 3),
-                      "fast_top1": fast["top1"], "protocol_top1": proto["top1"],
-                      "top1_diff": abs(fast["top1"] - proto["top1"]), "ratio": round(t_proto / t_fast, 2)}))
+    from common import machine, report
+
+    device = machine(_device_name(a.device))
+    diff = abs(fast["top1"] - proto["top1"])
+    title = (f"probe bench: {a.backbone} on {a.data} ({len(train)} train / {len(test)} test images), "
+             f"{a.epochs} epochs, batch {a.batch_size}, lr grid {a.lr}, centre-crop probe, {device}")
+    rows = [("fast mode: seconds (features once + linear on features)", t_fast, "s"),
+            ("protocol mode: seconds (Lightning, encoder every step)", t_proto, "s"),
+            ("fast mode: top-1", fast["top1"], "%"),
+            ("protocol mode: top-1", proto["top1"], "%"),
+            ("top-1 difference", diff, "points"),
+            ("protocol / fast time", t_proto / t_fast, "x")]
+    report(title, rows, {"bench": "probe", "backbone": a.backbone, "data": a.data, "epochs": a.epochs,
+                         "lr_grid": a.lr, "device": device, "fast_s": round(t_fast, 3), "protocol_s": round(t_proto, 3),
+                         "fast_top1": fast["top1"], "protocol_top1": proto["top1"], "top1_diff": diff,
+                         "ratio": round(t_proto / t_fast, 2)}, a.out)
     return 0
 
 

@@ -15,7 +15,7 @@ import zoo
 from byol.functional import byol_loss, lr_schedule, scaled_lr, tau_schedule
 from byol.heads import mlp_head
 from byol.lars import LARS, lars_param_groups
-from zoo.trainer import NAN_POLICIES, check_finite_loss
+from zoo.trainer import NAN_POLICIES, all_ranks, check_finite_loss
 
 
 class BYOL(pl.LightningModule):
@@ -142,7 +142,8 @@ class BYOL(pl.LightningModule):
             decoded, bad = decode_batch(images, self.device)
             if bad:
                 keep = [i for i in range(len(images)) if i not in set(bad)]
-                self.skipped_images.extend(f"<batch item {i}>" for i in bad)
+                paths = batch.get("path") or [f"<batch item {i}>" for i in range(len(images))]
+                self.skipped_images.extend(paths[i] for i in bad)
                 batch["label"] = batch["label"][keep]
             batch["image"] = decoded
         return batch
@@ -161,9 +162,11 @@ class BYOL(pl.LightningModule):
         """Two views, symmetric regression loss, online classifier on stop-gradient view-1 features."""
         self._stepped = False
         labels = batch["label"]
-        if len(labels) < 2:
+        if not all_ranks(self, len(labels) >= 2):  # every DDP rank must skip together, or the others would hang
             rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
             return None
+        # A skipped step must leave no trace: its forward already moved the batch-norm statistics (to NaN, say).
+        saved = [b.clone() for b in self.buffers()] if self.hparams.nan_policy == "skip" else None
         gen = self._generator()
         v1, v2 = self.view1(batch["image"], gen), self.view2(batch["image"], gen)
         if self._use_channels_last():
@@ -179,6 +182,9 @@ class BYOL(pl.LightningModule):
         cls_loss = F.cross_entropy(logits.float(), labels)
         total = loss + cls_loss
         if not check_finite_loss(self, total, self.hparams.nan_policy):
+            with torch.no_grad():
+                for b, old in zip(self.buffers(), saved):
+                    b.copy_(old)
             return None
         self._stepped = True
         top1 = (logits.argmax(-1) == labels).float().mean()
@@ -209,7 +215,11 @@ class BYOL(pl.LightningModule):
             torch._foreach_lerp_(t, o, 1.0 - tau)  # t <- tau * t + (1 - tau) * o
 
     def on_train_epoch_end(self) -> None:
-        """Report undecodable images once per epoch (paths), and count them."""
+        """Report undecodable images once per epoch (paths, from every rank), and count them."""
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[list[str]] = [[] for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, self.skipped_images)
+            self.skipped_images = [p for part in gathered for p in part]
         if self.skipped_images:
             shown = ", ".join(self.skipped_images[:10])
             rank_zero_warn(f"epoch {self.current_epoch}: skipped {len(self.skipped_images)} undecodable images: {shown}"

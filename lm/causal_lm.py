@@ -71,8 +71,10 @@ class CausalLM(L.LightningModule):
         if not hasattr(self.model, "config"):
             raise ValueError(f"model {model!r} is not a zoo language model (it has no .config); "
                              "pick one of the Transformer names in zoo.available()")
-        # Running mean of the REINFORCE reward; NaN until the first batch sets it (no arbitrary initial value).
-        self.register_buffer("reward_baseline", torch.tensor(float("nan")))
+        # Running mean of the REINFORCE reward, seeded by the first batch's mean (flag = 0 until then) rather
+        # than an arbitrary constant. Buffers, so a resumed run keeps them.
+        self.register_buffer("reward_baseline", torch.zeros(()))
+        self.register_buffer("reward_baseline_set", torch.zeros(()))
         self.bytes_per_token: dict[str, float] = {}
         self._flops_per_token: float | None = None
         self._tok_count = 0
@@ -111,21 +113,29 @@ class CausalLM(L.LightningModule):
         if not layers:
             return loss
         reward = -nll.detach()
+        # torch.where, not `if`: no host-device sync per step on GPU.
+        base = torch.where(self.reward_baseline_set > 0, self.reward_baseline, reward.mean())
+        used_rl = False
         for i, layer in enumerate(layers):
-            for e, frac in enumerate(layer.last_stats.get("load", torch.empty(0)).tolist()):
-                self.log(f"{stage}/route{i}/load_e{e}", frac)
+            stats = layer.last_stats
+            load = stats.get("load")
+            if load is not None:
+                if load.numel() <= 16:
+                    for e in range(load.numel()):
+                        self.log(f"{stage}/route{i}/load_e{e}", load[e])
+                else:  # many experts: the extremes say whether routing is balanced
+                    self.log(f"{stage}/route{i}/load_max", load.max())
+                    self.log(f"{stage}/route{i}/load_min", load.min())
             for key in ("load_entropy", "router_entropy"):
-                if key in layer.last_stats:
-                    self.log(f"{stage}/route{i}/{key}", layer.last_stats[key])
+                if key in stats:
+                    self.log(f"{stage}/route{i}/{key}", stats[key])
             if stage == "train" and layer.last_log_prob is not None:
-                base = self.reward_baseline
-                base = reward.mean() if torch.isnan(base) else base
                 loss = loss + reinforce_loss(layer.last_log_prob, reward, base)
-        if stage == "train" and any(layer.last_log_prob is not None for layer in layers):
+                used_rl = True
+        if used_rl:
             m = self.hparams.baseline_momentum
-            mean = reward.mean()
-            new = mean if torch.isnan(self.reward_baseline) else m * self.reward_baseline + (1 - m) * mean
-            self.reward_baseline.copy_(new)
+            self.reward_baseline.copy_(m * base + (1 - m) * reward.mean())
+            self.reward_baseline_set.fill_(1.0)
             self.log("train/reinforce_loss", loss)
             self.log("train/reward_baseline", self.reward_baseline)
         return loss

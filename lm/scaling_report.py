@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,8 @@ def fit_and_report(csv_path: str, approach: int, out: str | None = None, n_boots
     N, D, L = cols["N"][dense], cols["D"][dense], cols["L"][dense]
     C = cols["C"][dense] if "C" in cols and np.all(np.isfinite(cols["C"][dense])) else 6 * N * D
     echo(f"{int(dense.sum())} dense runs from {csv_path}; N {_fmt(N.min())}-{_fmt(N.max())}, "
-         f"D {_fmt(D.min())}-{_fmt(D.max())}, budgets {sorted({float(f'{c:.3g}') for c in C})}")
+         f"D {_fmt(D.min())}-{_fmt(D.max())}, budgets C = "
+         + ", ".join(f"{c:.3g}" for c in sorted({float(f'{c:.3g}') for c in C})))
     ok = True
     iso = None
     with warnings.catch_warnings(record=True) as caught:

@@ -16,8 +16,10 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -300,6 +302,8 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, limit: int | No
                "tokens_per_s": f"{spec.D / max(wall, 1e-9):.1f}", "plan_hash": spec.plan_hash,
                **{k: spec.overrides[k] for k in ("d_model", "n_layers", "n_heads", "d_ff")}}
         append_result(csv_path, row)
+        # A preempted earlier attempt may have left a last.ckpt there; the finished row supersedes it.
+        shutil.rmtree(out / "lightning" / spec.run_id, ignore_errors=True)
         written.append(row)
         log(f"  val loss {res.val_loss:.4f}  ({wall:.1f}s)")
     return written, failed
@@ -346,6 +350,8 @@ def train_one(spec: RunSpec, cfg: SweepConfig) -> RunOutcome:
                 self.tokens.append(float(step * self.tps))
                 self.loss.append(self.ema / (1 - 0.9 ** self.k))
 
+    # Per-run banners ("GPU available", tips) would drown the sweep's own one line per run.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = _datamodule(cfg)
     opt = cfg.optim

@@ -31,28 +31,46 @@ class CrashAt(pl.Callback):
 
 
 class PoisonAt(pl.Callback):
-    """Make the loss of step ``step`` non-finite by filling the first online conv weight with ``value``.
+    """Fill the first online conv weight with ``value`` (NaN by default) at step ``step``.
 
-    With ``restore=True`` the weight is put back after the step (a transient fault, for ``nan_policy: skip``).
+    ``at="start"``: before the step, so its loss is non-finite (``restore=True`` puts the weight back after the step:
+    a transient fault, for ``nan_policy: skip``). ``at="end"``: after the step's update, before the checkpoint
+    callbacks run, so the weights themselves are bad when a checkpoint is written.
     """
 
-    def __init__(self, step: int, value: float = float("nan"), restore: bool = False) -> None:
-        self.step, self.value, self.restore = step, value, restore
-        self._saved: torch.Tensor | None = None
+    def __init__(self, step: int, value: float = float("nan"), restore: bool = False, at: str = "start") -> None:
+        self.step, self.value, self.restore, self.at = step, value, restore, at
+        self.saved: torch.Tensor | None = None
 
     @staticmethod
-    def _weight(pl_module) -> torch.Tensor:
+    def weight(pl_module) -> torch.Tensor:
         return next(p for n, p in pl_module.named_parameters() if n.startswith("online_encoder"))
 
+    def _poison(self, pl_module) -> None:
+        w = self.weight(pl_module)
+        self.saved = w.detach().clone()
+        with torch.no_grad():
+            w.fill_(self.value)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            w = self._weight(pl_module)
-            self._saved = w.detach().clone()
-            with torch.no_grad():
-                w.fill_(self.value)
+        if self.at == "start" and trainer.global_step == self.step:
+            self._poison(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.restore and self._saved is not None:
+        if self.at == "end" and trainer.global_step == self.step:
+            self._poison(pl_module)
+        elif self.restore and self.saved is not None:
             with torch.no_grad():
-                self._weight(pl_module).copy_(self._saved)
-            self._saved = None
+                self.weight(pl_module).copy_(self.saved)
+            self.saved = None
+
+
+class InterruptAt(pl.Callback):
+    """Raise KeyboardInterrupt (Ctrl-C) in the middle of step ``step``, before its update."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

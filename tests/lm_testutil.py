@@ -30,6 +30,7 @@ def quiet_trainer(tmp_path: Path, max_steps: int, **kw) -> L.Trainer:
     """CPU Trainer without progress bar or checkpoints; logs kept in memory (callback_metrics)."""
     kw.setdefault("limit_val_batches", 2)
     kw.setdefault("val_check_interval", max_steps)
+    kw.setdefault("check_val_every_n_epoch", None)  # validate by step count, even across epochs
     return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
                      default_root_dir=str(tmp_path), num_sanity_val_steps=0, **kw)

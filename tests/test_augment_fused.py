@@ -58,8 +58,11 @@ def test_every_colour_order_matches_sequential_ops():
     p.contrast = torch.linspace(1.4, 0.6, n)
     p.saturation = torch.linspace(0.8, 1.2, n)
     p.hue = torch.linspace(-0.1, 0.1, n)
-    for skip in (False, True):
-        assert (fused.apply_view(imgs, p, preset, skip) - reference_view(imgs, p, preset)).abs().max() < TOL
+    for per_sample in (False, True):
+        assert (fused.apply_view(imgs, p, preset, per_sample) - reference_view(imgs, p, preset)).abs().max() < TOL
+    # the static schedule (GPU / compile: every stage on every sample) equals the CPU subset schedule
+    x = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert (fused.colour_pass(x, p, subset=False) - fused.colour_pass(x, p, subset=True)).abs().max() < 1e-5
     wrong = p[torch.arange(n)]
     wrong.order = p.order.flip(1)
     assert (fused.apply_view(imgs, wrong, preset) - reference_view(imgs, p, preset)).abs().max() > 1e-2
@@ -77,22 +80,38 @@ def test_fused_hsv_stage_vs_colorsys():
                 np.testing.assert_allclose(out[b, :, i, j].numpy(), want, atol=1e-6)
 
 
-def test_variable_size_list_equals_reference_and_gray_images_expand():
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_variable_size_list_equals_reference_and_gray_images_expand(per_sample):
     preset = byol_presets(20)[1]
     imgs = [_u8(1, 33, 25, seed=1)[0], _u8(1, 21, 40, seed=2)[0], _u8(1, 50, 30, c=1, seed=3)[0]]
-    view = augment.ByolView(preset)
+    view = augment.ByolView(preset, per_sample=per_sample)
     p = view.sample_params(imgs, torch.Generator().manual_seed(5))
     out = view.apply(imgs, p)
     assert (out - reference_view(imgs, p, preset)).abs().max() < TOL
     assert out.shape == (3, 3, 20, 20)
 
 
-def test_float_and_single_channel_batches():
-    v1, _ = augment.byol_views(16)
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_float_and_single_channel_batches(per_sample):
+    v1, _ = augment.byol_views(16, per_sample=per_sample)
     x = _u8(4, 20, 20, c=1)
     a = v1(x, torch.Generator().manual_seed(0))
     b = v1(x.float() / 255, torch.Generator().manual_seed(0))
     assert a.shape == (4, 3, 16, 16) and (a - b).abs().max() < 1e-4
+    assert (a - reference_view(x, v1.last_params, v1.preset)).abs().max() < TOL
+
+
+def test_default_schedule_choice():
+    """Per-sample loop on CPU from PER_SAMPLE_MIN_SIZE up (cache-resident, faster there), batched below."""
+    preset_small, preset_big = byol_presets(32)[0], byol_presets(fused.PER_SAMPLE_MIN_SIZE)[0]
+    x = _u8(2, 100, 100)
+    for preset in (preset_small, preset_big):
+        p = sample_view_params(preset, 100, 100, 2, torch.Generator().manual_seed(0))
+        auto = fused.apply_view(x, p, preset)
+        batched = fused.apply_view(x, p, preset, per_sample=False)
+        looped = fused.apply_view(x, p, preset, per_sample=True)
+        assert torch.equal(auto, looped if preset is preset_big else batched)
+        assert (batched - looped).abs().max() < TOL
 
 
 def test_eval_transforms_equal_reference():
@@ -162,7 +181,8 @@ def test_fused_view_traces_without_graph_breaks():
     imgs = _u8(4, 20, 20)
     p = sample_view_params(preset, 20, 20, 4, torch.Generator().manual_seed(0))
     compiled = torch.compile(lambda x, q: fused.apply_view(x, q, preset, False), backend="eager", fullgraph=True)
-    assert (compiled(imgs, p) - fused.apply_view(imgs, p, preset, False)).abs().max() < 1e-6
+    # traced: static schedule; eager CPU: subset schedule (identity HSV stages differ by rounding only)
+    assert (compiled(imgs, p) - fused.apply_view(imgs, p, preset, False)).abs().max() < TOL
 
 
 def test_preset_overrides_and_scaling_rule():
@@ -214,6 +234,24 @@ def test_bfloat16_compute_stays_within_bf16_tolerance():
     low = fused.apply_view(imgs, p, preset, per_sample=False, dtype=torch.bfloat16)
     assert low.dtype == torch.float32
     # bf16 matmul inputs keep 8 significant bits (~0.4% relative, ~1/255 on [0, 1]) in the crop and blur; the
-    # contrast factor (<= 1.4) can amplify it; normalised scale is /0.225 -> bound 0.06 at the worst pixel
+    # contrast factor (<= 1.4) can amplify it; normalised scale is /0.225 -> bound 0.08 at the worst pixel
     err = (low - ref).abs()
-    assert err.mean() < 0.01 and err.max() < 0.06
+    assert err.mean() < 0.01 and err.max() < 0.08
+
+
+def test_compile_option_uses_torch_compile_for_tensors_only(monkeypatch):
+    calls = []
+    real = torch.compile
+
+    def eager_compile(fn, **kw):  # the eager backend checks tracing without paying for code generation
+        calls.append(fn)
+        return real(fn, backend="eager", fullgraph=True)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    v1, _ = augment.byol_views(16, compile=True)
+    plain, _ = augment.byol_views(16, per_sample=False)
+    x = _u8(4, 20, 20)
+    a = v1(x, torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and (a - plain(x, torch.Generator().manual_seed(0))).abs().max() < TOL
+    v1(list(x), torch.Generator().manual_seed(0))  # variable-size lists stay eager
+    assert len(calls) == 1

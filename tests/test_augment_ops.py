@@ -186,7 +186,7 @@ def test_hflip_per_sample():
 
 def test_sample_crop_boxes_ranges_and_per_sample_variety():
     g = torch.Generator().manual_seed(0)
-    boxes = sample_boxes = ops.sample_crop_boxes(200, 300, 2000, g)
+    boxes = ops.sample_crop_boxes(200, 300, 2000, g)
     t, l, h, w = boxes.T.double()
     assert (t >= 0).all() and (l >= 0).all() and (t + h <= 200).all() and (l + w <= 300).all()
     area = h * w / (200 * 300)
@@ -194,7 +194,7 @@ def test_sample_crop_boxes_ranges_and_per_sample_variety():
     assert area.min() > 0.075 and area.max() <= 1.0
     ratio = w / h
     assert ratio.min() > 0.75 * 0.97 and ratio.max() < 4 / 3 * 1.03
-    assert len(set(map(tuple, sample_boxes.tolist()))) > 1900  # boxes differ across samples
+    assert len(set(map(tuple, boxes.tolist()))) > 1900  # boxes differ across samples
     # same distribution as torchvision's sampler (independent implementation, its own RNG stream)
     from torchvision.transforms import RandomResizedCrop
 

@@ -109,11 +109,15 @@ def test_perplexity_matches_training_validation_and_cli(tmp_path, capsys):
     assert result["bpb"] == pytest.approx(result["loss"] / math.log(2) / dm.bytes_per_token("val"))
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)
-    code = main(["ppl", "--model", str(ckpt), "--paths", str(tmp_path / "corpus"), "--seq-len", "32",
-                 "--cache-dir", str(tmp_path / "cache"), "--unigram", "--device", "cpu"])
+    # The same split as training, read from a `zoo fit`-style YAML's data.init_args.
+    cfg = tmp_path / "fit.yaml"
+    cfg.write_text(f"data:\n  class_path: zoo.data.text.TextDataModule\n  init_args:\n"
+                   f"    paths: {tmp_path / 'corpus'}\n    seq_len: 32\n    val_fraction: 0.25\n"
+                   f"    cache_dir: {tmp_path / 'cache'}\n")
+    code = main(["ppl", "--model", str(ckpt), "--config", str(cfg), "--unigram", "--device", "cpu"])
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["loss"] == pytest.approx(result["loss"], rel=1e-5) or out["tokens"] != result["tokens"]
+    assert out["loss"] == pytest.approx(result["loss"], rel=1e-5) and out["tokens"] == result["tokens"]
     assert out["val_cross_entropy_bpb"] > 0
 
 

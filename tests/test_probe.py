@@ -50,6 +50,8 @@ def test_heldout_split_is_disjoint_and_seeded():
     assert len(ho) == 10 and len(tr) == 90 and not set(tr.tolist()) & set(ho.tolist())
     assert torch.equal(ho, heldout_split(100, 0.1, seed=3)[1]) and len(heldout_split(100, 30)[1]) == 30
     assert len(heldout_split(10, 10000)[1]) == 5  # never more than half
+    # default: the paper's 10k images on ImageNet-sized sets, 10 % on small ones
+    assert len(heldout_split(1000, None)[1]) == 100 and len(heldout_split(200_000, None)[1]) == 10000
 
 
 def test_fast_matches_protocol_on_centre_crop_probe(tmp_path):

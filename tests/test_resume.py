@@ -140,7 +140,9 @@ def test_periodic_checkpoint_then_hard_crash_resumes_exactly(reference, tmp_path
     cli = zoo_fit(root, "--ckpt_path", "last", callbacks=[periodic])
     state, ckpt, trace = reference
     assert_same_tree(state, cli.model.state_dict(), "model")
-    assert_same_tree(ckpt["optimizer_states"], last(root)["optimizer_states"], "optimizer")
+    # (this run's last.ckpt is from step 9, the last multiple of 3: compare the live optimizer with the reference's)
+    assert_same_tree(ckpt["optimizer_states"][0], cli.trainer.optimizers[0].state_dict(), "optimizer")
+    assert_same_tree(ckpt["lr_schedulers"][0], cli.trainer.lr_scheduler_configs[0].scheduler.state_dict(), "lr")
     # the crashed run never logged step 7; every step both runs logged agrees
     got = loss_trace(root)
     assert set(got) == set(trace) and all(got[s] == trace[s] for s in trace)

@@ -271,6 +271,9 @@ def test_isoflop_and_envelope_bad_input():
     few = [r for r in runs if r["C"] != first] + [r for r in runs if r["C"] == first][:2]
     with pytest.raises(ValueError, match="C=1e\\+18 has 2 distinct model sizes"):
         S.fit_isoflop(few)
+    lopsided = [r for r in runs if r["C"] != first or r["N"] < 0.9 * S.compute_optimal(first, S.CHINCHILLA_PUBLISHED)[0]]
+    with pytest.warns(S.ScalingFitWarning, match="C=1e\\+18 .* not bracketed"):
+        S.fit_isoflop(lopsided)
     with pytest.raises(ValueError, match="at least 2 compute budgets"):
         S.fit_isoflop(runs[:9])
     with pytest.raises(ValueError, match="run 0 has no 'L'"):

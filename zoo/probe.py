@@ -44,7 +44,9 @@ class ProbeConfig:
     epochs: int = 80
     batch_size: int = 1024
     lr_grid: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8)  # base lr candidates (x batch / 256); our grid, not the paper's
-    heldout: float = 10000  # images held out of train to pick the lr (>= 1: a count, < 1: a fraction)
+    # images held out of train to pick the lr (>= 1: a count, < 1: a fraction); None: 10,000 (the paper's ImageNet
+    # split) for sets of 100k images or more, else 10 %
+    heldout: float | None = None
     image_size: int = 224
     resize: int | None = 256
     train_augment: str = "random_resized_crop"  # or "center_crop" (the centre-crop-only probe)
@@ -94,8 +96,11 @@ def load_config(path: str | Path | None, **overrides: Any) -> ProbeConfig:
     return ProbeConfig(**values)
 
 
-def heldout_split(n: int, heldout: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, held-out indices) of ``range(n)``: a seeded random ``heldout`` images (count or fraction)."""
+def heldout_split(n: int, heldout: float | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, held-out indices) of ``range(n)``: a seeded random ``heldout`` images (count or fraction;
+    None: 10,000 when n >= 100,000, else 10 %)."""
+    if heldout is None:
+        heldout = 10000 if n >= 100_000 else 0.1
     h = int(round(heldout * n)) if heldout < 1 else int(heldout)
     h = max(1, min(h, n // 2))  # never hold out more than half: the lr would be chosen on a different problem
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345))
@@ -139,12 +144,13 @@ def _features(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, cfg: Pr
         cfg.progress, autocast=cfg.precision.startswith("bf16") and dev.type == "cuda"))
 
 
-def _fast(train: Features, test: Features, num_classes: int, cfg: ProbeConfig) -> dict[str, Any]:
+def _fast(train: Features, test: Features, num_classes: int, cfg: ProbeConfig, n_train: int) -> dict[str, Any]:
     dev = _device(cfg.device)
     grid: dict[str, float] = {}
     if len(cfg.lr_grid) > 1:
-        tr_idx, ho_idx = heldout_split(len(train), cfg.heldout, cfg.seed)
-        fit, held = train.subset(tr_idx), train.subset(ho_idx)
+        # split on dataset indices (not feature rows) so protocol mode holds out exactly the same images
+        held_mask = torch.isin(train.index, heldout_split(n_train, cfg.heldout, cfg.seed)[1])
+        fit, held = train.subset(torch.nonzero(~held_mask).flatten()), train.subset(torch.nonzero(held_mask).flatten())
         for lr in cfg.lr_grid:
             lin = train_linear(fit.feats, fit.labels, num_classes, lr, cfg.epochs, cfg.batch_size, cfg.seed, dev,
                                cfg.feature_norm)
@@ -230,7 +236,7 @@ def evaluate(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, mode: str 
         counts.update(skipped_train=len(train_f.skipped), skipped_test=len(test_f.skipped),
                       skipped_files=(train_f.skipped + test_f.skipped)[:50], cache_hit=hit_tr and hit_te)
         if mode == "fast":
-            res = _fast(train_f, test_f, num_classes, cfg)
+            res = _fast(train_f, test_f, num_classes, cfg, len(train_ds))
         else:
             per_k = knn_evaluate(train_f.feats, train_f.labels, test_f.feats, test_f.labels, num_classes,
                                  cfg.knn_k, cfg.knn_temperature)
@@ -348,14 +354,18 @@ def main(argv: list[str] | None = None) -> int:
                          precision=a.precision, progress=False if a.no_progress else None)
         if a.devices is not None:
             overrides["trainer"] = {"devices": int(a.devices) if a.devices.isdigit() else a.devices}
-        cfg = load_config(a.config, **overrides)
-        if small and a.config is None:  # 32-pixel datasets: probe at their own size unless told otherwise
+        config = a.config
+        preset = Path(__file__).resolve().parents[1] / "configs" / "probe" / "digits_linear.yaml"
+        if config is None and a.data == "digits" and preset.exists():  # the embedded demo's preset (repo checkout)
+            config = preset
+        cfg = load_config(config, **overrides)
+        if small and config is None:  # 32-pixel datasets: probe at their own size unless told otherwise
             cfg.image_size = a.image_size or 32
             cfg.resize = a.resize or cfg.image_size
             cfg.data_image_size = cfg.image_size
         metrics = run_probe(a.backbone, a.data, a.mode, a.out, cfg, a.which, a.padding, a.arch)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"zoo probe: error: {err}", file=sys.stderr)
+        print(f"zoo probe: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
     print_summary(metrics)
     if a.out:

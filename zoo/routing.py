@@ -39,6 +39,17 @@ def sinkhorn(logits: Tensor, n_iters: int = 8) -> Tensor:
     return log_p.exp()
 
 
+def expert_bias(plan: Tensor, logits: Tensor) -> Tensor:
+    """Per-expert log-bias b [E] with argmax_e plan[i] == argmax_e (logits[i] + b) for every token i.
+
+    Sinkhorn only ever adds a row constant a_i and a column constant b_e to the logits, so
+    log plan - logits = a_i + b_e; the row constant cannot change a row's argmax. Mean-centred.
+    """
+    diff = plan.clamp_min(1e-30).log() - logits.float()
+    bias = diff.mean(0)
+    return bias - bias.mean()
+
+
 def load_fractions(expert_idx: Tensor, n_experts: int) -> Tensor:
     """Fraction of tokens sent to each expert, [E] summing to 1."""
     counts = torch.bincount(expert_idx.reshape(-1), minlength=n_experts).float()
@@ -102,6 +113,11 @@ class RoutedFFN(nn.Module):
         # Experts are exactly the dense FFN (same class, same init), so routed vs dense compares like with like.
         dense = expert_config(config)
         self.experts = nn.ModuleList(DenseFFN(dense) for _ in range(self.n_experts))
+        # S-BASE: running mean of the Sinkhorn expert biases. Eval routes each token alone by
+        # argmax(logits + bias): causal (no other tokens involved) and balanced the way training was.
+        if self.router_kind == "sbase":
+            self.register_buffer("balance_bias", torch.zeros(self.n_experts), persistent=True)
+        self.bias_momentum = float(getattr(config, "balance_bias_momentum", 0.99))
         if self.router_kind == "hash":
             vocab = int(config.vocab_size)
             seed = int(getattr(config, "hash_seed", 0))
@@ -127,10 +143,15 @@ class RoutedFFN(nn.Module):
         probs = logits.softmax(-1)
         if self.router_kind == "sbase":
             with torch.no_grad():
-                # Balanced assignment only while training: at inference, tokens arrive a few at a time and
-                # Clark et al. route greedily.
-                plan = sinkhorn(logits, self.sinkhorn_iters) if self.training else probs
-                idx = plan.argmax(-1)
+                if self.training:
+                    plan = sinkhorn(logits, self.sinkhorn_iters)
+                    idx = plan.argmax(-1)
+                    m = self.bias_momentum
+                    self.balance_bias.mul_(m).add_(expert_bias(plan, logits), alpha=1 - m)
+                else:
+                    # Tokens may arrive one at a time (generation), so no batch-wide Sinkhorn here; Clark et al.
+                    # route greedily at inference, and greedy + the learnt balance bias keeps the training split.
+                    idx = (logits + self.balance_bias).argmax(-1)
             gate = probs.gather(-1, idx[:, None]).squeeze(-1)
             self.last_log_prob = None
         else:  # rlr: the router is a policy; the LM module adds the REINFORCE loss from last_log_prob.

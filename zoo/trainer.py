@@ -17,10 +17,27 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelChec
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
+def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
+    """Name of the first floating-point tensor in ``state_dict`` holding a NaN or Inf, else None."""
+    for name, t in state_dict.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same folder, fsync, then rename: a kill mid-write never truncates last.ckpt."""
+    """Write to a temporary file in the same folder, fsync, then rename: a kill mid-write never truncates last.ckpt.
+
+    Checkpoints whose weights hold NaN/Inf are refused, so a numerical fault never replaces the last good file.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        bad = first_nonfinite(checkpoint.get("state_dict", {}))
+        if bad is not None:
+            # A NaN/Inf weight would make this file useless; refusing keeps the previous good one in place.
+            raise FloatingPointError(f"refusing to write checkpoint {os.fspath(path)!r}: weight {bad!r} is NaN/Inf "
+                                     f"(step {checkpoint.get('global_step')}); the previous checkpoint is kept. "
+                                     "Lower the learning rate or resume from the kept checkpoint.")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,19 +47,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+                dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        # Our checkpoints hold only tensors, numbers, strings and plain containers: refuse anything executable.
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        """Load with ``weights_only=True`` whatever the caller asks: a pickle that would run code raises
+        ``UnsafeFileError`` naming what it tried to import, and nothing is executed."""
+        from zoo.weights.safe_load import safe_torch_load
+
+        return safe_torch_load(path, map_location=map_location or "cpu")
 
 
 class RootCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose default folder is ``<default_root_dir>/checkpoints`` (not a per-version log folder),
     so ``--ckpt_path last`` and ``<root>/checkpoints/last.ckpt`` always name the same file."""
+
+    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+        # No last-v1.ckpt: a resumed run (whose last.ckpt was written by the preemption save) keeps writing last.ckpt.
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
     def _use_root(self, trainer: pl.Trainer) -> None:
         if self.dirpath is None:
@@ -146,14 +176,24 @@ def build_trainer(**overrides: Any) -> pl.Trainer:
     return pl.Trainer(**complete_trainer_kwargs({**trainer_defaults(), **overrides}))
 
 
+def all_ranks(module: pl.LightningModule, flag: bool) -> bool:
+    """``flag`` and-reduced over every rank (the flag itself on one process or outside a trainer)."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or trainer.world_size <= 1:
+        return flag
+    return bool(trainer.strategy.reduce_boolean_decision(flag, all=True))
+
+
 def check_finite_loss(module: pl.LightningModule, loss: torch.Tensor, policy: str) -> bool:
     """The NaN/Inf guard every training step calls: True when ``loss`` is finite.
 
     ``policy="stop"`` raises ``FloatingPointError`` naming the step (no checkpoint is written on that exception, so
     the last good one survives); ``policy="skip"`` counts the step (logged as ``train/nonfinite_steps``) and the
-    caller returns None so Lightning skips backward and the optimizer step.
+    caller returns None so Lightning skips backward and the optimizer step. Under DDP the decision is taken by all
+    ranks together (a fault on one rank stops or skips every rank), since a rank that skips backward alone would
+    leave the others waiting in the gradient all-reduce forever.
     """
-    if bool(torch.isfinite(loss.detach()).all()):
+    if all_ranks(module, bool(torch.isfinite(loss.detach()).all())):
         return True
     step = module.global_step
     if policy == "stop":

@@ -109,6 +109,15 @@ class ResumableLoader(DataLoader):
         return super().__iter__()
 
 
+def collate_with_paths(batch: list[tuple]) -> dict[str, Any]:
+    """``collate_images`` plus ``path``: the file of every kept sample (when the dataset gives one), so a file that
+    only fails later (``decode: device``) is still reported by its path."""
+    out = collate_images(batch)
+    if batch and len(batch[0]) > 2:
+        out["path"] = [item[2] for item in batch if item[0] is not None]
+    return out
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Images for pretraining and evaluation.
 
@@ -171,7 +180,7 @@ class ImageDataModule(pl.LightningDataModule):
             ds, batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(ds), self.seed, shuffle=train, num_replicas=world, rank=rank),
             drop_last=train,  # a last batch of 1 would break batch norm
-            num_workers=self.num_workers, collate_fn=collate_images,
+            num_workers=self.num_workers, collate_fn=collate_with_paths,
             pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
             progress=self._train_progress if (train and self.trainer is not None) else None)
 

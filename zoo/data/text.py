@@ -6,8 +6,8 @@ SentencePiece model through ``zoo.tokenizer.load_tokenizer``) into ``train.bin``
 directory keyed by corpus + tokenizer + options, then served as fixed-length windows of ``seq_len + 1`` tokens
 (inputs and shifted targets) as int64 tensors.
 
-The train/val split is by document: a document's split is decided by a seeded hash of its path, so it does not
-change when files are added or the byte cap moves.
+The train/val split is by document: a document's split is decided by a seeded hash of its path relative to the
+corpus folder, so it does not change when files are added, the byte cap moves, or Python lives elsewhere.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _SKIP_PARTS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -62,9 +62,18 @@ def find_documents(paths: str | Sequence[str] | None = None, pattern: str = "**/
     return sorted(f for f in found if not _SKIP_PARTS.intersection(f.parts))
 
 
+def document_names(files: Sequence[Path]) -> dict[Path, str]:
+    """Each file's path relative to the corpus's common folder: the same names (and split) on every machine."""
+    if not files:
+        return {}
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    return {f: f.relative_to(root).as_posix() for f in files}
+
+
 def read_documents(files: Sequence[Path], max_bytes: int | None, seed: int) -> list[tuple[str, str]]:
-    """Read text files in a seeded order until ``max_bytes`` (UTF-8) is reached; returns (path, text) pairs."""
-    order = list(files)
+    """Read text files in a seeded order until ``max_bytes`` (UTF-8) is reached; returns (name, text) pairs."""
+    names = document_names(files)
+    order = sorted(files, key=lambda f: names[f])  # seeded shuffle of a machine-independent order
     random.Random(seed).shuffle(order)  # a cap then takes a spread of the corpus, not its alphabetical head
     docs, total, skipped = [], 0, 0
     for f in order:
@@ -79,7 +88,7 @@ def read_documents(files: Sequence[Path], max_bytes: int | None, seed: int) -> l
         text = raw.decode("utf-8", errors="replace")
         if not text:
             continue
-        docs.append((str(f), text))
+        docs.append((names[f], text))
         total += len(raw)
     if skipped:
         log.warning("text corpus: skipped %d binary file(s) containing NUL bytes", skipped)

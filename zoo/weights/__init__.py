@@ -190,7 +190,8 @@ def load_backbone(source: str | os.PathLike, which: str = "online", padding: str
         raise FileNotFoundError(f"backbone {src!r} does not exist; pass a .ckpt, .safetensors, .pth or official .pkl "
                                 "file, or random:<arch>.")
     fmt = sniff_format(path)
-    if path.suffix == ".pkl" or (fmt == "pickle" and path.suffix not in (".pt", ".pth", ".bin", ".ckpt")):
+    # Plain pickles (not torch's zip container) are only ever read by the restricted official-BYOL unpickler.
+    if fmt == "pickle" and path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
         model, name, ov, lin = _from_official(path, which, arch, head)
         return _finish(model, name, ov, padding or "tf_same", src, which, lin)
     if path.suffix == ".safetensors" or fmt == "safetensors":

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = export_backbone(args.checkpoint, args.out, which=args.which, arch=args.arch, padding=args.padding)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"zoo export: error: {err}", file=sys.stderr)
+        print(f"zoo export: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -127,7 +127,7 @@ def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     meta: dict[str, Any] = {}
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state", "module", "net"):
-            if key in obj and isinstance(obj[key], dict) and not isinstance(obj.get(key), torch.Tensor):
+            if isinstance(obj.get(key), dict):
                 meta = {k: v for k, v in obj.items() if k != key and not isinstance(v, (dict, torch.Tensor))}
                 obj = obj[key]
                 break

@@ -1,0 +1,232 @@
+"""lm.sweep: IsoFLOP planning, resumable CSV, the CLI (`zoo scaling sweep|fit`), one real tiny training run."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lm import scaling as S
+from lm import sweep as W
+
+SHAPES = [{"d_model": 16, "n_layers": 1, "n_heads": 2}, {"d_model": 16, "n_layers": 2, "n_heads": 2},
+          {"d_model": 32, "n_layers": 1, "n_heads": 2}, {"d_model": 32, "n_layers": 2, "n_heads": 2},
+          {"d_model": 48, "n_layers": 2, "n_heads": 3}, {"d_model": 64, "n_layers": 2, "n_heads": 4},
+          {"d_model": 64, "n_layers": 4, "n_heads": 4}]
+
+
+def make_cfg(tmp_path: Path, **kw) -> W.SweepConfig:
+    base = dict(out_dir=str(tmp_path / "sweep"), shapes=SHAPES, budgets=[3e9, 1e10, 3e10],
+                model_overrides={"positions": "rope"}, min_steps=10, max_steps=10**7,
+                data={"seq_len": 8, "batch_size": 2})
+    base.update(kw)
+    return W.SweepConfig(**base)
+
+
+def planted_loss(N: float, D: float, E: int = 1) -> float:
+    """A Chinchilla-shaped law whose optimum sits inside the test grid (N ~ D ~ sqrt(C / 6))."""
+    dense = float(S.parametric_loss(N, D, 1.0, 30.0, 30.0, 0.34, 0.34))
+    c = S.ROUTED_COEFFICIENTS["s-base"]
+    return dense * float(S.routed_loss(N, E, c) / S.routed_loss(N, 1, c))
+
+
+class FakeTrain:
+    """Stands in for training: returns the planted law (and its curve), records which runs it was asked for."""
+
+    def __init__(self, fail: set[str] | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail = fail or set()
+
+    def __call__(self, spec: W.RunSpec, cfg: W.SweepConfig) -> W.RunOutcome:
+        self.calls.append(spec.run_id)
+        if spec.run_id in self.fail:
+            return W.RunOutcome(val_loss=math.nan, train_loss=math.nan)
+        tok = np.geomspace(spec.D / 100, spec.D, 20)
+        return W.RunOutcome(val_loss=planted_loss(spec.N, spec.D, spec.E), train_loss=planted_loss(spec.N, spec.D),
+                            curve_tokens=tok.tolist(), curve_loss=[planted_loss(spec.N, t) for t in tok])
+
+
+def test_plan_runs_places_runs_on_isoflop_lines(tmp_path):
+    cfg = make_cfg(tmp_path, min_steps=200, max_steps=20000)
+    plan = W.plan_runs(cfg)
+    assert len({r.run_id for r in plan}) == len(plan)
+    assert [r.C for r in plan] == sorted(r.C for r in plan)
+    tokens_per_step = 2 * 8
+    for r in plan:
+        assert 200 <= r.steps <= 20000
+        # D is a whole number of steps: 6ND is C up to half a step of tokens.
+        assert abs(6 * r.N * r.D - r.C) <= 6 * r.N * tokens_per_step / 2 + 1e-6
+        assert r.overrides["n_kv_heads"] == r.overrides["n_heads"]
+        assert r.overrides["d_ff"] == 4 * r.overrides["d_model"]
+        assert r.C_detailed > 6 * r.N * r.D  # tiny models: attention and logits are not in 6ND
+    big = [r for r in plan if r.overrides["d_model"] == 64 and r.overrides["n_layers"] == 4]
+    assert {r.C for r in big} == {1e10, 3e10}  # at 3e9 the largest model would get fewer than 200 steps
+    with pytest.raises(ValueError, match="no run of the sweep"):
+        W.plan_runs(make_cfg(tmp_path, min_steps=10**8, max_steps=10**9))
+    with pytest.raises(ValueError, match="missing 'n_heads'"):
+        W.plan_runs(make_cfg(tmp_path, shapes=[{"d_model": 16, "n_layers": 1}]))
+
+
+def test_sweep_is_resumable(tmp_path):
+    cfg = make_cfg(tmp_path)
+    plan = W.plan_runs(cfg)
+    fake = FakeTrain()
+    W.run_sweep(cfg, train_fn=fake, limit=3, log=lambda s: None)
+    assert fake.calls == [r.run_id for r in plan[:3]]
+    csv_path = Path(cfg.out_dir) / "runs.csv"
+    assert len(W.read_results(csv_path)) == 3
+    fake2 = FakeTrain()
+    written, failed = W.run_sweep(cfg, train_fn=fake2, log=lambda s: None)
+    assert fake2.calls == [r.run_id for r in plan[3:]] and not failed  # finished rows are skipped
+    rows = W.read_results(csv_path)
+    assert [r["run_id"] for r in rows] == [r.run_id for r in plan]
+    assert tuple(rows[0]) == W.COLUMNS
+    assert float(rows[0]["L"]) == pytest.approx(planted_loss(plan[0].N, plan[0].D), rel=1e-5)
+    curve = json.loads((Path(cfg.out_dir) / "curves" / f"{plan[0].run_id}.json").read_text())
+    assert curve["N"] == plan[0].N and len(curve["tokens"]) == 20
+    fake3 = FakeTrain()
+    W.run_sweep(cfg, train_fn=fake3, log=lambda s: None)
+    assert fake3.calls == []
+
+
+def test_sweep_refuses_to_mix_settings(tmp_path):
+    W.run_sweep(make_cfg(tmp_path), train_fn=FakeTrain(), limit=1, log=lambda s: None)
+    changed = make_cfg(tmp_path, optim={"lr": 1e-2})
+    with pytest.raises(ValueError, match="trained with different settings"):
+        W.run_sweep(changed, train_fn=FakeTrain(), log=lambda s: None)
+
+
+def test_failed_runs_are_reported_and_retried(tmp_path):
+    cfg = make_cfg(tmp_path)
+    plan = W.plan_runs(cfg)
+    bad = plan[1].run_id
+    written, failed = W.run_sweep(cfg, train_fn=FakeTrain(fail={bad}), log=lambda s: None)
+    assert [f[0] for f in failed] == [bad] and "nan" in failed[0][1]
+    assert bad not in {r["run_id"] for r in W.read_results(Path(cfg.out_dir) / "runs.csv")}
+    retry = FakeTrain()
+    W.run_sweep(cfg, train_fn=retry, log=lambda s: None)
+    assert retry.calls == [bad]
+
+
+def test_load_runs_csv_errors_name_column_and_row(tmp_path):
+    p = tmp_path / "runs.csv"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        W.load_runs_csv(p)
+    p.write_text("run_id,N,L\na,1,2\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['D'\]"):
+        W.load_runs_csv(p)
+    p.write_text("run_id,N,D,L\na,1,2,3\nb,1,2,nan\n")
+    with pytest.raises(ValueError, match=r"row 2 \(run b\): column 'L'"):
+        W.load_runs_csv(p)
+    p.write_text("run_id,N,D,L\na,1,2,3\nb,1,-2,3\n")
+    with pytest.raises(ValueError, match=r"row 2 \(run b\): column 'D' = '-2'"):
+        W.load_runs_csv(p)
+    p.write_text("run_id,N,D,L\na,1,2,x\n")
+    with pytest.raises(ValueError, match=r"column 'L' = 'x' is not a number"):
+        W.load_runs_csv(p)
+    assert W.main(["fit", str(tmp_path / "nope.csv"), "--approach", "2"]) == 2
+
+
+def test_load_config(tmp_path):
+    good = tmp_path / "s.yaml"
+    good.write_text("out_dir: x\nshapes: [{d_model: 16, n_layers: 1, n_heads: 2}]\nbudgets: [1e10, 3.0e+10]\n")
+    cfg = W.load_config(good)
+    assert cfg.budgets == [1e10, 3e10]
+    bad = tmp_path / "b.yaml"
+    bad.write_text("out_dir: x\nshapes: []\nbudgets: [1]\nlearning_rate: 3\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        W.load_config(bad)
+    bad.write_text("out_dir: x\n")
+    with pytest.raises(ValueError, match="missing required key"):
+        W.load_config(bad)
+    with pytest.raises(FileNotFoundError):
+        W.load_config(tmp_path / "none.yaml")
+
+
+def test_shipped_configs_plan(capsys):
+    root = Path(__file__).resolve().parents[1] / "configs" / "scaling"
+    cpu = W.load_config(root / "stdlib_isoflop.yaml")
+    plan = W.plan_runs(cpu)
+    # Sized for 2 CPU cores: compute and step count stay small, every budget has >= 3 sizes for its parabola.
+    assert sum(6 * r.N * r.D for r in plan) < 2e13 and sum(r.steps for r in plan) < 40000
+    for C in cpu.budgets:
+        assert len({r.N for r in plan if r.C == C}) >= 3
+    gpu = W.load_config(root / "gpu_isoflop.yaml")
+    assert len(W.plan_runs(gpu)) > len(plan)
+    assert W.main(["sweep", "--config", str(root / "stdlib_isoflop.yaml"), "--dry-run"]) == 0
+    assert "runs, total 6ND compute" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def fake_sweep(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("fit")
+    cfg = make_cfg(tmp)
+    W.run_sweep(cfg, train_fn=FakeTrain(), log=lambda s: None)
+    return Path(cfg.out_dir) / "runs.csv"
+
+
+@pytest.mark.parametrize("approach", [1, 2, 3])
+def test_fit_cli_prints_law_table_and_writes_plots(fake_sweep, tmp_path, capsys, approach):
+    out = tmp_path / f"plots{approach}"
+    rc = W.main(["scaling", "fit", str(fake_sweep), "--approach", str(approach), "--out", str(out),
+                 "--bootstrap", "4"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert f"Approach {approach}" in text and "compute-optimal allocation" in text
+    for name in ("isoflop.png", "optimal.png") + (("envelope.png",) if approach == 1 else ()):
+        assert (out / name).stat().st_size > 5000, name
+    if approach == 3:  # the planted law has alpha = beta = 0.34
+        assert "alpha = 0.34" in text and "beta = 0.34" in text
+    else:  # equal exponents: N_opt ∝ C^0.5
+        line = next(x for x in text.splitlines() if x.startswith(f"Approach {approach}"))
+        a = float(line.split("C^")[1].split()[0])
+        assert abs(a - 0.5) < 0.06, line
+
+
+def test_fit_cli_routed_runs(tmp_path, capsys):
+    cfg = make_cfg(tmp_path, shapes=SHAPES[1:6], experts=[1, 2, 4, 8, 16], budgets=[1e10, 3e10])
+    W.run_sweep(cfg, train_fn=FakeTrain(), log=lambda s: None)
+    rows = W.read_results(Path(cfg.out_dir) / "runs.csv")
+    assert {int(r["E"]) for r in rows} == {1, 2, 4, 8, 16}
+    rc = W.main(["fit", str(Path(cfg.out_dir) / "runs.csv"), "--approach", "2", "--out", str(tmp_path / "p")])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "routed law: log10 L" in text
+    assert (tmp_path / "p" / "routed.png").stat().st_size > 5000
+
+
+def test_fit_cli_reports_missing_curves_and_columns(tmp_path, capsys):
+    p = tmp_path / "runs.csv"
+    with p.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["run_id", "N", "D", "L"])
+        for i, n in enumerate([1e4, 2e4, 4e4, 8e4, 1.6e5, 3.2e5]):
+            w.writerow([f"r{i}", n, 1e10 / (6 * n), planted_loss(n, 1e10 / (6 * n))])
+    assert W.main(["fit", str(p), "--approach", "2"]) == 2
+    assert "missing column(s) ['C']" in capsys.readouterr().err
+    assert W.main(["fit", str(p), "--approach", "1"]) == 2
+    assert "training curves" in capsys.readouterr().err
+
+
+def test_real_tiny_sweep_trains_with_the_shared_trainer(tmp_path):
+    """Two real runs: zoo Transformer + lm.CausalLM + TextDataModule on zoo.trainer's Trainer, a few steps each."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"doc{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i}\n" * 40)
+    cfg = W.SweepConfig(out_dir=str(tmp_path / "real"), shapes=[{"d_model": 16, "n_layers": 1, "n_heads": 2},
+                                                                {"d_model": 16, "n_layers": 2, "n_heads": 2}],
+                        budgets=[2e7], model_overrides={"positions": "rope"}, min_steps=2, max_steps=50,
+                        data={"paths": [str(corpus)], "seq_len": 16, "batch_size": 4, "val_fraction": 0.25,
+                              "cache_dir": str(tmp_path / "cache")},
+                        val_batches=2, curve_points=4, trainer={"accelerator": "cpu"})
+    written, failed = W.run_sweep(cfg, log=lambda s: None)
+    assert not failed and len(written) == 2
+    for row in written:
+        assert 0 < float(row["L"]) < 7  # below ln(259) = 5.56 give or take a few steps of noise
+        assert int(row["D"]) == int(row["steps"]) * 4 * 16
+        assert (Path(cfg.out_dir) / "curves" / f"{row['run_id']}.json").is_file()
+    assert not list(Path(cfg.out_dir).rglob("*.ckpt"))  # the sweep's record is the CSV, not weights
