@@ -12,4 +12,5 @@ run loader    bench/loader.py --device cuda
 run byol_step bench/byol_step.py --device cuda --encoder resnet50 --size 224 --batch 256 --steps 20 --warmup 5
 LIMIT=240 run byol_step_compiled bench/byol_step.py --device cuda --encoder resnet50 --size 224 --batch 256 --steps 20 --warmup 5 --compile
 LIMIT=240 run lm_step bench/lm_step.py --device cuda
+run probe bench/probe.py --device cuda --backbone random:resnet50 --image-size 64 --resize 64 --epochs 30
 cat "$out"/*.json

@@ -42,6 +42,8 @@ class BYOL(pl.LightningModule):
         nan_policy: ``stop`` or ``skip`` on a non-finite loss.
     """
 
+    min_batch_per_device = 2  # per-view batch-norm statistics need two images (checked before launch)
+
     def __init__(self, encoder: str = "resnet50", encoder_overrides: dict[str, Any] | None = None, image_size: int = 224,
                  num_classes: int | None = None, projector_hidden: int = 4096, projection_dim: int = 256,
                  base_lr: float = 0.2, weight_decay: float = 1.5e-6, momentum: float = 0.9, lars_eta: float = 1e-3,

@@ -110,7 +110,7 @@ def test_topk_precompute_stored_once_and_trains(tmp_path, monkeypatch):
     assert ids.shape == probs.shape == (len(dm.train_set), dm.seq_len, 4)
     assert probs.dtype == np.float16 and (probs.astype(np.float32).sum(-1) <= 1.001).all()
     assert json.loads((folder / "meta.json").read_text())["subset"] == "sample"
-    assert 0 < trainer.callback_metrics["train/stored_mass"].item() <= 1.0
+    assert 0 < trainer.callback_metrics["train/stored_mass"].item() <= 1.001  # float16 storage
     # The stored probabilities are the teacher's own for those ids.
     teacher = module.teacher.cpu()
     index, window = dm.train_set[0]  # setup switched the data module to (index, tokens) batches

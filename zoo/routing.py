@@ -170,16 +170,17 @@ class RoutedFFN(nn.Module):
         flat = x.reshape(-1, self.d_model)
         idx, gate = self.route(flat, input_ids)
         self.last_expert = idx.detach().reshape(input_ids.shape)
-        out = torch.zeros_like(flat)
-        # Gather/scatter per expert: cheap at small E, and with one expert per token no token is ever dropped.
-        for e, expert in enumerate(self.experts):
-            # An idle expert still runs on zero rows, so its weights stay in the graph (DDP needs every
-            # parameter to receive a gradient, even a zero one).
-            sel = (idx == e).nonzero(as_tuple=True)[0]
-            y = expert(flat.index_select(0, sel))
-            if gate is not None:
-                y = y * gate.index_select(0, sel)[:, None].to(y.dtype)
-            out.index_copy_(0, sel, y.to(out.dtype))
+        # Sort tokens by expert once, run each expert on its contiguous chunk, scatter back: one host sync (the
+        # chunk sizes) per layer, and with one expert per token no token is ever dropped (no capacity factor).
+        order = torch.argsort(idx)
+        counts = torch.bincount(idx, minlength=self.n_experts).tolist()
+        chunks = flat.index_select(0, order).split(counts)
+        # An idle expert still runs on zero rows, so its weights stay in the graph (DDP wants a gradient, even
+        # a zero one, for every parameter).
+        y = torch.cat([expert(chunk) for expert, chunk in zip(self.experts, chunks)])
+        if gate is not None:
+            y = y * gate.index_select(0, order)[:, None].to(y.dtype)
+        out = torch.empty_like(flat).index_copy_(0, order, y.to(flat.dtype))
         return out.reshape_as(x)
 
 

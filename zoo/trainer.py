@@ -157,6 +157,8 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     has_ckpt = any(isinstance(c, ModelCheckpoint) for c in user)
     extra = [c for c in default_callbacks()
              if type(c) not in user_types and not (isinstance(c, ModelCheckpoint) and has_ckpt)]
+    if kwargs.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
+        extra = [c for c in extra if not isinstance(c, (ModelCheckpoint, PreemptionCheckpoint))]
     if kwargs.get("enable_progress_bar") is False:
         extra = [c for c in extra if not isinstance(c, RichProgressBar)]
     if kwargs.get("logger") is False:
@@ -171,9 +173,35 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datamodule: Any = None) -> None:
+    """Refuse a run that cannot work, before any process is launched or any data is read: the per-device batch
+    against the model's minimum (``min_batch_per_device``, e.g. 2 for batch norm) and the number of devices."""
+    batch = getattr(datamodule, "batch_size", None)
+    if batch is None or model is None:
+        return
+    devices = trainer.num_devices * trainer.num_nodes
+    need = int(getattr(model, "min_batch_per_device", 1))
+    if batch < need:
+        raise ValueError(
+            f"data.batch_size={batch} is the batch of each device, and {type(model).__name__} needs at least {need} "
+            f"images per device; with {devices} device(s) the global batch must be at least {need * devices}. "
+            f"Set data.batch_size >= {need} (the global batch is data.batch_size x devices).")
+
+
+class ZooTrainer(pl.Trainer):
+    """The shared Trainer: ``fit`` first runs ``preflight_check`` (in the launching process, before DDP starts)."""
+
+    def fit(self, model: pl.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            datamodule: Any = None, ckpt_path: Any = None, **kwargs: Any) -> None:
+        dm = datamodule if datamodule is not None else (
+            train_dataloaders if isinstance(train_dataloaders, pl.LightningDataModule) else None)
+        preflight_check(self, model, dm)
+        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+
+
 def build_trainer(**overrides: Any) -> pl.Trainer:
     """A Trainer with the shared defaults, any keyword overridden."""
-    return pl.Trainer(**complete_trainer_kwargs({**trainer_defaults(), **overrides}))
+    return ZooTrainer(**complete_trainer_kwargs({**trainer_defaults(), **overrides}))
 
 
 def all_ranks(module: pl.LightningModule, flag: bool) -> bool:

@@ -1,0 +1,88 @@
+"""Bad configuration fails before training starts, with a message that names the key.
+
+Everything goes through ``zoo.cli.run_cli`` (the ``zoo fit`` command line) except the DDP batch check, which is
+also exercised on ``build_trainer`` so that no process group has to be started to prove it runs before launch.
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from byol import BYOL
+from zoo.cli import run_cli
+from zoo.data import ImageDataModule
+from zoo.trainer import ZooTrainer, build_trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "configs" / "byol" / "digits.yaml")
+
+
+def zoo_fit(tmp_path: Path, *args: str, config: dict | None = None):
+    cfg_args = ["--config", DIGITS]
+    if config is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(config))
+        cfg_args += ["--config", str(path)]
+    return run_cli(["fit", *cfg_args, "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "2",
+                    "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false", "--trainer.accelerator",
+                    "cpu", *args])
+
+
+def assert_not_started(tmp_path: Path) -> None:
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "logs").exists()
+
+
+@pytest.mark.parametrize("args, config, message", [
+    # unknown keys: on the command line, in a YAML file, in the trainer section
+    (["--model.init_args.bogus", "1"], None, r"Option 'bogus' is not accepted"),
+    ([], {"model": {"init_args": {"projektor_hidden": 64}}}, r"projektor_hidden"),
+    ([], {"trainer": {"max_stepz": 3}}, r"max_stepz"),
+    # wrong types
+    (["--model.init_args.base_lr", "fast"], None, r'key "base_lr":\s+Expected a <class .float.>. Got value: fast'),
+    (["--data.init_args.batch_size", "1.5"], None, r'key "batch_size"'),
+    # impossible values, refused by the constructors while the config is checked
+    (["--model.init_args.base_lr", "-0.1"], None, r"model\.base_lr must be positive, got -0\.1"),
+    (["--model.init_args.tau_base", "1.5"], None, r"model\.tau_base must be in \[0, 1\], got 1\.5"),
+    (["--model.init_args.tau_base", "-0.01"], None, r"model\.tau_base must be in \[0, 1\], got -0\.01"),
+    (["--data.init_args.batch_size", "0"], None, r"data\.batch_size must be >= 1, got 0"),
+])
+def test_bad_config_is_refused_naming_the_key(tmp_path, capsys, args, config, message):
+    # jsonargparse rejects unknown keys and types while parsing (exit 2, message on stderr); values our constructors
+    # refuse surface as the ValueError raised while the classes are instantiated, before the Trainer exists.
+    with pytest.raises((SystemExit, ValueError)) as failure:
+        zoo_fit(tmp_path, *args, config=config)
+    if isinstance(failure.value, SystemExit):
+        assert failure.value.code == 2
+    text = capsys.readouterr().err + str(failure.value)
+    assert re.search(message, text), text[-1500:]
+    assert_not_started(tmp_path)
+
+
+def test_batch_of_one_per_device_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"data\.batch_size is 1 .* at least 2 images per device"):
+        zoo_fit(tmp_path, "--data.init_args.batch_size", "1")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_batch_too_small_for_the_devices_is_refused_before_ddp_launches(tmp_path):
+    """2 CPU processes with 1 image each: refused in this process, before any DDP worker is spawned."""
+    trainer = build_trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=2, strategy="ddp_spawn",
+                            max_steps=1, logger=False, enable_progress_bar=False)
+    model = BYOL(encoder="convnet_tiny", image_size=16, projector_hidden=16, projection_dim=8)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"data\.batch_size=1 .* 2 device\(s\) the global batch must be at least 4"):
+        trainer.fit(model, ImageDataModule("digits", batch_size=1, num_workers=0, image_size=16))
+    assert time.perf_counter() - start < 5  # spawning two workers that import torch would take far longer
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_zoo_fit_uses_the_checking_trainer(tmp_path):
+    """``zoo fit`` must build ``ZooTrainer`` so the check above also runs for command-line DDP runs."""
+    cli = run_cli(["--config", DIGITS, "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator",
+                   "cpu"], run=False)
+    assert isinstance(cli.trainer, ZooTrainer), (
+        "zoo.cli.run_cli must pass trainer_class=zoo.trainer.ZooTrainer to ZooCLI")

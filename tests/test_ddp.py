@@ -1,0 +1,109 @@
+"""DDP equivalence on CPU: 2 gloo processes with per-process batch B == 1 process with batch 2B (SyncBatchNorm),
+to 1e-5 after k steps; the EMA target is identical on both ranks; the data shards and their resume are exact.
+
+BYOL draws augmentation parameters per rank (its generator is seeded with the rank), so two processes can never
+draw the views one process draws for the same images. The equivalence run therefore makes the views deterministic
+through the public ``augment_overrides`` (full-image crop, every random op off): the test then isolates what DDP
+must get right (data sharding, gradient averaging, SyncBatchNorm statistics, the lr scaling rule, the EMA) while
+the augmentation randomness itself is covered by the exact-resume tests.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from byol import BYOL
+from zoo.data import ImageDataModule
+from zoo.data.loaders import EpochShuffleSampler
+from zoo.trainer import build_trainer
+
+STEPS, B = 3, 8
+DETERMINISTIC_VIEWS = {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip_p": 0.0, "jitter_p": 0.0,
+                       "gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
+TINY = dict(encoder="convnet_tiny", encoder_overrides={"widths": [8, 16, 16, 32]}, image_size=16, projector_hidden=32,
+            projection_dim=16, base_lr=1.0, tau_base=0.9, warmup_steps=1, augment_overrides=DETERMINISTIC_VIEWS)
+
+
+class Dump(pl.Callback):
+    """Each rank writes its losses (per step) and final state to ``folder/rank<r>.pt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.losses = folder, []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]) - float(trainer.callback_metrics["train/cls_loss"]))
+
+    def on_train_end(self, trainer, module) -> None:
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        torch.save({"losses": self.losses, "state": state, "sync_bn": any(
+            isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())},
+                   Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+def _run(folder: Path, devices: int, batch: int) -> None:
+    folder.mkdir()
+    pl.seed_everything(0)
+    trainer = build_trainer(default_root_dir=str(folder), accelerator="cpu", devices=devices,
+                            strategy="ddp_fork" if devices > 1 else "auto", max_steps=STEPS, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            enable_checkpointing=False, callbacks=[Dump(str(folder))])
+    trainer.fit(BYOL(**TINY), ImageDataModule("digits", batch_size=batch, num_workers=0, image_size=16))
+
+
+def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
+    _run(tmp_path / "one", devices=1, batch=2 * B)
+    _run(tmp_path / "two", devices=2, batch=B)
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
+    r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["sync_bn"] and r1["sync_bn"] and not one["sync_bn"]  # DDP really ran with SyncBatchNorm
+    # the global loss (mean of the two equal halves) equals the single-process loss, step by step
+    global_loss = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]
+    assert len(global_loss) == STEPS
+    assert global_loss == pytest.approx(one["losses"], abs=1e-5)
+    for name, ref in one["state"].items():
+        if not ref.is_floating_point():
+            assert torch.equal(ref, r0["state"][name]), name
+            continue
+        # same weights (online, target, classifier) and batch-norm statistics as one process with batch 2B
+        torch.testing.assert_close(r0["state"][name], ref, atol=1e-5, rtol=0, msg=name)
+        # both ranks hold the very same model, the EMA target included
+        assert torch.equal(r0["state"][name], r1["state"][name]), f"ranks disagree on {name}"
+    assert any(not torch.equal(one["state"][k], BYOL(**TINY).state_dict()[k]) for k in one["state"]
+               if k.startswith("target_"))  # the EMA did move the target
+
+
+def test_shards_partition_each_global_batch_and_resume_per_rank():
+    n, batch, world = 103, 4, 2
+    single = EpochShuffleSampler(n, seed=5, shuffle=True)
+    shards = [EpochShuffleSampler(n, seed=5, shuffle=True, num_replicas=world, rank=r) for r in range(world)]
+    for s in (single, *shards):
+        s.set_epoch(3)
+    one = list(single)
+    per_rank = [list(s) for s in shards]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(shards[0]) == 52  # padded to a multiple of the world size
+    for k in range(n // (batch * world)):
+        got = sorted(i for part in per_rank for i in part[k * batch:(k + 1) * batch])
+        assert got == sorted(one[k * batch * world:(k + 1) * batch * world])  # step k sees the same images
+    # resuming after 5 batches: each rank continues its own shard exactly where it stopped
+    for s, full in zip(shards, per_rank):
+        s.skip_next(5 * batch)
+        assert list(s) == full[5 * batch:]
+        assert list(s) == full  # the skip applies to one iteration only
+    other = EpochShuffleSampler(n, seed=5, shuffle=True)
+    other.set_epoch(4)
+    assert list(other) != one  # a new permutation each epoch, which Lightning selects through set_epoch
+
+
+def test_lightning_keeps_our_sampler_under_ddp(tmp_path):
+    """Lightning would wrap a non-distributed sampler in its own (reshuffling, never forwarding set_epoch)."""
+    from lightning.pytorch.trainer.connectors.data_connector import _DataConnector
+    from torch.utils.data import DataLoader, RandomSampler
+
+    trainer = build_trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=2, strategy="ddp_fork",
+                            logger=False)
+    connector = _DataConnector(trainer)
+    assert connector._requires_distributed_sampler(DataLoader(range(10), sampler=RandomSampler(range(10))))
+    assert not connector._requires_distributed_sampler(DataLoader(range(10), sampler=EpochShuffleSampler(10)))
