@@ -36,7 +36,7 @@ class BYOL(pl.LightningModule):
         warmup_epochs: linear lr warmup length in epochs (``warmup_steps`` overrides it).
         warmup_steps: linear lr warmup length in steps, if set.
         augment_overrides: preset overrides for ``augment.byol_views`` (``blur_p``: both views, ``view2_solarize_p``: one).
-        aug_seed: seed of the augmentation generator (offset by the rank under DDP).
+        aug_seed: seed of the augmentation randomness (combined with the rank and the step, see ``_generator``).
         compile: ``torch.compile`` the per-view forward (GPU; works on CPU but compiles slowly).
         channels_last: use channels-last memory format (default: on GPU only).
         nan_policy: ``stop`` or ``skip`` on a non-finite loss.
@@ -72,11 +72,10 @@ class BYOL(pl.LightningModule):
         self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
         self.online_classifier: nn.Linear | None = nn.Linear(dim, num_classes) if num_classes else None
-        views = augment.byol_views(image_size, **(augment_overrides or {}))
+        views = augment.byol_views(image_size, compile=compile, **(augment_overrides or {}))
         self.view1, self.view2 = views
         self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224))
         self._aug_gen: torch.Generator | None = None
-        self._aug_state: torch.Tensor | None = None
         self._stepped = False
         self.skipped_images: list[str] = []
         self._compiled_views = None
@@ -125,14 +124,18 @@ class BYOL(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ----------------------------------------------------------------------------------------------------------------
-    def _generator(self) -> torch.Generator:
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        """The augmentation generator, re-seeded for this (seed, rank, optimizer step, micro-batch).
+
+        A pure function of the position in training, so no generator state has to be saved: a resumed run (any rank,
+        any interruption point) draws exactly the views the uninterrupted run drew. One saved state would not do
+        under DDP, where only rank 0 writes the checkpoint but every rank has its own stream.
+        """
         if self._aug_gen is None or self._aug_gen.device != self.device:
             self._aug_gen = torch.Generator(device=self.device)
-            self._aug_gen.manual_seed(self.hparams.aug_seed * 1_000_003 + self.global_rank)
-            if self._aug_state is not None:
-                self._aug_gen.set_state(self._aug_state)
-                self._aug_state = None
-        return self._aug_gen
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        seed = ((self.hparams.aug_seed * 1_000_003 + self.global_step) * 1_009 + micro) * 65_537 + self.global_rank
+        return self._aug_gen.manual_seed(seed % (1 << 63))
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Decode raw JPEG bytes on the device they were moved to; drop and record undecodable files."""
@@ -166,10 +169,10 @@ class BYOL(pl.LightningModule):
         labels = batch["label"]
         if not all_ranks(self, len(labels) >= 2):  # every DDP rank must skip together, or the others would hang
             rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
-            return None
+            return self._skipped_step_loss()
         # A skipped step must leave no trace: its forward already moved the batch-norm statistics (to NaN, say).
         saved = [b.clone() for b in self.buffers()] if self.hparams.nan_policy == "skip" else None
-        gen = self._generator()
+        gen = self._generator(batch_idx)
         v1, v2 = self.view1(batch["image"], gen), self.view2(batch["image"], gen)
         if self._use_channels_last():
             v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
@@ -187,12 +190,27 @@ class BYOL(pl.LightningModule):
             with torch.no_grad():
                 for b, old in zip(self.buffers(), saved):
                     b.copy_(old)
-            return None
+            return self._skipped_step_loss()
         self._stepped = True
         top1 = (logits.argmax(-1) == labels).float().mean()
         self.log_dict({"train/loss": loss, "train/cls_loss": cls_loss, "train/online_top1": top1,
                        "train/tau": self.current_tau()}, prog_bar=True, sync_dist=False)
         return total
+
+    def _skipped_step_loss(self) -> torch.Tensor:
+        """A loss whose gradient is exactly zero for every trainable parameter (its value may be NaN).
+
+        Lightning refuses ``None`` from ``training_step`` under DDP, and every rank must run backward for the gradient
+        all-reduce; ``on_before_optimizer_step`` then drops the gradients so the optimizer leaves everything as is.
+        """
+        return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """On a skipped step, remove the (zero) gradients: no weight decay, no momentum, no update at all."""
+        if not self._stepped:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
     def current_tau(self) -> float:
         """Target decay for the step about to be taken."""
@@ -212,7 +230,8 @@ class BYOL(pl.LightningModule):
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
         """target <- tau * target + (1 - tau) * online, parameters only (batch-norm statistics stay the target's)."""
-        for online, target in ((self.online_encoder, self.target_encoder), (self.online_projector, self.target_projector)):
+        pairs = ((self.online_encoder, self.target_encoder), (self.online_projector, self.target_projector))
+        for online, target in pairs:
             t, o = list(target.parameters()), list(online.parameters())
             torch._foreach_lerp_(t, o, 1.0 - tau)  # t <- tau * t + (1 - tau) * o
 
@@ -243,16 +262,9 @@ class BYOL(pl.LightningModule):
     test_step = validation_step
 
     # ----------------------------------------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the augmentation generator's state so a resumed run draws the same views."""
-        if self._aug_gen is not None:
-            checkpoint["byol_aug_rng"] = self._aug_gen.get_state()
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the generator state and build the classifier before the weights are loaded."""
-        if "byol_aug_rng" in checkpoint:
-            self._aug_state = checkpoint["byol_aug_rng"]
-            self._aug_gen = None
+        """Build the classifier before the weights are loaded (augmentation randomness needs no state, see
+        ``_generator``)."""
         n = checkpoint.get("hyper_parameters", {}).get("num_classes")
         if self.online_classifier is None and n:
             self.online_classifier = nn.Linear(self.online_encoder.num_features, n)

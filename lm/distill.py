@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import zoo
 from lm.causal_lm import CausalLM, check_data_fits, load_lm, resolve_checkpoint, split_batch
 from lm.metrics import bits_per_byte
-import zoo
 
 SUBSETS = ("topk", "sample")
 
@@ -122,7 +122,7 @@ def precompute_teacher_targets(teacher: nn.Module, windows: Any, out_dir: str | 
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc=f"teacher {subset}-{k} targets", unit="win", leave=False)
+        bar = tqdm(total=n, desc=f"teacher {subset}-{k} targets", unit="win", leave=False, disable=None)
     try:
         for start in range(0, n, batch_size):
             idx = range(start, min(n, start + batch_size))

@@ -225,7 +225,8 @@ def fit_parametric(N: Any, D: Any, L: Any, n_bootstrap: int = 0, delta: float = 
     logN, logD, logL = np.log(cols["N"]), np.log(cols["D"]), np.log(cols["L"])
     if np.unique(logN).size < 2 or np.unique(logD).size < 2:
         raise ValueError("Approach 3 needs runs with at least 2 distinct N and 2 distinct D")
-    def make_fg(W: np.ndarray):
+    def make_fg(W: np.ndarray) -> Any:
+        """Objective over rows of a batch; W holds one weight row shared by all, or one row per batch row."""
         shared = W.shape[0] == 1
         return lambda th, rows: _huber_objective(th, logN[None], logD[None], logL[None],
                                                  W if shared else W[rows], delta)
@@ -259,6 +260,10 @@ def fit_parametric(N: Any, D: Any, L: Any, n_bootstrap: int = 0, delta: float = 
     if not converged:
         warnings.warn(f"Approach 3 fit did not converge ({message}); treat E, A, B, alpha, beta as unreliable",
                       ScalingFitWarning, stacklevel=2)
+    elif fit.E < 1e-3 * float(cols["L"].min()):
+        warnings.warn(f"Approach 3 fit put the irreducible loss E at {fit.E:.3g} (~0): the runs do not constrain E, "
+                      "so A, B and the exponents trade off against it; add larger budgets", ScalingFitWarning,
+                      stacklevel=2)
     elif min(fit.alpha, fit.beta) < 1e-3:
         warnings.warn(f"Approach 3 fit is degenerate (alpha={fit.alpha:.3g}, beta={fit.beta:.3g}): the runs do "
                       "not constrain one of the power laws; widen the grid of N or D", ScalingFitWarning, stacklevel=2)

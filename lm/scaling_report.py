@@ -100,10 +100,16 @@ def fit_and_report(csv_path: str, approach: int, out: str | None = None, n_boots
     for c, n, d in optimal_table(table_C, fit):
         echo(f"  {c:12.3g} {_fmt(n):>10s} {_fmt(d):>10s} {d / n:8.1f}")
     if iso is None:
-        try:
-            iso = S.fit_isoflop([{"N": n, "D": d, "L": l, "C": c} for n, d, l, c in zip(N, D, L, C)])
-        except ValueError:
-            iso = None  # budgets without 3 sizes: the plot shows points only
+        # Parabolas for the IsoFLOP plot only; their warnings are notes, not a verdict on this approach's fit.
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always", S.ScalingFitWarning)
+            try:
+                iso = S.fit_isoflop([{"N": n, "D": d, "L": l, "C": c} for n, d, l, c in zip(N, D, L, C)])
+            except ValueError as exc:
+                iso = None  # budgets without 3 sizes or a concave profile: the plot shows points only
+                echo(f"note (IsoFLOP plot): {exc}")
+        for w in notes:
+            echo(f"note (IsoFLOP plot): {w.message}")
     from lm.scaling_plots import plot_isoflop, plot_optimal, plot_routed
 
     paths = [plot_isoflop(N, L, C, iso, fit if approach == 3 else None, out_dir / "isoflop.png"),

@@ -342,6 +342,7 @@ def train_one(spec: RunSpec, cfg: SweepConfig) -> RunOutcome:
             self.loss: list[float] = []
 
         def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            """Update the EMA; store a curve point every ``every`` steps and at the last step."""
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self.k += 1
             self.ema = 0.9 * self.ema + 0.1 * float(loss.detach())

@@ -74,3 +74,32 @@ class InterruptAt(pl.Callback):
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class SigtermInValidationAt(pl.Callback):
+    """SIGTERM while the validation run after optimizer step ``step`` is in progress (first batch)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.sent = step, False
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_step == self.step and not self.sent and not trainer.sanity_checking:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class WaitForSignalAt(pl.Callback):
+    """At step ``step``, create ``ready_file`` and wait (up to ``timeout`` s) for a signal from another process."""
+
+    def __init__(self, step: int, ready_file: str, timeout: float = 120.0) -> None:
+        self.step, self.ready_file, self.timeout = step, ready_file, timeout
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        if trainer.global_step != self.step:
+            return
+        open(self.ready_file, "w").close()
+        end = time.monotonic() + self.timeout
+        while not trainer.received_sigterm and time.monotonic() < end:
+            time.sleep(0.05)

@@ -34,8 +34,8 @@ class Recorder(pl.Callback):
 def _fit(tmp_path, steps=3, **kw):
     model = BYOL(**{**TINY, **kw})
     rec = Recorder()
-    # Recorder runs before the module's on_train_batch_end? No: Lightning calls callbacks first, then the module,
-    # so "after" is taken before the EMA; the EMA is checked against the next step's "before".
+    # The EMA runs inside optimizer_step, right after the online update; it is checked against the next step's
+    # "before" snapshot, with the online weights of this step's "after" snapshot.
     trainer = build_trainer(default_root_dir=str(tmp_path), max_steps=steps, callbacks=[rec], logger=False,
                             enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
     trainer.fit(model, _data())

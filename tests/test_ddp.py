@@ -9,6 +9,7 @@ the augmentation randomness itself is covered by the exact-resume tests.
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -16,15 +17,17 @@ import pytest
 import torch
 
 from byol import BYOL
+from fault_callbacks import PoisonAt
 from zoo.data import ImageDataModule
 from zoo.data.loaders import EpochShuffleSampler
-from zoo.trainer import build_trainer
+from zoo.trainer import GlobalBatchNorm, build_trainer
 
 STEPS, B = 3, 8
 DETERMINISTIC_VIEWS = {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip_p": 0.0, "jitter_p": 0.0,
                        "gray_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
 TINY = dict(encoder="convnet_tiny", encoder_overrides={"widths": [8, 16, 16, 32]}, image_size=16, projector_hidden=32,
-            projection_dim=16, base_lr=1.0, tau_base=0.9, warmup_steps=1, augment_overrides=DETERMINISTIC_VIEWS)
+            projection_dim=16, base_lr=1.0, tau_base=0.9, warmup_steps=1, augment_overrides=DETERMINISTIC_VIEWS,
+            num_classes=10)  # classifier built in __init__: a DDP child re-seeds the global RNG before setup()
 
 
 class Dump(pl.Callback):
@@ -38,19 +41,23 @@ class Dump(pl.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        torch.save({"losses": self.losses, "state": state, "sync_bn": any(
-            isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules())},
+        torch.save({"losses": self.losses, "state": state, "nonfinite": getattr(module, "nonfinite_steps", 0),
+                    "sync_bn": any(
+            isinstance(m, (torch.nn.SyncBatchNorm, GlobalBatchNorm)) for m in module.modules())},
                    Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
 
-def _run(folder: Path, devices: int, batch: int) -> None:
-    folder.mkdir()
+def _run(folder: Path, devices: int, batch: int, callbacks=(), steps: int = STEPS, ckpt_path=None, trainer_kw=None,
+         **model_kw) -> None:
+    folder.mkdir(exist_ok=True)
     pl.seed_everything(0)
+    kw = {"enable_checkpointing": False, **(trainer_kw or {})}
     trainer = build_trainer(default_root_dir=str(folder), accelerator="cpu", devices=devices,
-                            strategy="ddp_fork" if devices > 1 else "auto", max_steps=STEPS, logger=False,
+                            strategy="ddp_fork" if devices > 1 else "auto", max_steps=steps, logger=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            enable_checkpointing=False, callbacks=[Dump(str(folder))])
-    trainer.fit(BYOL(**TINY), ImageDataModule("digits", batch_size=batch, num_workers=0, image_size=16))
+                            callbacks=[Dump(str(folder)), *callbacks], **kw)
+    trainer.fit(BYOL(**{**TINY, **model_kw}), ImageDataModule("digits", batch_size=batch, num_workers=0, image_size=16),
+                ckpt_path=ckpt_path)
 
 
 def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
@@ -73,6 +80,53 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
         assert torch.equal(r0["state"][name], r1["state"][name]), f"ranks disagree on {name}"
     assert any(not torch.equal(one["state"][k], BYOL(**TINY).state_dict()[k]) for k in one["state"]
                if k.startswith("target_"))  # the EMA did move the target
+
+
+def test_ddp_resume_mid_epoch_is_exact_on_every_rank(tmp_path):
+    """A 2-process run resumed from its step-5 checkpoint (mid-epoch: 4 batches per epoch) ends bit-identical to the
+    same run left alone: each rank skips exactly the batches of its own shard that were already trained on."""
+    from zoo.trainer import RootCheckpoint
+
+    periodic = RootCheckpoint(every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    common = dict(devices=2, batch=B, steps=10, trainer_kw={"limit_train_batches": 4, "enable_checkpointing": True},
+                  augment_overrides=None)  # real random views: the per-rank generators are restored too
+    _run(tmp_path / "ref", callbacks=[periodic], **common)
+    ckpt = tmp_path / "ref" / "checkpoints" / "step=5.ckpt"
+    assert torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 1}]
+    _run(tmp_path / "resumed", ckpt_path=str(ckpt), **common)
+    for rank in (0, 1):
+        ref, got = (torch.load(tmp_path / d / f"rank{rank}.pt", weights_only=True) for d in ("ref", "resumed"))
+        assert got["losses"] == ref["losses"][5:]  # rank-local losses of steps 6..10: same shard, same views
+        for name, value in ref["state"].items():
+            assert torch.equal(value, got["state"][name]), f"rank {rank}: {name}"
+
+
+class PoisonOnRank1(PoisonAt):
+    """A non-finite loss on one rank only (a bad batch there)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 1:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+def test_nan_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    """``nan_policy: skip`` must skip on all ranks together: a rank skipping backward alone would hang the others."""
+    def hang(signum, frame):
+        raise TimeoutError("the ranks hung on a one-sided skip")
+
+    previous = signal.signal(signal.SIGALRM, hang)  # a hang fails the test instead of blocking the suite
+    signal.alarm(120)
+    try:
+        _run(tmp_path / "two", devices=2, batch=B, callbacks=[PoisonOnRank1(1, restore=True)], nan_policy="skip")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["nonfinite"] == r1["nonfinite"] == 1
+    for name, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][name]), name
+        assert not value.is_floating_point() or bool(torch.isfinite(value).all()), name
 
 
 def test_shards_partition_each_global_batch_and_resume_per_rank():

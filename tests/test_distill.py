@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from lm import CausalLM, Distill
-from lm.distill import (entropy, kl_divergence, precompute_teacher_targets, select_subset, soft_cross_entropy,
-                        subset_cross_entropy)
+from lm.distill import entropy, kl_divergence, select_subset, soft_cross_entropy, subset_cross_entropy
 from lm_testutil import TINY, quiet_trainer, tiny_data
 
 

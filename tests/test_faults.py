@@ -10,7 +10,7 @@ import signal
 import warnings
 from pathlib import Path
 
-import numpy as np
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -49,13 +49,55 @@ def all_finite(ckpt: dict) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- preemption
 def test_sigterm_writes_a_resumable_checkpoint_and_exits(tmp_path):
-    with pytest.raises(SystemExit):  # Lightning's SIGTERMException, after our save
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:  # Lightning's SIGTERMException, after our save
         fit(tmp_path, steps=6, callbacks=[SigtermAt(3)], every_n=None)  # no periodic checkpoints at all
-    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
+    assert exit_info.value.code == 128 + signal.SIGTERM  # non-zero, so a scheduler requeues the job
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # Lightning's handler is removed again
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
     model, trainer = fit(tmp_path, steps=6, ckpt_path="last", every_n=None)
     assert trainer.global_step == 6
+
+
+@pytest.mark.slow
+def test_zoo_fit_process_killed_by_an_outside_sigterm_resumes(tmp_path):
+    """The real thing: ``python -m zoo.cli fit`` in its own process gets SIGTERM from outside at step 3, saves, exits
+    non-zero (so a scheduler requeues it), and ``--ckpt_path last`` finishes the run. Covered fast, in-process, by
+    ``test_sigterm_writes_a_resumable_checkpoint_and_exits`` and tests/test_resume.py."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    ready = tmp_path / "ready"
+    cfg = {"seed_everything": 0,
+           "trainer": {"max_steps": 6, "limit_val_batches": 0, "enable_progress_bar": False, "accelerator": "cpu",
+                       "default_root_dir": str(tmp_path / "run"), "callbacks": [
+                           {"class_path": "fault_callbacks.WaitForSignalAt",
+                            "init_args": {"step": 3, "ready_file": str(ready)}}]},
+           "model": {"class_path": "byol.BYOL", "init_args": {k: v for k, v in TINY.items()}},
+           "data": {"class_path": "zoo.data.ImageDataModule",
+                    "init_args": {"dataset": "digits", "image_size": 16, "batch_size": 16, "num_workers": 0}}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    cmd = [sys.executable, "-m", "zoo.cli", "fit", "--config", str(tmp_path / "cfg.yaml")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not ready.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached step 3"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, "a preempted run must not report success"
+    assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    cfg["trainer"]["callbacks"] = []
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    done = subprocess.run(cmd + ["--ckpt_path", "last"], cwd=tmp_path, env=env, capture_output=True, timeout=240)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 6
 
 
 def test_ctrl_c_mid_step_writes_a_resumable_checkpoint(tmp_path):
@@ -127,10 +169,27 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp
     assert torch.equal(ckpt["state_dict"][name], poison.saved)  # the weights from before the fault
 
 
+class Snapshot(pl.Callback):
+    """Everything the skipped step could have touched, at the start of steps ``step`` and ``step + 1``."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.states = step, []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step in (self.step, self.step + 1):
+            opt = trainer.optimizers[0].state_dict()["state"]
+            self.states.append(({k: v.clone() for k, v in module.state_dict().items()},
+                                {i: {k: v.clone() for k, v in st.items()} for i, st in opt.items()}))
+
+
 def test_nonfinite_loss_skip_policy_counts_and_trains_on(tmp_path):
-    poison = PoisonAt(2, restore=True)
-    model, trainer = fit(tmp_path, steps=5, callbacks=[poison], nan_policy="skip")
+    poison, snap = PoisonAt(2, restore=True), Snapshot(2)
+    model, trainer = fit(tmp_path, steps=5, callbacks=[snap, poison], nan_policy="skip")
     assert trainer.global_step == 5 and model.nonfinite_steps == 1
+    (before, opt_before), (after, opt_after) = snap.states
+    for name in before:  # weights, EMA target, batch-norm statistics and LARS momentum: untouched by the skip
+        assert torch.equal(before[name], after[name]), name
+    assert all(torch.equal(opt_before[i][k], opt_after[i][k]) for i in opt_before for k in opt_before[i])
     assert trainer.logged_metrics["train/nonfinite_steps"] == 1.0
     ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
     assert all_finite(ckpt)
@@ -200,8 +259,8 @@ def _evil_files(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
     sd = {"online_encoder.features.0.weight": torch.zeros(2)}
     files = {}
     for name in ("evil.ckpt", "evil.pth", "evil.pt"):
-        torch.save({"state_dict": sd, "hyper_parameters": {"encoder": _Payload(marker)}, "pytorch-lightning_version": "2"},
-                   tmp_path / name)
+        torch.save({"state_dict": sd, "hyper_parameters": {"encoder": _Payload(marker)},
+                    "pytorch-lightning_version": "2"}, tmp_path / name)
         files[name] = tmp_path / name
     with open(tmp_path / "evil.pkl", "wb") as f:  # an "official BYOL release" that is really a payload
         pickle.dump({"experiment_state": _Payload(marker)}, f, protocol=2)

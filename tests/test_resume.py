@@ -1,6 +1,6 @@
 """Exact resume: a run interrupted at step N and resumed with ``--ckpt_path last`` ends bit-identical (CPU) to the
 same run left alone for 2N steps: online and target weights, batch-norm statistics, optimizer and lr-scheduler
-state, tau schedule position, augmentation generator, data order and the logged loss trace.
+state, tau schedule position, augmentation draws, data order and the logged loss trace.
 
 Every run goes through ``zoo.cli.run_cli`` (the real ``zoo fit``), with 4 batches per epoch and N = 5, so the
 interruption lands in the middle of the second epoch and the resumed run crosses an epoch boundary.
@@ -93,7 +93,6 @@ def check_same_as_reference(reference, cli, root: Path) -> None:
     assert_same_tree(ckpt["state_dict"], resumed["state_dict"], "state_dict")
     assert_same_tree(ckpt["optimizer_states"], resumed["optimizer_states"], "optimizer")  # LARS momentum buffers
     assert_same_tree(ckpt["lr_schedulers"], resumed["lr_schedulers"], "lr_scheduler")
-    assert_same_tree(ckpt["byol_aug_rng"], resumed["byol_aug_rng"], "augmentation generator")
     assert ckpt["global_step"] == resumed["global_step"] and ckpt["epoch"] == resumed["epoch"]
     # tau position: the schedule length and the step agree, so the next tau would too
     assert cli.model.total_steps == STEPS
@@ -146,3 +145,74 @@ def test_periodic_checkpoint_then_hard_crash_resumes_exactly(reference, tmp_path
     # the crashed run never logged step 7; every step both runs logged agrees
     got = loss_trace(root)
     assert set(got) == set(trace) and all(got[s] == trace[s] for s in trace)
+
+
+def test_sigterm_during_validation_then_resume_is_bit_exact(tmp_path):
+    """Preempted while validating at the end of epoch 1 (saved from ``on_exception``, not at a batch end)."""
+    extra = ("--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0")
+    ref = zoo_fit(tmp_path / "ref", *extra)
+    root = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        zoo_fit(root, *extra, callbacks=[{"class_path": "fault_callbacks.SigtermInValidationAt",
+                                          "init_args": {"step": 2 * PER_EPOCH}}])
+    assert last(root)["global_step"] == 2 * PER_EPOCH
+    cli = zoo_fit(root, *extra, "--ckpt_path", "last")
+    assert cli.trainer.global_step == STEPS
+    assert_same_tree(ref.model.state_dict(), cli.model.state_dict(), "model")
+    assert loss_trace(root) == loss_trace(tmp_path / "ref")
+
+
+# ---------------------------------------------------------------------------------------------------- lm.CausalLM
+def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path):
+    """Same guarantee for ``lm.CausalLM`` (AdamW state, warmup + cosine position, REINFORCE baseline buffers).
+
+    ``zoo.data.text.TextDataModule`` still shuffles with a plain ``RandomSampler`` (a fresh global-RNG seed per
+    epoch, no loader state), so this test gives it the shared resumable train loader, exactly the change proposed
+    for ``zoo/data/text.py``: ``train_dataloader`` returning ``zoo.data.loaders.resumable_loader(...)``.
+    """
+    lm_testutil = pytest.importorskip("lm_testutil")
+    from lm.causal_lm import CausalLM
+    from zoo.data.loaders import resumable_loader
+    from zoo.data.text import TextDataModule
+
+    import fault_callbacks
+
+    class ResumableText(TextDataModule):
+        def train_dataloader(self):
+            ds = self.train_set
+            ds.return_index = self.return_index
+            return resumable_loader(self, ds, self.batch_size, True, self.seed, drop_last=len(ds) > self.batch_size,
+                                    num_workers=self.num_workers)
+
+    corpus = lm_testutil.tiny_corpus(tmp_path / "corpus")
+
+    def fit(root: Path, ckpt_path=None, callbacks=()):
+        from zoo.trainer import build_trainer
+
+        torch.manual_seed(0)
+        data = ResumableText(paths=str(corpus), seq_len=32, batch_size=8, val_fraction=0.25,
+                             cache_dir=str(tmp_path / "cache"), progress=False)
+        module = CausalLM(model_overrides=lm_testutil.TINY, lr=3e-3, warmup_steps=2, throughput_every=100)
+        trainer = build_trainer(default_root_dir=str(root), accelerator="cpu", max_steps=STEPS,
+                                limit_train_batches=PER_EPOCH, limit_val_batches=0, log_every_n_steps=1,
+                                enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return module, trainer
+
+    ref, _ = fit(tmp_path / "ref")
+    ref_ckpt = last(tmp_path / "ref")
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "cut", callbacks=[fault_callbacks.SigtermAt(5)])
+    assert last(tmp_path / "cut")["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    resumed, trainer = fit(tmp_path / "cut", ckpt_path="last")
+    assert trainer.global_step == STEPS
+    assert_same_tree(ref.state_dict(), resumed.state_dict(), "model")
+    got = last(tmp_path / "cut")
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
+        assert_same_tree(ref_ckpt[key], got[key], key)
+
+    def losses(root: Path) -> dict[int, float]:
+        rows = [r for f in sorted((root / "logs").glob("version_*/metrics.csv")) for r in csv.DictReader(f.open())]
+        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == STEPS

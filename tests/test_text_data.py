@@ -1,7 +1,6 @@
 """TextDataModule: corpus discovery, tokenise-once cache, split by document, windows, tokenizers, bad inputs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

@@ -13,7 +13,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
-from zoo.trainer import complete_trainer_kwargs, trainer_defaults
+from zoo.trainer import ZooTrainer, complete_trainer_kwargs, trainer_defaults
 
 # subcommand -> "module:function" taking argv and returning an exit code.
 TOOLS = {
@@ -42,6 +42,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> ZooCLI:
     return ZooCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
+        trainer_class=ZooTrainer,  # checks batch / devices / model before DDP spawns anything
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,

@@ -125,9 +125,8 @@ class RoutedFFN(nn.Module):
             self.register_buffer("token_to_expert", hash_table(vocab, self.n_experts, seed), persistent=True)
             self.router = None
         else:
+            # Initialised by the Transformer with its other Linear layers (normal, init_std).
             self.router = nn.Linear(self.d_model, self.n_experts, bias=False)
-            # Small init keeps early routing near uniform, so no expert wins by accident of initialisation.
-            nn.init.normal_(self.router.weight, std=0.02 / math.sqrt(self.d_model))
         self.last_log_prob: Tensor | None = None
         self.last_expert: Tensor | None = None
         self.last_stats: dict[str, Tensor] = {}

@@ -6,6 +6,7 @@ outside the CLI (the probe, the scaling sweep, tests).
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
 
 
 def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
@@ -116,9 +119,79 @@ class PreemptionCheckpoint(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
+        if isinstance(exception, SIGTERMException) and exception.code in (None, 0):
+            # Lightning exits 0 on SIGTERM: a scheduler would take the preempted run for a finished one.
+            exception.code = 128 + signal.SIGTERM
         if isinstance(exception, SIGTERMException) and self._saved_step == trainer.global_step:
             return  # already saved at this step's batch end; the loop state now would restore less cleanly
         trainer.save_checkpoint(self._path(trainer))
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the batch of every process, for CPU (gloo) DDP, where ``torch.nn.SyncBatchNorm`` refuses to run.
+
+    Two differentiable all-reduces (sum and count, then the centred sum of squares), so the gradients are those of
+    batch norm over the global batch. Outside a multi-process training forward it is plain batch norm.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected a [N, C, ...] input, got shape {tuple(input.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        count = x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float32)
+        sums = all_reduce(torch.cat([x.float().sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:-1] / n
+        centred = x.float() - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / n  # two passes: no E[x^2] - E[x]^2 cancellation
+        y = (centred * torch.rsqrt(var.view(shape) + self.eps)).to(x.dtype)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), m)
+        return y
+
+
+class ZooSyncBatchNorm(TorchSyncBatchNorm):
+    """``sync_batchnorm=True`` for every backend: torch's SyncBatchNorm with NCCL, ``GlobalBatchNorm`` with gloo."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+            return self._swap(model, nn.modules.batchnorm._BatchNorm, GlobalBatchNorm)
+        return super().apply(model)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        return super().revert(self._swap(model, GlobalBatchNorm, None))
+
+    def _swap(self, module: nn.Module, find: type, make: type | None) -> nn.Module:
+        out = module
+        if isinstance(module, find) and not isinstance(module, nn.SyncBatchNorm) and type(module) is not make:
+            cls = make or module._zoo_original  # revert to the class the layer had
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            # the very same Parameter and buffer objects: requires_grad (frozen target) and identity are kept
+            for name, value in list(module._parameters.items()) + list(module._buffers.items()):
+                setattr(out, name, value)
+            out.train(module.training)
+            if make is not None:
+                out._zoo_original = type(module)
+        for name, child in module.named_children():
+            out.add_module(name, self._swap(child, find, make))
+        return out
 
 
 def default_callbacks(every_n_train_steps: int | None = None) -> list[Callback]:
@@ -167,6 +240,8 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     plugins = list(kwargs.get("plugins") or [])
     if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
+    if kwargs.get("sync_batchnorm") and not any(isinstance(p, TorchSyncBatchNorm) for p in plugins):
+        plugins.append(ZooSyncBatchNorm())  # torch's SyncBatchNorm refuses CPU tensors (gloo DDP)
     kwargs["plugins"] = plugins
     if kwargs.get("logger") in (None, True):
         kwargs["logger"] = [CSVLogger(root, name="logs"), TensorBoardLogger(root, name="tb")]
@@ -217,9 +292,9 @@ def check_finite_loss(module: pl.LightningModule, loss: torch.Tensor, policy: st
 
     ``policy="stop"`` raises ``FloatingPointError`` naming the step (no checkpoint is written on that exception, so
     the last good one survives); ``policy="skip"`` counts the step (logged as ``train/nonfinite_steps``) and the
-    caller returns None so Lightning skips backward and the optimizer step. Under DDP the decision is taken by all
-    ranks together (a fault on one rank stops or skips every rank), since a rank that skips backward alone would
-    leave the others waiting in the gradient all-reduce forever.
+    caller makes the step a no-op (``byol.BYOL``: undo the batch-norm statistics, zero-gradient loss, no update).
+    Under DDP the decision is taken by all ranks together (a fault on one rank stops or skips every rank), since a
+    rank that skips backward alone would leave the others waiting in the gradient all-reduce forever.
     """
     if all_ranks(module, bool(torch.isfinite(loss.detach()).all())):
         return True

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.data.images import build_dataset, collate_images
@@ -23,18 +24,44 @@ class EpochShuffleSampler(DistributedSampler):
     so at every step the ranks together see the same images as one process with a ``world`` times larger batch.
     It is a ``DistributedSampler`` so that Lightning neither wraps nor reshuffles it under DDP (its wrapper would
     reshuffle with its own seed and never forward ``set_epoch``); Lightning calls ``set_epoch`` at each epoch start.
+    ``num_replicas`` / ``rank`` left as None are read from ``torch.distributed`` when the sampler is used, so a
+    sampler built before DDP starts still shards.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        # DistributedSampler.__init__ would query torch.distributed; we know rank and world already.
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        # DistributedSampler.__init__ would query torch.distributed now; the shard is resolved at use instead.
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
-        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, False
-        self.num_samples = math.ceil(n / num_replicas)
-        self.total_size = self.num_samples * num_replicas
+        self._replicas, self._rank = num_replicas, rank
+        self.drop_last = False
         self.dataset = range(n)
         self._start = 0
+
+    @property
+    def num_replicas(self) -> int:  # type: ignore[override]
+        """World size of the shard."""
+        if self._replicas is not None:
+            return self._replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        """This process's rank in the shard."""
+        rank = self._rank if self._rank is not None else (
+            dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+        if not 0 <= rank < self.num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {self.num_replicas})")
+        return rank
+
+    @property
+    def num_samples(self) -> int:  # type: ignore[override]
+        """Indices this rank yields per epoch."""
+        return math.ceil(self.n / self.num_replicas)
+
+    @property
+    def total_size(self) -> int:  # type: ignore[override]
+        """Length of the padded global permutation."""
+        return self.num_samples * self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch``."""
@@ -66,11 +93,12 @@ class ResumableLoader(DataLoader):
     """A DataLoader whose position (epoch, batches already trained on) goes into the checkpoint.
 
     ``progress`` reports the fit loop's (finished epochs, batches trained on in this epoch, batches per epoch): the
-    loader cannot count that itself, because Lightning fetches ahead of training. On ``load_state_dict`` the next iteration selects the
-    saved epoch's permutation and skips the consumed batches by index, without loading them.
+    loader cannot count that itself, because Lightning fetches ahead of training. On ``load_state_dict`` the next
+    iteration selects the saved epoch's permutation and skips the consumed batches by index, without loading them.
     """
 
-    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int, int | float]] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int, int | float]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.progress = progress
         self._resume: tuple[int, int] | None = None
@@ -81,7 +109,7 @@ class ResumableLoader(DataLoader):
         epoch, batches = self._iter_epoch, 0
         if self.progress is not None:
             finished, batches, per_epoch = self.progress()
-            if finished > epoch:  # this epoch's loop has ended (exhausted, max_steps or should_stop): resume at the next
+            if finished > epoch:  # the epoch's loop has ended (exhausted, max_steps, should_stop): resume at the next
                 epoch, batches = finished, 0
             elif batches >= per_epoch:  # saved after the epoch's last batch, before the loop noticed the end
                 epoch, batches = epoch + 1, 0
@@ -107,6 +135,24 @@ class ResumableLoader(DataLoader):
             sampler.set_epoch(max(self.progress()[0], int(getattr(sampler, "epoch", 0))))
         self._iter_epoch = int(getattr(sampler, "epoch", 0))
         return super().__iter__()
+
+
+def fit_progress(trainer: pl.Trainer) -> tuple[int, int, int | float]:
+    """(epochs the fit loop has finished, batches trained on in the current epoch, batches per epoch)."""
+    loop = trainer.fit_loop
+    return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed, \
+        trainer.num_training_batches
+
+
+def resumable_loader(datamodule: pl.LightningDataModule, dataset: Dataset, batch_size: int, train: bool,
+                     seed: int = 0, **loader_kwargs: Any) -> DataLoader:
+    """The loader every DataModule should return: order from (seed, epoch), this rank's shard, and (for training)
+    a position that goes into the checkpoint, so ``--ckpt_path last`` continues mid-epoch with the next batch."""
+    trainer = datamodule.trainer
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = EpochShuffleSampler(len(dataset), seed, shuffle=train, num_replicas=world, rank=rank)
+    progress = (lambda: fit_progress(trainer)) if (train and trainer is not None) else None
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, progress=progress, **loader_kwargs)
 
 
 def collate_with_paths(batch: list[tuple]) -> dict[str, Any]:
@@ -163,26 +209,11 @@ class ImageDataModule(pl.LightningDataModule):
             self.train_set = self._build("train")
         return len(self.train_set.classes)
 
-    def _shard(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.world_size, t.global_rank) if t is not None else (1, 0)
-
-    def _train_progress(self) -> tuple[int, int, int | float]:
-        """(epochs the fit loop has finished, batches trained on in the current epoch, batches per epoch)."""
-        t = self.trainer
-        loop = t.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed, \
-            t.num_training_batches
-
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
-        world, rank = self._shard()
-        return ResumableLoader(
-            ds, batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(ds), self.seed, shuffle=train, num_replicas=world, rank=rank),
-            drop_last=train,  # a last batch of 1 would break batch norm
-            num_workers=self.num_workers, collate_fn=collate_with_paths,
-            pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
-            progress=self._train_progress if (train and self.trainer is not None) else None)
+        return resumable_loader(self, ds, self.batch_size, train, self.seed,
+                                drop_last=train,  # a last batch of 1 would break batch norm
+                                num_workers=self.num_workers, collate_fn=collate_with_paths,
+                                pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

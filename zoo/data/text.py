@@ -92,6 +92,8 @@ def read_documents(files: Sequence[Path], max_bytes: int | None, seed: int) -> l
         total += len(raw)
     if skipped:
         log.warning("text corpus: skipped %d binary file(s) containing NUL bytes", skipped)
+    if len(docs) + skipped < len(order):
+        log.info("text corpus: max_bytes=%s reached after %d of %d files", max_bytes, len(docs), len(order))
     return docs
 
 
@@ -153,7 +155,8 @@ def build_token_files(docs: Sequence[tuple[str, str]], tokenizer: Any, out_dir: 
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising corpus", leave=False)
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising corpus", leave=False,
+                   disable=None)  # None: no bar when stderr is not a terminal (log files)
     try:
         for (path, text), split in zip(docs, assigned):
             ids = list(tokenizer.encode(text))
