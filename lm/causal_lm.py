@@ -58,7 +58,7 @@ class CausalLM(L.LightningModule):
                  lr: float = 1e-3, weight_decay: float = 0.1, warmup_steps: int = 100,
                  total_steps: int | None = None, min_lr_ratio: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, reinforce_weight: float = 1.0,
-                 baseline_momentum: float = 0.99, peak_flops: float | None = None,
+                 baseline_momentum: float = 0.9, balance_weight: float = 0.0, peak_flops: float | None = None,
                  throughput_every: int = 10) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -107,14 +107,19 @@ class CausalLM(L.LightningModule):
         return self.model(input_ids)
 
     def _routing_loss_and_logs(self, nll: Tensor, stage: str) -> Tensor:
-        """REINFORCE loss of RL-R layers (reward = token log-likelihood minus a running mean) + routing logs."""
+        """Weighted RL-R losses (REINFORCE with reward = token log-likelihood minus a running mean, plus load
+        balancing) to add to the training loss; logs per-expert load and routing entropy."""
         layers = routed_layers(self.model)
-        loss = nll.new_zeros(())
+        rl = balance = nll.new_zeros(())
         if not layers:
-            return loss
+            return rl
         reward = -nll.detach()
+        # The baseline includes this batch: while the loss falls fast, a lagging mean would make every advantage
+        # positive and reinforce whichever expert happened to be picked (routing collapse).
         # torch.where, not `if`: no host-device sync per step on GPU.
-        base = torch.where(self.reward_baseline_set > 0, self.reward_baseline, reward.mean())
+        m = self.hparams.baseline_momentum
+        mean = reward.mean()
+        base = torch.where(self.reward_baseline_set > 0, m * self.reward_baseline + (1 - m) * mean, mean)
         used_rl = False
         for i, layer in enumerate(layers):
             stats = layer.last_stats
@@ -130,26 +135,28 @@ class CausalLM(L.LightningModule):
                 if key in stats:
                     self.log(f"{stage}/route{i}/{key}", stats[key])
             if stage == "train" and layer.last_log_prob is not None:
-                loss = loss + reinforce_loss(layer.last_log_prob, reward, base)
+                rl = rl + reinforce_loss(layer.last_log_prob, reward, base)
                 used_rl = True
+            if stage == "train" and layer.last_aux_loss is not None:
+                balance = balance + layer.last_aux_loss
+                self.log(f"train/route{i}/balance_loss", layer.last_aux_loss)
         if used_rl:
-            m = self.hparams.baseline_momentum
-            self.reward_baseline.copy_(m * base + (1 - m) * reward.mean())
+            self.reward_baseline.copy_(base)
             self.reward_baseline_set.fill_(1.0)
-            self.log("train/reinforce_loss", loss)
+            self.log("train/reinforce_loss", rl)
             self.log("train/reward_baseline", self.reward_baseline)
-        return loss
+        return self.hparams.reinforce_weight * rl + self.hparams.balance_weight * balance
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Next-token loss (+ REINFORCE for RL-R routers)."""
         _, tokens = split_batch(batch)
         nll = token_nll(self.model, tokens)
         loss = nll.mean()
-        rl = self._routing_loss_and_logs(nll, "train")
+        routing = self._routing_loss_and_logs(nll, "train")
         self.log("train/loss", loss, prog_bar=True)
         if "train" in self.bytes_per_token:
             self.log("train/bpb", bits_per_byte(loss.detach(), self.bytes_per_token["train"]), prog_bar=True)
-        return loss + self.hparams.reinforce_weight * rl
+        return loss + routing
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Throughput and MFU over the last ``throughput_every`` steps (first window skipped: warm-up)."""

@@ -161,8 +161,9 @@ class Distill(CausalLM):
                  top_k: int | None = None, subset: str = "topk", hard_weight: float = 0.0, lr: float = 1e-3,
                  weight_decay: float = 0.1, warmup_steps: int = 100, total_steps: int | None = None,
                  min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 reinforce_weight: float = 1.0, baseline_momentum: float = 0.99, peak_flops: float | None = None,
-                 throughput_every: int = 10, precompute_batch_size: int = 16, seed: int = 0) -> None:
+                 reinforce_weight: float = 1.0, baseline_momentum: float = 0.9, balance_weight: float = 0.0,
+                 peak_flops: float | None = None, throughput_every: int = 10, precompute_batch_size: int = 16,
+                 seed: int = 0) -> None:
         super(CausalLM, self).__init__()  # skip CausalLM.__init__: its hyper-parameters are not ours
         self.save_hyperparameters()
         if teacher is None and teacher_ckpt is None:
@@ -258,14 +259,14 @@ class Distill(CausalLM):
         window_idx, tokens = split_batch(batch)
         ce, nll, logs = self.distill_loss(tokens, window_idx)
         loss = ce + self.hparams.hard_weight * nll.mean() if self.hparams.hard_weight else ce
-        rl = self._routing_loss_and_logs(nll, "train")
+        routing = self._routing_loss_and_logs(nll, "train")
         self.log("train/distill_ce", ce, prog_bar=True)
         self.log("train/loss", nll.mean().detach())
         for key, value in logs.items():
             self.log(f"train/{key}", value)
         if "train" in self.bytes_per_token:
             self.log("train/bpb", bits_per_byte(nll.mean().detach(), self.bytes_per_token["train"]))
-        return loss + self.hparams.reinforce_weight * rl
+        return loss + routing
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         """Student next-token NLL (comparable with CausalLM) and the full-distribution KL to the teacher."""

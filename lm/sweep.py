@@ -32,7 +32,7 @@ from lm import flops as F
 
 COLUMNS = ("run_id", "model", "d_model", "n_layers", "n_heads", "d_ff", "E", "N", "N_total", "D", "C", "C_6nd",
            "C_detailed", "steps", "batch_size", "seq_len", "lr", "L", "train_loss", "wall_s", "tokens_per_s",
-           "plan_hash")
+           "plan_hash", "data_key")
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -222,7 +222,7 @@ def load_runs_csv(path: str | os.PathLike, required: Sequence[str] = ("N", "D", 
     if not rows:
         raise ValueError(f"{str(p)!r} has no runs")
     out: dict[str, np.ndarray] = {}
-    for col in [c for c in header if c not in ("run_id", "model", "plan_hash")]:
+    for col in [c for c in header if c not in ("run_id", "model", "plan_hash", "data_key")]:
         vals = []
         for i, r in enumerate(rows):
             cell = (r.get(col) or "").strip()
@@ -258,9 +258,23 @@ class RunOutcome:
 TrainFn = Callable[[RunSpec, SweepConfig], RunOutcome]
 
 
+def data_key(cfg: SweepConfig) -> str:
+    """Identity of the tokenised corpus (TextDataModule's cache key: files, tokenizer, options, cache version)."""
+    dm = _datamodule(cfg)
+    return dm.data_dir.name if dm.data_dir is not None else ""
+
+
 def run_sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, limit: int | None = None,
-              log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Train every planned run not yet in the CSV; returns (rows written now, [(run_id, error)] of failed runs)."""
+              log: Callable[[str], None] = print, data: str | None = None
+              ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Train every planned run not yet in the CSV; returns (rows written now, [(run_id, error)] of failed runs).
+
+    ``data`` names the corpus the runs train on (default: the data module's cache key when training for real).
+    A finished row is reused only if both its settings (plan hash) and its data match: the settings alone miss a
+    changed corpus, tokenizer or train/val split, which would silently mix two experiments in one fit.
+    """
+    if data is None:
+        data = data_key(cfg) if train_fn is None else ""
     train_fn = train_fn or train_one
     out = Path(cfg.out_dir)
     csv_path = out / "runs.csv"
@@ -272,6 +286,10 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, limit: int | No
             raise ValueError(f"{csv_path} already holds run {spec.run_id} trained with different settings "
                              f"(plan hash {old.get('plan_hash')} != {spec.plan_hash}); use a new out_dir or "
                              "delete that CSV to start over")
+        if old is not None and old.get("data_key", "") != data:
+            raise ValueError(f"{csv_path} already holds run {spec.run_id} trained on different data (data key "
+                             f"{old.get('data_key')!r} != {data!r}: the corpus, tokenizer or split changed); use a "
+                             "new out_dir or delete that CSV to start over")
     todo = [s for s in plan if s.run_id not in done]
     log(f"sweep: {len(plan)} runs planned, {len(plan) - len(todo)} already in {csv_path}, {len(todo)} to train")
     if limit is not None:
@@ -299,7 +317,7 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, limit: int | No
                "C_detailed": f"{spec.C_detailed:.6g}", "steps": spec.steps, "batch_size": spec.batch_size,
                "seq_len": spec.seq_len, "lr": spec.lr, "L": f"{res.val_loss:.6f}",
                "train_loss": f"{res.train_loss:.6f}", "wall_s": f"{wall:.2f}",
-               "tokens_per_s": f"{spec.D / max(wall, 1e-9):.1f}", "plan_hash": spec.plan_hash,
+               "tokens_per_s": f"{spec.D / max(wall, 1e-9):.1f}", "plan_hash": spec.plan_hash, "data_key": data,
                **{k: spec.overrides[k] for k in ("d_model", "n_layers", "n_heads", "d_ff")}}
         append_result(csv_path, row)
         # A preempted earlier attempt may have left a last.ckpt there; the finished row supersedes it.

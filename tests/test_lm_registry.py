@@ -109,3 +109,14 @@ def test_tiny_cpu_models_run(name):
 def test_config_is_plain_data():
     cfg = TransformerConfig(layer_pattern=["local", "global"], window=8)
     assert cfg.layer_pattern == ("local", "global") and cfg.n_kv_heads == cfg.n_heads and cfg.head_dim == 64
+
+
+def test_overriding_heads_or_width_rederives_derived_fields():
+    """An MHA model stays MHA with a new head count; a derived head_dim follows d_model / n_heads."""
+    base = zoo.create("gopher-tiny", device="meta").config
+    cfg = zoo.create("gopher-tiny", n_heads=2, device="meta").config
+    assert base.n_kv_heads == base.n_heads and cfg.n_heads == cfg.n_kv_heads == 2
+    assert cfg.head_dim == cfg.d_model // 2
+    gqa = zoo.create("gemma2-tiny", device="meta").config
+    kept = zoo.create("gemma2-tiny", n_heads=gqa.n_heads * 2, device="meta").config
+    assert kept.n_kv_heads == gqa.n_kv_heads  # an explicit GQA ratio is the user's, not derived: left alone

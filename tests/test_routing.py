@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zoo.transformer import TransformerConfig
-from zoo.routing import (RoutedFFN, expert_bias, hash_table, load_fractions, reinforce_loss, routed_layers, routing_stats,
+from zoo.routing import (RoutedFFN, balance_loss, expert_bias, hash_table, load_fractions, reinforce_loss, routed_layers, routing_stats,
                          sinkhorn)
 
 
@@ -155,6 +155,17 @@ def test_one_expert_per_token_matches_expert_output():
         assert torch.allclose(y[0, t], layer.experts[e](x[0, t][None])[0], atol=1e-6)
 
 
+def test_balance_loss_values_and_gradient():
+    uniform = torch.full((8, 4), 0.25)
+    assert balance_loss(uniform, torch.arange(8) % 4, 4).item() == pytest.approx(1.0)
+    collapsed = torch.zeros(8, 4)
+    collapsed[:, 0] = 1.0
+    assert balance_loss(collapsed, torch.zeros(8, dtype=torch.long), 4).item() == pytest.approx(4.0)
+    logits = torch.zeros(8, 4, requires_grad=True)
+    balance_loss(logits.softmax(-1), torch.zeros(8, dtype=torch.long), 4).backward()
+    assert (logits.grad[:, 0] > 0).all()  # descent lowers the overloaded expert's probability
+
+
 def test_routing_stats_and_bad_inputs():
     s = routing_stats(torch.tensor([0, 0, 1, 1]), 2, torch.full((4, 2), 0.5))
     assert torch.allclose(s["load"], torch.tensor([0.5, 0.5]))
@@ -192,6 +203,7 @@ def test_routed_model_trains_on_cpu(tmp_path, router):
     assert "train/route1/load_entropy" in m and "val/route0/load_entropy" in m
     if router == "rlr":
         assert "train/reinforce_loss" in m and module.reward_baseline_set.item() == 1.0
+        assert "train/route0/balance_loss" in m
         assert module.reward_baseline.item() < 0  # a running mean of log-likelihoods
     else:
         assert "train/reinforce_loss" not in m

@@ -99,6 +99,17 @@ def test_sweep_refuses_to_mix_settings(tmp_path):
         W.run_sweep(changed, train_fn=FakeTrain(), log=lambda s: None)
 
 
+def test_sweep_refuses_to_mix_data(tmp_path):
+    cfg = make_cfg(tmp_path)
+    W.run_sweep(cfg, train_fn=FakeTrain(), limit=2, log=lambda s: None, data="corpus-v1")
+    assert {r["data_key"] for r in W.read_results(Path(cfg.out_dir) / "runs.csv")} == {"corpus-v1"}
+    with pytest.raises(ValueError, match="trained on different data"):
+        W.run_sweep(cfg, train_fn=FakeTrain(), log=lambda s: None, data="corpus-v2")
+    fake = FakeTrain()
+    W.run_sweep(cfg, train_fn=fake, log=lambda s: None, data="corpus-v1")
+    assert len(fake.calls) == len(W.plan_runs(cfg)) - 2
+
+
 def test_failed_runs_are_reported_and_retried(tmp_path):
     cfg = make_cfg(tmp_path)
     plan = W.plan_runs(cfg)
@@ -225,6 +236,7 @@ def test_real_tiny_sweep_trains_with_the_shared_trainer(tmp_path):
                         val_batches=2, curve_points=4, trainer={"accelerator": "cpu"})
     written, failed = W.run_sweep(cfg, log=lambda s: None)
     assert not failed and len(written) == 2
+    assert written[0]["data_key"] == W._datamodule(cfg).data_dir.name != ""
     for row in written:
         assert 0 < float(row["L"]) < 7  # below ln(259) = 5.56 give or take a few steps of noise
         assert int(row["D"]) == int(row["steps"]) * 4 * 16

@@ -76,6 +76,12 @@ def reinforce_loss(log_prob: Tensor, reward: Tensor, baseline: Tensor | float) -
     return -(advantage * log_prob).mean()
 
 
+def balance_loss(probs: Tensor, expert_idx: Tensor, n_experts: int) -> Tensor:
+    """Switch-Transformer load-balancing loss E * sum_e f_e P_e (1 when uniform); gradient flows through P only."""
+    f = load_fractions(expert_idx.detach(), n_experts)
+    return n_experts * (f * probs.float().mean(0)).sum()
+
+
 def hash_table(vocab_size: int, n_experts: int, seed: int = 0) -> Tensor:
     """Fixed random token-id -> expert map: a seeded balanced shuffle, so every expert gets ~vocab/E ids."""
     g = torch.Generator().manual_seed(seed)
@@ -128,6 +134,7 @@ class RoutedFFN(nn.Module):
             # Initialised by the Transformer with its other Linear layers (normal, init_std).
             self.router = nn.Linear(self.d_model, self.n_experts, bias=False)
         self.last_log_prob: Tensor | None = None
+        self.last_aux_loss: Tensor | None = None
         self.last_expert: Tensor | None = None
         self.last_stats: dict[str, Tensor] = {}
 
@@ -158,6 +165,9 @@ class RoutedFFN(nn.Module):
                 idx = torch.multinomial(probs, 1).squeeze(-1) if self.training else probs.argmax(-1)
             log_probs = logits.log_softmax(-1)
             self.last_log_prob = log_probs.gather(-1, idx[:, None]).squeeze(-1).reshape(input_ids.shape)
+            # REINFORCE alone lets the expert that got more tokens early win ever more (it trains faster, so
+            # earns more reward): the LM module can add this balancing term (balance_weight) against collapse.
+            self.last_aux_loss = balance_loss(probs, idx, self.n_experts)
             gate = None
         self.last_stats = routing_stats(idx.detach(), self.n_experts, probs.detach())
         return idx, gate

@@ -98,6 +98,13 @@ class TransformerConfig:
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ValueError(f"unknown TransformerConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        # Derived fields follow their sources when they were derived: an MHA model stays MHA with a new head count,
+        # and a head_dim of d_model // n_heads is recomputed when either changes.
+        if "n_heads" in overrides and "n_kv_heads" not in overrides and self.n_kv_heads == self.n_heads:
+            overrides["n_kv_heads"] = None
+        if ({"n_heads", "d_model"} & set(overrides) and "head_dim" not in overrides
+                and self.head_dim == self.d_model // self.n_heads):
+            overrides["head_dim"] = None
         return dataclasses.replace(self, **overrides)
 
 
