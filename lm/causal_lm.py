@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import zoo
 from lm.metrics import bits_per_byte, flops_per_token, matmul_params, mfu, peak_flops
-from lm.optim import lr_at, make_adamw, param_groups
+from lm.optim import check_optim_args, lr_at, make_adamw, param_groups
 from zoo.attention import attention_flops_per_token
 from zoo.routing import reinforce_loss, routed_layers
 
@@ -66,6 +66,7 @@ class CausalLM(L.LightningModule):
 
     def _init_common(self, model: str, overrides: dict[str, Any] | None) -> None:
         """Build the trained model and the state shared with lm.Distill (which trains its student the same way)."""
+        check_optim_args(self.hparams)
         self.model_name = model
         self.model = zoo.create(model, **(overrides or {}))
         if not hasattr(self.model, "config"):

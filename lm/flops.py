@@ -65,7 +65,7 @@ def forward_flops(config: Any, seq_len: int) -> FlopBreakdown:
     d, V, n_layers = _field(config, "d_model"), _field(config, "vocab_size"), _field(config, "n_layers")
     H, K, hd, f = (_field(config, k) for k in ("n_heads", "n_kv_heads", "head_dim", "d_ff"))
     ffn = _field(config, "ffn")
-    mats = 3 if ffn == "geglu" or (ffn == "routed" and getattr(config, "expert_ffn", "geglu") == "geglu") else 2
+    mats = 3 if ffn == "geglu" or (ffn == "routed" and config.expert_ffn == "geglu") else 2
     n_routed = sum(1 for i in range(n_layers) if config.is_routed(i)) if ffn == "routed" else 0
     # Hash routing is a table lookup: no router matmul.
     E = 0 if getattr(config, "router", "") == "hash" else int(getattr(config, "n_experts", 1))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -57,3 +57,17 @@ def make_adamw(params: Iterable | list[dict], lr: float, betas: tuple[float, flo
     on_cuda = all(p.is_cuda for g in groups for p in (g["params"] if isinstance(g, dict) else [g]))
     kwargs = {"fused": True} if on_cuda and torch.cuda.is_available() else {}
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+
+
+def check_optim_args(hp: Any) -> None:
+    """Refuse impossible optimiser settings before training, naming the key (``model.<key>`` in a config)."""
+    if not hp.lr > 0:
+        raise ValueError(f"model.lr must be positive, got {hp.lr}")
+    if hp.weight_decay < 0:
+        raise ValueError(f"model.weight_decay must be >= 0, got {hp.weight_decay}")
+    if hp.warmup_steps < 0:
+        raise ValueError(f"model.warmup_steps must be >= 0, got {hp.warmup_steps}")
+    if not 0.0 <= hp.min_lr_ratio <= 1.0:
+        raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {hp.min_lr_ratio}")
+    if len(hp.betas) != 2 or not all(0.0 <= b < 1.0 for b in hp.betas):
+        raise ValueError(f"model.betas must be two numbers in [0, 1), got {hp.betas}")

@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-
+# Before torch is imported: the DDP tests fork processes, and a fork after MKL/OpenMP started worker threads can
+# deadlock the child. One thread per process also keeps the 2-core CI machine from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # real ImageNet wnids, used as class folder names
 

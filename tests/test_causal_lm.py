@@ -134,3 +134,12 @@ def test_configs_parse_and_dense_config_runs(tmp_path, monkeypatch):
           "--data.init_args.seq_len=32", "--data.init_args.batch_size=2",
           f"--data.init_args.cache_dir={tmp_path / 'cache'}"])
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.parametrize("key,value", [("lr", -1e-3), ("weight_decay", -0.1), ("warmup_steps", -1),
+                                       ("min_lr_ratio", 1.5), ("betas", (0.9, 1.0))])
+def test_impossible_optimiser_settings_are_refused_naming_the_key(key, value):
+    from lm.causal_lm import CausalLM
+
+    with pytest.raises(ValueError, match=f"model.{key}"):
+        CausalLM(**{key: value})

@@ -53,7 +53,7 @@ def _run(folder: Path, devices: int, batch: int, callbacks=(), steps: int = STEP
     pl.seed_everything(0)
     kw = {"enable_checkpointing": False, **(trainer_kw or {})}
     trainer = build_trainer(default_root_dir=str(folder), accelerator="cpu", devices=devices,
-                            strategy="ddp_fork" if devices > 1 else "auto", max_steps=steps, logger=False,
+                            strategy="ddp_spawn" if devices > 1 else "auto", max_steps=steps, logger=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                             callbacks=[Dump(str(folder)), *callbacks], **kw)
     trainer.fit(BYOL(**{**TINY, **model_kw}), ImageDataModule("digits", batch_size=batch, num_workers=0, image_size=16),

@@ -120,3 +120,11 @@ def test_overriding_heads_or_width_rederives_derived_fields():
     gqa = zoo.create("gemma2-tiny", device="meta").config
     kept = zoo.create("gemma2-tiny", n_heads=gqa.n_heads * 2, device="meta").config
     assert kept.n_kv_heads == gqa.n_kv_heads  # an explicit GQA ratio is the user's, not derived: left alone
+
+
+def test_routing_a_dense_model_keeps_its_ffn_kind_for_the_experts():
+    gopher = zoo.create("gopher-tiny", ffn="routed", n_experts=2, device="meta").config
+    gemma = zoo.create("gemma2-tiny", ffn="routed", n_experts=2, device="meta").config
+    assert (gopher.expert_ffn, gemma.expert_ffn) == ("gelu", "geglu")
+    with pytest.raises(ValueError, match="expert_ffn"):
+        zoo.create("gemma2-tiny", expert_ffn="relu", device="meta")

@@ -164,25 +164,13 @@ def test_sigterm_during_validation_then_resume_is_bit_exact(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- lm.CausalLM
 def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path):
-    """Same guarantee for ``lm.CausalLM`` (AdamW state, warmup + cosine position, REINFORCE baseline buffers).
-
-    ``zoo.data.text.TextDataModule`` still shuffles with a plain ``RandomSampler`` (a fresh global-RNG seed per
-    epoch, no loader state), so this test gives it the shared resumable train loader, exactly the change proposed
-    for ``zoo/data/text.py``: ``train_dataloader`` returning ``zoo.data.loaders.resumable_loader(...)``.
-    """
+    """Same guarantee for ``lm.CausalLM`` (AdamW state, warmup + cosine position, REINFORCE baseline buffers),
+    through ``TextDataModule``'s shared resumable loader."""
     lm_testutil = pytest.importorskip("lm_testutil")
     from lm.causal_lm import CausalLM
-    from zoo.data.loaders import resumable_loader
     from zoo.data.text import TextDataModule
 
     import fault_callbacks
-
-    class ResumableText(TextDataModule):
-        def train_dataloader(self):
-            ds = self.train_set
-            ds.return_index = self.return_index
-            return resumable_loader(self, ds, self.batch_size, True, self.seed, drop_last=len(ds) > self.batch_size,
-                                    num_workers=self.num_workers)
 
     corpus = lm_testutil.tiny_corpus(tmp_path / "corpus")
 
@@ -190,7 +178,7 @@ def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path):
         from zoo.trainer import build_trainer
 
         torch.manual_seed(0)
-        data = ResumableText(paths=str(corpus), seq_len=32, batch_size=8, val_fraction=0.25,
+        data = TextDataModule(paths=str(corpus), seq_len=32, batch_size=8, val_fraction=0.25,
                              cache_dir=str(tmp_path / "cache"), progress=False)
         module = CausalLM(model_overrides=lm_testutil.TINY, lr=3e-3, warmup_steps=2, throughput_every=100)
         trainer = build_trainer(default_root_dir=str(root), accelerator="cpu", max_steps=STEPS,

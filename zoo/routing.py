@@ -97,7 +97,7 @@ def hash_table(vocab_size: int, n_experts: int, seed: int = 0) -> Tensor:
 def expert_config(config: TransformerConfig) -> TransformerConfig:
     """The dense config each expert is built from: ffn = the config's expert kind (``expert_ffn``, default GeGLU)."""
     # ffn="routed" says nothing about the experts' MLP; Gopher-style models set expert_ffn="gelu".
-    kind = getattr(config, "expert_ffn", "geglu")
+    kind = config.expert_ffn
     if kind not in ("geglu", "gelu"):
         raise ValueError(f"expert FFN kind must be 'geglu' or 'gelu', got expert_ffn={kind!r}")
     return dataclasses.replace(config, ffn=kind)
@@ -115,7 +115,7 @@ class RoutedFFN(nn.Module):
             raise ValueError(f"unknown router {self.router_kind!r}; choose one of {ROUTERS}")
         if self.n_experts < 1:
             raise ValueError(f"n_experts must be >= 1, got {self.n_experts}")
-        self.sinkhorn_iters = int(getattr(config, "sinkhorn_iters", 8))
+        self.sinkhorn_iters = int(config.sinkhorn_iters)
         # Experts are exactly the dense FFN (same class, same init), so routed vs dense compares like with like.
         dense = expert_config(config)
         self.experts = nn.ModuleList(DenseFFN(dense) for _ in range(self.n_experts))
@@ -123,10 +123,10 @@ class RoutedFFN(nn.Module):
         # argmax(logits + bias): causal (no other tokens involved) and balanced the way training was.
         if self.router_kind == "sbase":
             self.register_buffer("balance_bias", torch.zeros(self.n_experts), persistent=True)
-        self.bias_momentum = float(getattr(config, "balance_bias_momentum", 0.99))
+        self.bias_momentum = float(config.balance_bias_momentum)
         if self.router_kind == "hash":
             vocab = int(config.vocab_size)
-            seed = int(getattr(config, "hash_seed", 0))
+            seed = int(config.hash_seed)
             # A buffer, not a parameter: the map is fixed, but it must travel with checkpoints and devices.
             self.register_buffer("token_to_expert", hash_table(vocab, self.n_experts, seed), persistent=True)
             self.router = None

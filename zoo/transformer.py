@@ -51,6 +51,10 @@ class TransformerConfig:
     n_experts: int = 1
     router: str = "sbase"  # "sbase" | "hash" | "rlr"
     routing_frequency: int = 1  # with ffn="routed", layer i is routed iff i % routing_frequency == routing_frequency-1
+    expert_ffn: str = "geglu"  # kind of each routed expert ("geglu" | "gelu"): the dense FFN it replaces
+    sinkhorn_iters: int = 8  # S-BASE balancing iterations
+    hash_seed: int = 0  # Hash router's fixed token -> expert map
+    balance_bias_momentum: float = 0.99  # S-BASE eval-time routing bias: running mean of Sinkhorn's balancing
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class TransformerConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.ffn not in FFN_KINDS:
             raise ValueError(f"ffn={self.ffn!r}; expected one of {FFN_KINDS}")
+        if self.expert_ffn not in ("geglu", "gelu"):
+            raise ValueError(f"expert_ffn={self.expert_ffn!r}; expected 'geglu' or 'gelu'")
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r}; expected one of {ROUTERS}")
         if self.positions not in ("rope", "relative"):
@@ -100,6 +106,8 @@ class TransformerConfig:
             raise ValueError(f"unknown TransformerConfig field(s) {unknown}; valid fields: {sorted(names)}")
         # Derived fields follow their sources when they were derived: an MHA model stays MHA with a new head count,
         # and a head_dim of d_model // n_heads is recomputed when either changes.
+        if overrides.get("ffn") == "routed" and "expert_ffn" not in overrides and self.ffn != "routed":
+            overrides["expert_ffn"] = self.ffn  # a routed Gopher keeps GELU experts, a routed Gemma GeGLU ones
         if "n_heads" in overrides and "n_kv_heads" not in overrides and self.n_kv_heads == self.n_heads:
             overrides["n_kv_heads"] = None
         if ({"n_heads", "d_model"} & set(overrides) and "head_dim" not in overrides

@@ -222,6 +222,8 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if max_bytes is not None and max_bytes <= 0:
@@ -311,8 +313,11 @@ class TextDataModule(L.LightningDataModule):
         ds.return_index = self.return_index  # may be switched on after setup (lm.Distill does, for top-k targets)
         # Drop a ragged last batch only when there is more than one: a tiny corpus must still train.
         drop = shuffle and len(ds) > self.batch_size
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          drop_last=drop, persistent_workers=self.num_workers > 0)
+        # The shared resumable loader: (seed, epoch) order, this rank's shard, mid-epoch position in the checkpoint.
+        from zoo.data.loaders import resumable_loader
+
+        return resumable_loader(self, ds, self.batch_size, train=shuffle, seed=self.seed, drop_last=drop,
+                                num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled full batches of training windows."""
