@@ -133,8 +133,10 @@ def test_probe_report_compares_trained_with_initial_encoder(tmp_path, capsys):
     trainer.fit(model, _data(32))
     saved = json.loads((tmp_path / "probe_report.json").read_text())
     assert saved == report.result
-    assert 0 <= saved["random_init_top1"] <= 100 and 0 <= saved["trained_top1"] <= 100
-    assert saved["gain_points"] == pytest.approx(saved["trained_top1"] - saved["random_init_top1"])
+    for key in ("random_init_knn_top1", "trained_knn_top1", "random_init_linear_top1", "trained_linear_top1"):
+        assert 0 <= saved[key] <= 100
+    assert saved["gain_knn_points"] == pytest.approx(saved["trained_knn_top1"] - saved["random_init_knn_top1"])
+    assert saved["gain_linear_points"] == pytest.approx(saved["trained_linear_top1"] - saved["random_init_linear_top1"])
     # the initial copy really is the initial encoder: it differs from the trained one
     w0 = report.initial.features[0].weight
     assert not torch.equal(w0, model.online_encoder.features[0].weight.cpu())
