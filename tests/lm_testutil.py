@@ -34,3 +34,13 @@ def quiet_trainer(tmp_path: Path, max_steps: int, **kw) -> L.Trainer:
     return L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
                      default_root_dir=str(tmp_path), num_sanity_val_steps=0, **kw)
+
+
+def fit_and_val_losses(module: L.LightningModule, dm: TextDataModule, tmp_path: Path, steps: int = 30):
+    """(validation loss before training, trainer after ``steps`` training steps)."""
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    trainer.validate(module, dm)
+    before = trainer.callback_metrics["val/loss"].item()
+    trainer = quiet_trainer(tmp_path, max_steps=steps)
+    trainer.fit(module, dm)
+    return before, trainer

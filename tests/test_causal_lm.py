@@ -13,7 +13,7 @@ from lm import CausalLM
 from lm.causal_lm import load_lm
 from lm.metrics import bits_per_byte, flops_per_token, matmul_params, mfu, peak_flops
 from lm.optim import lr_at, param_groups
-from lm_testutil import TINY, quiet_trainer, tiny_data
+from lm_testutil import TINY, fit_and_val_losses, quiet_trainer, tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,11 +67,7 @@ def test_causal_lm_trains_and_logs(tmp_path):
     torch.manual_seed(0)
     dm = tiny_data(tmp_path)
     module = CausalLM(model_overrides=TINY, lr=3e-3, warmup_steps=2, throughput_every=2)
-    trainer = quiet_trainer(tmp_path, max_steps=1)
-    trainer.validate(module, dm)
-    before = trainer.callback_metrics["val/loss"].item()
-    trainer = quiet_trainer(tmp_path, max_steps=30)
-    trainer.fit(module, dm)
+    before, trainer = fit_and_val_losses(module, dm, tmp_path, steps=30)
     m = trainer.callback_metrics
     assert m["val/loss"].item() < before - 1.0  # learnt well beyond uniform guessing
     assert m["val/ppl"].item() == pytest.approx(math.exp(m["val/loss"].item()), rel=1e-4)

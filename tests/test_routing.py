@@ -184,18 +184,14 @@ def test_routing_stats_and_bad_inputs():
 @pytest.mark.parametrize("router", ["sbase", "hash", "rlr"])
 def test_routed_model_trains_on_cpu(tmp_path, router):
     from lm import CausalLM
-    from lm_testutil import TINY, quiet_trainer, tiny_data
+    from lm_testutil import TINY, fit_and_val_losses, tiny_data
 
     torch.manual_seed(0)
     dm = tiny_data(tmp_path)
     module = CausalLM(model_overrides={**TINY, "ffn": "routed", "n_experts": 4, "router": router,
                                        "routing_frequency": 1}, lr=3e-3, warmup_steps=2)
     assert len(routed_layers(module.model)) == 2
-    trainer = quiet_trainer(tmp_path, max_steps=1)
-    trainer.validate(module, dm)
-    before = trainer.callback_metrics["val/loss"].item()
-    trainer = quiet_trainer(tmp_path, max_steps=30)
-    trainer.fit(module, dm)
+    before, trainer = fit_and_val_losses(module, dm, tmp_path, steps=30)
     m = trainer.callback_metrics
     assert m["val/loss"].item() < before - 1.0
     loads = [m[f"train/route0/load_e{e}"].item() for e in range(4)]
