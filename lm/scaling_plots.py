@@ -18,6 +18,14 @@ def _plt() -> Any:
     return plt
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write the PNG and free the figure (every plot ends here)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def plot_isoflop(N: np.ndarray, L: np.ndarray, C: np.ndarray, iso: S.IsoFlopFit | None,
                  parametric: S.ParametricFit | None, path: Path) -> Path:
     """Loss against N per compute budget, with the fitted parabolas (and the Approach 3 law when given)."""
@@ -45,10 +53,7 @@ def plot_isoflop(N: np.ndarray, L: np.ndarray, C: np.ndarray, iso: S.IsoFlopFit 
     ax.set_title("IsoFLOP profiles" + (" (solid: parabolas, *: minima)" if iso else "")
                  + (" (dashed: Approach 3)" if parametric else ""))
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_optimal(fit: Any, iso: S.IsoFlopFit | None, path: Path) -> Path:
@@ -77,10 +82,7 @@ def plot_optimal(fit: Any, iso: S.IsoFlopFit | None, path: Path) -> Path:
         ax.set_ylabel(name)
         ax.legend(fontsize=8)
     fig.suptitle(f"compute-optimal allocation ({type(fit).__name__})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_envelope(curves: list[S.TrainingCurve], fit: S.EnvelopeFit, path: Path) -> Path:
@@ -97,10 +99,7 @@ def plot_envelope(curves: list[S.TrainingCurve], fit: S.EnvelopeFit, path: Path)
     ax.set_xlabel("compute C = 6 N D (FLOPs)")
     ax.set_ylabel("smoothed training loss")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_routed(N: np.ndarray, E: np.ndarray, L: np.ndarray, fit: S.RoutedFit, path: Path) -> Path:
@@ -120,7 +119,4 @@ def plot_routed(N: np.ndarray, E: np.ndarray, L: np.ndarray, fit: S.RoutedFit, p
     ax.set_ylabel("validation loss")
     ax.set_title("routed law fit")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
