@@ -73,6 +73,38 @@ def test_lars_trust_ratio_is_one_when_a_norm_is_zero():
     assert torch.allclose(w.data, -torch.ones(2, 2))
 
 
+def test_lars_multi_tensor_step_equals_the_per_tensor_formula():
+    """Three steps over many tensors (one with zero weights, one without a gradient) against the formula, per tensor."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 4 * 4, 5), torch.nn.Linear(5, 2, bias=False))
+    with torch.no_grad():
+        net[3].weight.zero_()
+    frozen_grad = net[4].weight
+    ref = {n: p.detach().clone() for n, p in net.named_parameters()}
+    mom = {n: torch.zeros_like(p) for n, p in ref.items()}
+    opt = LARS(lars_param_groups(net.named_parameters()), lr=0.3, momentum=0.9, weight_decay=1e-2, eta=1e-2)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        net(torch.randn(8, 3, 6, 6)).square().mean().backward()
+        frozen_grad.grad = None
+        grads = {n: None if p.grad is None else p.grad.clone() for n, p in net.named_parameters()}
+        opt.step()
+        for n, w in ref.items():
+            g = grads[n]
+            if g is None:
+                continue
+            u = g
+            if w.ndim > 1:
+                u = g + 1e-2 * w
+                wn, un = w.norm(), u.norm()
+                u = u * (1e-2 * wn / un if wn > 0 and un > 0 else 1.0)
+            mom[n] = 0.9 * mom[n] + u
+            ref[n] = w - 0.3 * mom[n]
+        for n, p in net.named_parameters():
+            assert torch.allclose(p, ref[n], atol=1e-6), n  # the tensor without a gradient stays at its start
+
+
 def test_lars_groups_exclude_biases_and_norms():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
     adapted, excluded = lars_param_groups(net.named_parameters())

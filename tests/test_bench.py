@@ -1,0 +1,31 @@
+"""The prepared GPU benchmark run (bench/gpu_all.sh) in its CPU smoke mode: every benchmark script runs end to end
+against its peer and leaves a result line, so the one GPU call a lucky session gets cannot fail on plumbing."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_script_smoke_mode_runs_every_benchmark_against_its_peer(tmp_path):
+    env = {**os.environ, "DEVICE": "cpu", "SMOKE": "1", "OUT": str(tmp_path), "BUDGET": "900",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_all.sh")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines() if x.strip()]
+    log = (tmp_path / "log.txt").read_text()
+    assert [r["bench"] for r in lines] == ["augment", "augment", "loader", "byol_step", "lm_step", "probe"], log[-3000:]
+    for r in lines:
+        assert "error" not in r, (r, log[-3000:])
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+    assert [r["compile"] for r in lines[:2]] == [False, True]
+    assert lines[2]["bad"] == 0 and lines[2]["ours_img_s"] > 0 and lines[2]["peer_img_s"] > 0
+    assert lines[3]["ours_img_s"] > 0 and lines[3]["byol_pytorch_img_s"] > 0
+    lm = lines[4]["results"]  # same weights, same batch: the same first loss (fp32 on CPU)
+    assert abs(lm["zoo"]["first_loss"] - lm["transformers-eager"]["first_loss"]) < 1e-3
+    assert lines[5]["top1_diff"] == 0.0  # fast and protocol probes agree
+    assert "torch " in log and "== done in" in log
