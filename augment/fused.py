@@ -16,7 +16,7 @@ whole (tested with ``fullgraph=True``):
   all four ops in each of four slots" scheme. On CPU (eager) each stage runs only on the samples that use it.
 * blur = per-sample Toeplitz slabs: each axis is cut into overlapping windows of ``32 + 2r`` samples (a view) and
   multiplied by a ``[32, 32 + 2r]`` banded slab, one batched matmul per axis (4x fewer FLOPs than a full banded
-  matrix at 224 px); zero padding is explicit (TF 'SAME').
+  matrix at 224 px); zero padding is explicit (TF 'SAME'). On CPU (eager) only the images that blur are blurred.
 * solarize + normalisation = one final elementwise pass (solarize comes after blur in the paper's order).
 
 Two schedules of the same stage functions (``apply_view(per_sample=...)``): the batched one above (GPU, compile),
