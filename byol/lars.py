@@ -20,26 +20,26 @@ class LARS(Optimizer):
         momentum: heavy-ball momentum.
         weight_decay: decoupled into the gradient before the trust ratio.
         eta: trust coefficient.
+        foreach: multi-tensor (``torch._foreach_*``) update; None picks it for CUDA parameters only. On a GPU a
+            ResNet-50 BYOL's ~320 tensors x ~10 small kernels each would cost milliseconds of launch overhead per
+            step; on a CPU the per-tensor loop is faster (25.9 vs 33.4 ms for a ResNet-18 BYOL's 16.4M parameters,
+            2 threads), since it runs every pass over a tensor while that tensor is in cache.
     """
 
     def __init__(self, params: Iterable, lr: float = 0.2, momentum: float = 0.9, weight_decay: float = 1.5e-6,
-                 eta: float = 1e-3) -> None:
+                 eta: float = 1e-3, foreach: bool | None = None) -> None:
         if lr < 0:
             raise ValueError(f"LARS lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"LARS momentum must be in [0, 1), got {momentum}")
         if weight_decay < 0:
             raise ValueError(f"LARS weight_decay must be >= 0, got {weight_decay}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, exclude=False))
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, exclude=False,
+                                      foreach=foreach))
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        """One update of every parameter with a gradient.
-
-        Multi-tensor (``torch._foreach_*``) form: a ResNet-50 BYOL has ~320 parameter tensors, and a per-tensor loop
-        of ~10 small kernels each costs milliseconds of launch overhead per step on a GPU. The trust ratios are
-        computed for all tensors at once from stacked norms, so nothing syncs with the host.
-        """
+        """One update of every parameter with a gradient (no host sync: trust ratios stay on the device)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -48,27 +48,36 @@ class LARS(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            if group["exclude"]:
-                updates = grads
-            else:
-                wd = group["weight_decay"]
-                updates = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
-                w_norm = torch.stack(torch._foreach_norm(params))
-                u_norm = torch.stack(torch._foreach_norm(updates))
-                trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm,
-                                    torch.ones_like(w_norm))
-                torch._foreach_mul_(updates, list(trust.unbind(0)))
             bufs = []
-            for p, u in zip(params, updates):
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:  # first step: m = 0 * momentum + u
                     state["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, updates)
-            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+            foreach = group.get("foreach")
+            if foreach is None:
+                foreach = params[0].is_cuda
+            if foreach:
+                _update(params, [p.grad for p in params], bufs, group)
+            else:  # the same formula on one tensor at a time
+                for p, buf in zip(params, bufs):
+                    _update([p], [p.grad], [buf], group)
         return loss
+
+
+def _update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], group: dict) -> None:
+    """``u = g + wd w``, ``u *= eta ||w|| / ||u||`` (adapted group), ``m = momentum m + u``, ``w -= lr m``."""
+    updates = grads
+    if not group["exclude"]:
+        wd = group["weight_decay"]
+        updates = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
+        w_norm = torch.stack(torch._foreach_norm(params))
+        u_norm = torch.stack(torch._foreach_norm(updates))
+        trust = torch.where((w_norm > 0) & (u_norm > 0), group["eta"] * w_norm / u_norm, torch.ones_like(w_norm))
+        torch._foreach_mul_(updates, list(trust.unbind(0)))
+    torch._foreach_mul_(bufs, group["momentum"])
+    torch._foreach_add_(bufs, updates)
+    torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
 def lars_param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict]:

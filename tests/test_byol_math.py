@@ -73,8 +73,10 @@ def test_lars_trust_ratio_is_one_when_a_norm_is_zero():
     assert torch.allclose(w.data, -torch.ones(2, 2))
 
 
-def test_lars_multi_tensor_step_equals_the_per_tensor_formula():
-    """Three steps over many tensors (one with zero weights, one without a gradient) against the formula, per tensor."""
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lars_multi_tensor_step_equals_the_per_tensor_formula(foreach):
+    """Three steps over many tensors (one with zero weights, one without a gradient) against the formula, per tensor,
+    in both schedules (per-tensor loop: the CPU default; multi-tensor: the CUDA default)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                               torch.nn.Linear(4 * 4 * 4, 5), torch.nn.Linear(5, 2, bias=False))
@@ -83,7 +85,8 @@ def test_lars_multi_tensor_step_equals_the_per_tensor_formula():
     frozen_grad = net[4].weight
     ref = {n: p.detach().clone() for n, p in net.named_parameters()}
     mom = {n: torch.zeros_like(p) for n, p in ref.items()}
-    opt = LARS(lars_param_groups(net.named_parameters()), lr=0.3, momentum=0.9, weight_decay=1e-2, eta=1e-2)
+    opt = LARS(lars_param_groups(net.named_parameters()), lr=0.3, momentum=0.9, weight_decay=1e-2, eta=1e-2,
+               foreach=foreach)
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
         net(torch.randn(8, 3, 6, 6)).square().mean().backward()
