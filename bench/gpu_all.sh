@@ -3,11 +3,12 @@
 #
 #   here:       bash bench/gpu_wheels.sh                 (kornia + byol-pytorch wheels into .whl/, the image lacks them)
 #   on the GPU: bash bench/gpu_all.sh                    (device run: carry [".whl"], timeout_s >= BUDGET + 40)
-#   smoke test: DEVICE=cpu SMOKE=1 bash bench/gpu_all.sh (same plumbing, tiny sizes, ~2 min on 2 cores)
+#   smoke test: DEVICE=cpu SMOKE=1 bash bench/gpu_all.sh (same plumbing, tiny sizes, ~1 min on 2 cores)
 #
 # Results: one JSON line per benchmark in $OUT/results.jsonl, the whole console log in $OUT/log.txt (two files: the
-# device tool returns at most eight). Each step gets its own limit, cut to what is left of BUDGET seconds, so a slow
-# early step cannot starve the call; what a step did not finish is logged as "TIMEOUT".
+# device tool returns at most eight); the log ends with the BENCHMARKS.md rows (bench/to_markdown.py). Each step
+# gets its own limit, cut to what is left of BUDGET seconds, so a slow early step cannot starve the call; what a step
+# did not finish is logged as "TIMEOUT".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench_out}; mkdir -p "$out"
@@ -55,4 +56,4 @@ else
   step lm_step            120 bench/lm_step.py
   step probe               45 bench/probe.py --device "$dev" --backbone random:resnet50 --image-size 64 --resize 64 --epochs 30
 fi
-echo "== done in $((SECONDS - start))s"; cat "$results"; rm -rf "$tmp"
+echo "== done in $((SECONDS - start))s"; cat "$results"; python3 bench/to_markdown.py "$results"; rm -rf "$tmp"

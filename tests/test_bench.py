@@ -29,3 +29,18 @@ def test_gpu_script_smoke_mode_runs_every_benchmark_against_its_peer(tmp_path):
     assert abs(lm["zoo"]["first_loss"] - lm["transformers-eager"]["first_loss"]) < 1e-3
     assert lines[5]["top1_diff"] == 0.0  # fast and protocol probes agree
     assert "torch " in log and "== done in" in log
+    table = [x for x in log.splitlines() if x.startswith("| ")]  # the BENCHMARKS.md rows the run ends with
+    assert len(table) == 1 + len(lines) and not any("not measured" in x for x in table), table
+
+
+def test_markdown_rows_name_the_peer_and_say_when_a_step_failed():
+    sys.path.insert(0, str(ROOT))
+    from bench.to_markdown import to_markdown
+
+    ok = {"bench": "byol_step", "encoder": "resnet50", "size": 224, "batch": 256, "compile": True,
+          "ours_img_s": 2300.0, "byol_pytorch_img_s": 900.0, "ratio": 2.556, "machine": "NVIDIA H100 80GB HBM3"}
+    failed = {"bench": "lm_step", "error": "TIMEOUT"}
+    table = to_markdown([json.dumps(ok), "", json.dumps(failed)]).splitlines()
+    assert table[2] == ("| BYOL step resnet50 224 px, batch 256 compiled | 2,300.0 img/s | byol-pytorch 900.0 img/s "
+                        "| 2.56x | NVIDIA H100 80GB HBM3 |")
+    assert table[3] == "| lm_step | - | - | not measured (TIMEOUT) | - |"
