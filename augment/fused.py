@@ -327,7 +327,7 @@ def apply_view(images: torch.Tensor | Sequence[torch.Tensor], p: ViewParams, pre
         idx = p.blur.to(x.device).nonzero().flatten()  # view 2 blurs 10% of the images
         if idx.numel():
             rows = blur(x.index_select(0, idx).to(dtype), p.sigma[idx], p.blur[idx], preset.kernel_size)
-            x = x.index_copy(0, idx, rows.float())
+            x = x.index_copy_(0, idx, rows.float())  # x is this function's own (fresh from the crop)
     elif preset.blur_p > 0:
         x = blur(x.to(dtype), p.sigma, p.blur, preset.kernel_size).float()
     return solarize_normalize(x, p.solarize if preset.solarize_p > 0 else None, preset.solarize_threshold,
