@@ -126,18 +126,16 @@ def test_load_runs_csv_errors_name_column_and_row(tmp_path):
     p = tmp_path / "runs.csv"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         W.load_runs_csv(p)
-    p.write_text("run_id,N,L\na,1,2\n")
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['D'\]"):
-        W.load_runs_csv(p)
-    p.write_text("run_id,N,D,L\na,1,2,3\nb,1,2,nan\n")
-    with pytest.raises(ValueError, match=r"row 2 \(run b\): column 'L'"):
-        W.load_runs_csv(p)
-    p.write_text("run_id,N,D,L\na,1,2,3\nb,1,-2,3\n")
-    with pytest.raises(ValueError, match=r"row 2 \(run b\): column 'D' = '-2'"):
-        W.load_runs_csv(p)
-    p.write_text("run_id,N,D,L\na,1,2,x\n")
-    with pytest.raises(ValueError, match=r"column 'L' = 'x' is not a number"):
-        W.load_runs_csv(p)
+    bad_files = [  # (file content, the error it must get)
+        ("run_id,N,L\na,1,2\n", r"missing column\(s\) \['D'\]"),
+        ("run_id,N,D,L\na,1,2,3\nb,1,2,nan\n", r"row 2 \(run b\): column 'L'"),
+        ("run_id,N,D,L\na,1,2,3\nb,1,-2,3\n", r"row 2 \(run b\): column 'D' = '-2'"),
+        ("run_id,N,D,L\na,1,2,x\n", r"column 'L' = 'x' is not a number"),
+    ]
+    for content, error in bad_files:
+        p.write_text(content)
+        with pytest.raises(ValueError, match=error):
+            W.load_runs_csv(p)
     assert W.main(["fit", str(tmp_path / "nope.csv"), "--approach", "2"]) == 2
 
 
