@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import augment  # noqa: E402
 from augment.ops import GRAY_WEIGHTS, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from bench.common import sync  # noqa: E402
 
 
 def kornia_view(preset: augment.ViewPreset) -> nn.Module:
@@ -43,11 +44,6 @@ def kornia_view(preset: augment.ViewPreset) -> nn.Module:
     return nn.Sequential(*mods)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _time_pair(fa, fb, device: torch.device, iters: int, warmup: int) -> tuple[float, float]:
     """Best-of-``iters`` seconds of ``fa`` and ``fb``, alternated so both see the same machine load (shared box)."""
     for _ in range(warmup):
@@ -55,10 +51,10 @@ def _time_pair(fa, fb, device: torch.device, iters: int, warmup: int) -> tuple[f
     best_a = best_b = math.inf
     for _ in range(iters):
         for fn, which in ((fa, 0), (fb, 1)):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             dt = time.perf_counter() - t0
             if which == 0:
                 best_a = min(best_a, dt)

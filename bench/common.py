@@ -10,9 +10,9 @@ from typing import Any, Callable
 import torch
 
 
-def sync(device: str) -> None:
+def sync(device: str | torch.device) -> None:
     """Wait for queued GPU work so wall-clock timings are real."""
-    if device.startswith("cuda"):
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import augment  # noqa: E402
 from augment.decode import decode_batch  # noqa: E402
+from bench.common import sync  # noqa: E402
 
 
 def make_folder(root: Path, n: int, seed: int = 0) -> list[Path]:
@@ -66,11 +67,6 @@ def peer_pipeline(preset: augment.ViewPreset):
     return v2.Compose(steps)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", default=None, help="folder of JPEGs (searched recursively); default: synthetic")
@@ -102,14 +98,14 @@ def main() -> None:
 
     def ours_pass() -> tuple[float, int]:
         bad_total = 0
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for s in range(0, n, batch):
             data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths[s:s + batch]]
             imgs, bad = decode_batch(data, device)
             bad_total += len(bad)
             v1(imgs, g), v2(imgs, g)
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t0, bad_total
 
     from PIL import Image
