@@ -51,3 +51,11 @@ def test_timm_encoder_and_unknown_names():
     with pytest.raises(ValueError, match="without downloading"):
         zoo.create("timm:resnet18", pretrained=True)
     assert "resnet50x2" in zoo.available() and "convnet_tiny" in zoo.available()
+
+
+def test_available_lists_models_not_the_timm_builder():
+    # "timm" alone is the builder behind "timm:<name>"; listing it reads as if it were a model.
+    assert "timm" not in zoo.available()
+    for bad in ("timm", "timm:"):
+        with pytest.raises(KeyError, match="timm:<name>"):
+            zoo.create(bad)

@@ -38,10 +38,14 @@ def _ensure_loaded() -> None:
             importlib.import_module(mod)
 
 
+_TIMM = "timm"
+
+
 def available() -> list[str]:
     """Every registered model name (``timm:<name>`` is accepted too, for any timm model)."""
     _ensure_loaded()
-    return sorted(_REGISTRY)
+    # "timm" is the builder behind every "timm:<name>", not a model of its own.
+    return sorted(name for name in _REGISTRY if name != _TIMM)
 
 
 def create(name: str, device: str | torch.device | None = None, **overrides) -> nn.Module:
@@ -50,13 +54,13 @@ def create(name: str, device: str | torch.device | None = None, **overrides) -> 
     ``device="meta"`` builds without allocating memory (for counting parameters of the big language models).
     """
     _ensure_loaded()
-    if name.startswith("timm:"):
-        builder = _REGISTRY["timm"]
-        overrides = {"model_name": name[len("timm:"):], **overrides}
-    elif name in _REGISTRY:
+    if name.startswith(_TIMM + ":") and name != _TIMM + ":":
+        builder = _REGISTRY[_TIMM]
+        overrides = {"model_name": name[len(_TIMM) + 1:], **overrides}
+    elif name in _REGISTRY and name != _TIMM:
         builder = _REGISTRY[name]
     else:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        close = difflib.get_close_matches(name, available(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown model {name!r}.{hint} See zoo.available() for every name, or use 'timm:<name>'.")
     if device is None:
