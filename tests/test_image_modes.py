@@ -204,3 +204,14 @@ def test_what_no_decoder_can_make_rgb_is_skipped(monkeypatch):
     monkeypatch.setattr(decode, "_pil_decode", lambda data: torch.zeros(4, 4, dtype=torch.uint8))
     imgs, bad = decode_batch([good])
     assert bad == [0] and imgs == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (nvjpeg); the CPU path is tested above")
+def test_every_mode_on_the_gpu_path_matches_cpu():
+    names = list(FILES)
+    gpu, bad_g = decode_batch([_tensor(FILES[k][1]) for k in names], device="cuda")
+    cpu, bad_c = decode_batch([_tensor(FILES[k][1]) for k in names], device="cpu")
+    assert bad_g == bad_c == []
+    for name, a, b in zip(names, gpu, cpu):
+        assert a.is_cuda and a.dtype == torch.uint8 and a.shape == b.shape, name
+        assert (a.cpu().float() - b.float()).abs().mean() < 2, name
