@@ -56,8 +56,10 @@ def _mode_files() -> dict[str, tuple[str, bytes, np.ndarray, float, str]]:
     pal = rgb.quantize(colors=16)  # palette image; its own RGB is the reference
     pal_rgb = np.asarray(pal.convert("RGB"))
     binary = G8 > 127
+    binary_rgb = np.repeat(binary[:, :, None] * np.uint8(255), 3, 2)
+    second = Image.fromarray(255 - RGB)  # the second frame of the multi-frame files: must not be the one decoded
     out = {
-        "1": (".png", _enc(Image.fromarray(binary), "PNG"), np.repeat(binary[:, :, None] * np.uint8(255), 3, 2), 0, "1"),
+        "1": (".png", _enc(Image.fromarray(binary), "PNG"), binary_rgb, 0, "1"),
         "L": (".png", _enc(grey, "PNG"), GREY, 0, "L"),
         "P": (".png", _enc(pal, "PNG"), pal_rgb, 0, "P"),
         "P_transparency": (".png", _enc(pal, "PNG", transparency=0), pal_rgb, 0, "P"),
@@ -77,10 +79,8 @@ def _mode_files() -> dict[str, tuple[str, bytes, np.ndarray, float, str]]:
         "RGB16_png": (".png", _png16(RGB.astype(np.uint16) * 257), RGB, 0, "RGB"),
         "LA16_png": (".png", _png16(np.dstack([g16, 65535 - g16])), GREY, 0, "RGBA"),  # Pillow opens it as RGBA
         "RGBA16_png": (".png", _png16(np.dstack([RGB.astype(np.uint16) * 257, g16])), RGB, 0, "RGBA"),
-        "gif_multiframe": (".gif", _enc(pal, "GIF", save_all=True, append_images=[Image.fromarray(255 - RGB).quantize(16)]),
-                           pal_rgb, 0, "P"),
-        "tiff_multiframe": (".tiff", _enc(rgb, "TIFF", save_all=True, append_images=[Image.fromarray(255 - RGB)]), RGB, 0,
-                            "RGB"),
+        "gif_multiframe": (".gif", _enc(pal, "GIF", save_all=True, append_images=[second.quantize(16)]), pal_rgb, 0, "P"),
+        "tiff_multiframe": (".tiff", _enc(rgb, "TIFF", save_all=True, append_images=[second]), RGB, 0, "RGB"),
         "jpeg_grey": (".JPEG", _enc(grey, "JPEG", quality=95), GREY, 3, "L"),
         "jpeg_cmyk": (".JPEG", _enc(rgb.convert("CMYK"), "JPEG", quality=95), RGB, 6, "CMYK"),
         "jpeg_progressive": (".JPEG", _enc(rgb, "JPEG", quality=95, progressive=True), RGB, 6, "RGB"),
