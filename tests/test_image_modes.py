@@ -79,7 +79,8 @@ def _mode_files() -> dict[str, tuple[str, bytes, np.ndarray, float, str]]:
         "RGB16_png": (".png", _png16(RGB.astype(np.uint16) * 257), RGB, 0, "RGB"),
         "LA16_png": (".png", _png16(np.dstack([g16, 65535 - g16])), GREY, 0, "RGBA"),  # Pillow opens it as RGBA
         "RGBA16_png": (".png", _png16(np.dstack([RGB.astype(np.uint16) * 257, g16])), RGB, 0, "RGBA"),
-        "gif_multiframe": (".gif", _enc(pal, "GIF", save_all=True, append_images=[second.quantize(16)]), pal_rgb, 0, "P"),
+        "gif_multiframe": (".gif", _enc(pal, "GIF", save_all=True, append_images=[second.quantize(16)]), pal_rgb, 0,
+                           "P"),
         "tiff_multiframe": (".tiff", _enc(rgb, "TIFF", save_all=True, append_images=[second]), RGB, 0, "RGB"),
         "jpeg_grey": (".JPEG", _enc(grey, "JPEG", quality=95), GREY, 3, "L"),
         "jpeg_cmyk": (".JPEG", _enc(rgb.convert("CMYK"), "JPEG", quality=95), RGB, 6, "CMYK"),
