@@ -124,3 +124,42 @@ def test_datamodule_checks_batch_size():
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(1)
     assert not torch.equal(next(iter(loader))["label"], first["label"])
+
+
+@pytest.mark.parametrize("decode", ["worker", "device"])
+def test_files_that_vanish_or_become_unreadable_after_listing_are_skipped_and_named(tiny_imagefolder, monkeypatch,
+                                                                                     decode):
+    from pathlib import Path
+
+    ds = build_dataset(f"imagefolder:{tiny_imagefolder}", "train", decode=decode)
+    gone, folder, locked = (ds.samples[k][0] for k in (1, 7, 13))
+    gone.unlink()  # deleted after the folder was listed
+    folder.unlink()
+    folder.mkdir()  # replaced by a directory: IsADirectoryError
+    real_read = Path.read_bytes
+
+    def read_bytes(self):  # chmod 000 cannot lock root out, so the permission error is simulated
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    batch = collate_images([ds[i] for i in range(len(ds))])
+    assert sorted(batch["skipped"]) == sorted(str(p) for p in (gone, folder, locked))
+    assert len(batch["label"]) == len(ds) - 3
+
+
+def test_empty_class_folder_is_refused_by_name(tiny_imagefolder):
+    import shutil
+
+    empty = tiny_imagefolder / "train" / "n09999999"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"empty class folder .*n09999999.*add its images or remove the folder"):
+        build_dataset(f"imagefolder:{tiny_imagefolder}", "train")
+    # an empty val class folder is allowed: the class list is the training folder's, so labels stay aligned
+    shutil.rmtree(empty)
+    for p in (tiny_imagefolder / "val" / "n01484850").iterdir():
+        p.unlink()
+    val = build_dataset(f"imagefolder:{tiny_imagefolder}", "val")
+    assert val.classes == build_dataset(f"imagefolder:{tiny_imagefolder}", "train").classes and len(val) == 6

@@ -1,8 +1,10 @@
 """Image datasets shared by every method: embedded digits, CIFAR-10/100 folders, ImageFolder / ImageNet.
 
 Datasets yield ``(uint8 tensor [3, H, W], label)`` — or raw file bytes with ``decode="device"`` — and never
-augment: augmentation runs on the device after transfer (``augment``). Files that cannot be decoded are skipped,
-and their paths travel with the batch (``batch["skipped"]``) so the training module can count and log them.
+augment: augmentation runs on the device after transfer (``augment``). Files that cannot be decoded -- or read: a
+file deleted or made unreadable after the folder was listed -- are skipped, and their paths travel with the batch
+(``batch["skipped"]``) so the training module can count and log them. Every image mode that decodes becomes uint8
+RGB (rules in ``augment.decode``).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
 
 
@@ -169,7 +171,20 @@ class ImageFolderDataset(Dataset):
             unknown = sorted(d.name for d in sub if d.name not in index)
             if unknown:
                 raise ValueError(f"{split_dir} has class folders missing from {class_dir}: {unknown[:5]}")
-            self.samples = [(p, index[d.name]) for d in sorted(sub) for p in _list_images(d)]
+            listed = {d.name: _list_images(d) for d in sorted(sub)}
+            # A class folder without images would still be a class: an output the model can never be taught, and a
+            # silent shift of every later label against a copy of the data without it. Refused where the class list
+            # comes from (the training folder). A val class folder may be empty: the class list is the training
+            # folder's, so val labels stay aligned with it, and a validation subset need not cover every class.
+            if class_dir == split_dir:
+                empty = [name for name, files in listed.items() if not files]
+                if empty:
+                    raise ValueError(
+                        f"empty class folder {split_dir / empty[0]}"
+                        + (f" (and {len(empty) - 1} more: {', '.join(empty[1:4])})" if len(empty) > 1 else "")
+                        + f": it has no images ({', '.join(IMAGE_EXTENSIONS)}) but would become a class; "
+                          "add its images or remove the folder")
+            self.samples = [(p, index[name]) for name, files in listed.items() for p in files]
         else:
             files = _list_images(split_dir)
             self.samples = list(zip(files, _flat_val_labels(self.root, files, self.classes)))
@@ -182,7 +197,11 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str] | tuple[None, int, str]:
         path, label = self.samples[i]
-        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8) if path.stat().st_size else torch.empty(0, dtype=torch.uint8)
+        try:
+            raw = path.read_bytes()
+        except OSError:  # deleted, unreadable or replaced by a folder since listing: skipped like a corrupt file
+            return None, label, str(path)
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
         if self.decode == "device":
             return data, label, str(path)
         from augment.decode import decode_batch
