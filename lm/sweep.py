@@ -462,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "sweep":
+            if args.limit is not None and args.limit < 1:
+                raise ValueError(f"--limit {args.limit}: give the number of runs to train now (1 or more)")
             cfg = load_config(args.config)
             if args.out_dir:
                 cfg.out_dir = args.out_dir
@@ -482,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {Path(cfg.out_dir) / 'runs.csv'}; fit with "
                   f"`zoo scaling fit {Path(cfg.out_dir) / 'runs.csv'} --approach 2`")
             return 0
+        if args.bootstrap < 0:
+            raise ValueError(f"--bootstrap {args.bootstrap}: give 0 (no error bars) or more resamples")
         from lm.scaling_report import fit_and_report
 
         return fit_and_report(args.csv, args.approach, args.out, n_bootstrap=args.bootstrap, curves=args.curves)

@@ -372,3 +372,12 @@ def test_reports_are_written_atomically(fake_sweep, tmp_path, capsys, monkeypatc
     with pytest.raises(OSError, match="killed"):
         W.append_result(p, rows[1])
     assert p.read_bytes() == old and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+
+
+def test_sweep_and_fit_flags_checked(tmp_path, capsys):
+    root = Path(__file__).resolve().parents[1] / "configs" / "scaling"
+    assert W.main(["sweep", "--config", str(root / "stdlib_isoflop.yaml"), "--limit", "0",
+                   "--out-dir", str(tmp_path / "s")]) == 2
+    assert "--limit 0" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert W.main(["fit", str(tmp_path / "runs.csv"), "--approach", "3", "--bootstrap", "-1"]) == 2
+    assert "--bootstrap -1" in capsys.readouterr().err
