@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
+import pickle
 import random
+import sys
 import sysconfig
 from pathlib import Path
 from typing import Any, Sequence
@@ -83,15 +86,49 @@ def greedy_continue(model: nn.Module, ids: list[int], max_new_tokens: int, devic
     return out
 
 
+def check_needle_grid(lengths: Sequence[int], depths: Sequence[float]) -> tuple[list[int], list[float]]:
+    """Validate a (length, depth) grid before any work: non-empty, lengths positive integers, depths in [0, 1]."""
+    lengths, depths = list(lengths), list(depths)
+    if not lengths:
+        raise ValueError("--lengths is empty; give comma-separated context lengths in tokens, e.g. 128,256,512")
+    if not depths:
+        raise ValueError("--depths is empty; give comma-separated needle depths in [0, 1], e.g. 0,0.5,1")
+    for n in lengths:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+            raise ValueError(f"--lengths value {n!r} is not a positive integer; context lengths are token counts")
+    for d in depths:
+        if not (isinstance(d, (int, float, np.floating)) and 0.0 <= float(d) <= 1.0):
+            raise ValueError(f"--depths value {d!r} is outside [0, 1]; depth 0 is the start of the context, 1 the end")
+    for name, values in (("--lengths", lengths), ("--depths", depths)):
+        dup = sorted({v for v in values if values.count(v) > 1})
+        if dup:
+            raise ValueError(f"{name} repeats {dup}; give each value once")
+    return [int(n) for n in lengths], [float(d) for d in depths]
+
+
+def check_tokenizer_fits(model: nn.Module, tokenizer: Any, spec: str | None = None) -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding (the check ``zoo eval ppl`` makes)."""
+    from lm.causal_lm import check_data_fits
+
+    config = getattr(model, "config", None)
+    if config is not None:
+        check_data_fits(type(model).__name__, config, getattr(tokenizer, "vocab_size", None), None,
+                        spec if spec is not None else repr(tokenizer))
+
+
 def needle_in_haystack(model: nn.Module, tokenizer: Any, lengths: Sequence[int], depths: Sequence[float],
                        haystack: str | None = None, seed: int = 0, device: str | torch.device = "cpu",
-                       max_new_tokens: int | None = None) -> list[dict[str, Any]]:
-    """Score every (length, depth) cell: does the greedy answer contain the needle's number? One row per cell."""
+                       max_new_tokens: int | None = None, tokenizer_spec: str | None = None) -> list[dict[str, Any]]:
+    """Score every (length, depth) cell: does the greedy answer contain the needle's number? One row per cell.
+
+    Every cell's prompt is built and checked against the model (vocabulary, max_seq_len) before any is run.
+    """
+    lengths, depths = check_needle_grid(lengths, depths)
+    check_tokenizer_fits(model, tokenizer, tokenizer_spec)
     max_len = getattr(getattr(model, "config", None), "max_seq_len", None)
     rng = random.Random(seed)
     hay_ids = tokenizer.encode(haystack if haystack is not None else default_haystack())
-    model = model.to(device).eval()
-    rows = []
+    cells = []
     for length in lengths:
         for depth in depths:
             city, number = rng.choice(CITIES), rng.randint(1_000_000, 9_999_999)  # 7 digits, as in Gemini 1.5
@@ -100,9 +137,13 @@ def needle_in_haystack(model: nn.Module, tokenizer: Any, lengths: Sequence[int],
                 raise ValueError(f"context length {length} + {new} answer tokens exceeds the model's "
                                  f"max_seq_len={max_len}; use --lengths up to {max_len - new}")
             prompt, pos = build_needle_prompt(tokenizer, hay_ids, length, depth, city, number)
-            answer = tokenizer.decode(greedy_continue(model, prompt, new, device))
-            rows.append({"length": length, "depth": depth, "city": city, "number": number, "needle_token": pos,
-                         "answer": answer, "found": int(str(number) in answer)})
+            cells.append((length, depth, city, number, new, prompt, pos))
+    model = model.to(device).eval()
+    rows = []
+    for length, depth, city, number, new, prompt, pos in cells:
+        answer = tokenizer.decode(greedy_continue(model, prompt, new, device))
+        rows.append({"length": length, "depth": depth, "city": city, "number": number, "needle_token": pos,
+                     "answer": answer, "found": int(str(number) in answer)})
     return rows
 
 
@@ -114,7 +155,13 @@ def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, tit
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 
+    from lm.atomic import atomic_path, atomic_write_text
+
+    if not rows:
+        raise ValueError("no needle results to report (an empty --lengths or --depths grid)")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; the needle report needs a folder")
     out.mkdir(parents=True, exist_ok=True)
     lengths = sorted({r["length"] for r in rows})
     depths = sorted({r["depth"] for r in rows})
@@ -122,10 +169,10 @@ def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, tit
     for r in rows:
         grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["found"]
     paths = {"csv": out / "needle.csv", "md": out / "needle.md", "png": out / "needle.png"}
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
     lines = [f"# {title}", "", "| depth \\ length | " + " | ".join(str(n) for n in lengths) + " |",
              "|---|" + "---|" * len(lengths)]
     for i, d in enumerate(depths):
@@ -133,7 +180,7 @@ def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, tit
     recall = np.nanmean(grid, axis=0)
     lines.append("| recall | " + " | ".join(f"{v:.0%}" for v in recall) + " |")
     lines += ["", f"overall recall: {np.nanmean(grid):.1%} over {len(rows)} cells"]
-    paths["md"].write_text("\n".join(lines) + "\n")
+    md = "\n".join(lines) + "\n"
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
     ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     for i in range(len(depths)):
@@ -146,8 +193,14 @@ def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, tit
     ax.set_ylabel("needle depth")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=100)
-    plt.close(fig)
+    try:  # the figure is drawn before any file is replaced, so a plotting error leaves the old report whole
+        with atomic_path(paths["png"]) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+    with atomic_path(paths["csv"]) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8", newline="")
+    atomic_write_text(paths["md"], md)
     return paths
 
 
@@ -208,17 +261,75 @@ def _data_args_from_config(path: str | None) -> dict[str, Any]:
         return {}
     import yaml
 
-    cfg = yaml.safe_load(Path(path).read_text()) or {}
-    data = cfg.get("data") or {}
-    return dict(data.get("init_args") or {})
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path!r} is not a file; pass a `zoo fit` YAML (configs/lm/*.yaml)")
+    try:
+        cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"--config {path!r} is not readable YAML ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]}); pass a `zoo fit` YAML") from None
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    if data is None:
+        data = {}
+    init_args = data.get("init_args") if isinstance(data, dict) else None
+    if not isinstance(data, dict) or not isinstance(init_args or {}, dict):
+        raise ValueError(f"--config {path!r}: 'data' must be a mapping with an 'init_args' mapping, "
+                         "as in a `zoo fit` YAML")
+    return dict(init_args or {})
+
+
+def _numbers(flag: str, text: str, kind: type) -> list[Any]:
+    """Comma-separated numbers of one flag; a bad item raises an error naming the flag and the item."""
+    out = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        try:
+            value = kind(item)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ValueError(f"{flag} value {item!r} is not {what}; give a comma-separated list") from None
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"{flag} value {item!r} is not a finite number")
+        out.append(value)
+    return out
 
 
 def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+    return _numbers("--depths", text, float)
 
 
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+    return _numbers("--lengths", text, int)
+
+
+def _check_device(device: str) -> str:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: no CUDA GPU is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def _check_model_spec(spec: str) -> None:
+    """Refuse an empty checkpoint file up front (torch.load would fail on it with an unhelpful EOFError)."""
+    p = Path(spec).expanduser()
+    if p.is_file() and p.stat().st_size == 0:
+        raise ValueError(f"--model {spec!r} is an empty file (0 bytes); pass a CausalLM .ckpt, a run folder "
+                         "or a zoo model name")
+
+
+def _check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} {value} must be a positive integer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,13 +362,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        model = load_lm(args.model, map_location="cpu")
+        # Every argument is checked before anything is loaded, run or written.
+        _check_device(args.device)
+        _check_model_spec(args.model)
+        if args.eval == "needle":
+            lengths, depths = check_needle_grid(_ints(args.lengths), _floats(args.depths))
+            out = Path(args.out)
+            if out.exists() and not out.is_dir():
+                raise ValueError(f"--out {args.out!r} is a file; the needle report needs a folder")
+            haystack = None
+            if args.haystack:
+                hp = Path(args.haystack)
+                if not hp.is_file():
+                    raise FileNotFoundError(f"--haystack {args.haystack!r} is not a file; pass a text file")
+                haystack = hp.read_text(encoding="utf-8", errors="replace")
+                if not haystack.strip():
+                    raise ValueError(f"--haystack {args.haystack!r} holds no text; pass a text file to repeat")
+        else:
+            _check_positive(args, ("seq_len", "max_bytes", "batch_size", "max_batches"))
+            data = _data_args_from_config(args.config)
+        try:
+            model = load_lm(args.model, map_location="cpu")
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"--model {args.model!r} could not be read as a checkpoint ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else 'truncated file'}); pass a CausalLM .ckpt, "
+                             "a run folder or a zoo model name") from None
         if args.eval == "needle":
             from zoo.tokenizer import load_tokenizer
 
-            haystack = Path(args.haystack).read_text(errors="replace") if args.haystack else None
-            rows = needle_in_haystack(model, load_tokenizer(args.tokenizer), _ints(args.lengths),
-                                      _floats(args.depths), haystack, args.seed, args.device)
+            tokenizer = load_tokenizer(args.tokenizer)
+            check_tokenizer_fits(model, tokenizer, args.tokenizer)
+            rows = needle_in_haystack(model, tokenizer, lengths, depths, haystack, args.seed, args.device,
+                                      tokenizer_spec=args.tokenizer)
             paths = write_needle_report(rows, args.out, title=f"needle: {args.model}")
             print(paths["md"].read_text())
             print(json.dumps({"eval": "needle", "model": args.model, "recall": float(np.mean([r["found"] for r in rows])),
@@ -265,13 +401,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from zoo.data.text import TextDataModule
 
-        data = _data_args_from_config(args.config)
         for key, value in (("paths", args.paths), ("tokenizer", args.tokenizer), ("seq_len", args.seq_len),
                            ("max_bytes", args.max_bytes), ("batch_size", args.batch_size),
                            ("cache_dir", args.cache_dir)):
             if value is not None:
                 data[key] = value
-        dm = TextDataModule(**data)
+        try:
+            dm = TextDataModule(**data)
+        except TypeError as exc:
+            raise ValueError(f"data options {sorted(data)} from --config {args.config!r} and the flags do not fit "
+                             f"TextDataModule: {exc}") from None
         result = {"eval": "ppl", "model": args.model,
                   **evaluate_perplexity(model, dm, args.max_batches, args.device)}
         if args.unigram:
@@ -281,6 +420,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
         print(json.dumps(result))
         return 0
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"zoo eval {args.eval}: error: {err}")
+    except (ValueError, OSError, KeyError) as err:
+        print(f"zoo eval {args.eval}: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2

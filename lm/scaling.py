@@ -19,6 +19,7 @@ __all__ = [
     "EnvelopeFit", "RoutedCoefficients", "RoutedFit", "ROUTED_COEFFICIENTS", "CHINCHILLA_PUBLISHED",
     "fit_parametric", "fit_isoflop", "fit_envelope", "compute_optimal", "fit_power_law", "parametric_loss",
     "expert_transform", "routed_loss", "effective_params", "routing_cutoff", "fit_routed", "check_runs",
+    "check_allocation",
 ]
 
 HUBER_DELTA = 1e-3  # Hoffmann et al. section D.2
@@ -61,6 +62,33 @@ def check_runs(**columns: Any) -> dict[str, np.ndarray]:
                              f"({bad.size} such row(s) in all)")
         out[name] = arr
     return out
+
+
+def check_allocation(approach: str, a: float, b: float, extra: Mapping[str, float] | None = None) -> bool:
+    """Warn (ScalingFitWarning naming ``approach``) unless N_opt ∝ C^a, D_opt ∝ C^b are finite with a, b in (0, 1).
+
+    An exponent outside (0, 1) means a compute-optimal model (or its data) would shrink as compute grows: such a
+    law is an artefact of flat or noisy losses or too few budgets, never a finding. Returns True when sane.
+    """
+    values = {"a": a, "b": b, **(extra or {})}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        warnings.warn(f"{approach} fit is degenerate: non-finite parameter(s) {bad}; the runs do not determine a "
+                      "law", ScalingFitWarning, stacklevel=3)
+        return False
+    if not (0.0 < a < 1.0 and 0.0 < b < 1.0):
+        warnings.warn(f"{approach} fit is degenerate: N_opt ∝ C^{a:.3g}, D_opt ∝ C^{b:.3g} has an exponent outside "
+                      "(0, 1), so the compute-optimal model or its data would shrink as compute grows; the losses "
+                      "are too flat or noisy to place the optimum (check the runs, add sizes or budgets)",
+                      ScalingFitWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _flat(values: np.ndarray) -> bool:
+    """True when the values do not vary beyond rounding (relative spread below 1e-9)."""
+    values = np.asarray(values, dtype=float)
+    return values.size > 0 and float(np.ptp(values)) <= 1e-9 * max(float(np.abs(values).max()), 1e-300)
 
 
 # --------------------------------------------------------------------------------------------- Approach 3
@@ -225,6 +253,9 @@ def fit_parametric(N: Any, D: Any, L: Any, n_bootstrap: int = 0, delta: float = 
     logN, logD, logL = np.log(cols["N"]), np.log(cols["D"]), np.log(cols["L"])
     if np.unique(logN).size < 2 or np.unique(logD).size < 2:
         raise ValueError("Approach 3 needs runs with at least 2 distinct N and 2 distinct D")
+    if _flat(cols["L"]):
+        raise ValueError(f"Approach 3: every run has the same loss ({float(cols['L'][0]):.6g}), so no law of N and D "
+                         "can be read from them; check that the runs trained")
     def make_fg(W: np.ndarray) -> Any:
         """Objective over rows of a batch; W holds one weight row shared by all, or one row per batch row."""
         shared = W.shape[0] == 1
@@ -257,7 +288,11 @@ def fit_parametric(N: Any, D: Any, L: Any, n_bootstrap: int = 0, delta: float = 
         se = {key: float(v) for key, v in zip(("E", "A", "B", "alpha", "beta"), arr.std(axis=0, ddof=1))}
     fit = ParametricFit(**params, objective=float(best_f), converged=converged, message=message, n_runs=n,
                         se=se, n_bootstrap=n_bootstrap)
-    if not converged:
+    params_ok = all(math.isfinite(v) for v in (*params.values(), best_f))
+    if not params_ok or min(params["A"], params["B"]) <= 0:
+        warnings.warn(f"Approach 3 fit is degenerate: non-finite parameter(s) {params}; the runs do not determine "
+                      "the law", ScalingFitWarning, stacklevel=2)
+    elif not converged:
         warnings.warn(f"Approach 3 fit did not converge ({message}); treat E, A, B, alpha, beta as unreliable",
                       ScalingFitWarning, stacklevel=2)
     elif fit.E < 1e-3 * float(cols["L"].min()):
@@ -267,6 +302,8 @@ def fit_parametric(N: Any, D: Any, L: Any, n_bootstrap: int = 0, delta: float = 
     elif min(fit.alpha, fit.beta) < 1e-3:
         warnings.warn(f"Approach 3 fit is degenerate (alpha={fit.alpha:.3g}, beta={fit.beta:.3g}): the runs do "
                       "not constrain one of the power laws; widen the grid of N or D", ScalingFitWarning, stacklevel=2)
+    else:
+        check_allocation("Approach 3", *fit.exponents)
     return fit
 
 
@@ -388,6 +425,9 @@ def fit_isoflop(runs: Iterable[Any], min_per_budget: int = 3) -> IsoFlopFit:
         if np.unique(lnN).size < min_per_budget:
             raise ValueError(f"compute budget C={key:.3g} has {np.unique(lnN).size} distinct model sizes; "
                              f"a parabola needs at least {min_per_budget} (runs {idx.tolist()})")
+        if _flat(cols["L"][idx]):
+            raise ValueError(f"Approach 2: every run at C={key:.3g} has the same loss ({float(cols['L'][idx][0]):.6g}); "
+                             f"a flat IsoFLOP profile has no minimum (runs {idx.tolist()}): check that they trained")
         p2, p1, p0 = np.polyfit(lnN, cols["L"][idx], 2)
         if p2 <= 0:
             raise ValueError(f"the IsoFLOP profile at C={key:.3g} is not convex (curvature {p2:.3g}); its "
@@ -407,6 +447,7 @@ def fit_isoflop(runs: Iterable[Any], min_per_budget: int = 3) -> IsoFlopFit:
         raise ValueError(f"Approach 2 needs at least 2 compute budgets to fit N_opt ∝ C^a; got {len(profiles)}")
     Cs = np.array([p.C for p in profiles])
     law = _power_laws(Cs, np.array([p.N_opt for p in profiles]), np.array([p.D_opt for p in profiles]))
+    check_allocation("Approach 2", law.a, law.b, {"k_n": law.k_n, "k_d": law.k_d})
     return IsoFlopFit(profiles=profiles, law=law)
 
 
@@ -448,6 +489,10 @@ def fit_envelope(curves: Iterable[Any], n_points: int = 50, min_cover: int = 2) 
             raise ValueError(f"curve {i} (N={N:.3g}) has {tok.size} points; a training curve needs at least 2")
         order = np.argsort(cols["tokens"])
         parsed.append((N, np.log(cols["tokens"][order]), cols["loss"][order]))
+    if parsed and _flat(np.concatenate([l for _, _, l in parsed])):
+        raise ValueError(f"Approach 1: the training losses do not vary (every point of every curve is "
+                         f"{float(parsed[0][2][0]):.6g}), so no model size can win the envelope; check that the "
+                         "runs trained")
     if len({p[0] for p in parsed}) < 2:
         raise ValueError(f"Approach 1 needs training curves of at least 2 model sizes; got {len(parsed)} curve(s)")
     lo = [math.log(6 * N) + t[0] for N, t, _ in parsed]
@@ -468,7 +513,9 @@ def fit_envelope(curves: Iterable[Any], n_points: int = 50, min_cover: int = 2) 
                          "Approach 1 needs curves that overlap in compute and cross each other")
     C_a, N_a = np.array(C_out), np.array(N_out, dtype=float)
     D_a = C_a / (6 * N_a)
-    return EnvelopeFit(C=C_a, N_opt=N_a, D_opt=D_a, L_min=np.array(L_out), law=_power_laws(C_a, N_a, D_a))
+    law = _power_laws(C_a, N_a, D_a)
+    check_allocation("Approach 1", law.a, law.b, {"k_n": law.k_n, "k_d": law.k_d})
+    return EnvelopeFit(C=C_a, N_opt=N_a, D_opt=D_a, L_min=np.array(L_out), law=law)
 
 
 def compute_optimal(C: Any, fit: ParametricFit | PowerLawFit | IsoFlopFit | EnvelopeFit

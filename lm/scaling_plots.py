@@ -19,11 +19,16 @@ def _plt() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    """Lay out, write the PNG and free the figure (every plot ends here)."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return path
+    """Lay out, write the PNG atomically (temp file + os.replace) and free the figure (every plot ends here)."""
+    from lm.atomic import atomic_path
+
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        _plt().close(fig)
+    return Path(path)
 
 
 def plot_isoflop(N: np.ndarray, L: np.ndarray, C: np.ndarray, iso: S.IsoFlopFit | None,

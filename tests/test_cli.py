@@ -53,3 +53,45 @@ def test_tools_are_dispatched_by_import_string():
         module, func = target.split(":")
         mod = __import__(module, fromlist=[func])
         assert callable(getattr(mod, func)), target
+
+
+def _one_line(capsys):
+    cap = capsys.readouterr()
+    err = cap.err.strip()
+    assert "Traceback" not in cap.err + cap.out and len(err.splitlines()) == 1, cap
+    return err
+
+
+@pytest.mark.parametrize("tool", ["probe", "export"])
+def test_probe_and_export_refuse_a_folder_missing_or_empty_file_in_one_line(tmp_path, capsys, tool):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+
+    def call(src):
+        args = ["--backbone", src, "--data", "digits"] if tool == "probe" else [src, "--out", str(tmp_path / "x.safetensors")]
+        return main([tool, *args])
+
+    assert call(str(run)) == 2
+    err = _one_line(capsys)
+    assert f"zoo {tool}: error: {str(run)!r} is a folder" in err and str(run / "checkpoints" / "last.ckpt") in err
+    assert call(str(tmp_path / "bare")) == 2
+    assert "is a folder" in _one_line(capsys)
+    assert call(str(tmp_path / "nope.ckpt")) == 2
+    assert "nope.ckpt' does not exist" in _one_line(capsys)
+    assert call(str(tmp_path / "empty.ckpt")) == 2
+    assert "is an empty file (0 bytes)" in _one_line(capsys)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_weight_file_argument_is_found_wherever_it_is_given(tmp_path):
+    from zoo.cli import check_weight_file
+
+    d = str(tmp_path)
+    assert "is a folder" in check_weight_file("export", ["--out", "x.safetensors", "--which", "target", d])
+    assert "is a folder" in check_weight_file("export", ["--arch=resnet18", d, "--out", "x.safetensors"])
+    assert "is a folder" in check_weight_file("probe", ["--data", "digits", f"--backbone={d}"])
+    assert check_weight_file("probe", ["--backbone", "random:resnet18", "--data", "digits"]) is None
+    assert check_weight_file("export-hf", [d, "--out", "o"]) is None  # an HF folder is a valid source there

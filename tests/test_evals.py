@@ -94,8 +94,8 @@ def test_needle_on_a_tiny_transformer_and_cli(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["cells"] == 2 and 0 <= result["recall"] <= 1
     assert (tmp_path / "needle" / "needle.png").is_file() and (tmp_path / "needle" / "needle.md").is_file()
-    assert main(["needle", "--model", str(tmp_path / "nope.ckpt")]) == 2
-    assert "nope.ckpt" in capsys.readouterr().out
+    assert main(["needle", "--model", str(tmp_path / "nope.ckpt"), "--device", "cpu"]) == 2
+    assert "nope.ckpt" in capsys.readouterr().err
 
 
 def test_perplexity_matches_training_validation_and_cli(tmp_path, capsys):
@@ -133,3 +133,95 @@ def test_byte_unigram_baseline_by_hand(tmp_path):
     # Val (also half a, half b) under add-one-smoothed train counts over 256 byte values.
     n = dm.meta["splits"]["train"]["bytes"]
     assert base["val_cross_entropy_bpb"] == pytest.approx(-math.log2((n / 2 + 1) / (n + 256)))
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+def _one_line_error(capsys, *needles):
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "Traceback" not in captured.err + captured.out and len(err.splitlines()) == 1, captured
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--lengths", "", "--lengths is empty"), ("--lengths", " , ", "--lengths is empty"),
+    ("--lengths", "0", "--lengths value 0 is not a positive integer"),
+    ("--lengths", "128,-5", "--lengths value -5"), ("--lengths", "12x", "--lengths value '12x' is not an integer"),
+    ("--lengths", "140,140", "--lengths repeats [140]"),
+    ("--depths", "", "--depths is empty"), ("--depths", "0,1.5", "--depths value 1.5 is outside [0, 1]"),
+    ("--depths", "-0.1", "--depths value -0.1"), ("--depths", "nan", "--depths value 'nan' is not a finite"),
+    ("--device", "gpu7", "--device 'gpu7'"),
+])
+def test_needle_cli_validates_arguments_before_touching_the_report(tmp_path, capsys, flag, value, says):
+    out = tmp_path / "needle"
+    out.mkdir()
+    old = {name: f"old {name}\n" for name in ("needle.csv", "needle.md", "needle.png")}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    argv = {"--model": "gemma2-tiny", "--lengths": "140", "--depths": "0,1", "--out": str(out), "--device": "cpu",
+            flag: value}
+    assert main(["needle", *[x for kv in argv.items() for x in kv]]) == 2
+    _one_line_error(capsys, says)
+    assert {p.name: p.read_text() for p in out.iterdir()} == old  # untouched: no truncation, no temp files
+
+
+def test_needle_cli_other_bad_inputs(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["needle", "--model", "gemma2-tiny", "--out", str(tmp_path / "file"), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "--out", "is a file")
+    (tmp_path / "empty.txt").write_text("  \n")
+    for hay, says in ((tmp_path / "none.txt", "is not a file"), (tmp_path, "is not a file"),
+                      (tmp_path / "empty.txt", "holds no text")):
+        assert main(["needle", "--model", "gemma2-tiny", "--haystack", str(hay), "--device", "cpu",
+                     "--out", str(tmp_path / "o")]) == 2
+        _one_line_error(capsys, "--haystack", says)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    assert main(["needle", "--model", str(tmp_path / "empty.ckpt"), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "empty.ckpt", "empty file")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
+    assert main(["needle", "--model", str(tmp_path / "junk.ckpt"), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "junk.ckpt", "could not be read as a checkpoint")
+    assert not (tmp_path / "o").exists()
+
+
+def test_needle_refuses_a_tokenizer_that_does_not_fit_like_ppl(tmp_path, capsys):
+    from tokenizers import Tokenizer as RustTokenizer, decoders, models, pre_tokenizers, trainers
+
+    rust = RustTokenizer(models.BPE(unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel()
+    rust.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rust.train_from_iterator(["import os\nimport sys\n", "def main():\n    return 0\n"] * 20, trainer=trainer)
+    rust.save(str(tmp_path / "tokenizer.json"))
+    model = zoo.create("gemma2-tiny", **{**TINY, "max_seq_len": 256})
+    assert rust.get_vocab_size() > model.config.vocab_size
+    from zoo.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError, match=r"has vocab_size=\d+ but model 'Transformer' has vocab_size=259"):
+        needle_in_haystack(model, load_tokenizer(tmp_path / "tokenizer.json"), [140], [0.5], haystack=HAY)
+    out = tmp_path / "needle"
+    assert main(["needle", "--model", "gemma2-tiny", "--tokenizer", str(tmp_path / "tokenizer.json"),
+                 "--lengths", "140", "--depths", "0.5", "--out", str(out), "--device", "cpu"]) == 2
+    _one_line_error(capsys, "tokenizer.json", "vocab_size=259", "use the model's tokenizer")
+    assert not out.exists()
+
+
+def test_needle_report_is_written_atomically(tmp_path, monkeypatch):
+    rows = needle_in_haystack(Oracle(), TOK, [200], [0.0, 1.0], haystack=HAY, seed=1)
+    out = tmp_path / "out"
+    paths = write_needle_report(rows, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="no needle results"):
+        write_needle_report([], out)
+
+    def boom(self, rows):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_needle_report(rows, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old report whole, no temp files left
+    assert set(before) == {p.name for p in paths.values()}

@@ -250,3 +250,134 @@ def test_fit_cli_flags_unbracketed_minima(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 1
     assert "not bracketed" in text and "numbers above are not reliable" in text
+
+
+# ------------------------------------------------------------------------------------------------ hardening
+class FlatTrain(FakeTrain):
+    """Every run ends at the same loss: no law can be read from such a sweep."""
+
+    def __call__(self, spec: W.RunSpec, cfg: W.SweepConfig) -> W.RunOutcome:
+        tok = np.geomspace(spec.D / 100, spec.D, 20)
+        return W.RunOutcome(val_loss=2.0, train_loss=2.0, curve_tokens=tok.tolist(), curve_loss=[2.0] * 20)
+
+
+@pytest.mark.parametrize("approach", [1, 2, 3])
+def test_fit_cli_flat_losses_are_degenerate_not_converged(tmp_path, capsys, approach):
+    cfg = make_cfg(tmp_path)
+    W.run_sweep(cfg, train_fn=FlatTrain(), log=lambda s: None)
+    rc = W.main(["fit", str(Path(cfg.out_dir) / "runs.csv"), "--approach", str(approach), "--out",
+                 str(tmp_path / "p"), "--bootstrap", "0"])
+    text = capsys.readouterr().out
+    assert rc == 1, text
+    assert f"WARNING (Approach {approach})" in text and ("same loss" in text or "do not vary" in text), text
+
+
+def test_fit_cli_exponent_outside_0_1_exits_1(tmp_path, capsys):
+    # The big model leads early, the small one later: the envelope's N_opt shrinks as compute grows (a < 0).
+    p = tmp_path / "runs.csv"
+    (tmp_path / "curves").mkdir()
+    for rid, N, lead, slope in (("big", 1e5, 3.0, 0.1), ("small", 1e4, 3.5, 0.6)):
+        tok = np.geomspace(1e3, 1e6, 30) * (1e5 / N)
+        loss = [lead - slope * math.log10(6 * N * t / 6e8) for t in tok]
+        (tmp_path / "curves" / f"{rid}.json").write_text(json.dumps({"N": N, "tokens": tok.tolist(), "loss": loss}))
+        W.append_result(p, {"run_id": rid, "N": N, "D": tok[-1], "C": 6 * N * tok[-1], "L": loss[-1], "E": 1})
+    rc = W.main(["fit", str(p), "--approach", "1", "--out", str(tmp_path / "p")])
+    text = capsys.readouterr().out
+    assert rc == 1, text
+    assert "WARNING (Approach 1): Approach 1 fit is degenerate" in text and "outside (0, 1)" in text
+    assert "numbers above are not reliable" in text
+    with pytest.warns(S.ScalingFitWarning, match="Approach 2 fit is degenerate: non-finite"):
+        S.check_allocation("Approach 2", math.nan, 0.5)
+    with pytest.warns(S.ScalingFitWarning, match="Approach 1 fit is degenerate: N_opt ∝ C\\^-0.027"):
+        S.check_allocation("Approach 1", -0.027, 1.027)
+
+
+def test_fit_cli_too_few_sizes_per_budget_exits_1(fake_sweep, tmp_path, capsys):
+    rows = W.read_results(fake_sweep)
+    first = rows[0]["C"]
+    keep = [r for r in rows if r["C"] != first] + [r for r in rows if r["C"] == first][:2]
+    p = tmp_path / "runs.csv"
+    for r in keep:
+        W.append_result(p, r)
+    assert W.main(["fit", str(p), "--approach", "2", "--out", str(tmp_path / "p")]) == 1
+    text = capsys.readouterr().out
+    assert "WARNING (Approach 2): no law fitted" in text and "distinct model sizes" in text
+    assert "Approach 2: N_opt" not in text
+
+
+@pytest.mark.parametrize("approach", [1, 2, 3])
+@pytest.mark.parametrize("column, value", [("C", "-1e10"), ("C", "0"), ("N", "0"), ("D", "-5"), ("L", "-1"),
+                                           ("C", "inf"), ("E", "0")])
+def test_fit_cli_nonpositive_values_refused_when_reading(fake_sweep, tmp_path, capsys, approach, column, value):
+    rows = W.read_results(fake_sweep)
+    rows[3][column] = value
+    p = tmp_path / "runs.csv"
+    for r in rows:
+        W.append_result(p, r)
+    assert W.main(["fit", str(p), "--approach", str(approach), "--out", str(tmp_path / "p")]) == 2
+    cap = capsys.readouterr()
+    assert f"row 4 (run {rows[3]['run_id']}): column {column!r} = {value!r} must be a finite positive" in cap.err
+    assert len(cap.err.strip().splitlines()) == 1 and "Traceback" not in cap.err
+    assert "Approach" not in cap.out and not (tmp_path / "p").exists()  # nothing fitted, printed or plotted
+
+
+def test_fit_cli_unreadable_csv_names_the_file(fake_sweep, tmp_path, capsys):
+    p = tmp_path / "runs.csv"
+    p.write_bytes(fake_sweep.read_bytes().replace(b"d16-l1", "d16-é1".encode("latin-1"), 1))
+    assert W.main(["fit", str(p), "--approach", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{str(p)!r} is not a UTF-8 text CSV" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="is not a UTF-8 text CSV"):
+        W.read_results(p)  # the sweep's resume check reads it the same way
+    assert W.main(["fit", str(tmp_path), "--approach", "2"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "plots").write_text("x")
+    assert W.main(["fit", str(fake_sweep), "--approach", "2", "--out", str(tmp_path / "plots")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_fit_cli_bad_curve_file_names_it(fake_sweep, tmp_path, capsys):
+    curves = tmp_path / "curves"
+    curves.mkdir()
+    for f in (fake_sweep.parent / "curves").iterdir():
+        (curves / f.name).write_bytes(f.read_bytes())
+    victim = sorted(curves.iterdir())[0]
+    victim.write_text('{"N": 10, "tokens": [1, 2]')
+    assert W.main(["fit", str(fake_sweep), "--approach", "1", "--curves", str(curves), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"training curve {str(victim)!r} is not readable JSON" in err
+
+
+def test_reports_are_written_atomically(fake_sweep, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "p"
+    assert W.main(["fit", str(fake_sweep), "--approach", "2", "--out", str(out)]) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    import matplotlib.figure
+
+    def broken_savefig(self, fname, **kw):
+        with open(fname, "wb") as fh:  # a writer that dies half-way (disk full, killed)
+            fh.write(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken_savefig)
+    assert W.main(["fit", str(fake_sweep), "--approach", "2", "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # old plots whole, no temp files left
+    # The runs CSV: a failing append leaves the finished rows as they were.
+    p = tmp_path / "runs.csv"
+    rows = W.read_results(fake_sweep)
+    W.append_result(p, rows[0])
+    old = p.read_bytes()
+    monkeypatch.setattr(W.csv.DictWriter, "writerow", lambda self, row: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError, match="killed"):
+        W.append_result(p, rows[1])
+    assert p.read_bytes() == old and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+
+
+def test_sweep_and_fit_flags_checked(tmp_path, capsys):
+    root = Path(__file__).resolve().parents[1] / "configs" / "scaling"
+    assert W.main(["sweep", "--config", str(root / "stdlib_isoflop.yaml"), "--limit", "0",
+                   "--out-dir", str(tmp_path / "s")]) == 2
+    assert "--limit 0" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    assert W.main(["fit", str(tmp_path / "runs.csv"), "--approach", "3", "--bootstrap", "-1"]) == 2
+    assert "--bootstrap -1" in capsys.readouterr().err

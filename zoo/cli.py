@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
@@ -52,10 +53,59 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> ZooCLI:
     )
 
 
+# Tools whose weight file is checked before dispatch: the flag naming it (None: the first positional argument).
+WEIGHT_FILE_ARGS = {"probe": "--backbone", "export": None}
+_WEIGHT_KINDS = "a weight file (.ckpt, .safetensors, .pth or official .pkl)"
+
+
+def _weight_file_arg(tool: str, args: list[str]) -> str | None:
+    flag = WEIGHT_FILE_ARGS[tool]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if flag is not None:
+            if a == flag:
+                return args[i + 1] if i + 1 < len(args) else None
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1]
+        elif a == "--":
+            return args[i + 1] if i + 1 < len(args) else None
+        elif a.startswith("-"):
+            i += 1 if "=" in a or a in ("-h", "--help") else 2  # every other option of `zoo export` takes a value
+            continue
+        else:
+            return a
+        i += 1
+    return None
+
+
+def check_weight_file(tool: str, args: list[str]) -> str | None:
+    """One line saying why the weight file given to ``zoo probe`` / ``zoo export`` cannot be read, else None."""
+    src = _weight_file_arg(tool, args) if tool in WEIGHT_FILE_ARGS else None
+    if src is None or src.startswith("random:"):
+        return None  # argparse reports a missing argument; random:<arch> needs no file
+    path = Path(src).expanduser()
+    expected = _WEIGHT_KINDS + (" or random:<arch>" if tool == "probe" else "")
+    if path.is_dir():
+        found = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda c: (c.name == "last.ckpt", c.stat().st_mtime))
+        hint = (f"; it looks like a run folder: pass {str(found[-1])!r}" if found
+                else "; pass the checkpoint file inside it")
+        return f"{src!r} is a folder; zoo {tool} expects {expected}{hint}"
+    if not path.exists():
+        return f"{src!r} does not exist; zoo {tool} expects {expected}"
+    if path.is_file() and path.stat().st_size == 0:
+        return f"{src!r} is an empty file (0 bytes); zoo {tool} expects {expected}, e.g. a run's checkpoints/last.ckpt"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
+        problem = check_weight_file(argv[0], argv[1:])
+        if problem:
+            print(f"zoo {argv[0]}: error: {problem}", file=sys.stderr)
+            return 2
         module, func = TOOLS[argv[0]][0].split(":")
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     run_cli(argv)
