@@ -158,8 +158,12 @@ def _from_official(path: Path, which: str, arch: str | nn.Module | None, head: b
 
     state = read_official_pickle(path)
     params, bn_state = state[f"{which}_params"], state[f"{which}_state"]
-    name = arch if arch is not None else infer_arch(params)
-    model = load_into(_build(name), haiku_to_torchvision(params, bn_state), str(path))
+    try:
+        name = arch if arch is not None else infer_arch(params)
+        sd = haiku_to_torchvision(params, bn_state)
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"{str(path)!r} ({which} encoder): {err}") from None
+    model = load_into(_build(name), sd, str(path))
     lin = None
     if head:
         # The classifier is trained on the online representation; it is the ImageNet head for either encoder.
