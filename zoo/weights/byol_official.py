@@ -157,7 +157,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _numpy_core("_reconstruct")(np.ndarray, dims, dtype)
 
     def _array_from_state(self, f: Any, args: Any, state: Any, what: str) -> np.ndarray:
-        if f is not self._reconstruct or not isinstance(args, tuple):
+        if f != self._reconstruct or not isinstance(args, tuple):
             raise UnsafeFileError(f"refused {what} with constructor {f!r}: only numpy's _reconstruct")
         arr = f(*args)
         if isinstance(state, tuple) and len(state) >= 4:
