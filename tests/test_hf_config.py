@@ -74,3 +74,15 @@ def test_config_not_a_json_object_is_refused(folder, tmp_path, text, match):
     with pytest.raises(ValueError, match=match) as e:
         from_hf(out)
     assert "config.json" in str(e.value)
+
+
+def test_export_hf_cli_reads_checkpoints_through_the_safe_loader(tmp_path):
+    """`zoo export-hf FILE` used torch.load directly: empty/hostile files now give one clear error naming the file."""
+    from zoo.weights.hf import _load_model
+
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        _load_model(str(tmp_path / "empty.ckpt"), "gemma2-tiny", {})
+    torch.save([1, 2, 3], tmp_path / "list.ckpt")
+    with pytest.raises(ValueError, match="not a state dict"):
+        _load_model(str(tmp_path / "list.ckpt"), "gemma2-tiny", {})

@@ -304,13 +304,15 @@ def _load_model(spec: str, model_name: str | None, overrides: dict) -> Transform
         return from_hf(path, **overrides)
     if model_name is None:
         raise ValueError(f"{path} is a checkpoint file: pass --model NAME (the registry entry it was trained as)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from zoo.weights.safe_load import read_safetensors, safe_torch_load
 
-        sd = load_file(str(path))
+    if path.suffix == ".safetensors":
+        sd, _ = read_safetensors(path)
     else:
-        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        blob = safe_torch_load(path)  # the one safe reader: truncated/empty/hostile files give one clear error
         sd = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict; is it a zoo checkpoint?")
     # Lightning modules hold the Transformer under an attribute (e.g. "model."): strip whatever precedes our keys.
     prefix = next((k[: -len("embed.weight")] for k in sd if k.endswith("embed.weight")), None)
     if prefix is None:
