@@ -2,7 +2,10 @@
 
 The files are dill pickles (protocol 2) of ``{'experiment_state': _ByolExperimentState(...), 'step', 'rng'}`` whose
 leaves are NumPy arrays. They reference classes from ``byol``/``optax``/``haiku``; a restricted unpickler turns those
-references into inert stand-ins and refuses every other global, so nothing in the file can run code.
+references into inert stand-ins and refuses every other global, so nothing in the file can run code. dill's NumPy
+encoding (``_create_array``; ``_get_attr(_import_module('numpy.core._multiarray_umath'), '_reconstruct')`` before
+0.3.6) and JAX arrays (``jax._src.array._reconstruct_array``) are re-implemented here for NumPy only: neither dill nor
+jax is imported. Every allocation the file asks for is bounded by the file's size (memory bombs are refused).
 Haiku uses TF 'SAME' padding (asymmetric for stride-2 layers); ``apply_tf_same_padding`` reproduces it exactly.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from zoo.weights.safe_load import UnsafeFileError
 
 __all__ = [
     "read_official_pickle",
+    "TooLargeError",
     "haiku_to_torchvision",
     "haiku_classifier",
     "infer_arch",
