@@ -248,7 +248,13 @@ def load_lm(spec: str, map_location: str | torch.device = "cpu") -> nn.Module:
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist; train one with `zoo fit --config ...` "
                                 "or pass a model name from zoo.available()")
-    ckpt = torch.load(spec, map_location=map_location, weights_only=True)
+    from zoo.weights.safe_load import safe_torch_load
+
+    # The project's one safe reader: truncated, empty and hostile files give one clear error naming the file.
+    ckpt = safe_torch_load(spec, map_location=map_location)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"checkpoint {spec!r} has no 'state_dict' (got {type(ckpt).__name__}); it was not written "
+                         "by this project's language-model trainer")
     hp = ckpt.get("hyper_parameters") or {}
     if "student" in hp:  # a Distill checkpoint: the student is the trained model
         name, overrides = hp["student"], hp.get("student_overrides")

@@ -139,3 +139,39 @@ def test_impossible_optimiser_settings_are_refused_naming_the_key(key, value):
 
     with pytest.raises(ValueError, match=f"model.{key}"):
         CausalLM(**{key: value})
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_load_lm_bad_files_one_clear_error(tmp_path):
+    """load_lm reads through the project's safe loader: truncated, empty and hostile files name the file."""
+    from zoo.weights.safe_load import UnsafeFileError
+
+    torch.manual_seed(0)
+    model = zoo.create("gemma2-tiny", **TINY).eval()
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model": "gemma2-tiny", "model_overrides": TINY}}, good)
+    x = torch.randint(0, 259, (1, 8))
+    torch.testing.assert_close(load_lm(str(good))(x), model(x))
+    blob = good.read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "x": _Payload(str(marker))}, tmp_path / "evil.ckpt")
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    for name, err_type, match in (("cut", ValueError, "truncated"), ("empty", ValueError, "empty"),
+                                  ("evil", UnsafeFileError, "system"), ("list", ValueError, "state_dict")):
+        path = tmp_path / f"{name}.ckpt"
+        with pytest.raises(err_type, match=match) as err:
+            load_lm(str(path))
+        assert str(path) in str(err.value), name
+    assert not marker.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
 import sys
 import types
 from typing import Any, NamedTuple
@@ -321,3 +322,231 @@ def test_res_net200x2_full_roundtrip(tmp_path, official_modules):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(m(x), src(x), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files written by the official saver: dill.dump(checkpoint_data, f, protocol=2).
+
+dill = pytest.importorskip("dill")
+
+
+def _release_data(online: nn.Module, target: nn.Module, rng: Any = None) -> dict:
+    op, os_ = to_haiku(online, "res_net50")
+    tp, ts = to_haiku(target, "res_net50")
+    op.update(_heads(np.random.default_rng(0)))
+    opt_state = (EmptyState(), ScaleByScheduleState(count=np.array(7, np.int32)))
+    rng = np.zeros(2, np.uint32) if rng is None else rng
+    return {"experiment_state": _ByolExperimentState(op, tp, os_, ts, opt_state), "step": np.int64(312784),
+            "rng": rng}
+
+
+class _OldDillPickler(pickle.Pickler):
+    """Writes NumPy's own callables the way dill 0.3.1-0.3.5 does: _get_attr(_import_module(<module>), name)."""
+
+    def __init__(self, f, core: str) -> None:
+        super().__init__(f, protocol=2)
+        self.core = core
+
+    def reducer_override(self, obj):
+        import _codecs
+
+        from dill._dill import _get_attr, _import_module
+        if isinstance(obj, _ModuleName):
+            return _import_module, (obj.name,)
+        if obj is np.core.multiarray._reconstruct or obj is np.core.multiarray.scalar:
+            return _get_attr, (_ModuleName(f"{self.core}._multiarray_umath"), obj.__name__)
+        if obj is _codecs.encode:
+            return _get_attr, (_ModuleName("_codecs"), "encode")
+        return NotImplemented
+
+
+class _ModuleName:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_dill_written_release_matches_plain_pickle(tmp_path, official_modules):
+    """The official saver's output (real dill, protocol 2) gives exactly the features of the plain-pickle file."""
+    online, target = _random_resnet50(1), _random_resnet50(2)
+    data = _release_data(online, target)
+    plain, dilled = tmp_path / "plain.pkl", tmp_path / "pretrain_res50x1.pkl"
+    with open(plain, "wb") as f:
+        pickle.dump(data, f, protocol=2)
+    with open(dilled, "wb") as f:
+        dill.dump(data, f, protocol=2)
+    assert b"dill._dill" in dilled.read_bytes()  # the real dill encoding, not a plain pickle
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for which in ("online", "target"):
+            a = load_backbone(plain, which=which)(x)
+            b = load_backbone(dilled, which=which)(x)
+            assert torch.equal(a, b)
+    raw = read_official_pickle(dilled)
+    assert int(raw["step"]) == 312784
+
+
+@pytest.mark.parametrize("core", ["numpy.core", "numpy._core"])
+def test_old_dill_get_attr_import_module_layout(tmp_path, official_modules, core):
+    """dill <= 0.3.5 writes _get_attr(_import_module('numpy.core._multiarray_umath'), '_reconstruct'): accepted."""
+    params = {"res_net50/~/initial_conv": {"w": np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4)}}
+    state = {"k": {"counter": np.int32(3), "average": np.ones((1, 1, 1, 4), np.float32)}}
+    path = tmp_path / "old.pkl"
+    with open(path, "wb") as f:
+        _OldDillPickler(f, core).dump({"experiment_state": _ByolExperimentState(params, params, state, state, ()),
+                                       "step": 5, "dt": np.dtype("float16")})
+    blob = path.read_bytes()
+    assert b"_get_attr" in blob and f"{core}._multiarray_umath".encode() in blob
+    raw = read_official_pickle(path)
+    np.testing.assert_array_equal(raw["online_params"]["res_net50/~/initial_conv"]["w"],
+                                  params["res_net50/~/initial_conv"]["w"])
+    assert int(raw["online_state"]["k"]["counter"]) == 3
+
+
+def test_dill_numpy_scalars_dtypes_nested(tmp_path, official_modules):
+    """Arrays of every numeric dtype, NumPy scalars, dtypes and nested dicts round-trip through dill."""
+    leaves = {f"a_{t}": (np.arange(6) % 3).astype(t).reshape(2, 3) for t in ("f2", "f4", "f8", "i1", "i4", "i8",
+                                                                              "u1", "u4", "?", "c8")}
+    leaves.update(scalar=np.float32(1.5), count=np.int64(9), flag=np.bool_(True), dt=np.dtype("<f4"),
+                  nested={"x": {"y": np.zeros((2, 2), np.uint32)}}, fortran=np.asfortranarray(np.ones((2, 3))))
+    path = tmp_path / "mixed.pkl"
+    with open(path, "wb") as f:
+        dill.dump({"experiment_state": _ByolExperimentState(leaves, {}, {}, {}, ()), "step": 1}, f, protocol=2)
+    got = read_official_pickle(path)["online_params"]
+    for k, v in leaves.items():
+        if isinstance(v, dict):
+            np.testing.assert_array_equal(got[k]["x"]["y"], v["x"]["y"])
+        else:
+            assert type(got[k]) is type(v) and (got[k] == v).all() if isinstance(v, np.ndarray) else got[k] == v
+            if isinstance(v, np.ndarray):
+                assert got[k].dtype == v.dtype
+
+
+def test_jax_array_rng_read_as_numpy(tmp_path, official_modules, monkeypatch):
+    """Today's JAX pickles its rng as jax._src.array._reconstruct_array(fun, args, arr_state, aval_state)."""
+    jax_array = types.ModuleType("jax._src.array")
+
+    def _reconstruct_array(fun, args, arr_state, aval_state):  # the signature jax defines
+        raise AssertionError("never called: the reader must not import jax")
+
+    _reconstruct_array.__module__, _reconstruct_array.__qualname__ = "jax._src.array", "_reconstruct_array"
+    jax_array._reconstruct_array = _reconstruct_array
+    jax, jax_src = types.ModuleType("jax"), types.ModuleType("jax._src")
+    jax._src, jax_src.array = jax_src, jax_array
+    for name, mod in (("jax", jax), ("jax._src", jax_src), ("jax._src.array", jax_array)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    class FakeJaxArray:
+        def __init__(self, value):
+            self.value = value
+
+        def __reduce__(self):  # what jax.Array.__reduce__ returns
+            fun, args, arr_state = self.value.__reduce__()
+            return _reconstruct_array, (fun, args, arr_state, {"weak_type": False})
+
+    rng = np.array([0, 42], np.uint32)
+    online = _random_resnet50(4)
+    path = tmp_path / "jax.pkl"
+    with open(path, "wb") as f:
+        dill.dump(_release_data(online, online, rng=FakeJaxArray(rng)), f, protocol=2)
+    assert b"_reconstruct_array" in path.read_bytes()
+    monkeypatch.delitem(sys.modules, "jax._src.array")
+    from zoo.weights.byol_official import _BoundedReader, _RestrictedUnpickler
+    with open(path, "rb") as f:
+        top = _RestrictedUnpickler(_BoundedReader(f, path.stat().st_size), path.stat().st_size).load()
+    np.testing.assert_array_equal(top["rng"], rng)
+    assert "jax._src.array" not in sys.modules  # nothing imported it back
+    m = load_backbone(path, padding="torch", arch=_resnet50_features())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _features_only(copy.deepcopy(online))(x), rtol=1e-4, atol=1e-4)
+
+
+def _hostile(kind: str, marker: str):
+    def local_function():
+        os.system(f"touch {marker}")
+
+    class LocalClass:
+        def __init__(self):
+            os.system(f"touch {marker}")
+
+    class Call:
+        def __init__(self, fn, args=()):
+            self.fn, self.args = fn, args
+
+        def __reduce__(self):
+            return self.fn, self.args
+
+    return {"function": Call(local_function), "lambda": Call(lambda: os.system(f"touch {marker}")),
+            "class": Call(LocalClass), "os_system": Call(os.system, (f"touch {marker}",)), "module": os,
+            "eval": Call(eval, (f"__import__('os').system('touch {marker}')",))}[kind]
+
+
+@pytest.mark.parametrize("kind, named", [("function", "_create_function"), ("lambda", "_create_function"),
+                                         ("class", "_create_type"), ("os_system", "system"),
+                                         ("module", "_import_module('os')"), ("eval", "eval")])
+def test_dill_written_hostile_files_are_refused(tmp_path, official_modules, kind, named):
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"{kind}.pkl"
+    payload = _hostile(kind, str(marker))
+    with open(path, "wb") as f:
+        dill.dump({"experiment_state": _ByolExperimentState({}, {}, {}, {}, payload), "step": 0}, f, protocol=2)
+    with pytest.raises(UnsafeFileError, match=re.escape(named)) as err:
+        read_official_pickle(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UnsafeFileError):
+        load_backbone(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("attr", ["load", "frombuffer", "fromfile", "memmap"])
+def test_dill_get_attr_beyond_numpy_constructors_is_refused(tmp_path, attr):
+    from dill._dill import _get_attr, _import_module
+
+    class Call:
+        def __reduce__(self):
+            return _get_attr, (_Mod(), attr)
+
+    class _Mod:
+        def __reduce__(self):
+            return _import_module, ("numpy",)
+
+    path = tmp_path / "getattr.pkl"
+    path.write_bytes(pickle.dumps({"experiment_state": Call()}, protocol=2))
+    with pytest.raises(UnsafeFileError, match=f"numpy.{attr}"):
+        read_official_pickle(path)
+
+
+def _bomb(ops: bytes) -> bytes:
+    return b"\x80\x02" + ops + b"."
+
+
+@pytest.mark.parametrize("name, blob", [
+    ("bytearray", _bomb(b"c__builtin__\nbytearray\nJ\x00\x00\x00\x40\x85R")),
+    ("ndarray_direct", _bomb(b"cnumpy\nndarray\nJ\x00\x00\x00\x40\x85\x85R")),
+    ("reconstruct", _bomb(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ\x00\x00\x00\x40\x85U\x01b\x87R")),
+    ("huge_string", b"\x80\x04\x8d" + (2 ** 40).to_bytes(8, "little") + b"aaaa"),
+    ("huge_bytes", b"\x80\x04\x8e" + (2 ** 62).to_bytes(8, "little") + b"aaaa"),
+])
+def test_memory_bombs_are_refused_not_called_truncated(tmp_path, name, blob):
+    path = tmp_path / f"{name}.pkl"
+    path.write_bytes(blob)
+    with pytest.raises(UnsafeFileError) as err:
+        read_official_pickle(path)
+    msg = str(err.value)
+    assert "truncated" not in msg and ("too" in msg or "refused" in msg) and str(path) in msg
+
+
+def test_lookalike_experiment_state_names_missing_key(tmp_path, official_modules):
+    """A pickle naming our own/other classes, or lacking fields, gives an error naming the file and the key."""
+    class Other(NamedTuple):
+        a: Any
+
+    Other.__module__, Other.__qualname__ = "byol.byol_experiment", "Other"
+    sys.modules["byol.byol_experiment"].Other = Other
+    for i, es in enumerate([Other(1), _ByolExperimentState({}, None, {}, {}, ())]):
+        path = tmp_path / f"look{i}.pkl"
+        with open(path, "wb") as f:
+            pickle.dump({"experiment_state": es, "step": 0}, f, protocol=2)
+        with pytest.raises(ValueError, match="online_params|target_params") as err:
+            load_backbone(path)
+        assert str(path) in str(err.value) and not isinstance(err.value, KeyError)

@@ -190,3 +190,54 @@ def test_random_source_is_seeded():
     a, b = load_backbone("random:convnet_tiny"), load_backbone("random:convnet_tiny")
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     assert json.dumps(a.zoo_arch) == '"convnet_tiny"'
+
+
+def _fake_lm_ckpt(path) -> nn.Module:
+    """A checkpoint in lm.CausalLM's Lightning layout (model.* weights, 'model' hyper-parameter), no training."""
+    from lm_testutil import TINY as LM_TINY
+
+    torch.manual_seed(0)
+    model = zoo.create("gemma2-tiny", **LM_TINY).eval()
+    torch.save({"state_dict": {"model." + k: v for k, v in model.state_dict().items()}, "epoch": 0,
+                "pytorch-lightning_version": "2.6.0",
+                "hyper_parameters": {"model": "gemma2-tiny", "model_overrides": LM_TINY}}, path)
+    return model
+
+
+def test_load_backbone_on_lm_checkpoint_points_to_load_lm(tmp_path):
+    path = tmp_path / "lm.ckpt"
+    _fake_lm_ckpt(path)
+    for kw in ({}, {"arch": "resnet18"}):
+        with pytest.raises(ValueError, match=r"language-model checkpoint.*lm\.causal_lm\.load_lm") as err:
+            load_backbone(path, **kw)
+        assert "arch=" not in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("kind", ["safetensors", "pth", "export"])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, bad, kind):
+    torch.manual_seed(0)
+    model = zoo.create("convnet_tiny", **TINY)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    key = next(k for k, v in sd.items() if v.is_floating_point() and v.dim() > 1)
+    sd[key].view(-1)[3] = bad
+    path = tmp_path / f"w.{'pth' if kind == 'pth' else 'safetensors'}"
+    if kind == "pth":
+        torch.save(sd, path)
+    else:
+        write_safetensors(path, sd, {"format": "zoo-backbone", "arch": "convnet_tiny", "arch_overrides": TINY}
+                          if kind == "export" else None)
+    kw = {} if kind == "export" else {"arch": zoo.create("convnet_tiny", **TINY)}
+    with pytest.raises(ValueError, match=f"tensor '{key}' holds 1 NaN/Inf") as err:
+        load_backbone(path, **kw)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("content, match", [(b"", "empty"), (b"\x80\x02garbage-not-a-pickle", "could not read"),
+                                            (b"PK\x03\x04truncated zip", "could not read")])
+def test_safe_torch_load_empty_garbage_truncated_one_clear_error(tmp_path, content, match):
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match) as err:
+        safe_torch_load(path)
+    assert str(path) in str(err.value) and not isinstance(err.value, UnsafeFileError)

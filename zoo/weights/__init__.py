@@ -80,6 +80,11 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     for k in own:
         if k.endswith("num_batches_tracked") and k not in sd:
             sd[k] = own[k]
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(f"{source}: tensor {k!r} holds {bad} NaN/Inf value(s) of {v.numel()}; the file is "
+                             "corrupt (e.g. saved after training diverged): use an earlier, healthy checkpoint.")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mismatch = next(((k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
@@ -132,6 +137,11 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module | None, head: bool
                     ) -> tuple[nn.Module, str | nn.Module, dict, nn.Linear | None]:
     hp = ckpt.get("hyper_parameters") or {}
+    if isinstance(hp, dict) and "encoder" not in hp and ("model" in hp or "student" in hp):
+        raise ValueError(f"{source} is a language-model checkpoint (lm.CausalLM / lm.Distill), not a vision backbone; "
+                         "load it with lm.causal_lm.load_lm(path).")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{source}: the checkpoint has no 'state_dict' dict; is it a byol.BYOL checkpoint?")
     name = arch if arch is not None else hp.get("encoder")
     overrides = dict(hp.get("encoder_overrides") or {}) if arch is None else {}
     if name is None:
@@ -158,8 +168,12 @@ def _from_official(path: Path, which: str, arch: str | nn.Module | None, head: b
 
     state = read_official_pickle(path)
     params, bn_state = state[f"{which}_params"], state[f"{which}_state"]
-    name = arch if arch is not None else infer_arch(params)
-    model = load_into(_build(name), haiku_to_torchvision(params, bn_state), str(path))
+    try:
+        name = arch if arch is not None else infer_arch(params)
+        sd = haiku_to_torchvision(params, bn_state)
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"{str(path)!r} ({which} encoder): {err}") from None
+    model = load_into(_build(name), sd, str(path))
     lin = None
     if head:
         # The classifier is trained on the online representation; it is the ImageNet head for either encoder.

@@ -2,14 +2,19 @@
 
 The files are dill pickles (protocol 2) of ``{'experiment_state': _ByolExperimentState(...), 'step', 'rng'}`` whose
 leaves are NumPy arrays. They reference classes from ``byol``/``optax``/``haiku``; a restricted unpickler turns those
-references into inert stand-ins and refuses every other global, so nothing in the file can run code.
+references into inert stand-ins and refuses every other global, so nothing in the file can run code. dill's NumPy
+encoding (``_create_array``; ``_get_attr(_import_module('numpy.core._multiarray_umath'), '_reconstruct')`` before
+0.3.6) and JAX arrays (``jax._src.array._reconstruct_array``) are re-implemented here for NumPy only: neither dill nor
+jax is imported. Every allocation the file asks for is bounded by the file's size (memory bombs are refused).
 Haiku uses TF 'SAME' padding (asymmetric for stride-2 layers); ``apply_tf_same_padding`` reproduces it exactly.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
+import types
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +29,7 @@ from zoo.weights.safe_load import UnsafeFileError
 
 __all__ = [
     "read_official_pickle",
+    "TooLargeError",
     "haiku_to_torchvision",
     "haiku_classifier",
     "infer_arch",
@@ -48,33 +54,43 @@ def _numpy_core(name: str) -> Any:
 
 def _codecs_encode(text: str, encoding: str = "latin1") -> bytes:
     # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1'); only text encoding happens here.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise UnsafeFileError(f"refused _codecs.encode({type(text).__name__}, {encoding!r}): only text -> bytes")
     return text.encode(encoding)
 
 
-# Exact (module, name) pairs that resolve to real, side-effect-free callables.
-_ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_core("_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_core("_reconstruct"),
-    ("numpy.core.multiarray", "scalar"): lambda: _numpy_core("scalar"),
-    ("numpy._core.multiarray", "scalar"): lambda: _numpy_core("scalar"),
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("_codecs", "encode"): lambda: _codecs_encode,
-    ("collections", "OrderedDict"): lambda: OrderedDict,
-    ("copyreg", "_reconstructor"): lambda: _stub_reconstructor,
-}
-# Plain data constructors (older protocols name them as globals); building them runs no user code.
-for _t in (object, tuple, list, dict, set, frozenset, int, float, complex, bool, str, bytes, bytearray):
-    _ALLOWED[("builtins", _t.__name__)] = (lambda t: lambda: t)(_t)
+class TooLargeError(UnsafeFileError):
+    """The file asks for more memory than it could honestly hold (a memory bomb); nothing was allocated."""
 
 
-def _stub_reconstructor(cls: type, base: type, state: Any) -> Any:
-    # copyreg._reconstructor (protocols 0/1); only ever builds stand-ins or plain builtins.
-    if isinstance(cls, type) and issubclass(cls, PickledStub):
-        return cls.__new__(cls) if state is None else cls.__new__(cls, state)
-    if cls in (object, tuple, list, dict, set, frozenset) and base is cls:
-        return cls() if state is None else cls(state)
-    raise UnsafeFileError(f"refused to reconstruct {cls!r} from base {base!r}")
+def _ndarray_ref(*args: Any, **kwargs: Any) -> Any:
+    # Stands for the class numpy.ndarray inside a pickle: only ever the first argument of _reconstruct. Calling it
+    # directly (ndarray(shape, dtype, buffer, offset, strides)) could make huge zero-stride views: refused.
+    raise UnsafeFileError("refused to call numpy.ndarray(...) directly (NumPy's own pickles never do)")
+
+
+def _check_bytes(what: str, n: int, limit: int) -> None:
+    if n > limit:
+        raise TooLargeError(f"refused: {what} asks for {n:,} bytes, more than the whole file ({limit:,} bytes) "
+                            "could hold (a memory bomb, not a checkpoint)")
+
+
+_NUMPY_CORE_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core._multiarray_umath",
+                       "numpy._core._multiarray_umath")
+
+
+class _ModuleRef:
+    """What ``dill._dill._import_module`` returns here: an inert token naming an allow-listed module."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<module {self.name}>"
+
+
+def _is_numeric_scalar_type(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, (np.number, np.bool_))
 
 
 class PickledStub:
@@ -108,24 +124,163 @@ def _stub_type(qualname: str) -> type:
 
 def _dill_create_namedtuple(name: str, fieldnames: Any, modulename: str, *rest: Any) -> type:
     # dill may pickle a NamedTuple class by value; we only need a stand-in type of that name.
+    if not all(isinstance(s, str) for s in (name, modulename)):
+        raise UnsafeFileError("refused dill._dill._create_namedtuple with non-text names")
     return _stub_type(f"{modulename}.{name}")
 
 
+def _dill_create_dtypemeta(scalar_type: Any) -> type:
+    # dill (NumPy 1.20+) pickles dtype *classes* as _create_dtypemeta(scalar type); only numeric ones are built.
+    if scalar_type is None:
+        return np.dtype
+    if not _is_numeric_scalar_type(scalar_type):
+        raise UnsafeFileError(f"refused dill._dill._create_dtypemeta({scalar_type!r}): only NumPy numeric types")
+    return type(np.dtype(scalar_type))
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler whose ``find_class`` returns stand-ins for byol/optax/haiku and refuses everything else."""
+    """Unpickler whose ``find_class`` returns stand-ins for byol/optax/haiku and refuses everything else.
+
+    Besides plain pickles it reads what ``dill.dump`` (every version since 0.3.1) writes for NumPy arrays, scalars
+    and dtypes, by re-implementing the handful of dill helpers involved, restricted to NumPy, without importing dill.
+    ``limit`` (the file's size) bounds every allocation the file can request.
+    """
+
+    def __init__(self, file: Any, limit: int) -> None:
+        super().__init__(file)
+        self.limit = limit
+
+    # -- NumPy, guarded -------------------------------------------------------------------------------------------
+    def _reconstruct(self, subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        if subtype is not _ndarray_ref and subtype is not np.ndarray:
+            raise UnsafeFileError(f"refused numpy _reconstruct of {subtype!r}: only plain numpy.ndarray")
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        if not all(isinstance(d, int) and d >= 0 for d in dims):
+            raise UnsafeFileError(f"refused numpy _reconstruct with shape {shape!r}")
+        _check_bytes(f"an array of shape {dims}", math.prod(dims) * max(np.dtype(dtype).itemsize, 1), self.limit)
+        return _numpy_core("_reconstruct")(np.ndarray, dims, dtype)
+
+    def _array_from_state(self, f: Any, args: Any, state: Any, what: str) -> np.ndarray:
+        if f != self._reconstruct or not isinstance(args, tuple):
+            raise UnsafeFileError(f"refused {what} with constructor {f!r}: only numpy's _reconstruct")
+        arr = f(*args)
+        if isinstance(state, tuple) and len(state) >= 4:
+            dims = state[1] if isinstance(state[1], tuple) else (state[1],)
+            dtype = state[2] if isinstance(state[2], np.dtype) else np.dtype("u1")
+            if all(isinstance(d, int) and d >= 0 for d in dims):
+                _check_bytes(f"an array of shape {dims}", math.prod(dims) * max(dtype.itemsize, 1), self.limit)
+        arr.__setstate__(state)
+        return arr
+
+    def _dill_create_array(self, f: Any, args: Any, state: Any, npdict: Any = None) -> np.ndarray:
+        # dill._dill._create_array: f(*args) then __setstate__(state); npdict only exists for ndarray subclasses.
+        if npdict:
+            raise UnsafeFileError("refused dill._dill._create_array with instance attributes (an ndarray subclass)")
+        return self._array_from_state(f, args, state, "dill._dill._create_array")
+
+    def _jax_reconstruct_array(self, fun: Any, args: Any, arr_state: Any, aval_state: Any = None, *rest: Any
+                               ) -> np.ndarray:
+        # jax._src.array._reconstruct_array(fun, args, arr_state, aval_state): a NumPy array plus abstract-value
+        # metadata (weak_type, ...); we keep the NumPy array and never import jax (the backbone never needs it).
+        if isinstance(arr_state, np.ndarray):
+            return arr_state
+        return self._array_from_state(fun, args, arr_state, "jax._src.array._reconstruct_array")
+
+    def _guarded_builtin(self, t: type) -> Any:
+        def build(*args: Any) -> Any:
+            if args and isinstance(args[0], int):  # bytes(n) / bytearray(n) allocate n zero bytes
+                _check_bytes(f"builtins.{t.__name__}({args[0]})", args[0], self.limit)
+            return t(*args)
+        build.__name__ = t.__name__
+        return build
+
+    # -- dill helpers, restricted -----------------------------------------------------------------------------------
+    def _dill_import_module(self, import_name: Any, safe: bool = False) -> _ModuleRef:
+        if import_name in _NUMPY_CORE_MODULES or import_name in ("numpy", "_codecs"):
+            return _ModuleRef(import_name)
+        raise UnsafeFileError(f"refused to load global dill._dill._import_module({import_name!r}): the official-BYOL "
+                              "reader only imports NumPy (nothing in the file is executed)")
+
+    def _dill_get_attr(self, obj: Any, name: Any) -> Any:
+        if isinstance(obj, _ModuleRef) and isinstance(name, str):
+            module = obj.name.replace("._multiarray_umath", ".multiarray")
+            if (module, name) in self._allowed():
+                return self._allowed()[(module, name)]()
+            raise UnsafeFileError(f"refused to load global {obj.name}.{name} (via dill._dill._get_attr): not a "
+                                  "NumPy array/scalar/dtype constructor")
+        raise UnsafeFileError(f"refused dill._dill._get_attr({type(obj).__name__}, {name!r})")
+
+    def _allowed(self) -> dict[tuple[str, str], Any]:
+        if not hasattr(self, "_allowed_map"):
+            allowed: dict[tuple[str, str], Any] = {
+                ("numpy", "ndarray"): lambda: _ndarray_ref,
+                ("numpy", "dtype"): lambda: np.dtype,
+                ("_codecs", "encode"): lambda: _codecs_encode,
+                ("collections", "OrderedDict"): lambda: OrderedDict,
+                ("copyreg", "_reconstructor"): lambda: _stub_reconstructor,
+            }
+            for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+                allowed[(mod, "_reconstruct")] = lambda: self._reconstruct
+                allowed[(mod, "scalar")] = lambda: _numpy_core("scalar")
+            for mod in ("dill._dill", "dill.dill"):
+                allowed[(mod, "_create_array")] = lambda: self._dill_create_array
+                allowed[(mod, "_get_attr")] = lambda: self._dill_get_attr
+                allowed[(mod, "_import_module")] = lambda: self._dill_import_module
+                allowed[(mod, "_create_namedtuple")] = lambda: _dill_create_namedtuple
+                allowed[(mod, "_create_dtypemeta")] = lambda: _dill_create_dtypemeta
+            allowed[("jax._src.array", "_reconstruct_array")] = lambda: self._jax_reconstruct_array
+            # Plain data constructors (older protocols name them as globals); building them runs no user code.
+            for t in (object, tuple, list, dict, set, frozenset, int, float, complex, bool, str, bytes, bytearray):
+                allowed[("builtins", t.__name__)] = (
+                    lambda t: lambda: self._guarded_builtin(t) if t in (bytes, bytearray) else t)(t)
+            self._allowed_map = allowed
+        return self._allowed_map
 
     def find_class(self, module: str, name: str) -> Any:
         module = {"copy_reg": "copyreg", "__builtin__": "builtins"}.get(module, module)  # Python 2 names
-        if (module, name) in _ALLOWED:
-            return _ALLOWED[(module, name)]()
-        if module in ("dill._dill", "dill.dill") and name == "_create_namedtuple":
-            return _dill_create_namedtuple
+        allowed = self._allowed()
+        if (module, name) in allowed:
+            return allowed[(module, name)]()
+        if module == "numpy" and _is_numeric_scalar_type(getattr(np, name, None)):
+            return getattr(np, name)  # e.g. the argument of dill's _create_dtypemeta
+        if module == "numpy.dtypes" and isinstance(getattr(np, "dtypes", None), types.ModuleType):
+            cls = getattr(np.dtypes, name, None)
+            if isinstance(cls, type) and issubclass(cls, np.dtype) and _is_numeric_scalar_type(getattr(cls, "type", 0)):
+                return cls
         if any((module + ".").startswith(p) for p in _STUB_MODULE_PREFIXES):
             return _stub_type(f"{module}.{name}")
         raise UnsafeFileError(
             f"refused to load global {module}.{name}: the official-BYOL reader only accepts NumPy arrays and the "
             "byol/optax/haiku containers (nothing in the file is executed). Is this really a BYOL release file?"
         )
+
+
+class _BoundedReader:
+    """File wrapper for the unpickler: a read longer than the whole file is a memory bomb, refused before reading."""
+
+    def __init__(self, f: Any, size: int) -> None:
+        self._f, self._size = f, size
+
+    def read(self, n: int = -1) -> bytes:
+        if n is not None and n > self._size:
+            _check_bytes("a string/bytes record", n, self._size)
+        return self._f.read(n)
+
+    def readinto(self, buf: Any) -> int:
+        _check_bytes("a string/bytes record", memoryview(buf).nbytes, self._size)
+        return self._f.readinto(buf)
+
+    def readline(self, *args: Any) -> bytes:
+        return self._f.readline(*args)
+
+
+def _stub_reconstructor(cls: type, base: type, state: Any) -> Any:
+    # copyreg._reconstructor (protocols 0/1); only ever builds stand-ins or plain builtins.
+    if isinstance(cls, type) and issubclass(cls, PickledStub):
+        return cls.__new__(cls) if state is None else cls.__new__(cls, state)
+    if cls in (object, tuple, list, dict, set, frozenset) and base is cls:
+        return cls() if state is None else cls(state)
+    raise UnsafeFileError(f"refused to reconstruct {cls!r} from base {base!r}")
 
 
 def _to_plain(obj: Any) -> Any:
@@ -150,19 +305,31 @@ def read_official_pickle(path: str | os.PathLike) -> dict[str, Any]:
     if not p.exists():
         raise FileNotFoundError(f"official BYOL checkpoint {str(p)!r} does not exist; download e.g. "
                                 "pretrain_res50x1.pkl from the BYOL release and pass its path.")
+    size = p.stat().st_size
     try:
         with open(p, "rb") as f:  # streamed: the ResNet-200 (2x) file is 4.6 GB
-            raw = _RestrictedUnpickler(f).load()
+            raw = _RestrictedUnpickler(_BoundedReader(f, size), size).load()
+    except TooLargeError as err:
+        raise TooLargeError(f"{str(p)!r}: {err}; it was not loaded.") from None
     except UnsafeFileError as err:
         raise UnsafeFileError(f"{str(p)!r}: {err}") from None
+    except MemoryError:
+        raise TooLargeError(f"{str(p)!r}: refused: the pickle asks for more memory than this machine has (a memory "
+                            "bomb, not a checkpoint); it was not loaded.") from None
     except Exception as err:  # noqa: BLE001 - any malformed pickle: name the file instead of a deep trace
         raise ValueError(f"could not read {str(p)!r} as an official BYOL pickle ({type(err).__name__}: {err}); "
                          "is the file truncated?") from None
     raw = _to_plain(raw)
     if not isinstance(raw, dict) or "experiment_state" not in raw or not isinstance(raw["experiment_state"], dict):
-        keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        keys = sorted(raw, key=str) if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{str(p)!r} is not an official BYOL checkpoint: expected a dict with 'experiment_state', "
                          f"found {keys}.")
+    es = raw["experiment_state"]
+    for field in EXPERIMENT_STATE_FIELDS[:4]:
+        if not isinstance(es.get(field), Mapping):
+            found = sorted(k for k in es if isinstance(k, str))[:8]
+            raise ValueError(f"{str(p)!r}: experiment_state has no {field!r} dict (found {found}); it is not an "
+                             "official BYOL _ByolExperimentState. Download the release file again.")
     out = dict(raw["experiment_state"])
     out["step"] = raw.get("step")
     return out
@@ -215,6 +382,10 @@ def haiku_to_torchvision(params: Mapping[str, Mapping[str, Any]], state: Mapping
             unknown.append(key)
             continue
         name, kind = mapped
+        need = "w" if kind == "conv" else None
+        if not isinstance(leaves, Mapping) or (need and need not in leaves):
+            raise ValueError(f"Haiku module {key!r} has no {need or 'parameter'} array (found "
+                             f"{sorted(leaves) if isinstance(leaves, Mapping) else type(leaves).__name__}).")
         if kind == "conv":
             hwio = np.asarray(leaves["w"])
             out[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(hwio.transpose(3, 2, 0, 1)))  # -> OIHW
@@ -227,7 +398,7 @@ def haiku_to_torchvision(params: Mapping[str, Mapping[str, Any]], state: Mapping
             out[f"{name}.bias"] = torch.from_numpy(np.asarray(leaves["offset"]).reshape(-1).copy())
         for ema, buf in (("mean_ema", "running_mean"), ("var_ema", "running_var")):
             st = state.get(f"{key}/~/{ema}")
-            if st is None:
+            if not isinstance(st, Mapping) or "average" not in st:
                 raise ValueError(f"batch-norm statistics {key}/~/{ema} are missing from the checkpoint state; "
                                  "use the matching online/target state.")
             out[f"{name}.{buf}"] = torch.from_numpy(np.asarray(st["average"], dtype=np.float32).reshape(-1).copy())

@@ -30,8 +30,43 @@ def _pattern(layer_types: list[str]) -> tuple[str, ...]:
     return tuple(ours)
 
 
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
+                           "query_pre_attn_scalar")
+_OPTIONAL_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta", "attn_logit_softcapping", "final_logit_softcapping")
+
+
+def check_config(cfg: object, source: str = "config.json") -> dict:
+    """Refuse a malformed config.json dict (wrong types, zero/negative sizes) with one line naming the field."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{source}: expected a JSON object of model settings, found a {type(cfg).__name__}; "
+                         "re-download config.json")
+    for field in _POSITIVE_INTS + _OPTIONAL_POSITIVE_INTS:
+        if field not in cfg or (cfg[field] is None and field in _OPTIONAL_POSITIVE_INTS):
+            if field in _POSITIVE_INTS:
+                raise ValueError(f"{source}: required field {field!r} is missing")
+            continue
+        v = cfg[field]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{source}: {field}={v!r} must be a positive integer; fix config.json")
+    for field in _OPTIONAL_POSITIVE_NUMBERS:
+        v = cfg.get(field)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+                              or not math.isfinite(v)):
+            raise ValueError(f"{source}: {field}={v!r} must be a positive number (or null); fix config.json")
+    if "tie_word_embeddings" in cfg and not isinstance(cfg["tie_word_embeddings"], bool):
+        raise ValueError(f"{source}: tie_word_embeddings={cfg['tie_word_embeddings']!r} must be true or false")
+    types = cfg.get("layer_types")
+    if types is not None and (not isinstance(types, list) or len(types) != cfg["num_hidden_layers"]
+                              or not all(isinstance(t, str) for t in types)):
+        raise ValueError(f"{source}: layer_types must be a list of {cfg['num_hidden_layers']} strings "
+                         f"(num_hidden_layers), found {types!r:.80}")
+    return cfg
+
+
 def config_from_hf(cfg: dict, source: str = "config.json") -> TransformerConfig:
     """TransformerConfig of a Hugging Face Gemma / Gemma 2 ``config.json`` dict."""
+    check_config(cfg, source)
     mtype = cfg.get("model_type")
     if mtype not in SUPPORTED:
         raise ValueError(f"{source}: model_type={mtype!r} is not supported; from_hf reads {sorted(SUPPORTED)} "
@@ -149,6 +184,17 @@ def _shard_map(folder: Path) -> dict[str, Path]:
         return {name: single for name in f.keys()}
 
 
+def _same_tensor(files: dict[str, Path], a: str, b: str) -> bool:
+    from safetensors import safe_open
+
+    def get(name: str) -> torch.Tensor:
+        with safe_open(str(files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    ta, tb = get(a), get(b)
+    return ta.shape == tb.shape and bool(torch.equal(ta, tb))
+
+
 def _fields_of(hf_name: str) -> str:
     """The config.json fields that determine a tensor's shape (for error messages)."""
     for part, fields in (("embed_tokens", "vocab_size, hidden_size"), ("lm_head", "vocab_size, hidden_size"),
@@ -172,7 +218,10 @@ def from_hf(path: str | Path, dtype: torch.dtype | str = torch.float32, device: 
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{cfg_file} not found: from_hf expects a local Hugging Face model folder")
-    raw = json.loads(cfg_file.read_text())
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cfg_file}: not valid JSON ({err}); re-download config.json") from None
     config = config_from_hf(raw, str(cfg_file))
     if overrides:
         config = config.replace(**overrides)
@@ -187,6 +236,17 @@ def from_hf(path: str | Path, dtype: torch.dtype | str = torch.float32, device: 
     if missing:
         raise ValueError(f"{folder}: checkpoint lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          f"required by {cfg_file.name} (model_type={raw['model_type']!r})")
+    used = set(names.values())
+    unused = sorted(set(files) - used)
+    if not config.tie_embeddings or "lm_head.weight" not in unused:
+        pass
+    elif _same_tensor(files, "lm_head.weight", "model.embed_tokens.weight"):
+        unused.remove("lm_head.weight")  # a tied head saved anyway: identical to the embedding, nothing is lost
+    if unused:
+        raise ValueError(f"{folder}: {len(unused)} tensor(s) in the weights are not used by {cfg_file.name} "
+                         f"(num_hidden_layers={raw['num_hidden_layers']}, tie_word_embeddings="
+                         f"{config.tie_embeddings}): {unused[:5]}{' ...' if len(unused) > 5 else ''}; the config "
+                         "and weights do not match, fix config.json")
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for ours, hf in names.items():
@@ -244,13 +304,15 @@ def _load_model(spec: str, model_name: str | None, overrides: dict) -> Transform
         return from_hf(path, **overrides)
     if model_name is None:
         raise ValueError(f"{path} is a checkpoint file: pass --model NAME (the registry entry it was trained as)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from zoo.weights.safe_load import read_safetensors, safe_torch_load
 
-        sd = load_file(str(path))
+    if path.suffix == ".safetensors":
+        sd, _ = read_safetensors(path)
     else:
-        blob = torch.load(str(path), map_location="cpu", weights_only=True)
+        blob = safe_torch_load(path)  # the one safe reader: truncated/empty/hostile files give one clear error
         sd = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict; is it a zoo checkpoint?")
     # Lightning modules hold the Transformer under an attribute (e.g. "model."): strip whatever precedes our keys.
     prefix = next((k[: -len("embed.weight")] for k in sd if k.endswith("embed.weight")), None)
     if prefix is None:

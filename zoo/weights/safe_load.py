@@ -65,19 +65,32 @@ def safe_torch_load(
     ``extra_globals`` are classes/functions the caller vouches for (e.g. a known hyper-parameter container).
     """
     p = _as_path(path)
+    if p.stat().st_size == 0:
+        raise ValueError(f"{str(p)!r} is empty (0 bytes); the download or save was interrupted: fetch or save it again.")
     try:
         with torch.serialization.safe_globals(list(extra_globals)):
             return torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"global[s]? [`']?([\w.]+)", str(err))
-        what = found.group(1) if found else "a non-tensor object"
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"[Uu]nsupported global[s]?:? [`']?([\w.]+)", text)
+        if found is None:  # not a forbidden import: torch's unpickler stopped on bytes it cannot parse
+            detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+            first = (detail.group(1) if detail else text).strip().splitlines()[0]
+            raise ValueError(f"could not read {str(p)!r} as a torch file ({first}); is it truncated, corrupt or in "
+                             "another format?") from None
+        what = found.group(1)
         raise UnsafeFileError(
             f"{str(p)!r} is a pickle that references {what}, which is not allowed (loading uses weights_only=True so "
             "pickled code is never executed). If you trust this file, re-save its tensors with "
             "safetensors or torch.save(state_dict); if it is an official BYOL .pkl, give it a .pkl name."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"could not read {str(p)!r} as a torch file ({type(err).__name__}: {err}); "
+    except MemoryError:
+        raise UnsafeFileError(f"{str(p)!r}: refused: the file asks for more memory than this machine has (too large "
+                              "or hostile); it was not loaded.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError,
+            AttributeError) as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(f"could not read {str(p)!r} as a torch file ({type(err).__name__}: {first}); "
                          "is it truncated or in another format?") from None
 
 
