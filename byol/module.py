@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,7 +16,7 @@ import zoo
 from byol.functional import byol_loss, lr_schedule, scaled_lr, tau_schedule
 from byol.heads import mlp_head
 from byol.lars import LARS, lars_param_groups
-from zoo.trainer import NAN_POLICIES, all_ranks, check_finite_loss
+from zoo.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
 
 
 class BYOL(pl.LightningModule):
@@ -106,14 +107,36 @@ class BYOL(pl.LightningModule):
             raise ValueError("the datamodule has no batch_size; BYOL needs it to scale the learning rate")
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one training epoch, whatever the budget (``max_epochs`` or ``max_steps``).
+
+        ``num_training_batches`` is still unset (inf) when ``max_epochs`` is -1, since Lightning then skips loading
+        the training data to estimate the budget; it is loaded here instead. An iterable loader without a length
+        has no epochs to count: a warmup in epochs is refused, naming ``model.warmup_steps``.
+        """
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            trainer.fit_loop.setup_data()
+            batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise UsageError(f"model.warmup_epochs={self.hparams.warmup_epochs} needs the number of batches per epoch, "
+                             "but the training loader has no length; set model.warmup_steps instead")
+        return max(int(batches) // trainer.accumulate_grad_batches, 1)
+
     def configure_optimizers(self):
         """LARS on the online networks and the classifier, with the per-step warmup + cosine schedule."""
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise UsageError("trainer.max_steps and trainer.max_epochs are both -1 (train forever), but BYOL's lr "
+                             "and tau schedules need a length: set trainer.max_steps or trainer.max_epochs")
+        total = int(total)
         if self.hparams.warmup_steps is not None:
             warmup = int(self.hparams.warmup_steps)
+        elif self.hparams.warmup_epochs == 0:
+            warmup = 0
         else:
-            per_epoch = max(int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches, 1)
-            warmup = int(round(self.hparams.warmup_epochs * per_epoch))
+            warmup = int(round(self.hparams.warmup_epochs * self.steps_per_epoch()))
         warmup = min(warmup, max(total - 1, 0))
         self.total_steps, self.warmup = total, warmup
         peak = scaled_lr(self.hparams.base_lr, self.global_batch())

@@ -20,6 +20,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 
+class UsageError(ValueError):
+    """A run refused before it starts (impossible value, busy or occupied folder, mismatched resume): ``zoo fit``
+    prints the one-line message and exits with status 2, without a traceback."""
+
+
+class RunError(RuntimeError):
+    """A run that stopped on an outside condition (disk full): ``zoo fit`` prints the one line and exits 1."""
+
+
 def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
     """Name of the first floating-point tensor in ``state_dict`` holding a NaN or Inf, else None."""
     for name, t in state_dict.items():
