@@ -193,8 +193,6 @@ class BYOL(pl.LightningModule):
         if not all_ranks(self, len(labels) >= 2):  # every DDP rank must skip together, or the others would hang
             rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
             return self._skipped_step_loss()
-        # A skipped step must leave no trace: its forward already moved the batch-norm statistics (to NaN, say).
-        saved = [b.clone() for b in self.buffers()] if self.hparams.nan_policy == "skip" else None
         gen = self._generator(batch_idx)
         v1, v2 = self.view1(batch["image"], gen), self.view2(batch["image"], gen)
         if self._use_channels_last():
@@ -210,15 +208,79 @@ class BYOL(pl.LightningModule):
         cls_loss = F.cross_entropy(logits.float(), labels)
         total = loss + cls_loss
         if not check_finite_loss(self, total, self.hparams.nan_policy):
-            with torch.no_grad():
-                for b, old in zip(self.buffers(), saved):
-                    b.copy_(old)
+            # A skipped step must leave no trace: its forward already moved the batch-norm statistics (to NaN, say).
+            self._restore_snapshot()
             return self._skipped_step_loss()
         self._stepped = True
         top1 = (logits.argmax(-1) == labels).float().mean()
         self.log_dict({"train/loss": loss, "train/cls_loss": cls_loss, "train/online_top1": top1,
                        "train/tau": self.current_tau()}, prog_bar=True, sync_dist=False)
         return total
+
+    # ---------------------------------------------------------------------------------------------- nan_policy: skip
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """``nan_policy: skip``: copy everything a step can change before its first micro-batch (see ``_snapshot``)."""
+        if self.hparams.nan_policy == "skip" and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self._take_snapshot()
+
+    def _state_tensors(self) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
+        """Parameters (online and EMA target), buffers and the optimizer's tensor state, and the (id(param), key)
+        of each optimizer-state tensor."""
+        live = [p.detach() for p in self.parameters()] + list(self.buffers())
+        keys: list[tuple[Any, str]] = []
+        for opt in self.trainer.optimizers:
+            for p, st in opt.state.items():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor):
+                        live.append(v)
+                        keys.append((id(p), k))
+        return live, keys
+
+    @torch.no_grad()
+    def _take_snapshot(self) -> None:
+        live, keys = self._state_tensors()
+        snap = getattr(self, "_snap", None)
+        if snap is not None and snap[1] == keys and all(a.shape == b.shape and a.dtype == b.dtype
+                                                        for a, b in zip(snap[0], live)):
+            torch._foreach_copy_(snap[0], live)  # preallocated: no allocation per step
+        else:
+            self._snap = ([t.clone() for t in live], keys)
+        self._snap_other = [{p: {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+                             for p, st in opt.state.items()} for opt in self.trainer.optimizers]
+
+    @torch.no_grad()
+    def _restore_snapshot(self) -> None:
+        """Put parameters, EMA target, buffers and optimizer state back to the start of the step."""
+        saved, keys = self._snap
+        live, now = self._state_tensors()
+        n = len(live) - len(now)  # parameters and buffers come first, in a fixed order
+        torch._foreach_copy_(live[:n], saved[:n])
+        old = dict(zip(keys, saved[n:]))
+        for opt, other in zip(self.trainer.optimizers, self._snap_other):
+            for p in list(opt.state):
+                if p not in other:  # state created by this step (first step of a parameter): remove it
+                    del opt.state[p]
+            for p, st in other.items():
+                opt.state[p].update(st)
+        for (p, k), t in zip(now, live[n:]):
+            if (p, k) in old:
+                t.copy_(old[(p, k)])
+
+    def _check_finite_state(self) -> bool:
+        """After the update: are all parameters, buffers and optimizer state finite? One fused check over foreach
+        norms, one host sync; a step whose finite loss still drove a weight or a batch-norm variance to Inf (a huge
+        lr) is rolled back and counted like a non-finite loss."""
+        live, _ = self._state_tensors()
+        floats = [t for t in live if t.is_floating_point()]
+        norms = torch._foreach_norm(floats)
+        ok = all_ranks(self, bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()))
+        if not ok:
+            self._restore_snapshot()
+            self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + 1
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+            rank_zero_warn(f"step {self.global_step}: the update made weights, batch-norm statistics or optimizer "
+                           f"state non-finite; rolled back and skipped (nan_policy: skip, {self.nonfinite_steps} so far)")
+        return ok
 
     def _skipped_step_loss(self) -> torch.Tensor:
         """A loss whose gradient is exactly zero for every trainable parameter (its value may be NaN).
@@ -249,6 +311,8 @@ class BYOL(pl.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self._stepped:
             self.update_target(tau_schedule(self.trainer.global_step, self.total_steps, self.hparams.tau_base))
+            if self.hparams.nan_policy == "skip":
+                self._check_finite_state()
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:

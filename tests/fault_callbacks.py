@@ -103,3 +103,16 @@ class WaitForSignalAt(pl.Callback):
         end = time.monotonic() + self.timeout
         while not trainer.received_sigterm and time.monotonic() < end:
             time.sleep(0.05)
+
+
+class BreakBufferAt(pl.Callback):
+    """Fill the first batch-norm ``running_var`` with Inf just before the optimizer update of step ``step``: the loss
+    of that step is finite, yet the step leaves a non-finite buffer (what a huge learning rate does)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            name, buf = next((n, b) for n, b in pl_module.named_buffers() if n.endswith("running_var"))
+            buf.fill_(float("inf"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from byol import BYOL
-from fault_callbacks import InterruptAt, PoisonAt, SigtermAt
+from fault_callbacks import BreakBufferAt, InterruptAt, PoisonAt, SigtermAt
 from zoo.data import ImageDataModule
 from zoo.trainer import AtomicCheckpointIO, RootCheckpoint, build_trainer
 
@@ -195,6 +195,29 @@ def test_nonfinite_loss_skip_policy_counts_and_trains_on(tmp_path):
     assert all_finite(ckpt)
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/nonfinite_steps" in logged
+
+
+def test_skip_policy_rolls_back_a_finite_loss_step_that_broke_a_buffer(tmp_path):
+    """Finite loss, but the step leaves a batch-norm variance at Inf: the whole step (weights, EMA target, buffers,
+    LARS state) is rolled back and counted, and every checkpoint after it is written."""
+    snap = Snapshot(2)
+    model, trainer = fit(tmp_path, steps=5, callbacks=[snap, BreakBufferAt(2)], nan_policy="skip")
+    assert trainer.global_step == 5 and model.nonfinite_steps == 1
+    (before, opt_before), (after, opt_after) = snap.states
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert opt_before.keys() == opt_after.keys()
+    assert all(torch.equal(opt_before[i][k], opt_after[i][k]) for i in opt_before for k in opt_before[i])
+    ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 5 and all_finite(ckpt)
+
+
+def test_skip_policy_trains_on_through_a_huge_learning_rate(tmp_path):
+    """base_lr 1e6: finite losses whose updates blow batch-norm statistics up; every such step is skipped."""
+    model, trainer = fit(tmp_path, steps=4, nan_policy="skip", base_lr=1e6)
+    assert trainer.global_step == 4 and model.nonfinite_steps >= 1
+    assert trainer.logged_metrics["train/nonfinite_steps"] == float(model.nonfinite_steps)
+    assert all_finite(load(tmp_path / "checkpoints" / "last.ckpt"))
 
 
 def test_nan_weights_never_overwrite_the_last_good_checkpoint(tmp_path):
