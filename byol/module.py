@@ -44,6 +44,17 @@ class BYOL(pl.LightningModule):
     """
 
     min_batch_per_device = 2  # per-view batch-norm statistics need two images (checked before launch)
+    supports_float64 = False  # the views are float32: trainer.precision 64 is refused before launch
+
+    def input_bytes(self, batch_size: int) -> tuple[int, str]:
+        """Bytes of the largest input tensor one device builds for a batch (checked against memory before launch):
+        both float32 training views, or the resized evaluation view."""
+        s = self.hparams.image_size
+        r = round(s * 256 / 224)
+        train, val = batch_size * 2 * 3 * s * s * 4, batch_size * 3 * r * r * 4
+        if train >= val:
+            return train, f"{batch_size} images x 2 views x 3 x {s}^2 float32, model.image_size={s}"
+        return val, f"{batch_size} images x 3 x {r}^2 float32 evaluation view, model.image_size={s}"
 
     def __init__(self, encoder: str = "resnet50", encoder_overrides: dict[str, Any] | None = None, image_size: int = 224,
                  num_classes: int | None = None, projector_hidden: int = 4096, projection_dim: int = 256,
@@ -52,18 +63,30 @@ class BYOL(pl.LightningModule):
                  augment_overrides: dict[str, Any] | None = None, aug_seed: int = 0, compile: bool = False,
                  channels_last: bool | None = None, nan_policy: str = "stop") -> None:
         super().__init__()
-        if base_lr <= 0:
-            raise ValueError(f"model.base_lr must be positive, got {base_lr}")
-        if weight_decay < 0:
-            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        finite = math.isfinite
+        if not (finite(base_lr) and base_lr > 0):
+            raise UsageError(f"model.base_lr must be positive, got {base_lr}")
+        if not (finite(weight_decay) and weight_decay >= 0):
+            raise UsageError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        if not (finite(momentum) and 0.0 <= momentum < 1.0):
+            raise UsageError(f"model.momentum must be in [0, 1), got {momentum}")
+        if not (finite(lars_eta) and lars_eta > 0):
+            raise UsageError(f"model.lars_eta (LARS trust coefficient) must be positive, got {lars_eta}")
         if not 0.0 <= tau_base <= 1.0:
-            raise ValueError(f"model.tau_base must be in [0, 1], got {tau_base}")
-        if warmup_epochs < 0 or (warmup_steps is not None and warmup_steps < 0):
-            raise ValueError("model.warmup_epochs / model.warmup_steps must be >= 0")
+            raise UsageError(f"model.tau_base must be in [0, 1], got {tau_base}")
+        if not (finite(warmup_epochs) and warmup_epochs >= 0):
+            raise UsageError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
+        if warmup_steps is not None and warmup_steps < 0:
+            raise UsageError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        for key, value in (("projector_hidden", projector_hidden), ("projection_dim", projection_dim)):
+            if value < 1:
+                raise UsageError(f"model.{key} must be >= 1, got {value}")
+        if num_classes is not None and num_classes < 1:
+            raise UsageError(f"model.num_classes must be >= 1, got {num_classes}")
         if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"model.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+            raise UsageError(f"model.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         if image_size < 8:
-            raise ValueError(f"model.image_size must be >= 8, got {image_size}")
+            raise UsageError(f"model.image_size must be >= 8, got {image_size}")
         self.save_hyperparameters()
         self.online_encoder = zoo.create(encoder, **(encoder_overrides or {}))
         dim = self.online_encoder.num_features
