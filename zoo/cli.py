@@ -39,6 +39,9 @@ class ZooCLI(LightningCLI):
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> ZooCLI:
     """Build (and by default run) the Lightning part of ``zoo`` on ``args``."""
+    if args is not None:  # ``--overwrite`` alone means ``--overwrite true`` (ZooTrainer.fit's flag)
+        args = [a if a != "--overwrite" or (i + 1 < len(args) and args[i + 1].lower() in ("true", "false"))
+                else "--overwrite=true" for i, a in enumerate(args)]
     return ZooCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

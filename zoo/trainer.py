@@ -29,6 +29,19 @@ class RunError(RuntimeError):
     """A run that stopped on an outside condition (disk full): ``zoo fit`` prints the one line and exits 1."""
 
 
+def cleanup_stale_temp_files(trainer: pl.Trainer) -> None:
+    """Remove ``.<name>.ckpt.*.tmp`` files that a writer killed mid-write left in the checkpoint folders (only
+    called while this run holds the folder's ``RunLock``, so no live writer owns them)."""
+    folders = {c.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
+               for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)}
+    for folder in folders:
+        for tmp in Path(folder).glob(".*.ckpt.*.tmp") if os.path.isdir(folder) else ():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
+
 def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
     """Name of the first floating-point tensor in ``state_dict`` holding a NaN or Inf, else None."""
     for name, t in state_dict.items():
@@ -311,15 +324,92 @@ def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datam
                              f"{_size(have[0])}; lower model.image_size or data.batch_size")
 
 
+LOCK_NAME = ".zoo-run.lock"
+
+
+class RunLock:
+    """An exclusive lock on an output folder for a live run: ``<folder>/.zoo-run.lock`` holds the pid and an
+    ``flock``. The kernel drops the flock when its process dies, so the lock of a killed run is simply taken over."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = os.path.join(os.fspath(folder), LOCK_NAME)
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                folder = os.path.dirname(self.path)
+                raise UsageError(f"another run (pid {pid}) is writing to {folder}; wait for it to end or give this "
+                                 "run another --trainer.default_root_dir") from None
+            try:  # the file may have been removed by the previous holder between our open and our lock: retry
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def _is_launching_process() -> bool:
+    """True in the process a user started (not in a DDP worker that Lightning or torchrun started for rank > 0)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def existing_checkpoints(trainer: pl.Trainer) -> list[str]:
+    """``last.ckpt`` files of the checkpoint callbacks (a finished or interrupted run in this folder)."""
+    folders = {c.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
+               for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)}
+    return sorted(p for p in (os.path.join(f, "last.ckpt") for f in folders) if os.path.isfile(p))
+
+
 class ZooTrainer(pl.Trainer):
-    """The shared Trainer: ``fit`` first runs ``preflight_check`` (in the launching process, before DDP starts)."""
+    """The shared Trainer: ``fit`` first runs ``preflight_check`` (in the launching process, before DDP starts), then
+    takes the output folder's ``RunLock`` and refuses to start a fresh run over a folder that holds one."""
 
     def fit(self, model: pl.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
-            datamodule: Any = None, ckpt_path: Any = None, **kwargs: Any) -> None:
+            datamodule: Any = None, ckpt_path: Any = None, overwrite: bool = False, **kwargs: Any) -> None:
+        """``overwrite``: start a fresh run in a folder that holds a finished or interrupted one, deleting its
+        checkpoints (without it such a run is refused: resume it with ``ckpt_path="last"`` or use a new folder)."""
         dm = datamodule if datamodule is not None else (
             train_dataloaders if isinstance(train_dataloaders, pl.LightningDataModule) else None)
         preflight_check(self, model, dm)
-        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+        lock = RunLock(self.default_root_dir).acquire() if _is_launching_process() else None
+        try:
+            if lock is not None:
+                cleanup_stale_temp_files(self)
+                old = existing_checkpoints(self)
+                if old and ckpt_path is None and not overwrite:
+                    raise UsageError(f"{self.default_root_dir} already holds a run ({old[0]}); resume it with "
+                                     "--ckpt_path last, or start a new run with another --trainer.default_root_dir "
+                                     "or over this one with --overwrite")
+                if old and ckpt_path is None and overwrite:
+                    for path in old:
+                        os.unlink(path)
+            return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def build_trainer(**overrides: Any) -> pl.Trainer:
