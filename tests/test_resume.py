@@ -8,6 +8,7 @@ interruption lands in the middle of the second epoch and the resumed run crosses
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,37 @@ def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path):
         return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
     assert losses(tmp_path / "cut") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == STEPS
+
+
+# ---------------------------------------------------------------------------------------------------- changed geometry
+@pytest.mark.parametrize("extra, message", [
+    (("--data.init_args.batch_size", "8"), r"data\.batch_size is 8 but the checkpoint was saved with 16\. Its "
+                                             r"position is 1 batches of 16 images on 1 device\(s\)"),
+])
+def test_resume_mid_epoch_with_another_batch_size_is_refused(tmp_path, capsys, extra, message):
+    from zoo.cli import main
+
+    root = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        zoo_fit(root, callbacks=[{"class_path": "fault_callbacks.SigtermAt", "init_args": {"step": 5}}])
+    cfg = str(root / "config0.yaml")
+    assert main(["fit", "--config", cfg, "--ckpt_path", "last", *extra]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"zoo fit: error: cannot resume in the middle of epoch 1: " + message, err), err[-2000:]
+    assert last(root)["global_step"] == 5  # nothing trained, nothing overwritten
+
+
+def test_resume_with_another_device_count_is_refused(tmp_path):
+    from zoo.trainer import ResumeGuard, UsageError
+
+    class T:
+        world_size = 2
+        datamodule = type("DM", (), {"batch_size": 16})()
+
+    ckpt = {ResumeGuard.KEY: {"batch_size": 16, "world_size": 1},
+            "loops": {"fit_loop": {"state_dict": {"combined_loader": [{"epoch": 1, "batches": 3}]}}}}
+    with pytest.raises(UsageError, match=r"this run has 2 device\(s\) but the checkpoint was saved with 1\. Its "
+                                         r"position is 3 batches of 16 images on 1 device\(s\)"):
+        ResumeGuard().on_load_checkpoint(T(), None, ckpt)
+    ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{"epoch": 2, "batches": 0}]
+    ResumeGuard().on_load_checkpoint(T(), None, ckpt)  # at an epoch boundary: allowed
