@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import signal
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -152,9 +153,53 @@ def test_checkpoint_write_error_cleans_up_and_keeps_the_old_file(tmp_path, monke
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
     good = path.read_bytes()
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match=rf"^no space left on device writing {path}; the previous checkpoint is kept"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_disk_full_in_torch_save_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch, capsys):
+    """What a full disk looks like through ``torch.save``'s zip writer, through ``zoo fit``: one line, exit 1."""
+    from test_resume import zoo_fit
+    from zoo.cli import main
+
+    zoo_fit(tmp_path, "--trainer.max_steps", "2")
+    good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(["fit", "--config", str(tmp_path / "config0.yaml"), "--trainer.max_steps", "4", "--ckpt_path",
+                 "last"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"zoo fit: error: no space left on device writing {tmp_path / 'checkpoints' / 'last.ckpt'}; "
+                       "the previous checkpoint is kept. Free some space and resume with --ckpt_path last"), err[-5:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
+
+
+def test_leftovers_of_killed_writers_are_removed_at_the_next_start(tmp_path):
+    from zoo.data.text import remove_dead_tmp_dirs
+
+    (tmp_path / "checkpoints").mkdir()
+    stale = tmp_path / "checkpoints" / ".last.ckpt.abc123.tmp"
+    stale.write_bytes(b"partial")
+    fit(tmp_path, steps=1)
+    assert not stale.exists()
+    dead = _dead_pid()
+    cache = tmp_path / "cache"
+    (cache / f"key.tmp{dead}").mkdir(parents=True)
+    (cache / f"key.tmp{os.getpid()}").mkdir()  # a live writer's folder stays
+    remove_dead_tmp_dirs(cache)
+    assert sorted(p.name for p in cache.iterdir()) == [f"key.tmp{os.getpid()}"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 # ---------------------------------------------------------------------------------------------------- NaN / Inf

@@ -55,3 +55,16 @@ def test_zoo_fit_overwrite_starts_fresh(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     cli = zoo_fit(tmp_path, "--trainer.max_steps", "1", "--overwrite")
     assert cli.trainer.global_step == 1 and last(tmp_path)["global_step"] == 1
+
+
+def test_ckpt_path_last_without_a_checkpoint_says_so(tmp_path, capsys):
+    from zoo.cli import main
+
+    zoo_fit(tmp_path / "cfg", "--trainer.max_steps", "0", "--trainer.enable_checkpointing", "false")
+    code = main(["fit", "--config", str(tmp_path / "cfg" / "config0.yaml"), "--trainer.default_root_dir",
+                 str(tmp_path / "empty"), "--ckpt_path", "last"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"zoo fit: error: --ckpt_path last: there is no checkpoint in {tmp_path / 'empty'}"
+                                 "/checkpoints to resume; to start a fresh run leave out --ckpt_path (or check "
+                                 "--trainer.default_root_dir)"), err
+    assert "save_last" not in err and not (tmp_path / "empty" / "logs").exists()

@@ -25,8 +25,20 @@ class UsageError(ValueError):
     prints the one-line message and exits with status 2, without a traceback."""
 
 
-class RunError(RuntimeError):
+class RunError(OSError):
     """A run that stopped on an outside condition (disk full): ``zoo fit`` prints the one line and exits 1."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, or torch's zip writer failing to write (``[enforce fail at inline_container.cc] ... file write
+    failed``), which is what a full disk looks like through ``torch.save``."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text
+                                              or "No space left" in text)
 
 
 def cleanup_stale_temp_files(trainer: pl.Trainer) -> None:
@@ -78,9 +90,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     os.fsync(dfd)
                 finally:
                     os.close(dfd)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if _is_disk_full(e):
+                raise RunError(f"no space left on device writing {os.fspath(path)}; the previous checkpoint is kept. "
+                               "Free some space and resume with --ckpt_path last") from None
             raise
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -449,6 +464,10 @@ class ZooTrainer(pl.Trainer):
                     raise UsageError(f"{self.default_root_dir} already holds a run ({old[0]}); resume it with "
                                      "--ckpt_path last, or start a new run with another --trainer.default_root_dir "
                                      "or over this one with --overwrite")
+                if ckpt_path == "last" and not old:
+                    folder = os.path.join(self.default_root_dir, "checkpoints")
+                    raise UsageError(f"--ckpt_path last: there is no checkpoint in {folder} to resume; to start a "
+                                     "fresh run leave out --ckpt_path (or check --trainer.default_root_dir)")
                 if old and ckpt_path is None and overwrite:
                     for path in old:
                         os.unlink(path)
