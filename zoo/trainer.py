@@ -16,6 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
@@ -129,13 +130,49 @@ class RootCheckpoint(ModelCheckpoint):
         return super()._find_last_checkpoints(trainer)
 
 
+class DeferredSignalConnector(_SignalConnector):
+    """Lightning's signal connector, except that SIGTERM only records that it came (``sigterm_pending``).
+
+    Lightning's own handler sets ``trainer.received_sigterm`` at whatever instant the signal lands, and its loops
+    then stop at the next check (a batch end, the middle of validation, the start of a step), each in another loop
+    state; a checkpoint saved then does not resume exactly. Here ``PreemptionCheckpoint`` writes the checkpoint at
+    one well-defined point -- its training batch end, or the end of training -- and only then hands the signal on to
+    Lightning, which stops at that batch's end. The signal is still forwarded to DDP workers the launcher started.
+    """
+
+    sigterm_pending = False
+
+    def register_signal_handlers(self) -> None:
+        self.sigterm_pending = False
+        super().register_signal_handlers()
+
+    def _sigterm_notifier_fn(self, signum: Any, _: Any) -> None:
+        if not self.sigterm_pending:
+            launcher = self.trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        self.sigterm_pending = True
+
+
+def sigterm_pending(trainer: pl.Trainer) -> bool:
+    """Has a SIGTERM come that no checkpoint answered yet (on any rank: a collective decision under DDP)?"""
+    connector = trainer._signal_connector
+    flag = bool(getattr(connector, "sigterm_pending", False) or connector.received_sigterm)
+    if trainer.world_size > 1:
+        flag = bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+    return flag
+
+
 class PreemptionCheckpoint(Callback):
     """On SIGTERM (preemption) or Ctrl-C, write a resumable ``last.ckpt`` before exiting.
 
-    Lightning's handler only sets ``trainer.received_sigterm``; the first batch end after it we save, in the same
-    loop state as a periodic checkpoint (the state Lightning's mid-epoch restore is built for), and Lightning then
-    raises ``SIGTERMException``. A signal that arrives outside a training batch is saved from ``on_exception``.
-    Only for those two: a run that stops on a numerical fault must not replace the last good checkpoint.
+    With ``ZooTrainer`` the SIGTERM handler only sets a flag (``DeferredSignalConnector``). The checkpoint is written
+    in this callback's ``on_train_batch_end`` of the first training batch that ends after the signal (before,
+    inside or between steps, in validation, in another callback's hook: wherever the signal landed), in the loop
+    state of a periodic checkpoint, the state Lightning's mid-epoch restore is built for; if no training batch
+    ends any more, at the end of training. Then Lightning is told, and it raises ``SIGTERMException`` (exit status
+    143). Ctrl-C is saved from ``on_exception``. A run that stops on a numerical fault writes nothing here: it must
+    not replace the last good checkpoint.
     """
 
     def __init__(self) -> None:
@@ -147,11 +184,21 @@ class PreemptionCheckpoint(Callback):
         folder = ckpt.dirpath if ckpt else os.path.join(trainer.default_root_dir, "checkpoints")
         return os.path.join(folder, "last.ckpt")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if trainer.received_sigterm and self._saved_step != trainer.global_step:
+    def _save_and_stop(self, trainer: pl.Trainer) -> None:
+        if self._saved_step != trainer.global_step:
             trainer.save_checkpoint(self._path(trainer))
             self._saved_step = trainer.global_step
+        trainer._signal_connector.received_sigterm = True  # now Lightning stops, at the end of this batch
+        trainer._zoo_preempted = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if sigterm_pending(trainer):
+            self._save_and_stop(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if sigterm_pending(trainer):  # the signal came after the last training batch: training is over, save it
+            self._save_and_stop(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
@@ -446,7 +493,13 @@ def existing_checkpoints(trainer: pl.Trainer) -> list[str]:
 
 class ZooTrainer(pl.Trainer):
     """The shared Trainer: ``fit`` first runs ``preflight_check`` (in the launching process, before DDP starts), then
-    takes the output folder's ``RunLock`` and refuses to start a fresh run over a folder that holds one."""
+    takes the output folder's ``RunLock`` and refuses to start a fresh run over a folder that holds one. SIGTERM is
+    deferred to ``PreemptionCheckpoint`` (``DeferredSignalConnector``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._signal_connector = DeferredSignalConnector(self)
+        self._zoo_preempted = False
 
     def fit(self, model: pl.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
             datamodule: Any = None, ckpt_path: Any = None, overwrite: bool = False, **kwargs: Any) -> None:
@@ -471,7 +524,11 @@ class ZooTrainer(pl.Trainer):
                 if old and ckpt_path is None and overwrite:
                     for path in old:
                         os.unlink(path)
-            return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+            self._zoo_preempted = False
+            out = super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+            if self._zoo_preempted:  # signalled after the last training batch: saved at the end, still exit 143
+                raise SIGTERMException(128 + signal.SIGTERM)
+            return out
         finally:
             if lock is not None:
                 lock.release()
