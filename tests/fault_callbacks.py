@@ -101,7 +101,10 @@ class WaitForSignalAt(pl.Callback):
             return
         open(self.ready_file, "w").close()
         end = time.monotonic() + self.timeout
-        while not trainer.received_sigterm and time.monotonic() < end:
+        def signalled() -> bool:  # ZooTrainer defers the signal: it is pending until PreemptionCheckpoint saves
+            return trainer.received_sigterm or getattr(trainer._signal_connector, "sigterm_pending", False)
+
+        while not signalled() and time.monotonic() < end:
             time.sleep(0.05)
 
 
