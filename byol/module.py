@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,7 +16,7 @@ import zoo
 from byol.functional import byol_loss, lr_schedule, scaled_lr, tau_schedule
 from byol.heads import mlp_head
 from byol.lars import LARS, lars_param_groups
-from zoo.trainer import NAN_POLICIES, all_ranks, check_finite_loss
+from zoo.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
 
 
 class BYOL(pl.LightningModule):
@@ -43,6 +44,17 @@ class BYOL(pl.LightningModule):
     """
 
     min_batch_per_device = 2  # per-view batch-norm statistics need two images (checked before launch)
+    supports_float64 = False  # the views are float32: trainer.precision 64 is refused before launch
+
+    def input_bytes(self, batch_size: int) -> tuple[int, str]:
+        """Bytes of the largest input tensor one device builds for a batch (checked against memory before launch):
+        both float32 training views, or the resized evaluation view."""
+        s = self.hparams.image_size
+        r = round(s * 256 / 224)
+        train, val = batch_size * 2 * 3 * s * s * 4, batch_size * 3 * r * r * 4
+        if train >= val:
+            return train, f"{batch_size} images x 2 views x 3 x {s}^2 float32, model.image_size={s}"
+        return val, f"{batch_size} images x 3 x {r}^2 float32 evaluation view, model.image_size={s}"
 
     def __init__(self, encoder: str = "resnet50", encoder_overrides: dict[str, Any] | None = None, image_size: int = 224,
                  num_classes: int | None = None, projector_hidden: int = 4096, projection_dim: int = 256,
@@ -51,18 +63,30 @@ class BYOL(pl.LightningModule):
                  augment_overrides: dict[str, Any] | None = None, aug_seed: int = 0, compile: bool = False,
                  channels_last: bool | None = None, nan_policy: str = "stop") -> None:
         super().__init__()
-        if base_lr <= 0:
-            raise ValueError(f"model.base_lr must be positive, got {base_lr}")
-        if weight_decay < 0:
-            raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        finite = math.isfinite
+        if not (finite(base_lr) and base_lr > 0):
+            raise UsageError(f"model.base_lr must be positive, got {base_lr}")
+        if not (finite(weight_decay) and weight_decay >= 0):
+            raise UsageError(f"model.weight_decay must be >= 0, got {weight_decay}")
+        if not (finite(momentum) and 0.0 <= momentum < 1.0):
+            raise UsageError(f"model.momentum must be in [0, 1), got {momentum}")
+        if not (finite(lars_eta) and lars_eta > 0):
+            raise UsageError(f"model.lars_eta (LARS trust coefficient) must be positive, got {lars_eta}")
         if not 0.0 <= tau_base <= 1.0:
-            raise ValueError(f"model.tau_base must be in [0, 1], got {tau_base}")
-        if warmup_epochs < 0 or (warmup_steps is not None and warmup_steps < 0):
-            raise ValueError("model.warmup_epochs / model.warmup_steps must be >= 0")
+            raise UsageError(f"model.tau_base must be in [0, 1], got {tau_base}")
+        if not (finite(warmup_epochs) and warmup_epochs >= 0):
+            raise UsageError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
+        if warmup_steps is not None and warmup_steps < 0:
+            raise UsageError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        for key, value in (("projector_hidden", projector_hidden), ("projection_dim", projection_dim)):
+            if value < 1:
+                raise UsageError(f"model.{key} must be >= 1, got {value}")
+        if num_classes is not None and num_classes < 1:
+            raise UsageError(f"model.num_classes must be >= 1, got {num_classes}")
         if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"model.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+            raise UsageError(f"model.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         if image_size < 8:
-            raise ValueError(f"model.image_size must be >= 8, got {image_size}")
+            raise UsageError(f"model.image_size must be >= 8, got {image_size}")
         self.save_hyperparameters()
         self.online_encoder = zoo.create(encoder, **(encoder_overrides or {}))
         dim = self.online_encoder.num_features
@@ -106,14 +130,36 @@ class BYOL(pl.LightningModule):
             raise ValueError("the datamodule has no batch_size; BYOL needs it to scale the learning rate")
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one training epoch, whatever the budget (``max_epochs`` or ``max_steps``).
+
+        ``num_training_batches`` is still unset (inf) when ``max_epochs`` is -1, since Lightning then skips loading
+        the training data to estimate the budget; it is loaded here instead. An iterable loader without a length
+        has no epochs to count: a warmup in epochs is refused, naming ``model.warmup_steps``.
+        """
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            trainer.fit_loop.setup_data()
+            batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise UsageError(f"model.warmup_epochs={self.hparams.warmup_epochs} needs the number of batches per epoch, "
+                             "but the training loader has no length; set model.warmup_steps instead")
+        return max(int(batches) // trainer.accumulate_grad_batches, 1)
+
     def configure_optimizers(self):
         """LARS on the online networks and the classifier, with the per-step warmup + cosine schedule."""
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise UsageError("trainer.max_steps and trainer.max_epochs are both -1 (train forever), but BYOL's lr "
+                             "and tau schedules need a length: set trainer.max_steps or trainer.max_epochs")
+        total = int(total)
         if self.hparams.warmup_steps is not None:
             warmup = int(self.hparams.warmup_steps)
+        elif self.hparams.warmup_epochs == 0:
+            warmup = 0
         else:
-            per_epoch = max(int(self.trainer.num_training_batches) // self.trainer.accumulate_grad_batches, 1)
-            warmup = int(round(self.hparams.warmup_epochs * per_epoch))
+            warmup = int(round(self.hparams.warmup_epochs * self.steps_per_epoch()))
         warmup = min(warmup, max(total - 1, 0))
         self.total_steps, self.warmup = total, warmup
         peak = scaled_lr(self.hparams.base_lr, self.global_batch())
@@ -170,8 +216,6 @@ class BYOL(pl.LightningModule):
         if not all_ranks(self, len(labels) >= 2):  # every DDP rank must skip together, or the others would hang
             rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
             return self._skipped_step_loss()
-        # A skipped step must leave no trace: its forward already moved the batch-norm statistics (to NaN, say).
-        saved = [b.clone() for b in self.buffers()] if self.hparams.nan_policy == "skip" else None
         gen = self._generator(batch_idx)
         v1, v2 = self.view1(batch["image"], gen), self.view2(batch["image"], gen)
         if self._use_channels_last():
@@ -187,15 +231,79 @@ class BYOL(pl.LightningModule):
         cls_loss = F.cross_entropy(logits.float(), labels)
         total = loss + cls_loss
         if not check_finite_loss(self, total, self.hparams.nan_policy):
-            with torch.no_grad():
-                for b, old in zip(self.buffers(), saved):
-                    b.copy_(old)
+            # A skipped step must leave no trace: its forward already moved the batch-norm statistics (to NaN, say).
+            self._restore_snapshot()
             return self._skipped_step_loss()
         self._stepped = True
         top1 = (logits.argmax(-1) == labels).float().mean()
         self.log_dict({"train/loss": loss, "train/cls_loss": cls_loss, "train/online_top1": top1,
                        "train/tau": self.current_tau()}, prog_bar=True, sync_dist=False)
         return total
+
+    # ---------------------------------------------------------------------------------------------- nan_policy: skip
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """``nan_policy: skip``: copy everything a step can change before its first micro-batch (see ``_snapshot``)."""
+        if self.hparams.nan_policy == "skip" and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self._take_snapshot()
+
+    def _state_tensors(self) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
+        """Parameters (online and EMA target), buffers and the optimizer's tensor state, and the (id(param), key)
+        of each optimizer-state tensor."""
+        live = [p.detach() for p in self.parameters()] + list(self.buffers())
+        keys: list[tuple[Any, str]] = []
+        for opt in self.trainer.optimizers:
+            for p, st in opt.state.items():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor):
+                        live.append(v)
+                        keys.append((id(p), k))
+        return live, keys
+
+    @torch.no_grad()
+    def _take_snapshot(self) -> None:
+        live, keys = self._state_tensors()
+        snap = getattr(self, "_snap", None)
+        if snap is not None and snap[1] == keys and all(a.shape == b.shape and a.dtype == b.dtype
+                                                        for a, b in zip(snap[0], live)):
+            torch._foreach_copy_(snap[0], live)  # preallocated: no allocation per step
+        else:
+            self._snap = ([t.clone() for t in live], keys)
+        self._snap_other = [{p: {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+                             for p, st in opt.state.items()} for opt in self.trainer.optimizers]
+
+    @torch.no_grad()
+    def _restore_snapshot(self) -> None:
+        """Put parameters, EMA target, buffers and optimizer state back to the start of the step."""
+        saved, keys = self._snap
+        live, now = self._state_tensors()
+        n = len(live) - len(now)  # parameters and buffers come first, in a fixed order
+        torch._foreach_copy_(live[:n], saved[:n])
+        old = dict(zip(keys, saved[n:]))
+        for opt, other in zip(self.trainer.optimizers, self._snap_other):
+            for p in list(opt.state):
+                if p not in other:  # state created by this step (first step of a parameter): remove it
+                    del opt.state[p]
+            for p, st in other.items():
+                opt.state[p].update(st)
+        for (p, k), t in zip(now, live[n:]):
+            if (p, k) in old:
+                t.copy_(old[(p, k)])
+
+    def _check_finite_state(self) -> bool:
+        """After the update: are all parameters, buffers and optimizer state finite? One fused check over foreach
+        norms, one host sync; a step whose finite loss still drove a weight or a batch-norm variance to Inf (a huge
+        lr) is rolled back and counted like a non-finite loss."""
+        live, _ = self._state_tensors()
+        floats = [t for t in live if t.is_floating_point()]
+        norms = torch._foreach_norm(floats)
+        ok = all_ranks(self, bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()))
+        if not ok:
+            self._restore_snapshot()
+            self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + 1
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+            rank_zero_warn(f"step {self.global_step}: the update made weights, batch-norm statistics or optimizer "
+                           f"state non-finite; rolled back and skipped (nan_policy: skip, {self.nonfinite_steps} so far)")
+        return ok
 
     def _skipped_step_loss(self) -> torch.Tensor:
         """A loss whose gradient is exactly zero for every trainable parameter (its value may be NaN).
@@ -226,6 +334,8 @@ class BYOL(pl.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self._stepped:
             self.update_target(tau_schedule(self.trainer.global_step, self.total_steps, self.hparams.tau_base))
+            if self.hparams.nan_policy == "skip":
+                self._check_finite_state()
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:

@@ -101,5 +101,58 @@ class WaitForSignalAt(pl.Callback):
             return
         open(self.ready_file, "w").close()
         end = time.monotonic() + self.timeout
-        while not trainer.received_sigterm and time.monotonic() < end:
+        def signalled() -> bool:  # ZooTrainer defers the signal: it is pending until PreemptionCheckpoint saves
+            return trainer.received_sigterm or getattr(trainer._signal_connector, "sigterm_pending", False)
+
+        while not signalled() and time.monotonic() < end:
             time.sleep(0.05)
+
+
+class BreakBufferAt(pl.Callback):
+    """Fill the first batch-norm ``running_var`` with Inf just before the optimizer update of step ``step``: the loss
+    of that step is finite, yet the step leaves a non-finite buffer (what a huge learning rate does)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step:
+            name, buf = next((n, b) for n, b in pl_module.named_buffers() if n.endswith("running_var"))
+            buf.fill_(float("inf"))
+
+
+class SigtermIn(pl.Callback):
+    """Send this process SIGTERM from hook ``hook`` at optimizer step ``step`` (once): anywhere a real signal may land
+    -- before training (``on_train_start``), at a step's start, inside a step (``on_before_backward``,
+    ``on_before_optimizer_step``), at its end from a callback that runs after ``PreemptionCheckpoint``."""
+
+    HOOKS = ("on_train_start", "on_train_batch_start", "on_before_backward", "on_before_optimizer_step",
+             "on_train_batch_end", "on_validation_batch_end")
+
+    def __init__(self, hook: str, step: int) -> None:
+        if hook not in self.HOOKS:
+            raise ValueError(f"hook must be one of {self.HOOKS}, got {hook!r}")
+        self.hook, self.step, self.sent = hook, step, False
+
+    def _maybe(self, trainer, name: str) -> None:
+        if name == self.hook and trainer.global_step == self.step and not self.sent and not trainer.sanity_checking:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_start(self, trainer, pl_module):
+        self._maybe(trainer, "on_train_start")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._maybe(trainer, "on_train_batch_start")
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._maybe(trainer, "on_before_backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._maybe(trainer, "on_before_optimizer_step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._maybe(trainer, "on_train_batch_end")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._maybe(trainer, "on_validation_batch_end")

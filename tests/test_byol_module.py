@@ -155,3 +155,25 @@ def test_compile_and_channels_last_train_to_the_same_weights(tmp_path):
     ref_sd, fast_sd = ref.state_dict(), fast.state_dict()
     for name, value in ref_sd.items():
         assert torch.allclose(fast_sd[name].float(), value.float(), atol=1e-4, rtol=1e-3), name
+
+
+def test_warmup_in_epochs_with_a_step_budget(tmp_path):
+    """``max_epochs=-1, max_steps=N``: Lightning leaves num_training_batches unset (inf); the warmup in epochs is
+    still converted with the real epoch length (digits at batch 16: 1437 // 16 = 89 batches per epoch)."""
+    kw = {k: v for k, v in TINY.items() if k != "warmup_steps"}
+    model = BYOL(**kw, warmup_epochs=0.02)
+    trainer = build_trainer(default_root_dir=str(tmp_path), max_epochs=-1, max_steps=3, logger=False,
+                            enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
+                            enable_checkpointing=False)
+    trainer.fit(model, _data())
+    assert trainer.global_step == 3 and model.total_steps == 3
+    assert trainer.num_training_batches == 89 and model.warmup == round(0.02 * 89) == 2
+
+
+def test_endless_budget_is_refused_naming_the_keys(tmp_path):
+    from zoo.trainer import UsageError
+
+    trainer = build_trainer(default_root_dir=str(tmp_path), max_epochs=-1, max_steps=-1, logger=False,
+                            enable_progress_bar=False, limit_val_batches=0, enable_checkpointing=False)
+    with pytest.raises(UsageError, match=r"trainer\.max_steps and trainer\.max_epochs are both -1"):
+        trainer.fit(BYOL(**TINY), _data())

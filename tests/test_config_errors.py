@@ -49,6 +49,19 @@ def assert_not_started(tmp_path: Path) -> None:
     (["--model.init_args.tau_base", "1.5"], None, r"model\.tau_base must be in \[0, 1\], got 1\.5"),
     (["--model.init_args.tau_base", "-0.01"], None, r"model\.tau_base must be in \[0, 1\], got -0\.01"),
     (["--data.init_args.batch_size", "0"], None, r"data\.batch_size must be >= 1, got 0"),
+    # impossible values that used to be accepted (NaN / Inf slip through every "< 0" test)
+    (["--model.init_args.base_lr", ".nan"], None, r"model\.base_lr must be positive, got nan"),
+    (["--model.init_args.base_lr", ".inf"], None, r"model\.base_lr must be positive, got inf"),
+    (["--model.init_args.weight_decay", ".nan"], None, r"model\.weight_decay must be >= 0, got nan"),
+    (["--model.init_args.warmup_epochs", ".nan"], None, r"model\.warmup_epochs must be >= 0, got nan"),
+    (["--model.init_args.lars_eta", "-1"], None, r"model\.lars_eta .* must be positive, got -1"),
+    (["--model.init_args.projection_dim", "0"], None, r"model\.projection_dim must be >= 1, got 0"),
+    (["--data.init_args.image_size", "0"], None, r"data\.image_size must be >= 1, got 0"),
+    (["--trainer.accumulate_grad_batches", "0"], None, r"trainer\.accumulate_grad_batches must be >= 1, got 0"),
+    (["--trainer.precision", "64"], None, r"trainer\.precision=64-true is not supported by BYOL"),
+    (["--model.init_args.image_size", "100000"], None,
+     r"one batch does not fit in memory: [\d.]+ TB \(128 images x 2 views x 3 x 100000\^2 float32, "
+     r"model\.image_size=100000\) but the available RAM is [\d.]+ [KMGT]?B; lower model\.image_size or data\.batch_size"),
 ])
 def test_bad_config_is_refused_naming_the_key(tmp_path, capsys, args, config, message):
     # jsonargparse rejects unknown keys and types while parsing (exit 2, message on stderr); values our constructors
@@ -86,3 +99,13 @@ def test_zoo_fit_uses_the_checking_trainer(tmp_path):
                    "cpu"], run=False)
     assert isinstance(cli.trainer, ZooTrainer), (
         "zoo.cli.run_cli must pass trainer_class=zoo.trainer.ZooTrainer to ZooCLI")
+
+
+def test_zoo_fit_usage_error_is_one_line_and_exit_status_2(tmp_path, capsys):
+    from zoo.cli import main
+
+    code = main(["fit", "--config", DIGITS, "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--model.init_args.base_lr", ".nan"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "zoo fit: error: model.base_lr must be positive, got nan", err
+    assert_not_started(tmp_path)

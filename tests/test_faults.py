@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import signal
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from byol import BYOL
-from fault_callbacks import InterruptAt, PoisonAt, SigtermAt
+from fault_callbacks import BreakBufferAt, InterruptAt, PoisonAt, SigtermAt
 from zoo.data import ImageDataModule
 from zoo.trainer import AtomicCheckpointIO, RootCheckpoint, build_trainer
 
@@ -152,9 +153,53 @@ def test_checkpoint_write_error_cleans_up_and_keeps_the_old_file(tmp_path, monke
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
     good = path.read_bytes()
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match=rf"^no space left on device writing {path}; the previous checkpoint is kept"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_disk_full_in_torch_save_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch, capsys):
+    """What a full disk looks like through ``torch.save``'s zip writer, through ``zoo fit``: one line, exit 1."""
+    from test_resume import zoo_fit
+    from zoo.cli import main
+
+    zoo_fit(tmp_path, "--trainer.max_steps", "2")
+    good = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert main(["fit", "--config", str(tmp_path / "config0.yaml"), "--trainer.max_steps", "4", "--ckpt_path",
+                 "last"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"zoo fit: error: no space left on device writing {tmp_path / 'checkpoints' / 'last.ckpt'}; "
+                       "the previous checkpoint is kept. Free some space and resume with --ckpt_path last"), err[-5:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
+
+
+def test_leftovers_of_killed_writers_are_removed_at_the_next_start(tmp_path):
+    from zoo.data.text import remove_dead_tmp_dirs
+
+    (tmp_path / "checkpoints").mkdir()
+    stale = tmp_path / "checkpoints" / ".last.ckpt.abc123.tmp"
+    stale.write_bytes(b"partial")
+    fit(tmp_path, steps=1)
+    assert not stale.exists()
+    dead = _dead_pid()
+    cache = tmp_path / "cache"
+    (cache / f"key.tmp{dead}").mkdir(parents=True)
+    (cache / f"key.tmp{os.getpid()}").mkdir()  # a live writer's folder stays
+    remove_dead_tmp_dirs(cache)
+    assert sorted(p.name for p in cache.iterdir()) == [f"key.tmp{os.getpid()}"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 # ---------------------------------------------------------------------------------------------------- NaN / Inf
@@ -195,6 +240,29 @@ def test_nonfinite_loss_skip_policy_counts_and_trains_on(tmp_path):
     assert all_finite(ckpt)
     logged = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
     assert "train/nonfinite_steps" in logged
+
+
+def test_skip_policy_rolls_back_a_finite_loss_step_that_broke_a_buffer(tmp_path):
+    """Finite loss, but the step leaves a batch-norm variance at Inf: the whole step (weights, EMA target, buffers,
+    LARS state) is rolled back and counted, and every checkpoint after it is written."""
+    snap = Snapshot(2)
+    model, trainer = fit(tmp_path, steps=5, callbacks=[snap, BreakBufferAt(2)], nan_policy="skip")
+    assert trainer.global_step == 5 and model.nonfinite_steps == 1
+    (before, opt_before), (after, opt_after) = snap.states
+    for name in before:
+        assert torch.equal(before[name], after[name]), name
+    assert opt_before.keys() == opt_after.keys()
+    assert all(torch.equal(opt_before[i][k], opt_after[i][k]) for i in opt_before for k in opt_before[i])
+    ckpt = load(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 5 and all_finite(ckpt)
+
+
+def test_skip_policy_trains_on_through_a_huge_learning_rate(tmp_path):
+    """base_lr 1e6: finite losses whose updates blow batch-norm statistics up; every such step is skipped."""
+    model, trainer = fit(tmp_path, steps=4, nan_policy="skip", base_lr=1e6)
+    assert trainer.global_step == 4 and model.nonfinite_steps >= 1
+    assert trainer.logged_metrics["train/nonfinite_steps"] == float(model.nonfinite_steps)
+    assert all_finite(load(tmp_path / "checkpoints" / "last.ckpt"))
 
 
 def test_nan_weights_never_overwrite_the_last_good_checkpoint(tmp_path):

@@ -8,6 +8,7 @@ interruption lands in the middle of the second epoch and the resumed run crosses
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -148,18 +149,50 @@ def test_periodic_checkpoint_then_hard_crash_resumes_exactly(reference, tmp_path
 
 
 def test_sigterm_during_validation_then_resume_is_bit_exact(tmp_path):
-    """Preempted while validating at the end of epoch 1 (saved from ``on_exception``, not at a batch end)."""
+    """Preempted while validating at the end of epoch 1: validation finishes, and the checkpoint is written at the
+    end of the next training batch (not from ``on_exception`` in the middle of the loop)."""
     extra = ("--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0")
     ref = zoo_fit(tmp_path / "ref", *extra)
     root = tmp_path / "cut"
     with pytest.raises(SystemExit):
         zoo_fit(root, *extra, callbacks=[{"class_path": "fault_callbacks.SigtermInValidationAt",
                                           "init_args": {"step": 2 * PER_EPOCH}}])
-    assert last(root)["global_step"] == 2 * PER_EPOCH
+    assert last(root)["global_step"] == 2 * PER_EPOCH + 1  # validation ends, the next training batch end saves
     cli = zoo_fit(root, *extra, "--ckpt_path", "last")
     assert cli.trainer.global_step == STEPS
     assert_same_tree(ref.model.state_dict(), cli.model.state_dict(), "model")
     assert loss_trace(root) == loss_trace(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("hook, step, saved_at", [
+    ("on_train_batch_end", 5, 6),  # from a callback whose batch end runs after PreemptionCheckpoint's
+    ("on_train_batch_start", 5, 6),  # between steps
+    ("on_before_backward", 5, 6),  # inside a step
+    ("on_before_optimizer_step", 4, 5),  # inside a step, on the last batch of an epoch
+    ("on_train_start", 0, 1),  # before the first step
+])
+def test_sigterm_wherever_it_lands_resumes_bit_exact(reference, tmp_path, hook, step, saved_at):
+    """The signal handler only records the signal; the checkpoint is written at the end of the next training batch,
+    in PreemptionCheckpoint's hook, so the resumed run equals the uninterrupted one wherever the signal landed."""
+    root = tmp_path / "cut"
+    with pytest.raises(SystemExit) as exit_info:
+        zoo_fit(root, callbacks=[{"class_path": "zoo.trainer.PreemptionCheckpoint"},
+                                 {"class_path": "fault_callbacks.SigtermIn", "init_args": {"hook": hook, "step": step}}])
+    assert exit_info.value.code == 143
+    assert last(root)["global_step"] == saved_at
+    check_same_as_reference(reference, zoo_fit(root, "--ckpt_path", "last"), root)
+
+
+def test_sigterm_after_the_last_step_is_saved_at_the_end_of_training(reference, tmp_path):
+    """Signalled during the last batch end, after PreemptionCheckpoint's hook: no training batch follows, the
+    checkpoint is written at the end of training, and the run still exits 143; resuming it ends at once."""
+    root = tmp_path / "cut"
+    with pytest.raises(SystemExit) as exit_info:
+        zoo_fit(root, callbacks=[{"class_path": "zoo.trainer.PreemptionCheckpoint"},
+                                 {"class_path": "fault_callbacks.SigtermIn",
+                                  "init_args": {"hook": "on_train_batch_end", "step": STEPS}}])
+    assert exit_info.value.code == 143
+    check_same_as_reference(reference, zoo_fit(root, "--ckpt_path", "last"), root)
 
 
 # ---------------------------------------------------------------------------------------------------- lm.CausalLM
@@ -204,3 +237,37 @@ def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path):
         return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
     assert losses(tmp_path / "cut") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == STEPS
+
+
+# ---------------------------------------------------------------------------------------------------- changed geometry
+@pytest.mark.parametrize("extra, message", [
+    (("--data.init_args.batch_size", "8"), r"data\.batch_size is 8 but the checkpoint was saved with 16\. Its "
+                                             r"position is 1 batches of 16 images on 1 device\(s\)"),
+])
+def test_resume_mid_epoch_with_another_batch_size_is_refused(tmp_path, capsys, extra, message):
+    from zoo.cli import main
+
+    root = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        zoo_fit(root, callbacks=[{"class_path": "fault_callbacks.SigtermAt", "init_args": {"step": 5}}])
+    cfg = str(root / "config0.yaml")
+    assert main(["fit", "--config", cfg, "--ckpt_path", "last", *extra]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"zoo fit: error: cannot resume in the middle of epoch 1: " + message, err), err[-2000:]
+    assert last(root)["global_step"] == 5  # nothing trained, nothing overwritten
+
+
+def test_resume_with_another_device_count_is_refused(tmp_path):
+    from zoo.trainer import ResumeGuard, UsageError
+
+    class T:
+        world_size = 2
+        datamodule = type("DM", (), {"batch_size": 16})()
+
+    ckpt = {ResumeGuard.KEY: {"batch_size": 16, "world_size": 1},
+            "loops": {"fit_loop": {"state_dict": {"combined_loader": [{"epoch": 1, "batches": 3}]}}}}
+    with pytest.raises(UsageError, match=r"this run has 2 device\(s\) but the checkpoint was saved with 1\. Its "
+                                         r"position is 3 batches of 16 images on 1 device\(s\)"):
+        ResumeGuard().on_load_checkpoint(T(), None, ckpt)
+    ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{"epoch": 2, "batches": 0}]
+    ResumeGuard().on_load_checkpoint(T(), None, ckpt)  # at an epoch boundary: allowed

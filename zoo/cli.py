@@ -40,6 +40,9 @@ class ZooCLI(LightningCLI):
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> ZooCLI:
     """Build (and by default run) the Lightning part of ``zoo`` on ``args``."""
+    if args is not None:  # ``--overwrite`` alone means ``--overwrite true`` (ZooTrainer.fit's flag)
+        args = [a if a != "--overwrite" or (i + 1 < len(args) and args[i + 1].lower() in ("true", "false"))
+                else "--overwrite=true" for i, a in enumerate(args)]
     return ZooCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -108,7 +111,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         module, func = TOOLS[argv[0]][0].split(":")
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
-    run_cli(argv)
+    from zoo.trainer import RunError, UsageError
+
+    try:
+        run_cli(argv)
+    except (ValueError, RunError) as e:
+        # refused before or at the start of training (exit 2), or stopped by an outside condition such as a full
+        # disk (exit 1): one line, no traceback. jsonargparse wraps a constructor's error: look down the chain.
+        seen, cause = set(), e
+        while cause is not None and not isinstance(cause, (UsageError, RunError)) and id(cause) not in seen:
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or id(cause) in seen:
+            raise
+        print(f"zoo {argv[0] if argv and not argv[0].startswith('-') else 'fit'}: error: {cause}", file=sys.stderr)
+        return 2 if isinstance(cause, UsageError) else 1
     return 0
 
 

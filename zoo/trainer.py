@@ -16,8 +16,43 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
+
+
+class UsageError(ValueError):
+    """A run refused before it starts (impossible value, busy or occupied folder, mismatched resume): ``zoo fit``
+    prints the one-line message and exits with status 2, without a traceback."""
+
+
+class RunError(OSError):
+    """A run that stopped on an outside condition (disk full): ``zoo fit`` prints the one line and exits 1."""
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, or torch's zip writer failing to write (``[enforce fail at inline_container.cc] ... file write
+    failed``), which is what a full disk looks like through ``torch.save``."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text
+                                              or "No space left" in text)
+
+
+def cleanup_stale_temp_files(trainer: pl.Trainer) -> None:
+    """Remove ``.<name>.ckpt.*.tmp`` files that a writer killed mid-write left in the checkpoint folders (only
+    called while this run holds the folder's ``RunLock``, so no live writer owns them)."""
+    folders = {c.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
+               for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)}
+    for folder in folders:
+        for tmp in Path(folder).glob(".*.ckpt.*.tmp") if os.path.isdir(folder) else ():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
@@ -56,9 +91,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     os.fsync(dfd)
                 finally:
                     os.close(dfd)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+            if _is_disk_full(e):
+                raise RunError(f"no space left on device writing {os.fspath(path)}; the previous checkpoint is kept. "
+                               "Free some space and resume with --ckpt_path last") from None
             raise
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -92,13 +130,49 @@ class RootCheckpoint(ModelCheckpoint):
         return super()._find_last_checkpoints(trainer)
 
 
+class DeferredSignalConnector(_SignalConnector):
+    """Lightning's signal connector, except that SIGTERM only records that it came (``sigterm_pending``).
+
+    Lightning's own handler sets ``trainer.received_sigterm`` at whatever instant the signal lands, and its loops
+    then stop at the next check (a batch end, the middle of validation, the start of a step), each in another loop
+    state; a checkpoint saved then does not resume exactly. Here ``PreemptionCheckpoint`` writes the checkpoint at
+    one well-defined point -- its training batch end, or the end of training -- and only then hands the signal on to
+    Lightning, which stops at that batch's end. The signal is still forwarded to DDP workers the launcher started.
+    """
+
+    sigterm_pending = False
+
+    def register_signal_handlers(self) -> None:
+        self.sigterm_pending = False
+        super().register_signal_handlers()
+
+    def _sigterm_notifier_fn(self, signum: Any, _: Any) -> None:
+        if not self.sigterm_pending:
+            launcher = self.trainer.strategy.launcher
+            if launcher is not None:
+                launcher.kill(signum)
+        self.sigterm_pending = True
+
+
+def sigterm_pending(trainer: pl.Trainer) -> bool:
+    """Has a SIGTERM come that no checkpoint answered yet (on any rank: a collective decision under DDP)?"""
+    connector = trainer._signal_connector
+    flag = bool(getattr(connector, "sigterm_pending", False) or connector.received_sigterm)
+    if trainer.world_size > 1:
+        flag = bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
+    return flag
+
+
 class PreemptionCheckpoint(Callback):
     """On SIGTERM (preemption) or Ctrl-C, write a resumable ``last.ckpt`` before exiting.
 
-    Lightning's handler only sets ``trainer.received_sigterm``; the first batch end after it we save, in the same
-    loop state as a periodic checkpoint (the state Lightning's mid-epoch restore is built for), and Lightning then
-    raises ``SIGTERMException``. A signal that arrives outside a training batch is saved from ``on_exception``.
-    Only for those two: a run that stops on a numerical fault must not replace the last good checkpoint.
+    With ``ZooTrainer`` the SIGTERM handler only sets a flag (``DeferredSignalConnector``). The checkpoint is written
+    in this callback's ``on_train_batch_end`` of the first training batch that ends after the signal (before,
+    inside or between steps, in validation, in another callback's hook: wherever the signal landed), in the loop
+    state of a periodic checkpoint, the state Lightning's mid-epoch restore is built for; if no training batch
+    ends any more, at the end of training. Then Lightning is told, and it raises ``SIGTERMException`` (exit status
+    143). Ctrl-C is saved from ``on_exception``. A run that stops on a numerical fault writes nothing here: it must
+    not replace the last good checkpoint.
     """
 
     def __init__(self) -> None:
@@ -110,11 +184,21 @@ class PreemptionCheckpoint(Callback):
         folder = ckpt.dirpath if ckpt else os.path.join(trainer.default_root_dir, "checkpoints")
         return os.path.join(folder, "last.ckpt")
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if trainer.received_sigterm and self._saved_step != trainer.global_step:
+    def _save_and_stop(self, trainer: pl.Trainer) -> None:
+        if self._saved_step != trainer.global_step:
             trainer.save_checkpoint(self._path(trainer))
             self._saved_step = trainer.global_step
+        trainer._signal_connector.received_sigterm = True  # now Lightning stops, at the end of this batch
+        trainer._zoo_preempted = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if sigterm_pending(trainer):
+            self._save_and_stop(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if sigterm_pending(trainer):  # the signal came after the last training batch: training is over, save it
+            self._save_and_stop(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
@@ -125,6 +209,50 @@ class PreemptionCheckpoint(Callback):
         if isinstance(exception, SIGTERMException) and self._saved_step == trainer.global_step:
             return  # already saved at this step's batch end; the loop state now would restore less cleanly
         trainer.save_checkpoint(self._path(trainer))
+
+
+class ResumeGuard(Callback):
+    """Refuse to resume in the middle of an epoch with another per-device batch size or device count.
+
+    The saved data position (``ResumableLoader``: batches into the epoch) and Lightning's loop counters are counts of
+    batches; with another batch or device count the same count names other images, so the resumed run would skip or
+    replay data. The checkpoint records both values; a mismatch is refused naming the new and the saved one. At an
+    epoch boundary nothing is skipped or replayed, and the resume goes ahead.
+    """
+
+    KEY = "zoo_data_geometry"
+
+    @staticmethod
+    def _geometry(trainer: pl.Trainer) -> dict[str, int] | None:
+        batch = getattr(trainer.datamodule, "batch_size", None)
+        return None if batch is None else {"batch_size": int(batch), "world_size": int(trainer.world_size)}
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        geometry = self._geometry(trainer)
+        if geometry is not None:
+            checkpoint[self.KEY] = geometry
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved, now = checkpoint.get(self.KEY), self._geometry(trainer)
+        if not saved or now is None or saved == now:
+            return
+        loader = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or []
+        position = next((s for s in loader if isinstance(s, dict) and s.get("batches")), None)
+        if position is None:
+            return  # saved at an epoch boundary: the position means the same images whatever the batch
+        changed = []
+        if saved["batch_size"] != now["batch_size"]:
+            changed.append(f"data.batch_size is {now['batch_size']} but the checkpoint was saved with "
+                           f"{saved['batch_size']}")
+        if saved["world_size"] != now["world_size"]:
+            changed.append(f"this run has {now['world_size']} device(s) but the checkpoint was saved with "
+                           f"{saved['world_size']}")
+        b = position["batches"]
+        raise UsageError(
+            f"cannot resume in the middle of epoch {position.get('epoch')}: {'; '.join(changed)}. Its position is {b} "
+            f"batches of {saved['batch_size']} images on {saved['world_size']} device(s), which this run would skip "
+            f"or replay; resume with data.batch_size={saved['batch_size']} on {saved['world_size']} device(s), or "
+            "start a new run in another folder")
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -237,6 +365,8 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     if kwargs.get("logger") is False:
         extra = [c for c in extra if not isinstance(c, LearningRateMonitor)]
     kwargs["callbacks"] = user + extra
+    if not any(isinstance(c, ResumeGuard) for c in kwargs["callbacks"]):
+        kwargs["callbacks"].append(ResumeGuard())
     plugins = list(kwargs.get("plugins") or [])
     if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
@@ -248,30 +378,160 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def available_memory(trainer: pl.Trainer) -> tuple[int, str] | None:
+    """(bytes free, what) on the device the run will use: GPU memory, else the host's available RAM."""
+    try:
+        if type(trainer.accelerator).__name__ == "CUDAAccelerator":
+            launcher = getattr(trainer.strategy, "launcher", None)
+            if getattr(launcher, "_start_method", None) == "fork" and not torch.cuda.is_initialized():
+                return None  # querying would initialise CUDA in the parent, which a fork-launched DDP cannot have
+            free, _ = torch.cuda.mem_get_info(trainer.strategy.root_device)
+            return int(free), f"free memory of {trainer.strategy.root_device}"
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024, "available RAM"
+    except Exception:  # no way to tell (another OS, no driver): do not refuse on a guess
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} PB"  # pragma: no cover
+
+
 def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datamodule: Any = None) -> None:
-    """Refuse a run that cannot work, before any process is launched or any data is read: the per-device batch
-    against the model's minimum (``min_batch_per_device``, e.g. 2 for batch norm) and the number of devices."""
+    """Refuse a run that cannot work, before any process is launched or any data is read (``UsageError``, one line
+    naming the key): gradient accumulation, precision, the per-device batch against the model's minimum
+    (``min_batch_per_device``, e.g. 2 for batch norm) and the number of devices, and an input batch larger than the
+    memory of the device (``model.input_bytes``)."""
+    if trainer.accumulate_grad_batches < 1:
+        raise UsageError(f"trainer.accumulate_grad_batches must be >= 1, got {trainer.accumulate_grad_batches}")
+    if model is None:
+        return
+    if str(trainer.precision).startswith("64") and not getattr(model, "supports_float64", True):
+        raise UsageError(f"trainer.precision={trainer.precision} is not supported by {type(model).__name__} (its "
+                         "inputs are float32); use 32-true, or bf16-mixed on GPU")
     batch = getattr(datamodule, "batch_size", None)
-    if batch is None or model is None:
+    if batch is None:
         return
     devices = trainer.num_devices * trainer.num_nodes
     need = int(getattr(model, "min_batch_per_device", 1))
     if batch < need:
-        raise ValueError(
+        raise UsageError(
             f"data.batch_size={batch} is the batch of each device, and {type(model).__name__} needs at least {need} "
             f"images per device; with {devices} device(s) the global batch must be at least {need * devices}. "
             f"Set data.batch_size >= {need} (the global batch is data.batch_size x devices).")
+    if hasattr(model, "input_bytes"):
+        need_bytes, what = model.input_bytes(batch)
+        have = available_memory(trainer)
+        if have is not None and need_bytes > have[0]:
+            raise UsageError(f"one batch does not fit in memory: {_size(need_bytes)} ({what}) but the {have[1]} is "
+                             f"{_size(have[0])}; lower model.image_size or data.batch_size")
+
+
+LOCK_NAME = ".zoo-run.lock"
+
+
+class RunLock:
+    """An exclusive lock on an output folder for a live run: ``<folder>/.zoo-run.lock`` holds the pid and an
+    ``flock``. The kernel drops the flock when its process dies, so the lock of a killed run is simply taken over."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = os.path.join(os.fspath(folder), LOCK_NAME)
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                folder = os.path.dirname(self.path)
+                raise UsageError(f"another run (pid {pid}) is writing to {folder}; wait for it to end or give this "
+                                 "run another --trainer.default_root_dir") from None
+            try:  # the file may have been removed by the previous holder between our open and our lock: retry
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+def _is_launching_process() -> bool:
+    """True in the process a user started (not in a DDP worker that Lightning or torchrun started for rank > 0)."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def existing_checkpoints(trainer: pl.Trainer) -> list[str]:
+    """``last.ckpt`` files of the checkpoint callbacks (a finished or interrupted run in this folder)."""
+    folders = {c.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
+               for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)}
+    return sorted(p for p in (os.path.join(f, "last.ckpt") for f in folders) if os.path.isfile(p))
 
 
 class ZooTrainer(pl.Trainer):
-    """The shared Trainer: ``fit`` first runs ``preflight_check`` (in the launching process, before DDP starts)."""
+    """The shared Trainer: ``fit`` first runs ``preflight_check`` (in the launching process, before DDP starts), then
+    takes the output folder's ``RunLock`` and refuses to start a fresh run over a folder that holds one. SIGTERM is
+    deferred to ``PreemptionCheckpoint`` (``DeferredSignalConnector``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._signal_connector = DeferredSignalConnector(self)
+        self._zoo_preempted = False
 
     def fit(self, model: pl.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
-            datamodule: Any = None, ckpt_path: Any = None, **kwargs: Any) -> None:
+            datamodule: Any = None, ckpt_path: Any = None, overwrite: bool = False, **kwargs: Any) -> None:
+        """``overwrite``: start a fresh run in a folder that holds a finished or interrupted one, deleting its
+        checkpoints (without it such a run is refused: resume it with ``ckpt_path="last"`` or use a new folder)."""
         dm = datamodule if datamodule is not None else (
             train_dataloaders if isinstance(train_dataloaders, pl.LightningDataModule) else None)
         preflight_check(self, model, dm)
-        return super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+        lock = RunLock(self.default_root_dir).acquire() if _is_launching_process() else None
+        try:
+            if lock is not None:
+                cleanup_stale_temp_files(self)
+                old = existing_checkpoints(self)
+                if old and ckpt_path is None and not overwrite:
+                    raise UsageError(f"{self.default_root_dir} already holds a run ({old[0]}); resume it with "
+                                     "--ckpt_path last, or start a new run with another --trainer.default_root_dir "
+                                     "or over this one with --overwrite")
+                if ckpt_path == "last" and not old:
+                    folder = os.path.join(self.default_root_dir, "checkpoints")
+                    raise UsageError(f"--ckpt_path last: there is no checkpoint in {folder} to resume; to start a "
+                                     "fresh run leave out --ckpt_path (or check --trainer.default_root_dir)")
+                if old and ckpt_path is None and overwrite:
+                    for path in old:
+                        os.unlink(path)
+            self._zoo_preempted = False
+            out = super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
+            if self._zoo_preempted:  # signalled after the last training batch: saved at the end, still exit 143
+                raise SIGTERMException(128 + signal.SIGTERM)
+            return out
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def build_trainer(**overrides: Any) -> pl.Trainer:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.data.images import build_dataset, collate_images
+from zoo.trainer import UsageError
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -181,9 +182,11 @@ class ImageDataModule(pl.LightningDataModule):
                  decode: str = "worker", seed: int = 0) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"data.batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+            raise UsageError(f"data.num_workers must be >= 0, got {num_workers}")
+        if image_size < 1:
+            raise UsageError(f"data.image_size must be >= 1, got {image_size}")
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.image_size, self.decode, self.seed = image_size, decode, seed
         self.train_set: Dataset | None = None
@@ -199,7 +202,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.train_set = self._build("train")
             self.val_set = self._build("val")
         if len(self.train_set) < self.batch_size * world:
-            raise ValueError(f"data.batch_size {self.batch_size} times {world} devices is larger than the "
+            raise UsageError(f"data.batch_size {self.batch_size} times {world} devices is larger than the "
                              f"{len(self.train_set)} training images of {self.dataset!r}; lower it")
 
     @property

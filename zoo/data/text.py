@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import random
 import sysconfig
 from pathlib import Path
@@ -212,6 +213,24 @@ class TokenWindows(Dataset):
         return {**self.__dict__, "_arr": None}
 
 
+def remove_dead_tmp_dirs(cache_root: Path) -> None:
+    """Remove ``<key>.tmp<pid>`` folders left by tokenising processes that were killed (their pid is gone)."""
+    if not cache_root.is_dir():
+        return
+    for d in cache_root.glob("*.tmp*"):
+        pid = d.name.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (or another user's): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
 class TextDataModule(L.LightningDataModule):
     """Text corpus -> cached memory-mapped tokens -> fixed-length next-token windows (train/val split by document)."""
 
@@ -264,6 +283,7 @@ class TextDataModule(L.LightningDataModule):
             raise ValueError(f"text corpus is empty: {len(files)} file(s) found but none holds any text")
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_spec)
+        remove_dead_tmp_dirs(self.cache_root)
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         build_token_files(docs, self.tokenizer, tmp, self.val_fraction, self.seed, self.progress)
         try:
@@ -271,6 +291,7 @@ class TextDataModule(L.LightningDataModule):
         except OSError:
             if not (out / "meta.json").is_file():
                 raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
         return out
 
     def setup(self, stage: str | None = None) -> None:
