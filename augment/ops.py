@@ -30,7 +30,11 @@ __all__ = [
     "GRAY_WEIGHTS", "IMAGENET_MEAN", "IMAGENET_STD", "sample_crop_boxes", "resize", "random_resized_crop", "hflip",
     "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue", "to_grayscale", "gaussian_kernel1d",
     "gaussian_blur", "solarize", "normalize", "resize_short_side", "center_crop", "blur_kernel_size",
+    "CROP_SAMPLERS", "RESIZE_KERNELS", "official_crop_boxes", "official_center_boxes",
 ]
+
+CROP_SAMPLERS = ("official", "torchvision")
+RESIZE_KERNELS = ("tf_bicubic", "torch_bicubic")
 
 
 def _per_sample(value: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
@@ -52,6 +56,39 @@ def _check_batch(x: torch.Tensor, name: str = "images", channels: int | None = N
 
 
 # ----------------------------------------------------------------------------------------------- geometry
+def official_crop_boxes(
+    h: int | torch.Tensor,
+    w: int | torch.Tensor,
+    n: int,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw ``n`` crop boxes ``[n, 4]`` = (top, left, height, width) with the BYOL authors' sampler.
+
+    One draw per box, no retries (their ``_decode_and_random_crop``): area = U[scale] x image area, aspect ratio
+    log-uniform in ``ratio``, ``w = round(sqrt(area * ratio))``, ``h = round(sqrt(area / ratio))``, each clamped to
+    the image side (and to >= 1 for tiny images, where TF would fail), offsets uniform over the valid range. Four
+    float64 uniforms per box, whatever the data (reproducible, compile-friendly).
+    """
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"crop scale {scale} and ratio {ratio} must be positive (lo, hi) pairs")
+    gen_device = generator.device if generator is not None else (torch.device(device) if device else None)
+    out_device = torch.device(device) if device is not None else gen_device or torch.device("cpu")
+    hh = torch.as_tensor(h, device=gen_device).to(torch.float64).expand(n)
+    ww = torch.as_tensor(w, device=gen_device).to(torch.float64).expand(n)
+    u = torch.rand(n, 4, generator=generator, device=gen_device, dtype=torch.float64)
+    target = hh * ww * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    cw = torch.round(torch.sqrt(target * aspect)).clamp(min=1).minimum(ww)
+    ch = torch.round(torch.sqrt(target / aspect)).clamp(min=1).minimum(hh)
+    top = torch.floor(u[:, 2] * (hh - ch + 1)).minimum(hh - ch)  # min: u < 1, but guard the float edge
+    left = torch.floor(u[:, 3] * (ww - cw + 1)).minimum(ww - cw)
+    return torch.stack([top, left, ch, cw], dim=1).to(device=out_device, dtype=torch.long)
+
+
 def sample_crop_boxes(
     h: int | torch.Tensor,
     w: int | torch.Tensor,
@@ -61,14 +98,22 @@ def sample_crop_boxes(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     attempts: int = 10,
     device: torch.device | str | None = None,
+    sampler: str = "torchvision",
 ) -> torch.Tensor:
     """Draw ``n`` random-resized-crop boxes ``[n, 4]`` = (top, left, height, width), torchvision's algorithm.
+
+    ``sampler="official"`` hands over to ``official_crop_boxes`` (the BYOL authors' one-draw sampler, the default of
+    the BYOL presets); ``"torchvision"`` is the algorithm below.
 
     Area fraction ~ U[scale], aspect ratio log-uniform in ``ratio``; the first of ``attempts`` tries that fits the
     image wins, otherwise a centre crop clamped to ``ratio`` (torchvision's fallback). All tries are drawn at once,
     so the number of random numbers consumed never depends on the data (reproducible, compile-friendly).
     ``h``/``w`` are ints or ``[n]`` tensors (one size per image of a variable-size batch).
     """
+    if sampler not in CROP_SAMPLERS:
+        raise ValueError(f"crop_sampler={sampler!r}: use one of {CROP_SAMPLERS}")
+    if sampler == "official":
+        return official_crop_boxes(h, w, n, generator, scale, ratio, device)
     if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f"crop scale {scale} and ratio {ratio} must be positive (lo, hi) pairs")
     gen_device = generator.device if generator is not None else (torch.device(device) if device else None)
@@ -101,6 +146,19 @@ def sample_crop_boxes(
         torch.where(found, ch_t, fh), torch.where(found, cw_t, fw),
     ], dim=1)
     return boxes.to(device=out_device, dtype=torch.long)
+
+
+def official_center_boxes(h: int | torch.Tensor, w: int | torch.Tensor, size: int, resize_to: int) -> torch.Tensor:
+    """The BYOL authors' eval window ``[n, 4]`` (their ``_decode_and_center_crop``): the central square of side
+    ``int(size / resize_to * min(h, w))`` (224 / 256 at 224 px, computed in float32 like TF) at offset
+    ``((h - side) + 1) // 2`` (same for ``w``), to be resized to ``size`` afterwards."""
+    hh, ww = torch.as_tensor(h).to(torch.long).reshape(-1), torch.as_tensor(w).to(torch.long).reshape(-1)
+    hh, ww = torch.broadcast_tensors(hh, ww)
+    frac = torch.tensor(size / resize_to, dtype=torch.float32)  # a Python double made float32, as in TF
+    side = torch.floor(frac * torch.minimum(hh, ww).to(torch.float32)).to(torch.long).clamp(min=1)
+    side = torch.minimum(side, torch.minimum(hh, ww))
+    return torch.stack([torch.div(hh - side + 1, 2, rounding_mode="floor"),
+                        torch.div(ww - side + 1, 2, rounding_mode="floor"), side, side], dim=1)
 
 
 def resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -109,7 +109,8 @@ class LinearEvalTrain(nn.Module):
         self.preset: EvalPreset = linear_eval_train_preset(size, **overrides)
         # reuse the view sampler with every colour/blur/solarize probability at zero
         self._view = ViewPreset(size=size, crop_scale=self.preset.crop_scale, crop_ratio=self.preset.crop_ratio,
-                                flip_p=self.preset.flip_p, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+                                flip_p=self.preset.flip_p, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0,
+                                crop_sampler=self.preset.crop_sampler, resize_kernel=self.preset.resize_kernel)
 
     @torch.no_grad()
     def forward(self, images: Images, generator: torch.Generator | None = None) -> torch.Tensor:

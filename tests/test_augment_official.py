@@ -1,0 +1,96 @@
+"""The authors' geometry (google-deepmind/deepmind-research, byol/utils/dataset.py), each against a plain NumPy
+transcription written here: the one-draw pretraining crop (``_decode_and_random_crop``) and the eval window
+(``_decode_and_center_crop``); both sampled per sample and reproducible from the generator.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import augment
+from augment import fused, ops
+from augment.params import sample_view_params
+from augment.presets import byol_presets, linear_eval_test_preset
+from augment.reference import reference_eval_test
+
+N = 100_000
+
+
+def _official_crop_np(rng: np.random.Generator, h: int, w: int, n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """``_decode_and_random_crop`` for ``n`` independent draws: (top, left, height, width) arrays."""
+    target = rng.uniform(scale[0], scale[1], n) * (h * w)
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), n))
+    cw = np.minimum(np.round(np.sqrt(target * aspect)).astype(np.int64), w)
+    ch = np.minimum(np.round(np.sqrt(target / aspect)).astype(np.int64), h)
+    left = rng.integers(0, w - cw + 1)
+    top = rng.integers(0, h - ch + 1)
+    return top, left, ch, cw
+
+
+def _stats(top, left, ch, cw, h, w) -> dict:
+    ch, cw = np.asarray(ch, np.float64), np.asarray(cw, np.float64)
+    log_ar = np.log(cw / ch)
+    hist = np.histogram(log_ar, bins=20, range=(-0.5, 0.5))[0] / len(ch)
+    return {"area": float((ch * cw).mean() / (h * w)), "clamped": float(((ch == h) | (cw == w)).mean()),
+            "hist": hist, "top": float(np.mean(top) / h), "left": float(np.mean(left) / w)}
+
+
+@pytest.mark.parametrize("h, w, scale", [(224, 224, (0.08, 1.0)), (200, 300, (0.08, 1.0)), (60, 240, (0.08, 1.0)),
+                                         (32, 32, (0.25, 1.0))])
+def test_official_crop_distribution_matches_numpy_transcription(h, w, scale):
+    ours = ops.official_crop_boxes(h, w, N, torch.Generator().manual_seed(0), scale=scale).numpy()
+    want = _stats(*_official_crop_np(np.random.default_rng(0), h, w, N, scale), h, w)
+    got = _stats(*ours.T, h, w)
+    # standard errors at 1e5 draws: area <= 1e-3, a fraction <= 1.6e-3, a histogram bin <= 1e-3 (x sqrt 2 for a diff)
+    assert abs(got["area"] - want["area"]) < 0.006, (got["area"], want["area"])
+    assert abs(got["clamped"] - want["clamped"]) < 0.008, (got["clamped"], want["clamped"])
+    assert np.abs(got["hist"] - want["hist"]).max() < 0.006
+    assert abs(got["top"] - want["top"]) < 0.005 and abs(got["left"] - want["left"]) < 0.005
+    t, l, bh, bw = ours.T
+    assert (t >= 0).all() and (l >= 0).all() and (t + bh <= h).all() and (l + bw <= w).all() and (bh >= 1).all()
+    assert (bh * bw / (h * w)).min() > scale[0] * 0.9  # the preset's min scale is honoured (up to rounding)
+
+
+def test_official_differs_from_torchvision_where_it_matters():
+    """On a strip the official sampler clamps (no retries); torchvision retries, then falls back."""
+    g = torch.Generator().manual_seed(1)
+    off = ops.sample_crop_boxes(60, 240, 20_000, g, sampler="official").double()
+    tv = ops.sample_crop_boxes(60, 240, 20_000, torch.Generator().manual_seed(1), sampler="torchvision").double()
+    clamped_off = float((off[:, 2] == 60).double().mean())
+    clamped_tv = float((tv[:, 2] == 60).double().mean())
+    assert clamped_off > clamped_tv + 0.1  # clamped heights pile up at the border only for the official one
+    with pytest.raises(ValueError, match="crop_sampler"):
+        ops.sample_crop_boxes(60, 240, 2, g, sampler="timm")
+
+
+def test_presets_default_to_official_sampler_and_keep_torchvision_option():
+    v1, v2 = byol_presets(32)
+    assert v1.crop_sampler == v2.crop_sampler == "official"
+    assert byol_presets(32, crop_sampler="torchvision")[0].crop_sampler == "torchvision"
+    assert augment.LinearEvalTrain(32)._view.crop_sampler == "official"
+    with pytest.raises(ValueError, match="crop_sampler"):
+        byol_presets(32, crop_sampler="nope")
+    # digits config: min scale 0.25 with the official sampler
+    p = byol_presets(32, crop_scale=(0.25, 1.0))[0]
+    params = sample_view_params(p, 32, 32, 4000, torch.Generator().manual_seed(0))
+    area = params.boxes[:, 2] * params.boxes[:, 3] / 1024.0
+    assert area.min() >= 0.2 and area.max() <= 1.0
+
+
+def test_official_sampler_per_sample_reproducible_and_resumable():
+    p = byol_presets(16)[0]
+    g = torch.Generator().manual_seed(5)
+    sample_view_params(p, 40, 50, 8, g)  # advance: a resumed run restores the state, not the seed
+    state = g.get_state()
+    a = sample_view_params(p, 40, 50, 64, g).boxes
+    g2 = torch.Generator()
+    g2.set_state(state)
+    b = sample_view_params(p, 40, 50, 64, g2).boxes
+    assert torch.equal(a, b)
+    assert len(set(map(tuple, a.tolist()))) > 60  # each sample its own box
+    hs, ws = torch.tensor([30, 300, 80]), torch.tensor([60, 100, 400])
+    boxes = ops.sample_crop_boxes(hs, ws, 3, torch.Generator().manual_seed(3), sampler="official")
+    assert ((boxes[:, 0] + boxes[:, 2]) <= hs).all() and ((boxes[:, 1] + boxes[:, 3]) <= ws).all()
