@@ -51,7 +51,7 @@ class ViewPreset:
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
     crop_sampler: str = "official"     # or "torchvision" (see module docstring)
-    resize_kernel: str = "torch_bicubic"  # or "torch_bicubic"
+    resize_kernel: str = "tf_bicubic"  # or "torch_bicubic"
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -79,7 +79,7 @@ class ViewPreset:
 
 @dataclass(frozen=True)
 class EvalPreset:
-    """Linear-evaluation pipeline: train = RRC + flip; test = resize short side + centre crop (no randomness)."""
+    """Linear-evaluation pipeline: train = random resized crop + flip; test = centre window resized (no randomness)."""
 
     size: int = 224
     train: bool = True
@@ -90,8 +90,8 @@ class EvalPreset:
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
     crop_sampler: str = "official"     # train; or "torchvision"
-    resize_kernel: str = "torch_bicubic"  # or "torch_bicubic"
-    eval_crop: str = "resize_then_crop"  # test; or "official"
+    resize_kernel: str = "tf_bicubic"  # or "torch_bicubic"
+    eval_crop: str = "official"        # test; or "resize_then_crop"
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -140,5 +140,6 @@ def linear_eval_train_preset(size: int = 224, **overrides) -> EvalPreset:
 
 
 def linear_eval_test_preset(size: int = 224, resize: int | None = None, **overrides) -> EvalPreset:
-    """Linear-probe test transform: bicubic resize of the short side (256 at 224) then centre crop ``size``."""
+    """Linear-probe test transform: the authors' central square (224/256 of the short side) resized to ``size``
+    (``eval_crop="official"``), or bicubic resize of the short side (256 at 224) then centre crop ``size``."""
     return EvalPreset(size=size, train=False, resize=resize, **overrides)

@@ -121,7 +121,8 @@ class LinearEvalTrain(nn.Module):
 
 
 class LinearEvalTest(nn.Module):
-    """Linear-probe test transform: bicubic resize of the short side (256 at 224) + centre crop, normalised."""
+    """Linear-probe test transform, normalised: the authors' central 224/256 square resized to ``size``
+    (``eval_crop="official"``, default) or bicubic resize of the short side (256 at 224) + centre crop."""
 
     def __init__(self, size: int = 224, resize: int | None = None, **overrides) -> None:
         super().__init__()
@@ -132,4 +133,4 @@ class LinearEvalTest(nn.Module):
         """Deterministic transform (``generator`` accepted for a uniform signature, unused)."""
         image_sizes(images)
         return fused.apply_eval_test(images, self.preset.resize_to, self.preset.size, self.preset.mean,
-                                     self.preset.std)
+                                     self.preset.std, self.preset.eval_crop, self.preset.resize_kernel)

@@ -94,3 +94,50 @@ def test_official_sampler_per_sample_reproducible_and_resumable():
     hs, ws = torch.tensor([30, 300, 80]), torch.tensor([60, 100, 400])
     boxes = ops.sample_crop_boxes(hs, ws, 3, torch.Generator().manual_seed(3), sampler="official")
     assert ((boxes[:, 0] + boxes[:, 2]) <= hs).all() and ((boxes[:, 1] + boxes[:, 3]) <= ws).all()
+
+
+# ----------------------------------------------------------------------------------------------- evaluation view
+def _official_center_np(h: int, w: int, size: int = 224, padding: int = 32) -> tuple[int, int, int, int]:
+    """``_decode_and_center_crop``: float32 product, truncated; offsets ``((h - side) + 1) // 2``."""
+    side = int(np.float32(size / (size + padding)) * np.float32(min(h, w)))
+    return (h - side + 1) // 2, (w - side + 1) // 2, side, side
+
+
+def test_official_center_window_matches_numpy_transcription():
+    rng = np.random.default_rng(0)
+    hw = np.concatenate([rng.integers(2, 2000, (3000, 2)), [[2, 2], [8, 8], [256, 256], [375, 500], [333, 1001]]])
+    got = ops.official_center_boxes(torch.from_numpy(hw[:, 0]), torch.from_numpy(hw[:, 1]), 224, 256).numpy()
+    want = np.array([_official_center_np(int(h), int(w)) for h, w in hw])
+    assert (got == want).all()
+    assert got[-2].tolist() == [24, 86, 328, 328]  # a typical 375 x 500 ImageNet val image
+    # a 1-pixel side keeps its pixel (TF's window would be empty and the decode would fail)
+    assert ops.official_center_boxes(1, 5, 224, 256).tolist() == [[0, 2, 1, 1]]
+
+
+def _resize_then_crop_np(h: int, w: int, short: int = 256, size: int = 224):
+    """The other order: short side -> 256 (torchvision's long side int(...)), centre 224 at round((H - 224) / 2)."""
+    rh, rw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    return rh, rw, int(round((rh - size) / 2)), int(round((rw - size) / 2))
+
+
+@pytest.mark.parametrize("kernel", ["tf_bicubic", "torch_bicubic"])
+def test_eval_view_official_order_reference_and_fused_agree(kernel):
+    imgs = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
+            for h, w in [(40, 50), (64, 44), (37, 37), (30, 90)]]
+    official = augment.LinearEvalTest(32, resize_kernel=kernel)
+    assert official.preset.eval_crop == "official" and official.preset.resize_kernel == kernel
+    other = augment.LinearEvalTest(32, eval_crop="resize_then_crop", resize_kernel=kernel)
+    a, b = official(imgs), other(imgs)
+    assert (a - reference_eval_test(imgs, official.preset)).abs().max() < 1e-4
+    assert (b - reference_eval_test(imgs, other.preset)).abs().max() < 1e-4
+    assert (a - b).abs().max() > 0.05  # the orders really differ
+    # the official view is exactly: NumPy window, then the resize op
+    for img, out in zip(imgs, a):
+        t, l, s, _ = _official_center_np(img.shape[1], img.shape[2], 32, 5)  # 32 / 37 = size / resize_to
+        want = ops.normalize(ops.resize(img[:, t:t + s, l:l + s], (32, 32), kernel)[None])[0]
+        assert (out - want).abs().max() < 1e-4
+    rh, rw, top, left = _resize_then_crop_np(64, 44, 37, 32)
+    want = ops.normalize(ops.resize(imgs[1], (rh, rw), kernel)[None, :, top:top + 32, left:left + 32])[0]
+    assert (b[1] - want).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="eval_crop"):
+        augment.LinearEvalTest(32, eval_crop="five_crop")
