@@ -141,3 +141,21 @@ def test_eval_view_official_order_reference_and_fused_agree(kernel):
     assert (b[1] - want).abs().max() < 1e-4
     with pytest.raises(ValueError, match="eval_crop"):
         augment.LinearEvalTest(32, eval_crop="five_crop")
+
+
+def test_probe_uses_official_views_by_default_and_keys_its_cache_on_them(tmp_path):
+    from zoo.probe import ProbeConfig, load_config
+    from zoo.probe_features import ImagePrepare
+
+    cfg = ProbeConfig()
+    assert (cfg.eval_crop, cfg.resize_kernel, cfg.crop_sampler) == ("official", "tf_bicubic", "official")
+    test_view = ImagePrepare(224, 256)
+    assert test_view.view.preset.eval_crop == "official" and test_view.view.preset.resize_kernel == "tf_bicubic"
+    assert ImagePrepare(32, 37, train=True).view._view.crop_sampler == "official"
+    old = ImagePrepare(224, 256, eval_crop="resize_then_crop", resize_kernel="torch_bicubic")
+    assert old.view.preset.eval_crop == "resize_then_crop" and old.describe() != test_view.describe()
+    with pytest.raises(ValueError, match="eval_crop"):
+        ProbeConfig(eval_crop="ten_crop")
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text("eval_crop: resize_then_crop\nresize_kernel: torch_bicubic\ncrop_sampler: torchvision\n")
+    assert load_config(yaml).crop_sampler == "torchvision"
