@@ -4,8 +4,9 @@ Design (issue 4); the batched schedule has no data-dependent Python control flow
 whole (tested with ``fullgraph=True``):
 
 * crop + resize + flip of the whole batch = two batched matmuls ``out = Wy @ X @ Wx^T`` with per-sample sparse
-  interpolation matrices. The rows of ``Wy``/``Wx`` hold exactly the four bicubic taps ``F.interpolate`` would use
-  on the cropped image (indices clamped to the crop, which a grid_sample over the whole image cannot do), so the
+  interpolation matrices. The rows of ``Wy``/``Wx`` hold exactly the four bicubic taps ``F.interpolate`` (or TF2's
+  resize, ``resize_kernel="tf_bicubic"``) would use on the cropped image (indices clamped to the crop, or TF's
+  out-of-crop taps dropped and renormalised, which a grid_sample over the whole image cannot do), so the
   result equals the reference to fp32 rounding; a flip is a reversal of ``Wx``'s rows, i.e. free. Variable-size
   images are first cut to their boxes and zero-padded to a common size (only the crops are copied).
 * colour jitter (per-sample random order) + grayscale = one elementwise function with per-sample parameters

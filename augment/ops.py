@@ -10,6 +10,9 @@ authors' TensorFlow pipeline (see shared/reference/byol.md, "Augmentations"):
 * saturation / hue work in HSV with saturation clipped to ``[0, 1]`` and hue wrapped (TF semantics; kornia's
   ``adjust_saturation`` / ``adjust_hue`` implement exactly this, so they are used here);
 * blur uses ZERO padding (TF 'SAME' convolution); kornia's default is reflect, so ``border_type='constant'``.
+* crops: ``official_crop_boxes`` is the authors' one-draw sampler, ``sample_crop_boxes`` torchvision's (or either);
+  the resize is TF2's bicubic (``resize(kernel="tf_bicubic")``) or PyTorch's; ``official_center_boxes`` is the
+  authors' eval window. The presets choose (``augment.presets``); the ops' own defaults stay PyTorch's.
 
 Every op ends with a clip to ``[0, 1]`` (the pipeline clips after each colour op).
 """

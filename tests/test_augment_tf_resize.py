@@ -106,3 +106,16 @@ def test_tf_taps_border_renormalised_not_clamped():
             (a + 2) * (1 - t) ** 3 - (a + 3) * (1 - t) ** 2 + 1,
             a * (2 - t) ** 3 - 5 * a * (2 - t) ** 2 + 8 * a * (2 - t) - 4 * a]
     assert torch.allclose(w[0, 3], torch.tensor(keys, dtype=torch.float32), atol=1e-6)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("kernel, sampler", [("torch_bicubic", "torchvision"), ("tf_bicubic", "torchvision"),
+                                             ("torch_bicubic", "official")])
+def test_fused_equals_reference_for_every_switch(kernel, sampler, per_sample):
+    from augment.presets import byol_presets
+
+    preset = byol_presets(24, resize_kernel=kernel, crop_sampler=sampler)[1]
+    imgs = torch.randint(0, 256, (6, 3, 30, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    p = sample_view_params(preset, 30, 36, 6, torch.Generator().manual_seed(3))
+    p.blur[::2] = True
+    assert (fused.apply_view(imgs, p, preset, per_sample) - reference_view(imgs, p, preset)).abs().max() < TOL
