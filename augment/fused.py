@@ -4,8 +4,9 @@ Design (issue 4); the batched schedule has no data-dependent Python control flow
 whole (tested with ``fullgraph=True``):
 
 * crop + resize + flip of the whole batch = two batched matmuls ``out = Wy @ X @ Wx^T`` with per-sample sparse
-  interpolation matrices. The rows of ``Wy``/``Wx`` hold exactly the four bicubic taps ``F.interpolate`` would use
-  on the cropped image (indices clamped to the crop, which a grid_sample over the whole image cannot do), so the
+  interpolation matrices. The rows of ``Wy``/``Wx`` hold exactly the four bicubic taps ``F.interpolate`` (or TF2's
+  resize, ``resize_kernel="tf_bicubic"``) would use on the cropped image (indices clamped to the crop, or TF's
+  out-of-crop taps dropped and renormalised, which a grid_sample over the whole image cannot do), so the
   result equals the reference to fp32 rounding; a flip is a reversal of ``Wx``'s rows, i.e. free. Variable-size
   images are first cut to their boxes and zero-padded to a common size (only the crops are copied).
 * colour jitter (per-sample random order) + grayscale = one elementwise function with per-sample parameters
@@ -30,7 +31,8 @@ from collections.abc import Sequence
 
 import torch
 
-from augment.ops import GRAY_WEIGHTS, gaussian_kernel1d, short_side_shape
+from augment.ops import GRAY_WEIGHTS, RESIZE_KERNELS, gaussian_kernel1d, official_center_boxes, short_side_shape, \
+    tf_bicubic_taps
 from augment.params import ViewParams
 
 __all__ = ["resize_matrix", "crop_resize_flip", "colour_pass", "blur", "solarize_normalize", "prepare_batch",
@@ -52,14 +54,24 @@ def _cubic_weights(t: torch.Tensor) -> torch.Tensor:
 
 
 def resize_matrix(seg_start: torch.Tensor, seg_len: torch.Tensor, out_full: torch.Tensor | int,
-                  out_start: torch.Tensor | int, count: int, total: int, dtype=torch.float32) -> torch.Tensor:
+                  out_start: torch.Tensor | int, count: int, total: int, dtype=torch.float32,
+                  kernel: str = "torch_bicubic") -> torch.Tensor:
     """Per-sample bicubic resampling matrices ``[B, count, total]``.
 
     Row ``i`` holds the taps of output index ``out_start + i`` when the input segment
     ``[seg_start, seg_start + seg_len)`` of an axis of length ``total`` is resized to ``out_full`` samples with
-    ``F.interpolate(mode='bicubic', align_corners=False)`` (tap indices clamped to the segment).
+    ``F.interpolate(mode='bicubic', align_corners=False)`` (tap indices clamped to the segment), or with TF2's
+    ``tf.image.resize(BICUBIC)`` for ``kernel="tf_bicubic"`` (``augment.ops.tf_bicubic_taps``).
     """
+    if kernel not in RESIZE_KERNELS:
+        raise ValueError(f"resize_kernel={kernel!r} is not one of {RESIZE_KERNELS}")
     dev = seg_start.device
+    if kernel == "tf_bicubic":
+        pos = torch.arange(count, device=dev)[None] + torch.as_tensor(out_start, device=dev).reshape(-1, 1)
+        idx, w = tf_bicubic_taps(seg_len, out_full, pos)
+        taps = idx + seg_start.reshape(-1, 1, 1)
+        mat = torch.zeros(taps.shape[0], count, total, device=dev, dtype=torch.float32)
+        return mat.scatter_add_(2, taps, w).to(dtype)
     seg_len_f = seg_len.to(torch.float32)
     scale = seg_len_f / torch.as_tensor(out_full, device=dev, dtype=torch.float32)  # as PyTorch: float in/out
     i = torch.arange(count, device=dev, dtype=torch.float32)[None] + torch.as_tensor(
@@ -82,7 +94,7 @@ def _matmul_resample(x: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor) -> tor
 
 
 def crop_resize_flip(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     dtype: torch.dtype = torch.float32, kernel: str = "torch_bicubic") -> torch.Tensor:
     """Crop each sample of ``x [B, C, H, W]`` to its box, bicubic-resize to ``size``, flip where asked, clip.
 
     ``dtype`` is the compute dtype (bfloat16 uses tensor cores on GPUs; uint8 values are exact in it).
@@ -91,8 +103,8 @@ def crop_resize_flip(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torc
     xf = x.to(dtype)
     t, l, h, w = boxes.to(x.device).unbind(1)
     # fold the uint8 scaling into the weights
-    wy = (resize_matrix(t, h, size, 0, size, x.shape[-2]) * scale).to(dtype)
-    wx = resize_matrix(l, w, size, 0, size, x.shape[-1]).to(dtype)
+    wy = (resize_matrix(t, h, size, 0, size, x.shape[-2], kernel=kernel) * scale).to(dtype)
+    wx = resize_matrix(l, w, size, 0, size, x.shape[-1], kernel=kernel).to(dtype)
     if flip is not None:
         wx = torch.where(flip.to(x.device).view(-1, 1, 1), wx.flip(1), wx)
     return _matmul_resample(xf, wy, wx).clamp_(0.0, 1.0)
@@ -320,7 +332,7 @@ def apply_view(images: torch.Tensor | Sequence[torch.Tensor], p: ViewParams, pre
     x, boxes = prepare_batch(images, p.boxes)
     # matmuls in ``dtype``; the colour pass stays float32 (bf16 hue arithmetic would be off by ~0.05), which costs
     # little once torch.compile fuses it (memory traffic, not arithmetic, bounds it)
-    x = crop_resize_flip(x, boxes, preset.size, p.flip, dtype).float()
+    x = crop_resize_flip(x, boxes, preset.size, p.flip, dtype, _kernel(preset)).float()
     subset = x.device.type == "cpu" and not _tracing()  # CPU eager: skip the samples a stage leaves unchanged
     x = colour_pass(x, p, subset=subset)
     if preset.blur_p > 0 and subset:  # static preset switch, not data-dependent
@@ -332,6 +344,10 @@ def apply_view(images: torch.Tensor | Sequence[torch.Tensor], p: ViewParams, pre
         x = blur(x.to(dtype), p.sigma, p.blur, preset.kernel_size).float()
     return solarize_normalize(x, p.solarize if preset.solarize_p > 0 else None, preset.solarize_threshold,
                               preset.mean, preset.std)
+
+
+def _kernel(preset) -> str:
+    return getattr(preset, "resize_kernel", "torch_bicubic")
 
 
 def _tracing() -> bool:
@@ -354,8 +370,10 @@ def _apply_view_per_sample(images: torch.Tensor | Sequence[torch.Tensor], p: Vie
     # every image's resampling matrices in one go (their columns cover the box only; sliced per image below)
     zero = torch.zeros(n, dtype=torch.long, device=dev)
     uint8 = images[0].dtype == torch.uint8
-    wy_all = resize_matrix(zero, p.boxes[:, 2], size, 0, size, int(p.boxes[:, 2].max())) * (1 / 255 if uint8 else 1)
-    wx_all = resize_matrix(zero, p.boxes[:, 3], size, 0, size, int(p.boxes[:, 3].max()))
+    kernel = _kernel(preset)
+    wy_all = resize_matrix(zero, p.boxes[:, 2], size, 0, size, int(p.boxes[:, 2].max()),
+                           kernel=kernel) * (1 / 255 if uint8 else 1)
+    wx_all = resize_matrix(zero, p.boxes[:, 3], size, 0, size, int(p.boxes[:, 3].max()), kernel=kernel)
     out = torch.empty(n, 3, size, size, device=dev)
     flip = p.flip.tolist()
     # (x - mean) / std as one multiply-add: division is the slowest elementwise op on CPU
@@ -384,20 +402,31 @@ def _apply_view_per_sample(images: torch.Tensor | Sequence[torch.Tensor], p: Vie
 def apply_eval_train(images, boxes: torch.Tensor, flip: torch.Tensor, preset) -> torch.Tensor:
     """Linear-eval train transform with given parameters: random resized crop + flip, normalised."""
     x, boxes = prepare_batch(images, boxes)
-    return solarize_normalize(crop_resize_flip(x, boxes, preset.size, flip), None, 0.5, preset.mean, preset.std)
+    x = crop_resize_flip(x, boxes, preset.size, flip, kernel=_kernel(preset))
+    return solarize_normalize(x, None, 0.5, preset.mean, preset.std)
 
 
 def apply_eval_test(images: torch.Tensor | Sequence[torch.Tensor], resize_to: int, size: int,
-                    mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Resize short side to ``resize_to`` then centre-crop ``size``, as one resampling per axis, normalised.
+                    mean: Sequence[float], std: Sequence[float], eval_crop: str = "resize_then_crop",
+                    kernel: str = "torch_bicubic") -> torch.Tensor:
+    """The linear-eval test view, normalised, as one resampling per axis.
 
-    Equals ``center_crop(resize_short_side(img, resize_to), size)``: the crop just selects which output rows and
-    columns of the resize to compute.
+    ``eval_crop="resize_then_crop"``: resize the short side to ``resize_to`` then centre-crop ``size``; equals
+    ``center_crop(resize_short_side(img, resize_to), size)``: the crop just selects which output rows and columns
+    of the resize to compute. ``"official"``: the authors' central square of ``size / resize_to`` of the short side
+    (``augment.ops.official_center_boxes``) resized to ``size``.
     """
     if torch.is_tensor(images):
         images = list(images)
     if not images:
         raise ValueError("cannot transform an empty batch")
+    if eval_crop == "official":
+        hw = torch.tensor([[int(i.shape[-2]), int(i.shape[-1])] for i in images])
+        boxes = official_center_boxes(hw[:, 0], hw[:, 1], size, resize_to)
+        x, boxes = prepare_batch(images, boxes)
+        return solarize_normalize(crop_resize_flip(x, boxes, size, kernel=kernel), None, 0.5, mean, std)
+    if eval_crop != "resize_then_crop":
+        raise ValueError(f"eval_crop={eval_crop!r} is not one of ('official', 'resize_then_crop')")
     shapes = [short_side_shape(int(i.shape[-2]), int(i.shape[-1]), resize_to) for i in images]
     for (rh, rw), img in zip(shapes, images):
         if rh < size or rw < size:
@@ -410,7 +439,9 @@ def apply_eval_test(images: torch.Tensor | Sequence[torch.Tensor], resize_to: in
     top = torch.round((rs[:, 0] - size) / 2.0).long()
     left = torch.round((rs[:, 1] - size) / 2.0).long()
     scale = 1.0 / 255.0 if x.dtype == torch.uint8 else 1.0
-    wy = resize_matrix(zeros.to(dev), hw[:, 0].to(dev), rs[:, 0].to(dev), top.to(dev), size, x.shape[-2]) * scale
-    wx = resize_matrix(zeros.to(dev), hw[:, 1].to(dev), rs[:, 1].to(dev), left.to(dev), size, x.shape[-1])
+    wy = resize_matrix(zeros.to(dev), hw[:, 0].to(dev), rs[:, 0].to(dev), top.to(dev), size, x.shape[-2],
+                       kernel=kernel) * scale
+    wx = resize_matrix(zeros.to(dev), hw[:, 1].to(dev), rs[:, 1].to(dev), left.to(dev), size, x.shape[-1],
+                       kernel=kernel)
     out = _matmul_resample(x.to(torch.float32), wy, wx).clamp_(0.0, 1.0)
     return solarize_normalize(out, None, 0.5, mean, std)

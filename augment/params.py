@@ -66,7 +66,8 @@ def sample_view_params(
     gdev = generator.device if generator is not None else out_device
     boxes = sample_crop_boxes(heights if not torch.is_tensor(heights) else heights.to(gdev),
                               widths if not torch.is_tensor(widths) else widths.to(gdev), n, generator,
-                              preset.crop_scale, preset.crop_ratio, device=gdev)
+                              preset.crop_scale, preset.crop_ratio, device=gdev,
+                              sampler=getattr(preset, "crop_sampler", "torchvision"))
     coins = torch.rand(n, 5, generator=generator, device=gdev)  # flip, jitter, gray, blur, solarize
     b, c, s, h = preset.brightness, preset.contrast, preset.saturation, preset.hue
     params = ViewParams(

@@ -8,15 +8,23 @@ Scaling to other image sizes (``size`` argument; e.g. 32 px CIFAR/digits, 64 px,
 * blur taps follow BYOL's own rule ``2 * ((size // 10) // 2) + 1`` (i.e. ``size // 10`` rounded up to odd):
   224 -> 23, 96 -> 9, 64 -> 7, 32 -> 3; sigma stays U[0.1, 2.0] in pixels like the paper's code (the kernel radius
   then bounds the blur for small images);
-* linear-eval test resizes the short side to ``round(size * 256 / 224)`` (256 at 224, 37 at 32) and centre-crops
-  ``size``.
+* linear-eval test (``eval_crop="official"``, the authors' order) crops the central square of side
+  ``int(size / resize_to * min(h, w))`` with ``resize_to = round(size * 256 / 224)`` (224/256 of the short side at
+  224 px, the same fraction at every size) and resizes it to ``size``; ``"resize_then_crop"`` resizes the short side
+  to ``resize_to`` (256 at 224, 37 at 32) and centre-crops ``size`` (torchvision's usual order).
+
+Faithfulness switches (defaults = the authors' TF pipeline, shared/reference/byol.md):
+* ``crop_sampler``: ``"official"`` one draw, no retries, sides clamped to the image (``_decode_and_random_crop``);
+  ``"torchvision"`` 10 tries then a centre-crop fallback (``RandomResizedCrop``);
+* ``resize_kernel``: ``"tf_bicubic"`` TF2 ``tf.image.resize(BICUBIC)`` (Keys a = -0.5, taps outside the image get
+  weight 0 and the rest is renormalised); ``"torch_bicubic"`` PyTorch's ``F.interpolate`` (a = -0.75, clamped taps).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from augment.ops import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size
+from augment.ops import CROP_SAMPLERS, IMAGENET_MEAN, IMAGENET_STD, RESIZE_KERNELS, blur_kernel_size
 
 __all__ = ["ViewPreset", "EvalPreset", "byol_presets", "linear_eval_train_preset", "linear_eval_test_preset"]
 
@@ -42,8 +50,11 @@ class ViewPreset:
     solarize_threshold: float = 0.5
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
+    crop_sampler: str = "official"     # or "torchvision" (see module docstring)
+    resize_kernel: str = "tf_bicubic"  # or "torch_bicubic"
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if self.size < 1:
             raise ValueError(f"preset size must be a positive number of pixels; got {self.size}")
         for name in ("flip_p", "jitter_p", "gray_p", "blur_p", "solarize_p"):
@@ -68,7 +79,7 @@ class ViewPreset:
 
 @dataclass(frozen=True)
 class EvalPreset:
-    """Linear-evaluation pipeline: train = RRC + flip; test = resize short side + centre crop (no randomness)."""
+    """Linear-evaluation pipeline: train = random resized crop + flip; test = centre window resized (no randomness)."""
 
     size: int = 224
     train: bool = True
@@ -78,11 +89,29 @@ class EvalPreset:
     resize: int | None = None  # test only; None -> round(size * 256 / 224)
     mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     std: tuple[float, ...] = field(default=IMAGENET_STD)
+    crop_sampler: str = "official"     # train; or "torchvision"
+    resize_kernel: str = "tf_bicubic"  # or "torch_bicubic"
+    eval_crop: str = "official"        # test; or "resize_then_crop"
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
 
     @property
     def resize_to(self) -> int:
         """Short side before the centre crop."""
         return self.resize if self.resize is not None else round(self.size * 256 / 224)
+
+
+EVAL_CROPS = ("official", "resize_then_crop")
+
+
+def _check_choices(preset) -> None:
+    """Readable errors for the string switches of a preset."""
+    choices = {"crop_sampler": CROP_SAMPLERS, "resize_kernel": RESIZE_KERNELS, "eval_crop": EVAL_CROPS}
+    for name, allowed in choices.items():
+        value = getattr(preset, name, None)
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name}={value!r} is not one of {allowed}")
 
 
 # BYOL Table 6: the views differ only in blur and solarisation probabilities
@@ -111,5 +140,6 @@ def linear_eval_train_preset(size: int = 224, **overrides) -> EvalPreset:
 
 
 def linear_eval_test_preset(size: int = 224, resize: int | None = None, **overrides) -> EvalPreset:
-    """Linear-probe test transform: bicubic resize of the short side (256 at 224) then centre crop ``size``."""
+    """Linear-probe test transform: the authors' central square (224/256 of the short side) resized to ``size``
+    (``eval_crop="official"``), or bicubic resize of the short side (256 at 224) then centre crop ``size``."""
     return EvalPreset(size=size, train=False, resize=resize, **overrides)

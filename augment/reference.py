@@ -22,7 +22,7 @@ def _rgb(x: torch.Tensor) -> torch.Tensor:
 def reference_view(images: torch.Tensor | Sequence[torch.Tensor], p: ViewParams, preset: ViewPreset
                    ) -> torch.Tensor:
     """One BYOL view built from the reference ops, one sample at a time, with explicit parameters ``p``."""
-    x = _rgb(ops.random_resized_crop(images, p.boxes, preset.size))
+    x = _rgb(ops.random_resized_crop(images, p.boxes, preset.size, preset.resize_kernel))
     x = ops.hflip(x, p.flip)
     outs = []
     for i in range(x.shape[0]):
@@ -40,11 +40,19 @@ def reference_view(images: torch.Tensor | Sequence[torch.Tensor], p: ViewParams,
 
 def reference_eval_train(images, boxes: torch.Tensor, flip: torch.Tensor, preset: EvalPreset) -> torch.Tensor:
     """Linear-eval train transform from the reference ops."""
-    x = ops.hflip(_rgb(ops.random_resized_crop(images, boxes, preset.size)), flip)
+    x = ops.hflip(_rgb(ops.random_resized_crop(images, boxes, preset.size, preset.resize_kernel)), flip)
     return ops.normalize(x, preset.mean, preset.std)
 
 
 def reference_eval_test(images, preset: EvalPreset) -> torch.Tensor:
-    """Linear-eval test transform from the reference ops: resize short side, centre crop, normalise."""
-    x = _rgb(ops.center_crop(ops.resize_short_side(list(images), preset.resize_to), preset.size))
+    """Linear-eval test transform from the reference ops, normalised: the authors' central square resized to
+    ``size`` (``eval_crop="official"``), or resize of the short side then centre crop (``"resize_then_crop"``)."""
+    images = list(images)
+    if preset.eval_crop == "official":
+        hw = torch.tensor([[int(i.shape[-2]), int(i.shape[-1])] for i in images])
+        boxes = ops.official_center_boxes(hw[:, 0], hw[:, 1], preset.size, preset.resize_to)
+        x = _rgb(ops.random_resized_crop(images, boxes, preset.size, preset.resize_kernel))
+        return ops.normalize(x, preset.mean, preset.std)
+    x = ops.resize_short_side(images, preset.resize_to, preset.resize_kernel)
+    x = _rgb(ops.center_crop(x, preset.size))
     return ops.normalize(x, preset.mean, preset.std)

@@ -109,7 +109,8 @@ class LinearEvalTrain(nn.Module):
         self.preset: EvalPreset = linear_eval_train_preset(size, **overrides)
         # reuse the view sampler with every colour/blur/solarize probability at zero
         self._view = ViewPreset(size=size, crop_scale=self.preset.crop_scale, crop_ratio=self.preset.crop_ratio,
-                                flip_p=self.preset.flip_p, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+                                flip_p=self.preset.flip_p, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0,
+                                crop_sampler=self.preset.crop_sampler, resize_kernel=self.preset.resize_kernel)
 
     @torch.no_grad()
     def forward(self, images: Images, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -120,7 +121,8 @@ class LinearEvalTrain(nn.Module):
 
 
 class LinearEvalTest(nn.Module):
-    """Linear-probe test transform: bicubic resize of the short side (256 at 224) + centre crop, normalised."""
+    """Linear-probe test transform, normalised: the authors' central 224/256 square resized to ``size``
+    (``eval_crop="official"``, default) or bicubic resize of the short side (256 at 224) + centre crop."""
 
     def __init__(self, size: int = 224, resize: int | None = None, **overrides) -> None:
         super().__init__()
@@ -131,4 +133,4 @@ class LinearEvalTest(nn.Module):
         """Deterministic transform (``generator`` accepted for a uniform signature, unused)."""
         image_sizes(images)
         return fused.apply_eval_test(images, self.preset.resize_to, self.preset.size, self.preset.mean,
-                                     self.preset.std)
+                                     self.preset.std, self.preset.eval_crop, self.preset.resize_kernel)

@@ -50,6 +50,12 @@ class ProbeConfig:
     image_size: int = 224
     resize: int | None = 256
     train_augment: str = "random_resized_crop"  # or "center_crop" (the centre-crop-only probe)
+    # the BYOL authors' views by default (augment.presets): eval view = central image_size/resize square resized
+    # (eval_crop "official") or short side -> resize then centre crop ("resize_then_crop"); TF2 bicubic
+    # ("tf_bicubic") or PyTorch's ("torch_bicubic"); train crop sampler "official" (one draw) or "torchvision"
+    eval_crop: str = "official"
+    resize_kernel: str = "tf_bicubic"
+    crop_sampler: str = "official"
     feature_norm: str = "none"  # "none": the paper's probe; "batchnorm": parameter-free BN before the linear layer
     knn_k: tuple[int, ...] = (20, 200)
     knn_temperature: float = 0.07
@@ -74,6 +80,9 @@ class ProbeConfig:
             raise ValueError("lr_grid must hold at least one base learning rate")
         if self.train_augment not in ("random_resized_crop", "center_crop"):
             raise ValueError(f"train_augment={self.train_augment!r}: use random_resized_crop or center_crop")
+        from augment.presets import EvalPreset
+
+        EvalPreset(eval_crop=self.eval_crop, resize_kernel=self.resize_kernel, crop_sampler=self.crop_sampler)
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1")
 
@@ -214,12 +223,13 @@ def evaluate(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, mode: str 
         raise ValueError(f"mode={mode!r}: choose one of {MODES}")
     t0 = time.perf_counter()
     train_ds, test_ds = _cap(train_ds, cfg.max_train), _cap(test_ds, cfg.max_test)
-    prepare_test = prepare_test or ImagePrepare(cfg.image_size, cfg.resize)
+    views = dict(eval_crop=cfg.eval_crop, resize_kernel=cfg.resize_kernel, crop_sampler=cfg.crop_sampler)
+    prepare_test = prepare_test or ImagePrepare(cfg.image_size, cfg.resize, **views)
     counts: dict[str, Any] = {"train": len(train_ds), "test": len(test_ds)}
     if mode == "protocol":
         if prepare_train is None:
             prepare_train = (prepare_test if cfg.train_augment == "center_crop"
-                             else ImagePrepare(cfg.image_size, cfg.resize, train=True))
+                             else ImagePrepare(cfg.image_size, cfg.resize, train=True, **views))
         num_features = getattr(encoder, "num_features", None) or _probe_dim(encoder, test_ds, prepare_test)
         num_classes = _num_classes(_root(train_ds), None)
         res = _protocol(encoder, train_ds, test_ds, num_features, num_classes, cfg, prepare_train, prepare_test,
@@ -333,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int)
     ap.add_argument("--resize", type=int)
     ap.add_argument("--train-augment", choices=("random_resized_crop", "center_crop"))
+    ap.add_argument("--eval-crop", choices=("official", "resize_then_crop"))
+    ap.add_argument("--resize-kernel", choices=("tf_bicubic", "torch_bicubic"))
+    ap.add_argument("--crop-sampler", choices=("official", "torchvision"))
     ap.add_argument("--heldout", type=float)
     ap.add_argument("--feature-norm", choices=("none", "batchnorm"))
     ap.add_argument("--cache-dir", default=None, help="feature cache folder ('none' disables)")
@@ -349,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = dict(epochs=a.epochs, batch_size=a.batch_size, lr_grid=a.lr, knn_k=a.k, resize=a.resize,
                          image_size=a.image_size, train_augment=a.train_augment, heldout=a.heldout,
+                         eval_crop=a.eval_crop, resize_kernel=a.resize_kernel, crop_sampler=a.crop_sampler,
                          feature_norm=a.feature_norm, cache_dir=a.cache_dir, device=a.device,
                          num_workers=a.num_workers, max_train=a.max_train, max_test=a.max_test, seed=a.seed,
                          precision=a.precision, progress=False if a.no_progress else None)

@@ -70,23 +70,31 @@ def collate_indexed(batch: list[tuple]) -> dict[str, Any]:
 
 
 class ImagePrepare:
-    """Batch -> normalised image tensor: the linear-eval test view (resize short side + centre crop) or, with
-    ``train=True``, random resized crop + flip (``augment``'s presets)."""
+    """Batch -> normalised image tensor: the linear-eval test view (by default the BYOL authors' central
+    ``size / resize`` square resized to ``size``; ``eval_crop="resize_then_crop"``: short side to ``resize`` then
+    centre crop) or, with ``train=True``, random resized crop + flip (``augment``'s presets). ``resize_kernel`` and
+    ``crop_sampler``: see ``augment.presets``."""
 
     collate = staticmethod(collate_indexed)
 
-    def __init__(self, size: int = 224, resize: int | None = 256, train: bool = False) -> None:
+    def __init__(self, size: int = 224, resize: int | None = 256, train: bool = False, eval_crop: str = "official",
+                 resize_kernel: str = "tf_bicubic", crop_sampler: str = "official") -> None:
         from augment import LinearEvalTest, LinearEvalTrain
 
         self.size, self.resize, self.train = size, resize, train
-        self.view = LinearEvalTrain(size) if train else LinearEvalTest(size, resize)
+        self.eval_crop, self.resize_kernel, self.crop_sampler = eval_crop, resize_kernel, crop_sampler
+        self.view = (LinearEvalTrain(size, resize_kernel=resize_kernel, crop_sampler=crop_sampler) if train else
+                     LinearEvalTest(size, resize, resize_kernel=resize_kernel, eval_crop=eval_crop))
 
     def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
         return self.view(batch["image"], generator=generator)
 
     def describe(self) -> dict[str, Any]:
         """Identity of the transform, for the feature-cache key."""
-        return {"kind": "image", "size": self.size, "resize": self.resize, "train": self.train}
+        out = {"kind": "image", "size": self.size, "resize": self.resize, "train": self.train,
+               "resize_kernel": self.resize_kernel}
+        out.update({"crop_sampler": self.crop_sampler} if self.train else {"eval_crop": self.eval_crop})
+        return out
 
 
 def collate_tokens(batch: list[tuple]) -> dict[str, Any]:

@@ -60,6 +60,8 @@ class KNNProbeCallback(pl.Callback):
             the memory bank and ``val`` the queries. Or pass ``train_dataset``/``val_dataset`` objects.
         encoder_attr: attribute of the LightningModule holding the encoder (``online_encoder`` for ``byol.BYOL``).
         size, resize: the linear-eval test view applied to every image.
+        eval_crop, resize_kernel: that view's order and resampling (``zoo.probe_features.ImagePrepare``; defaults:
+            the BYOL authors' central square and TF2 bicubic).
         max_train, max_val: use only the first N samples of each split (the monitor must stay cheap).
     """
 
@@ -67,7 +69,8 @@ class KNNProbeCallback(pl.Callback):
                  data: str | None = None, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
                  encoder_attr: str = "online_encoder", size: int = 224, resize: int | None = 256,
                  batch_size: int = 256, num_workers: int = 0, max_train: int | None = None,
-                 max_val: int | None = None, image_size: int = 32) -> None:
+                 max_val: int | None = None, image_size: int = 32, eval_crop: str = "official",
+                 resize_kernel: str = "tf_bicubic") -> None:
         super().__init__()
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -78,6 +81,7 @@ class KNNProbeCallback(pl.Callback):
         self.data, self.encoder_attr, self.size, self.resize = data, encoder_attr, size, resize
         self.batch_size, self.num_workers, self.image_size = batch_size, num_workers, image_size
         self.max_train, self.max_val = max_train, max_val
+        self.eval_crop, self.resize_kernel = eval_crop, resize_kernel
         self._train, self._val = train_dataset, val_dataset
         self.history: list[dict[str, Any]] = []
 
@@ -107,7 +111,8 @@ class KNNProbeCallback(pl.Callback):
         idx = [min(i, n - 1) for i in range(rank * per, (rank + 1) * per)]
         loader = DataLoader(IndexedDataset(Subset(ds, idx)), batch_size=self.batch_size, shuffle=False,
                             num_workers=self.num_workers, collate_fn=collate_indexed)
-        f = extract_features(encoder, loader, ImagePrepare(self.size, self.resize), pl_module.device,
+        prepare = ImagePrepare(self.size, self.resize, eval_crop=self.eval_crop, resize_kernel=self.resize_kernel)
+        f = extract_features(encoder, loader, prepare, pl_module.device,
                              desc="knn features", progress=False)
         if world == 1:
             return f.feats, f.labels
