@@ -36,7 +36,10 @@ class BYOL(pl.LightningModule):
         tau_base: initial target decay; cosine-scheduled to 1.
         warmup_epochs: linear lr warmup length in epochs (``warmup_steps`` overrides it).
         warmup_steps: linear lr warmup length in steps, if set.
-        augment_overrides: preset overrides for ``augment.byol_views`` (``blur_p``: both views, ``view2_solarize_p``: one).
+        augment_overrides: preset overrides for ``augment.byol_views`` (``blur_p``: both views, ``view2_solarize_p``: one;
+            ``crop_sampler``: ``official`` | ``torchvision``, ``resize_kernel``: ``tf_bicubic`` | ``torch_bicubic``).
+        eval_overrides: preset overrides for the online classifier's validation view ``augment.LinearEvalTest``
+            (``eval_crop``: ``official`` | ``resize_then_crop``, ``resize_kernel``: ``tf_bicubic`` | ``torch_bicubic``).
         aug_seed: seed of the augmentation randomness (combined with the rank and the step, see ``_generator``).
         compile: ``torch.compile`` the per-view forward (GPU; works on CPU but compiles slowly).
         channels_last: use channels-last memory format (default: on GPU only).
@@ -60,7 +63,8 @@ class BYOL(pl.LightningModule):
                  num_classes: int | None = None, projector_hidden: int = 4096, projection_dim: int = 256,
                  base_lr: float = 0.2, weight_decay: float = 1.5e-6, momentum: float = 0.9, lars_eta: float = 1e-3,
                  tau_base: float = 0.996, warmup_epochs: float = 10.0, warmup_steps: int | None = None,
-                 augment_overrides: dict[str, Any] | None = None, aug_seed: int = 0, compile: bool = False,
+                 augment_overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
+                 aug_seed: int = 0, compile: bool = False,
                  channels_last: bool | None = None, nan_policy: str = "stop") -> None:
         super().__init__()
         finite = math.isfinite
@@ -98,7 +102,8 @@ class BYOL(pl.LightningModule):
         self.online_classifier: nn.Linear | None = nn.Linear(dim, num_classes) if num_classes else None
         views = augment.byol_views(image_size, compile=compile, **(augment_overrides or {}))
         self.view1, self.view2 = views
-        self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224))
+        self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224),
+                                                **(eval_overrides or {}))
         self._aug_gen: torch.Generator | None = None
         self._stepped = False
         self.skipped_images: list[str] = []

@@ -177,3 +177,18 @@ def test_endless_budget_is_refused_naming_the_keys(tmp_path):
                             enable_progress_bar=False, limit_val_batches=0, enable_checkpointing=False)
     with pytest.raises(UsageError, match=r"trainer\.max_steps and trainer\.max_epochs are both -1"):
         trainer.fit(BYOL(**TINY), _data())
+
+
+def test_online_classifier_eval_view_follows_the_official_order_and_can_switch_back():
+    # The validation view defaults to the authors' central 224/256 square + TF bicubic; eval_overrides switches back.
+    default = BYOL(**TINY, num_classes=10).eval_view.preset
+    assert (default.eval_crop, default.resize_kernel) == ("official", "tf_bicubic")
+    old = BYOL(**TINY, num_classes=10,
+               eval_overrides={"eval_crop": "resize_then_crop", "resize_kernel": "torch_bicubic"}).eval_view.preset
+    assert (old.eval_crop, old.resize_kernel) == ("resize_then_crop", "torch_bicubic")
+    images = torch.randint(0, 256, (2, 3, 40, 36), dtype=torch.uint8)
+    a = BYOL(**TINY, num_classes=10).eval_view(images)
+    b = BYOL(**TINY, num_classes=10, eval_overrides={"eval_crop": "resize_then_crop"}).eval_view(images)
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    with pytest.raises((ValueError, TypeError), match="eval_crop"):
+        BYOL(**TINY, eval_overrides={"eval_crop": "middle"})
