@@ -95,3 +95,19 @@ def test_weight_file_argument_is_found_wherever_it_is_given(tmp_path):
     assert "is a folder" in check_weight_file("probe", ["--data", "digits", f"--backbone={d}"])
     assert check_weight_file("probe", ["--backbone", "random:resnet18", "--data", "digits"]) is None
     assert check_weight_file("export-hf", [d, "--out", "o"]) is None  # an HF folder is a valid source there
+
+
+def test_zoo_fit_prints_none_of_lightnings_chatter(tmp_path):
+    # A user's `zoo fit` shows no litlogger tip, GPU/TPU lines or warnings about Lightning's own internals.
+    out = subprocess.run([sys.executable, "-m", "zoo.cli", "fit", "--config", "configs/byol/digits.yaml",
+                          "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path),
+                          "--trainer.callbacks", "[]", "--trainer.limit_val_batches", "0",
+                          "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "8",
+                          "--model.init_args.projector_hidden", "16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout + out.stderr
+    for chatter in ("Tip:", "GPU available", "TPU available", "LeafSpec", "on_after_batch_transfer",
+                    "args parameter is intended", "estimate number of stepping batches"):
+        assert chatter not in text, chatter
+    assert "max_steps=1" in text  # Lightning's own messages about the run stay

@@ -6,7 +6,10 @@ strings below, so ``zoo`` never imports ``byol`` or ``lm`` itself.
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,37 @@ TOOLS = {
 }
 
 
+# Lightning's chatter that says nothing about the user's run: silenced in `zoo` unless ZOO_VERBOSE=1. Real warnings
+# stay visible. (pytest filters the same warnings in pyproject.toml.)
+QUIET_LOG_PREFIXES = ("\U0001f4a1 Tip:", "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:",
+                      "Loading `train_dataloader` to estimate number of stepping batches")
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a deprecated torch API
+    # `zoo` hands LightningCLI its own command line as ``args`` (after rewriting flags); sys.argv must stay intact
+    # because Lightning's DDP launcher re-executes it for the other ranks, so the warning is filtered, not avoided.
+    r"LightningCLI's args parameter is intended",
+    r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
+)
+
+
+class _DropChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(QUIET_LOG_PREFIXES)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's tips, availability lines and the two warnings about its own internals (idempotent)."""
+    if os.environ.get("ZOO_VERBOSE") == "1":
+        return
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        log = logging.getLogger(name)
+        for target in [log, *log.handlers]:
+            if not any(isinstance(f, _DropChatter) for f in target.filters):
+                target.addFilter(_DropChatter())
+
+
 class ZooCLI(LightningCLI):
     """LightningCLI whose Trainer always gets the shared defaults from ``zoo.trainer``."""
 
@@ -43,6 +77,7 @@ def run_cli(args: list[str] | None = None, run: bool = True) -> ZooCLI:
     if args is not None:  # ``--overwrite`` alone means ``--overwrite true`` (ZooTrainer.fit's flag)
         args = [a if a != "--overwrite" or (i + 1 < len(args) and args[i + 1].lower() in ("true", "false"))
                 else "--overwrite=true" for i, a in enumerate(args)]
+    quiet_lightning()
     return ZooCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
