@@ -182,7 +182,7 @@ def test_needle_cli_other_bad_inputs(tmp_path, capsys):
     _one_line_error(capsys, "empty.ckpt", "empty file")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
     assert main(["needle", "--model", str(tmp_path / "junk.ckpt"), "--device", "cpu"]) == 2
-    _one_line_error(capsys, "junk.ckpt", "could not be read as a checkpoint")
+    _one_line_error(capsys, "junk.ckpt", "truncated, corrupt or in another format")
     assert not (tmp_path / "o").exists()
 
 

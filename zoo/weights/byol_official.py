@@ -150,6 +150,24 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self.limit = limit
 
+    def find_class(self, module: str, name: str) -> Any:
+        module = {"copy_reg": "copyreg", "__builtin__": "builtins"}.get(module, module)  # Python 2 names
+        allowed = self._allowed()
+        if (module, name) in allowed:
+            return allowed[(module, name)]()
+        if module == "numpy" and _is_numeric_scalar_type(getattr(np, name, None)):
+            return getattr(np, name)  # e.g. the argument of dill's _create_dtypemeta
+        if module == "numpy.dtypes" and isinstance(getattr(np, "dtypes", None), types.ModuleType):
+            cls = getattr(np.dtypes, name, None)
+            if isinstance(cls, type) and issubclass(cls, np.dtype) and _is_numeric_scalar_type(getattr(cls, "type", 0)):
+                return cls
+        if any((module + ".").startswith(p) for p in _STUB_MODULE_PREFIXES):
+            return _stub_type(f"{module}.{name}")
+        raise UnsafeFileError(
+            f"refused to load global {module}.{name}: the official-BYOL reader only accepts NumPy arrays and the "
+            "byol/optax/haiku containers (nothing in the file is executed). Is this really a BYOL release file?"
+        )
+
     # -- NumPy, guarded -------------------------------------------------------------------------------------------
     def _reconstruct(self, subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
         if subtype is not _ndarray_ref and subtype is not np.ndarray:
@@ -235,24 +253,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
                     lambda t: lambda: self._guarded_builtin(t) if t in (bytes, bytearray) else t)(t)
             self._allowed_map = allowed
         return self._allowed_map
-
-    def find_class(self, module: str, name: str) -> Any:
-        module = {"copy_reg": "copyreg", "__builtin__": "builtins"}.get(module, module)  # Python 2 names
-        allowed = self._allowed()
-        if (module, name) in allowed:
-            return allowed[(module, name)]()
-        if module == "numpy" and _is_numeric_scalar_type(getattr(np, name, None)):
-            return getattr(np, name)  # e.g. the argument of dill's _create_dtypemeta
-        if module == "numpy.dtypes" and isinstance(getattr(np, "dtypes", None), types.ModuleType):
-            cls = getattr(np.dtypes, name, None)
-            if isinstance(cls, type) and issubclass(cls, np.dtype) and _is_numeric_scalar_type(getattr(cls, "type", 0)):
-                return cls
-        if any((module + ".").startswith(p) for p in _STUB_MODULE_PREFIXES):
-            return _stub_type(f"{module}.{name}")
-        raise UnsafeFileError(
-            f"refused to load global {module}.{name}: the official-BYOL reader only accepts NumPy arrays and the "
-            "byol/optax/haiku containers (nothing in the file is executed). Is this really a BYOL release file?"
-        )
 
 
 class _BoundedReader:
