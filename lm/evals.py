@@ -155,7 +155,7 @@ def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, tit
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 
-    from lm.atomic import atomic_path, atomic_write_text
+    from zoo.atomic import atomic_path, atomic_write_text
 
     if not rows:
         raise ValueError("no needle results to report (an empty --lengths or --depths grid)")

@@ -210,7 +210,7 @@ def append_result(path: str | os.PathLike, row: dict[str, Any]) -> None:
     The whole file is rewritten to a temporary file and ``os.replace``d over the old one, so a crash mid-write
     leaves the previous rows intact instead of a half-written last row.
     """
-    from lm.atomic import atomic_path
+    from zoo.atomic import atomic_path
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -346,7 +346,7 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, limit: int | No
             continue
         wall = time.perf_counter() - t0
         if res.curve_tokens:
-            from lm.atomic import atomic_write_text
+            from zoo.atomic import atomic_write_text
 
             (out / "curves").mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "curves" / f"{spec.run_id}.json", json.dumps(

@@ -389,3 +389,13 @@ def test_no_unsafe_deserialisation_in_the_source():
         for m in re.finditer(r"class (\w+)\(pickle\.Unpickler\)", text):
             assert "def find_class" in text[m.end(): m.end() + 2000], f"{path}: {m.group(1)} lacks find_class"
     assert not offenders, offenders
+
+
+def test_checkpoints_get_the_umask_permissions_not_owner_only(tmp_path):
+    # mkstemp makes owner-only (0600) files; a checkpoint others in the group should read gets the umask's mode.
+    old = os.umask(0o022)
+    try:
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o644

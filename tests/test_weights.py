@@ -241,3 +241,14 @@ def test_safe_torch_load_empty_garbage_truncated_one_clear_error(tmp_path, conte
     with pytest.raises(ValueError, match=match) as err:
         safe_torch_load(path)
     assert str(path) in str(err.value) and not isinstance(err.value, UnsafeFileError)
+
+
+def test_written_weight_files_get_the_umask_permissions(tmp_path):
+    from zoo.weights.safe_load import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        out = write_safetensors(tmp_path / "w.safetensors", {"w": torch.ones(2)})
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644 and [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]

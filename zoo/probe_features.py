@@ -221,8 +221,6 @@ def cached_features(key: dict[str, Any], cache_dir: str | os.PathLike | None, co
         except (ValueError, KeyError):
             pass  # a damaged cache entry is recomputed and overwritten
     feats = compute()
-    tmp = path.with_name(path.name + ".tmp")
-    write_safetensors(tmp, {"feats": feats.feats, "labels": feats.labels, "index": feats.index},
-                      {"key": key, "skipped": feats.skipped})
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    write_safetensors(path, {"feats": feats.feats, "labels": feats.labels, "index": feats.index},
+                      {"key": key, "skipped": feats.skipped})  # atomic: a concurrent reader never sees half a file
     return feats, False

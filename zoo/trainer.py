@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from zoo.atomic import atomic_path
 from zoo.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
 
@@ -79,22 +79,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                                      "Lower the learning rate or resume from the kept checkpoint.")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-                dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
         except BaseException as e:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
             if _is_disk_full(e):
                 raise RunError(f"no space left on device writing {os.fspath(path)}; the previous checkpoint is kept. "
                                "Free some space and resume with --ckpt_path last") from None

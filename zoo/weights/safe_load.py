@@ -115,15 +115,19 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], zoo_meta: dict | None = None) -> Path:
-    """Write tensors (made contiguous, shared storage split) with the project's JSON metadata under 'zoo'."""
+    """Write tensors (made contiguous, shared storage split) with the project's JSON metadata under 'zoo', atomically
+    (a reader, or a crash mid-write, never leaves half a file) and with the umask's permissions."""
     from safetensors.torch import save_file
+
+    from zoo.atomic import atomic_path
 
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
     # safetensors refuses aliased storage (e.g. tied weights); cloning gives each tensor its own buffer.
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {ZOO_METADATA_KEY: json.dumps(zoo_meta, sort_keys=True)} if zoo_meta is not None else None
-    save_file(flat, str(p), metadata=meta)
+    with atomic_path(p) as tmp:
+        save_file(flat, str(tmp), metadata=meta)
     return p
 
 

@@ -1,6 +1,8 @@
-"""Atomic report writes: a temporary file in the target's folder, flushed, then ``os.replace``d over the target.
+"""Atomic file writes (checkpoints, reports): a temporary file in the target's folder, fsynced, then ``os.replace``d
+over the target, and the folder fsynced so the rename itself is durable.
 
-A crash or an error while writing leaves the previous report (or none) in place, never a truncated one.
+A crash or an error while writing leaves the previous file (or none) in place, never a truncated one; the new file
+gets the permissions the umask gives a freshly created file (``mkstemp``'s own are owner-only).
 """
 from __future__ import annotations
 
@@ -19,6 +21,15 @@ def _umask() -> int:
     return mask
 
 
+def _fsync_folder(folder: Path) -> None:
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename durable
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed.
@@ -34,6 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
