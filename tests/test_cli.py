@@ -111,3 +111,14 @@ def test_zoo_fit_prints_none_of_lightnings_chatter(tmp_path):
                     "args parameter is intended", "estimate number of stepping batches"):
         assert chatter not in text, chatter
     assert "max_steps=1" in text  # Lightning's own messages about the run stay
+
+
+def test_fit_help_describes_the_subcommand_and_the_overwrite_flag():
+    out = subprocess.run([sys.executable, "-m", "zoo.cli", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0
+    fit_line = next(line for line in out.stdout.splitlines() if line.strip().startswith("fit "))
+    assert "Train the model" in fit_line, fit_line
+    fit = subprocess.run([sys.executable, "-m", "zoo.cli", "fit", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert "--overwrite" in fit.stdout and "start a fresh run" in fit.stdout

@@ -425,8 +425,17 @@ class ZooTrainer(pl.Trainer):
 
     def fit(self, model: pl.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
             datamodule: Any = None, ckpt_path: Any = None, overwrite: bool = False, **kwargs: Any) -> None:
-        """``overwrite``: start a fresh run in a folder that holds a finished or interrupted one, deleting its
-        checkpoints (without it such a run is refused: resume it with ``ckpt_path="last"`` or use a new folder)."""
+        """Train the model: preflight checks, the output folder's run lock, then Lightning's fit.
+
+        Args:
+            model: the LightningModule to train.
+            train_dataloaders: training data (a DataLoader or a LightningDataModule), if no ``datamodule``.
+            val_dataloaders: validation data, if no ``datamodule``.
+            datamodule: the LightningDataModule that provides the data.
+            ckpt_path: checkpoint to resume from; ``last`` resumes the output folder's ``checkpoints/last.ckpt``.
+            overwrite: start a fresh run in a folder that holds a finished or interrupted one, deleting its
+                checkpoints (without it such a run is refused: resume with ``--ckpt_path last`` or use a new folder).
+        """
         dm = datamodule if datamodule is not None else (
             train_dataloaders if isinstance(train_dataloaders, pl.LightningDataModule) else None)
         preflight_check(self, model, dm)
