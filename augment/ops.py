@@ -59,6 +59,25 @@ def _check_batch(x: torch.Tensor, name: str = "images", channels: int | None = N
 
 
 # ----------------------------------------------------------------------------------------------- geometry
+def _crop_inputs(h, w, n: int, generator: torch.Generator | None, scale: tuple[float, float],
+                 ratio: tuple[float, float], device: torch.device | str | None):
+    """Checked ranges; image sides as float64 ``[n]`` on the generator's device; the device the boxes go to."""
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"crop scale {scale} and ratio {ratio} must be positive (lo, hi) pairs")
+    gen_device = generator.device if generator is not None else (torch.device(device) if device else None)
+    out_device = torch.device(device) if device is not None else gen_device or torch.device("cpu")
+    hh = torch.as_tensor(h, device=gen_device).to(torch.float64).expand(n)
+    ww = torch.as_tensor(w, device=gen_device).to(torch.float64).expand(n)
+    return hh, ww, gen_device, out_device
+
+
+def _area_and_aspect(area: torch.Tensor, u_scale: torch.Tensor, u_ratio: torch.Tensor, scale: tuple[float, float],
+                     ratio: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target crop area ~ U[scale] x ``area`` and aspect ratio log-uniform in ``ratio``, from two uniforms."""
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    return area * (scale[0] + (scale[1] - scale[0]) * u_scale), torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
+
+
 def official_crop_boxes(
     h: int | torch.Tensor,
     w: int | torch.Tensor,
@@ -75,16 +94,9 @@ def official_crop_boxes(
     the image side (and to >= 1 for tiny images, where TF would fail), offsets uniform over the valid range. Four
     float64 uniforms per box, whatever the data (reproducible, compile-friendly).
     """
-    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"crop scale {scale} and ratio {ratio} must be positive (lo, hi) pairs")
-    gen_device = generator.device if generator is not None else (torch.device(device) if device else None)
-    out_device = torch.device(device) if device is not None else gen_device or torch.device("cpu")
-    hh = torch.as_tensor(h, device=gen_device).to(torch.float64).expand(n)
-    ww = torch.as_tensor(w, device=gen_device).to(torch.float64).expand(n)
+    hh, ww, gen_device, out_device = _crop_inputs(h, w, n, generator, scale, ratio, device)
     u = torch.rand(n, 4, generator=generator, device=gen_device, dtype=torch.float64)
-    target = hh * ww * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    target, aspect = _area_and_aspect(hh * ww, u[:, 0], u[:, 1], scale, ratio)
     cw = torch.round(torch.sqrt(target * aspect)).clamp(min=1).minimum(ww)
     ch = torch.round(torch.sqrt(target / aspect)).clamp(min=1).minimum(hh)
     top = torch.floor(u[:, 2] * (hh - ch + 1)).minimum(hh - ch)  # min: u < 1, but guard the float edge
@@ -117,17 +129,10 @@ def sample_crop_boxes(
         raise ValueError(f"crop_sampler={sampler!r}: use one of {CROP_SAMPLERS}")
     if sampler == "official":
         return official_crop_boxes(h, w, n, generator, scale, ratio, device)
-    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"crop scale {scale} and ratio {ratio} must be positive (lo, hi) pairs")
-    gen_device = generator.device if generator is not None else (torch.device(device) if device else None)
-    out_device = torch.device(device) if device is not None else gen_device or torch.device("cpu")
-    hh = torch.as_tensor(h, device=gen_device).to(torch.float64).expand(n)
-    ww = torch.as_tensor(w, device=gen_device).to(torch.float64).expand(n)
+    hh, ww, gen_device, out_device = _crop_inputs(h, w, n, generator, scale, ratio, device)
     area = hh * ww
     u = torch.rand(n, attempts, 4, generator=generator, device=gen_device, dtype=torch.float64)
-    target = area[:, None] * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    target, aspect = _area_and_aspect(area[:, None], u[..., 0], u[..., 1], scale, ratio)
     cw = torch.round(torch.sqrt(target * aspect))
     ch = torch.round(torch.sqrt(target / aspect))
     ok = (cw > 0) & (cw <= ww[:, None]) & (ch > 0) & (ch <= hh[:, None])
