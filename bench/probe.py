@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from zoo.data.images import build_dataset
-    from zoo.probe import ProbeConfig, evaluate
+    from zoo.eval.probe import ProbeConfig, evaluate
     from zoo.weights import load_backbone
 
     enc = load_backbone(a.backbone)

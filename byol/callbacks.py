@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 class ProbeReport(pl.Callback):
-    """kNN and linear probes (``zoo.probe``, frozen features) of the online encoder at fit end vs at initialisation.
+    """kNN and linear probes (``zoo.eval.probe``, frozen features) of the online encoder at fit end vs at initialisation.
 
     The initial encoder is copied in ``setup`` — before any checkpoint is restored — so a resumed run compares
     against the same random initialisation (same seed). Writes ``<default_root_dir>/probe_report.json``.
@@ -32,7 +32,7 @@ class ProbeReport(pl.Callback):
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from zoo.probe import ProbeConfig, evaluate
+        from zoo.eval.probe import ProbeConfig, evaluate
 
         dm = trainer.datamodule
         size = pl_module.hparams.image_size

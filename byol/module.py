@@ -16,7 +16,7 @@ import zoo
 from byol.functional import byol_loss, lr_schedule, scaled_lr, tau_schedule
 from byol.heads import mlp_head
 from byol.lars import LARS, lars_param_groups
-from zoo.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
+from zoo.train.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
 
 
 class BYOL(pl.LightningModule):

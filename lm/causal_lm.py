@@ -21,8 +21,8 @@ from torch import Tensor, nn
 import zoo
 from lm.metrics import bits_per_byte, flops_per_token, matmul_params, mfu, peak_flops
 from lm.optim import check_optim_args, lr_at, make_adamw, param_groups
-from zoo.attention import attention_flops_per_token
-from zoo.routing import reinforce_loss, routed_layers
+from zoo.models.attention import attention_flops_per_token
+from zoo.models.routing import reinforce_loss, routed_layers
 
 
 def split_batch(batch: Tensor | tuple | list) -> tuple[Tensor | None, Tensor]:

@@ -155,7 +155,7 @@ def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, tit
     matplotlib.use("Agg")  # files only, never a display
     import matplotlib.pyplot as plt
 
-    from zoo.atomic import atomic_path, atomic_write_text
+    from zoo.files import atomic_path, atomic_write_text
 
     if not rows:
         raise ValueError("no needle results to report (an empty --lengths or --depths grid)")
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{str(exc).splitlines()[0] if str(exc) else 'truncated file'}); pass a CausalLM .ckpt, "
                              "a run folder or a zoo model name") from None
         if args.eval == "needle":
-            from zoo.tokenizer import load_tokenizer
+            from zoo.models.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(args.tokenizer)
             check_tokenizer_fits(model, tokenizer, args.tokenizer)

@@ -97,7 +97,7 @@ def training_flops(config: Any, tokens: float, seq_len: int, method: str = "deta
 
 def param_count(config: Any, embedding: bool = True) -> int:
     """Exact parameter count of the zoo Transformer built from ``config`` (on the meta device: no memory)."""
-    from zoo.transformer import Transformer
+    from zoo.models.transformer import Transformer
 
     with torch.device("meta"):
         return int(Transformer(config).num_params(embedding=embedding))

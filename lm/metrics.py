@@ -31,7 +31,7 @@ def bits_per_byte(nats_per_token: float | torch.Tensor, bytes_per_token: float) 
 
 def matmul_params(model: nn.Module, vocab_size: int | None = None) -> int:
     """Parameters used in a matmul per token: Linear weights, inactive routed experts excluded, tied head included."""
-    from zoo.routing import RoutedFFN
+    from zoo.models.routing import RoutedFFN
 
     inactive: set[int] = set()
     for m in model.modules():

@@ -20,7 +20,7 @@ def _plt() -> Any:
 
 def _save(fig: Any, path: Path) -> Path:
     """Lay out, write the PNG atomically (temp file + os.replace) and free the figure (every plot ends here)."""
-    from zoo.atomic import atomic_path
+    from zoo.files import atomic_path
 
     try:
         fig.tight_layout()

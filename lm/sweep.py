@@ -134,7 +134,7 @@ def shape_overrides(cfg: SweepConfig, shape: dict[str, Any]) -> dict[str, Any]:
 
 
 def _config_of(model: str, overrides: dict[str, Any]) -> Any:
-    from zoo.lm_configs import get_config
+    from zoo.models.lm_configs import get_config
 
     try:
         return get_config(model, **overrides)
@@ -210,7 +210,7 @@ def append_result(path: str | os.PathLike, row: dict[str, Any]) -> None:
     The whole file is rewritten to a temporary file and ``os.replace``d over the old one, so a crash mid-write
     leaves the previous rows intact instead of a half-written last row.
     """
-    from zoo.atomic import atomic_path
+    from zoo.files import atomic_path
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -346,7 +346,7 @@ def run_sweep(cfg: SweepConfig, train_fn: TrainFn | None = None, limit: int | No
             continue
         wall = time.perf_counter() - t0
         if res.curve_tokens:
-            from zoo.atomic import atomic_write_text
+            from zoo.files import atomic_write_text
 
             (out / "curves").mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "curves" / f"{spec.run_id}.json", json.dumps(
@@ -383,12 +383,12 @@ def _datamodule(cfg: SweepConfig) -> Any:
 
 
 def train_one(spec: RunSpec, cfg: SweepConfig) -> RunOutcome:
-    """Train one run with lm.CausalLM on the shared trainer (zoo.trainer.build_trainer); return its outcome."""
+    """Train one run with lm.CausalLM on the shared trainer (zoo.train.trainer.build_trainer); return its outcome."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
     from lm.causal_lm import CausalLM
-    from zoo.trainer import build_trainer
+    from zoo.train.trainer import build_trainer
 
     class CurveRecorder(Callback):
         """Bias-corrected EMA of the training loss every few steps: the training curve for Approach 1."""

@@ -144,8 +144,8 @@ def test_eval_view_official_order_reference_and_fused_agree(kernel):
 
 
 def test_probe_uses_official_views_by_default_and_keys_its_cache_on_them(tmp_path):
-    from zoo.probe import ProbeConfig, load_config
-    from zoo.probe_features import ImagePrepare
+    from zoo.eval.probe import ProbeConfig, load_config
+    from zoo.eval.features import ImagePrepare
 
     cfg = ProbeConfig()
     assert (cfg.eval_crop, cfg.resize_kernel, cfg.crop_sampler) == ("official", "tf_bicubic", "official")

@@ -3,7 +3,7 @@ import pytest
 
 from byol import BYOL
 from zoo.data import ImageDataModule
-from zoo.trainer import build_trainer
+from zoo.train.trainer import build_trainer
 
 
 @pytest.mark.parametrize("decode", ["worker", "device"])

@@ -7,7 +7,7 @@ import torch
 
 from byol import BYOL, lr_schedule, scaled_lr, tau_schedule
 from zoo.data import ImageDataModule
-from zoo.trainer import build_trainer
+from zoo.train.trainer import build_trainer
 
 TINY = dict(encoder="convnet_tiny", encoder_overrides={"widths": [8, 16, 16, 32]}, image_size=16, projector_hidden=32,
             projection_dim=16, base_lr=0.5, tau_base=0.9, warmup_steps=2)
@@ -171,7 +171,7 @@ def test_warmup_in_epochs_with_a_step_budget(tmp_path):
 
 
 def test_endless_budget_is_refused_naming_the_keys(tmp_path):
-    from zoo.trainer import UsageError
+    from zoo.train.trainer import UsageError
 
     trainer = build_trainer(default_root_dir=str(tmp_path), max_epochs=-1, max_steps=-1, logger=False,
                             enable_progress_bar=False, limit_val_batches=0, enable_checkpointing=False)

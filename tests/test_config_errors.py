@@ -15,7 +15,7 @@ import yaml
 from byol import BYOL
 from zoo.cli import run_cli
 from zoo.data import ImageDataModule
-from zoo.trainer import ZooTrainer, build_trainer
+from zoo.train.trainer import ZooTrainer, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "byol" / "digits.yaml")
@@ -98,7 +98,7 @@ def test_zoo_fit_uses_the_checking_trainer(tmp_path):
     cli = run_cli(["--config", DIGITS, "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator",
                    "cpu"], run=False)
     assert isinstance(cli.trainer, ZooTrainer), (
-        "zoo.cli.run_cli must pass trainer_class=zoo.trainer.ZooTrainer to ZooCLI")
+        "zoo.cli.run_cli must pass trainer_class=zoo.train.trainer.ZooTrainer to ZooCLI")
 
 
 def test_zoo_fit_usage_error_is_one_line_and_exit_status_2(tmp_path, capsys):

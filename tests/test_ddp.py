@@ -20,7 +20,7 @@ from byol import BYOL
 from fault_callbacks import PoisonAt
 from zoo.data import ImageDataModule
 from zoo.data.loaders import EpochShuffleSampler
-from zoo.trainer import GlobalBatchNorm, build_trainer
+from zoo.train.trainer import GlobalBatchNorm, build_trainer
 
 STEPS, B = 3, 8
 DETERMINISTIC_VIEWS = {"crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip_p": 0.0, "jitter_p": 0.0,
@@ -85,7 +85,7 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
 def test_ddp_resume_mid_epoch_is_exact_on_every_rank(tmp_path):
     """A 2-process run resumed from its step-5 checkpoint (mid-epoch: 4 batches per epoch) ends bit-identical to the
     same run left alone: each rank skips exactly the batches of its own shard that were already trained on."""
-    from zoo.trainer import RootCheckpoint
+    from zoo.train.trainer import RootCheckpoint
 
     periodic = RootCheckpoint(every_n_train_steps=5, save_top_k=-1, filename="{step}")
     common = dict(devices=2, batch=B, steps=10, trainer_kw={"limit_train_batches": 4, "enable_checkpointing": True},

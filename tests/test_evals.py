@@ -16,7 +16,7 @@ from lm.evals import (build_needle_prompt, byte_unigram_baseline, evaluate_perpl
                       write_needle_report)
 from lm_testutil import TINY, quiet_trainer, tiny_data
 from zoo.data.text import TextDataModule
-from zoo.tokenizer import ByteTokenizer
+from zoo.models.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 HAY = "Essays are long. They go on and on about startups.\nAnother line of filler text here.\n"
@@ -198,7 +198,7 @@ def test_needle_refuses_a_tokenizer_that_does_not_fit_like_ppl(tmp_path, capsys)
     rust.save(str(tmp_path / "tokenizer.json"))
     model = zoo.create("gemma2-tiny", **{**TINY, "max_seq_len": 256})
     assert rust.get_vocab_size() > model.config.vocab_size
-    from zoo.tokenizer import load_tokenizer
+    from zoo.models.tokenizer import load_tokenizer
 
     with pytest.raises(ValueError, match=r"has vocab_size=\d+ but model 'Transformer' has vocab_size=259"):
         needle_in_haystack(model, load_tokenizer(tmp_path / "tokenizer.json"), [140], [0.5], haystack=HAY)

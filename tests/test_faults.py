@@ -1,5 +1,5 @@
 """Fault tolerance: preemption and Ctrl-C save, atomic checkpoint writes, NaN/Inf losses and weights, corrupt
-images, and untrusted pickles. Tiny BYOL runs through the shared ``zoo.trainer.build_trainer``."""
+images, and untrusted pickles. Tiny BYOL runs through the shared ``zoo.train.trainer.build_trainer``."""
 from __future__ import annotations
 
 import builtins
@@ -18,7 +18,7 @@ import torch
 from byol import BYOL
 from fault_callbacks import BreakBufferAt, InterruptAt, PoisonAt, SigtermAt
 from zoo.data import ImageDataModule
-from zoo.trainer import AtomicCheckpointIO, RootCheckpoint, build_trainer
+from zoo.train.trainer import AtomicCheckpointIO, RootCheckpoint, build_trainer
 
 TINY = dict(encoder="convnet_tiny", encoder_overrides={"widths": [8, 16, 16, 32]}, image_size=16, projector_hidden=32,
             projection_dim=16, base_lr=1.0, tau_base=0.9, warmup_steps=2)

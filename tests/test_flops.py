@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import zoo
 from lm import flops as F
-from zoo.lm_configs import get_config
+from zoo.models.lm_configs import get_config
 
 
 def test_6nd():

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import zoo
-from zoo.lm_configs import CONFIGS, REPORTED_PARAMS, get_config
-from zoo.transformer import Transformer, TransformerConfig
+from zoo.models.lm_configs import CONFIGS, REPORTED_PARAMS, get_config
+from zoo.models.transformer import Transformer, TransformerConfig
 
 # Gemma Team 2024 Table 2 and Gemma 2 Table 1 (paper numbers, vocab 256128): (embedding, non-embedding).
 GEMMA_PARAMS = {
@@ -98,7 +98,7 @@ def test_tiny_cpu_models_run(name):
     cfg = get_config(name)
     model = zoo.create(name)
     assert 2e6 <= model.num_params() <= 5e6
-    assert cfg.vocab_size == 259  # zoo.tokenizer.ByteTokenizer
+    assert cfg.vocab_size == 259  # zoo.models.tokenizer.ByteTokenizer
     if name == "gemma2-tiny":
         assert cfg.window < cfg.max_seq_len and cfg.attn_softcap and cfg.final_softcap
     ids = torch.randint(0, cfg.vocab_size, (2, 80))

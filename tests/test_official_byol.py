@@ -307,7 +307,7 @@ def test_truncated_and_wrong_files(tmp_path, official_modules):
 @pytest.mark.slow
 def test_res_net200x2_full_roundtrip(tmp_path, official_modules):
     """The real ResNet-200 (2x) layout (250M parameters): written as 'res_net200', inferred and loaded back."""
-    from zoo.registry import create
+    from zoo.models.registry import create
 
     torch.manual_seed(0)
     src = create("resnet200x2").eval()

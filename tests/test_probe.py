@@ -15,9 +15,9 @@ from torch.utils.data import Dataset, Subset
 
 import zoo
 from zoo.data.images import digits_dataset
-from zoo.probe import KNNProbeCallback, ProbeConfig, evaluate, heldout_split, load_config, main
-from zoo.probe_features import MeanPooledLM, TokenPrepare
-from zoo.probe_knn import knn_scores, topk_accuracy
+from zoo.eval.probe import KNNProbeCallback, ProbeConfig, evaluate, heldout_split, load_config, main
+from zoo.eval.features import MeanPooledLM, TokenPrepare
+from zoo.eval.knn import knn_scores, topk_accuracy
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"widths": [8, 16, 16, 32]}
@@ -179,7 +179,7 @@ class _TokenSet(Dataset):
 
 
 def test_language_model_through_the_same_evaluator(tmp_path):
-    from zoo.transformer import Transformer, TransformerConfig
+    from zoo.models.transformer import Transformer, TransformerConfig
 
     torch.manual_seed(0)
     lm = Transformer(TransformerConfig(vocab_size=40, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16))

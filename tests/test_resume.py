@@ -130,7 +130,7 @@ def test_periodic_checkpoint_then_hard_crash_resumes_exactly(reference, tmp_path
     which Lightning runs before the module's; BYOL now updates the target inside ``optimizer_step``.
     """
     root = tmp_path / "crashed"
-    periodic = {"class_path": "zoo.trainer.RootCheckpoint", "init_args": {"save_last": True, "save_top_k": 0,
+    periodic = {"class_path": "zoo.train.trainer.RootCheckpoint", "init_args": {"save_last": True, "save_top_k": 0,
                                                                          "every_n_train_steps": 3}}
     with pytest.raises(ConnectionAbortedError):
         zoo_fit(root, callbacks=[{"class_path": "fault_callbacks.CrashAt", "init_args": {"step": 7}}, periodic])
@@ -176,7 +176,7 @@ def test_sigterm_wherever_it_lands_resumes_bit_exact(reference, tmp_path, hook, 
     in PreemptionCheckpoint's hook, so the resumed run equals the uninterrupted one wherever the signal landed."""
     root = tmp_path / "cut"
     with pytest.raises(SystemExit) as exit_info:
-        zoo_fit(root, callbacks=[{"class_path": "zoo.trainer.PreemptionCheckpoint"},
+        zoo_fit(root, callbacks=[{"class_path": "zoo.train.trainer.PreemptionCheckpoint"},
                                  {"class_path": "fault_callbacks.SigtermIn", "init_args": {"hook": hook, "step": step}}])
     assert exit_info.value.code == 143
     assert last(root)["global_step"] == saved_at
@@ -188,7 +188,7 @@ def test_sigterm_after_the_last_step_is_saved_at_the_end_of_training(reference, 
     checkpoint is written at the end of training, and the run still exits 143; resuming it ends at once."""
     root = tmp_path / "cut"
     with pytest.raises(SystemExit) as exit_info:
-        zoo_fit(root, callbacks=[{"class_path": "zoo.trainer.PreemptionCheckpoint"},
+        zoo_fit(root, callbacks=[{"class_path": "zoo.train.trainer.PreemptionCheckpoint"},
                                  {"class_path": "fault_callbacks.SigtermIn",
                                   "init_args": {"hook": "on_train_batch_end", "step": STEPS}}])
     assert exit_info.value.code == 143
@@ -208,7 +208,7 @@ def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path):
     corpus = lm_testutil.tiny_corpus(tmp_path / "corpus")
 
     def fit(root: Path, ckpt_path=None, callbacks=()):
-        from zoo.trainer import build_trainer
+        from zoo.train.trainer import build_trainer
 
         torch.manual_seed(0)
         data = TextDataModule(paths=str(corpus), seq_len=32, batch_size=8, val_fraction=0.25,
@@ -258,7 +258,7 @@ def test_resume_mid_epoch_with_another_batch_size_is_refused(tmp_path, capsys, e
 
 
 def test_resume_with_another_device_count_is_refused(tmp_path):
-    from zoo.trainer import ResumeGuard, UsageError
+    from zoo.train.trainer import ResumeGuard, UsageError
 
     class T:
         world_size = 2

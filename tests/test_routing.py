@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from zoo.transformer import TransformerConfig
-from zoo.routing import (RoutedFFN, balance_loss, expert_bias, hash_table, load_fractions, reinforce_loss, routed_layers, routing_stats,
+from zoo.models.transformer import TransformerConfig
+from zoo.models.routing import (RoutedFFN, balance_loss, expert_bias, hash_table, load_fractions, reinforce_loss, routed_layers, routing_stats,
                          sinkhorn)
 
 

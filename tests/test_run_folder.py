@@ -11,7 +11,7 @@ import pytest
 
 from test_faults import fit, load
 from test_resume import last, zoo_fit
-from zoo.trainer import LOCK_NAME, UsageError
+from zoo.train.trainer import LOCK_NAME, UsageError
 
 
 def test_a_live_run_holds_the_folder_and_a_second_is_refused(tmp_path):

@@ -221,7 +221,7 @@ def test_fit_cli_reports_missing_curves_and_columns(tmp_path, capsys):
 
 
 def test_real_tiny_sweep_trains_with_the_shared_trainer(tmp_path):
-    """Two real runs: zoo Transformer + lm.CausalLM + TextDataModule on zoo.trainer's Trainer, a few steps each."""
+    """Two real runs: zoo Transformer + lm.CausalLM + TextDataModule on zoo.train.trainer's Trainer, a few steps each."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(8):

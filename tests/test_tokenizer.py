@@ -1,9 +1,9 @@
-"""zoo.tokenizer: byte tokenizer, Hugging Face tokenizer.json, SentencePiece model, and load_tokenizer dispatch."""
+"""zoo.models.tokenizer: byte tokenizer, Hugging Face tokenizer.json, SentencePiece model, and load_tokenizer dispatch."""
 from __future__ import annotations
 
 import pytest
 
-from zoo.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from zoo.models.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 
 def test_byte_tokenizer_round_trips_unicode_and_drops_specials():

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from zoo import attention as A
-from zoo.transformer import RMSNorm, Transformer, TransformerConfig, flops_per_token, sample_next
+from zoo.models import attention as A
+from zoo.models.transformer import RMSNorm, Transformer, TransformerConfig, flops_per_token, sample_next
 
 torch.set_num_threads(1)
 
@@ -254,8 +254,8 @@ def test_return_hidden_tied_untied_and_param_count():
 
 
 def test_routed_layers_follow_routing_frequency():
-    """Contract with zoo.routing: layer i routed iff i % routing_frequency == routing_frequency - 1."""
-    from zoo.routing import RoutedFFN
+    """Contract with zoo.models.routing: layer i routed iff i % routing_frequency == routing_frequency - 1."""
+    from zoo.models.routing import RoutedFFN
 
     cfg = tiny(n_layers=4, ffn="routed", n_experts=2, routing_frequency=2, router="hash")
     assert [cfg.is_routed(i) for i in range(4)] == [False, True, False, True]

@@ -1,5 +1,5 @@
 """byol-zoo's model zoo: named architectures, their weights, and what every method shares."""
-from zoo.registry import available, create, register
+from zoo.models.registry import available, create, register
 
 __all__ = ["available", "create", "register", "load_backbone", "from_hf"]
 

@@ -17,11 +17,11 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 
-from zoo.trainer import ZooTrainer, complete_trainer_kwargs, trainer_defaults
+from zoo.train.trainer import ZooTrainer, complete_trainer_kwargs, trainer_defaults
 
 # subcommand -> "module:function" taking argv and returning an exit code.
 TOOLS = {
-    "probe": ("zoo.probe:main", "linear probe / kNN evaluation of any backbone"),
+    "probe": ("zoo.eval.probe:main", "linear probe / kNN evaluation of any backbone"),
     "export": ("zoo.weights.export:main", "export the encoder of a checkpoint or an official BYOL .pkl to safetensors"),
     "export-hf": ("zoo.weights.hf:main", "export a zoo language model to a Hugging Face folder"),
     "eval": ("lm.evals:main", "language-model evaluations: needle in a haystack, perplexity"),
@@ -61,7 +61,7 @@ def quiet_lightning() -> None:
 
 
 class ZooCLI(LightningCLI):
-    """LightningCLI whose Trainer always gets the shared defaults from ``zoo.trainer``."""
+    """LightningCLI whose Trainer always gets the shared defaults from ``zoo.train.trainer``."""
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         config = dict(config)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         module, func = TOOLS[argv[0]][0].split(":")
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
-    from zoo.trainer import RunError, UsageError
+    from zoo.train.trainer import RunError, UsageError
 
     try:
         run_cli(argv)

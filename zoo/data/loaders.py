@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.data.images import build_dataset, collate_images
-from zoo.trainer import UsageError
+from zoo.train.trainer import UsageError
 
 
 class EpochShuffleSampler(DistributedSampler):

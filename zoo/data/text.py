@@ -2,7 +2,7 @@
 
 The default corpus is the Python standard library's ``.py`` source, found through ``sysconfig`` so it exists
 wherever Python does. Documents are tokenised once (byte-level by default, or a Hugging Face ``tokenizer.json`` /
-SentencePiece model through ``zoo.tokenizer.load_tokenizer``) into ``train.bin`` / ``val.bin`` under a cache
+SentencePiece model through ``zoo.models.tokenizer.load_tokenizer``) into ``train.bin`` / ``val.bin`` under a cache
 directory keyed by corpus + tokenizer + options, then served as fixed-length windows of ``seq_len + 1`` tokens
 (inputs and shifted targets) as int64 tensors.
 
@@ -116,8 +116,8 @@ def _tokenizer_eos(tok: Any) -> int | None:
 
 
 def load_tokenizer(spec: str) -> Any:
-    """The tokenizer named by ``spec`` ("byte", a tokenizer.json, or a SentencePiece .model) via zoo.tokenizer."""
-    from zoo.tokenizer import load_tokenizer as _load
+    """The tokenizer named by ``spec`` ("byte", a tokenizer.json, or a SentencePiece .model) via zoo.models.tokenizer."""
+    from zoo.models.tokenizer import load_tokenizer as _load
 
     return _load(spec)
 

@@ -42,7 +42,7 @@ class BackboneWithHead(nn.Module):
 def _build(arch: str | nn.Module, overrides: dict[str, Any] | None = None) -> nn.Module:
     if isinstance(arch, nn.Module):
         return arch
-    from zoo.registry import create
+    from zoo.models.registry import create
 
     return create(arch, **(overrides or {}))
 

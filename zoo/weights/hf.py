@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.transformer import Transformer, TransformerConfig
+from zoo.models.transformer import Transformer, TransformerConfig
 
 SUPPORTED = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 _LAYER_TYPE = {"sliding_attention": "local", "full_attention": "global"}
@@ -285,7 +285,7 @@ def export_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = 
 
 def load_hf_tokenizer(path: str | Path):
     """The tokenizer of a Hugging Face folder (tokenizer.json preferred, else tokenizer.model)."""
-    from zoo.tokenizer import load_tokenizer
+    from zoo.models.tokenizer import load_tokenizer
 
     folder = Path(path).expanduser()
     if not folder.is_dir():

@@ -119,7 +119,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     (a reader, or a crash mid-write, never leaves half a file) and with the umask's permissions."""
     from safetensors.torch import save_file
 
-    from zoo.atomic import atomic_path
+    from zoo.files import atomic_path
 
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)

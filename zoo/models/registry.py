@@ -1,7 +1,7 @@
 """One table of named models: name -> builder. Families register themselves on import.
 
 Builders are plain callables taking keyword overrides and returning an ``nn.Module``. Paper numbers live with
-the family (``zoo/vision.py``, ``zoo/lm_configs.py``) as data; this module only looks names up.
+the family (``zoo/models/vision.py``, ``zoo/models/lm_configs.py``) as data; this module only looks names up.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 # Modules whose import registers model families. Listed by name so zoo never imports byol/lm.
-_FAMILY_MODULES = ("zoo.vision", "zoo.lm_configs")
+_FAMILY_MODULES = ("zoo.models.vision", "zoo.models.lm_configs")
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _loaded = False
 

@@ -60,7 +60,7 @@ class KNNProbeCallback(pl.Callback):
             the memory bank and ``val`` the queries. Or pass ``train_dataset``/``val_dataset`` objects.
         encoder_attr: attribute of the LightningModule holding the encoder (``online_encoder`` for ``byol.BYOL``).
         size, resize: the linear-eval test view applied to every image.
-        eval_crop, resize_kernel: that view's order and resampling (``zoo.probe_features.ImagePrepare``; defaults:
+        eval_crop, resize_kernel: that view's order and resampling (``zoo.eval.features.ImagePrepare``; defaults:
             the BYOL authors' central square and TF2 bicubic).
         max_train, max_val: use only the first N samples of each split (the monitor must stay cheap).
     """
@@ -102,7 +102,7 @@ class KNNProbeCallback(pl.Callback):
         return enc
 
     def _features(self, encoder: nn.Module, ds: Dataset, trainer: pl.Trainer, pl_module: pl.LightningModule):
-        from zoo.probe_features import ImagePrepare, IndexedDataset, collate_indexed, extract_features
+        from zoo.eval.features import ImagePrepare, IndexedDataset, collate_indexed, extract_features
 
         world, rank = trainer.world_size, trainer.global_rank
         n = len(ds)  # type: ignore[arg-type]

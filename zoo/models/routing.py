@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 # routing -> transformer only (transformer imports routing lazily, inside Block), so there is no import cycle.
-from zoo.transformer import DenseFFN, TransformerConfig
+from zoo.models.transformer import DenseFFN, TransformerConfig
 
 ROUTERS = ("sbase", "hash", "rlr")
 

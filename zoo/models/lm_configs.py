@@ -1,15 +1,15 @@
 """Language models of the zoo as data: Gemma, Gemma 2, Gopher, Chinchilla (+ the 50-shape ladder) and tiny CPU models.
 
-Every entry is a ``TransformerConfig`` of the one Transformer (zoo/transformer.py). Importing this module registers
-each name with ``zoo.registry``; builders accept keyword overrides of any config field:
+Every entry is a ``TransformerConfig`` of the one Transformer (zoo/models/transformer.py). Importing this module registers
+each name with ``zoo.models.registry``; builders accept keyword overrides of any config field:
 ``zoo.create("gemma2-tiny", n_layers=2)``, ``zoo.create("gemma2-27b", device="meta")``.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from zoo.registry import register
-from zoo.transformer import Transformer, TransformerConfig
+from zoo.models.registry import register
+from zoo.models.transformer import Transformer, TransformerConfig
 
 CONFIGS: dict[str, TransformerConfig] = {}
 
@@ -80,7 +80,7 @@ for _p, _d, _ff, _kv, _h, _l in _LADDER_TABLE:
     CONFIGS[_name] = TransformerConfig(**_GOPHER, d_model=_d, d_ff=_ff, head_dim=_kv, n_heads=_h, n_layers=_l)
     REPORTED_PARAMS[_name] = _p * 1e6
 
-# --- Tiny CPU models (ours, not from a paper): byte vocabulary (256 bytes + pad/bos/eos, see zoo.tokenizer).
+# --- Tiny CPU models (ours, not from a paper): byte vocabulary (256 bytes + pad/bos/eos, see zoo.models.tokenizer).
 CONFIGS["gemma2-tiny"] = TransformerConfig(
     **dict(_GEMMA2, vocab_size=259, max_seq_len=1024, window=64), d_model=256, n_layers=6, d_ff=768, n_heads=4,
     n_kv_heads=2, head_dim=64, query_scale=64 ** -0.5)
@@ -98,7 +98,7 @@ def get_config(name: str, **overrides) -> TransformerConfig:
 
         close = difflib.get_close_matches(name, list(CONFIGS), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown language model {name!r}.{hint} Known: see zoo.lm_configs.CONFIGS")
+        raise KeyError(f"unknown language model {name!r}.{hint} Known: see zoo.models.lm_configs.CONFIGS")
     return CONFIGS[name].replace(**overrides)
 
 

@@ -18,8 +18,8 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from zoo.atomic import atomic_path
-from zoo.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
+from zoo.files import atomic_path
+from zoo.train.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
 
 class UsageError(ValueError):

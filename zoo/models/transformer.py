@@ -1,9 +1,9 @@
-"""ONE decoder-only Transformer; Gemma, Gemma 2, Gopher and Chinchilla are configs of it (see zoo/lm_configs.py).
+"""ONE decoder-only Transformer; Gemma, Gemma 2, Gopher and Chinchilla are configs of it (see zoo/models/lm_configs.py).
 
 Per block (pre-norm, optional post-norms as in Gemma 2):
     x = x + post_attn_norm(attn(attn_norm(x)))
     x = x + post_ffn_norm(ffn(ffn_norm(x), input_ids))
-Attention math, backends and the KV cache live in zoo/attention.py.
+Attention math, backends and the KV cache live in zoo/models/attention.py.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo import attention as A
+from zoo.models import attention as A
 
 FFN_KINDS = ("geglu", "gelu", "routed")
 ROUTERS = ("sbase", "hash", "rlr")
@@ -34,7 +34,7 @@ class TransformerConfig:
     head_dim: int | None = None  # None: d_model // n_heads
     d_ff: int = 1024  # hidden size of the FFN (per GeGLU branch)
     max_seq_len: int = 2048
-    ffn: str = "geglu"  # "geglu" (tanh-GELU gate) | "gelu" (exact GELU MLP) | "routed" (zoo.routing.RoutedFFN)
+    ffn: str = "geglu"  # "geglu" (tanh-GELU gate) | "gelu" (exact GELU MLP) | "routed" (zoo.models.routing.RoutedFFN)
     norm_eps: float = 1e-6
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + w), w initialised to 0 (Gemma)
     post_norms: bool = False  # extra RMSNorm on the attention and FFN outputs (Gemma 2)
@@ -47,7 +47,7 @@ class TransformerConfig:
     layer_pattern: tuple[str, ...] = ("global",)  # cycled over layers; Gemma 2: ("local", "global")
     attn_softcap: float | None = None
     final_softcap: float | None = None
-    attn_backend: str = "auto"  # "auto" | "eager" | "sdpa" | "flex" (see zoo.attention.pick_backend)
+    attn_backend: str = "auto"  # "auto" | "eager" | "sdpa" | "flex" (see zoo.models.attention.pick_backend)
     n_experts: int = 1
     router: str = "sbase"  # "sbase" | "hash" | "rlr"
     routing_frequency: int = 1  # with ffn="routed", layer i is routed iff i % routing_frequency == routing_frequency-1
@@ -235,7 +235,7 @@ class Block(nn.Module):
         self.post_attn_norm = norm() if c.post_norms else None
         self.ffn_norm = norm()
         if c.is_routed(layer):
-            from zoo.routing import RoutedFFN  # lazy: routing is optional and lives in its own module
+            from zoo.models.routing import RoutedFFN  # lazy: routing is optional and lives in its own module
 
             self.ffn = RoutedFFN(c)
         else:

@@ -101,7 +101,7 @@ def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, ba
 @torch.no_grad()
 def evaluate_linear(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
     """Top-1 / top-5 accuracy (percent) of a trained probe head on features."""
-    from zoo.probe_knn import topk_accuracy
+    from zoo.eval.knn import topk_accuracy
 
     return topk_accuracy(head.eval()(feats.float()), labels)
 

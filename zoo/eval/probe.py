@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from zoo.probe_features import (Features, ImagePrepare, IndexedDataset, MeanPooledLM, TokenPrepare, cached_features,
+from zoo.eval.features import (Features, ImagePrepare, IndexedDataset, MeanPooledLM, TokenPrepare, cached_features,
                                 collate_indexed, default_cache_dir, extract_features, weights_fingerprint)
-from zoo.probe_knn import KNNProbeCallback, knn_evaluate
-from zoo.probe_linear import LinearProbeModule, evaluate_linear, train_linear
+from zoo.eval.knn import KNNProbeCallback, knn_evaluate
+from zoo.eval.linear import LinearProbeModule, evaluate_linear, train_linear
 
 __all__ = ["ProbeConfig", "evaluate", "heldout_split", "load_config", "run_probe", "main", "KNNProbeCallback",
            "MeanPooledLM", "TokenPrepare", "ImagePrepare", "MODES"]
@@ -71,7 +71,7 @@ class ProbeConfig:
     # so the modes stay comparable
     precision: str = "32-true"
     progress: bool = True
-    trainer: dict[str, Any] = field(default_factory=dict)  # overrides for zoo.trainer.build_trainer (protocol)
+    trainer: dict[str, Any] = field(default_factory=dict)  # overrides for zoo.train.trainer.build_trainer (protocol)
 
     def __post_init__(self) -> None:
         self.lr_grid = tuple(float(x) for x in self.lr_grid)
@@ -176,7 +176,7 @@ def _protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_featu
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from zoo.data.loaders import EpochShuffleSampler
-    from zoo.trainer import build_trainer
+    from zoo.train.trainer import build_trainer
 
     def fit(train_part: Dataset, eval_part: Dataset, lr: float, tag: str) -> dict[str, Any]:
         module = LinearProbeModule(encoder, num_features, num_classes, lr, cfg.batch_size, cfg.epochs,

@@ -119,7 +119,7 @@ class TokenPrepare:
 
 class MeanPooledLM(nn.Module):
     """A language model as a probe encoder: final hidden states (``return_hidden=True``) averaged over the
-    non-padding tokens. Works with ``zoo.transformer.Transformer`` or anything returning (logits, hidden)."""
+    non-padding tokens. Works with ``zoo.models.transformer.Transformer`` or anything returning (logits, hidden)."""
 
     def __init__(self, model: nn.Module, pad_id: int | None = None) -> None:
         super().__init__()

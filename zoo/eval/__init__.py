@@ -1,0 +1,1 @@
+"""Evaluation of any encoder: the one linear probe / kNN evaluator and its feature cache."""

@@ -1,0 +1,1 @@
+"""Training shared by every method: the Trainer setup, run-folder guards, synchronised batch norm."""
