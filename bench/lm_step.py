@@ -6,8 +6,8 @@ Full size (default on CUDA): d 1024, 16 layers, 8 heads / 4 kv, head 128, FFN 40
 
 Both models start from the same weights (ours loaded from transformers' state dict), run the same step (forward,
 cross-entropy, backward, AdamW), bf16 autocast on CUDA / fp32 on CPU, and are timed in interleaved rounds so load
-changes on a shared machine hit both alike. MFU = tokens/s * (6 N + 6 L H hd T) / peak (zoo.models.transformer.
-flops_per_token; windows not discounted). Prints a table and one JSON line whose last key is ``ratio``
+changes on a shared machine hit both alike. MFU = tokens/s * (6 N + 6 L H hd T) / peak
+(lm.flops.mfu_flops_per_token; windows not discounted). Prints a table and one JSON line whose last key is ``ratio``
 (ours / fastest transformers variant).
 
     python bench/lm_step.py            # full size on CUDA (ours compiled with FlexAttention)
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from zoo.models.transformer import Transformer, TransformerConfig, flops_per_token  # noqa: E402
+from lm.flops import mfu_flops_per_token  # noqa: E402
+from zoo.models.transformer import Transformer, TransformerConfig  # noqa: E402
 from zoo.weights.hf import hf_names  # noqa: E402
 
 FULL = dict(vocab=32000, d=1024, layers=16, heads=8, kv=4, hd=128, ffn=4096, seq=2048, window=1024, batch=4)
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
             times[name].append(timed(fn, ids, steps, device))
 
     tokens = s["batch"] * s["seq"]
-    fpt = flops_per_token(cfg, s["seq"])
+    fpt = mfu_flops_per_token(cfg, s["seq"])
     name_dev = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((p for k, p in PEAKS.items() if k in name_dev), None)
     results = {}

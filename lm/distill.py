@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import zoo
-from lm.causal_lm import CausalLM, check_data_fits, load_lm, resolve_checkpoint, split_batch
-from lm.metrics import bits_per_byte
+from lm.base import LMModule, check_data_fits, split_batch
+from zoo.weights.lm import read_lm_checkpoint, resolve_checkpoint
 
 SUBSETS = ("topk", "sample")
 
@@ -153,19 +153,25 @@ def precompute_teacher_targets(teacher: nn.Module, windows: Any, out_dir: str | 
 # ----------------------------------------------------------------------------------------------------------------
 # LightningModule
 # ----------------------------------------------------------------------------------------------------------------
-class Distill(CausalLM):
-    """Train ``student`` on a frozen teacher's next-token distributions (full, or a stored top-k / sampled subset)."""
+class Distill(LMModule):
+    """Train ``student`` on a frozen teacher's next-token distributions (full, or a stored top-k / sampled subset).
+
+    Args:
+        student: registry name of the student Transformer. student_overrides: its TransformerConfig overrides.
+        teacher: registry name of a teacher (random weights; for tests and ablations), or
+        teacher_ckpt: an LM checkpoint or run folder (zoo.load_lm reads it). teacher_overrides: with ``teacher``.
+        top_k: stored targets per position (None: the teacher's full distribution every step).
+        subset: "topk" (the k most likely) or "sample" (k drawn without replacement, as Gemma 2).
+        hard_weight: weight of the plain next-token loss added to the distillation loss.
+        precompute_batch_size: teacher batch size of the stored-target precompute. seed: its sampling seed.
+        **kwargs: the optimisation and logging options of lm.LMModule (lr, weight_decay, warmup_steps, ...).
+    """
 
     def __init__(self, student: str = "gemma2-tiny", teacher: str | None = None, teacher_ckpt: str | None = None,
                  student_overrides: dict[str, Any] | None = None, teacher_overrides: dict[str, Any] | None = None,
-                 top_k: int | None = None, subset: str = "topk", hard_weight: float = 0.0, lr: float = 1e-3,
-                 weight_decay: float = 0.1, warmup_steps: int = 100, total_steps: int | None = None,
-                 min_lr_ratio: float = 0.1, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 reinforce_weight: float = 1.0, baseline_momentum: float = 0.9, balance_weight: float = 0.0,
-                 peak_flops: float | None = None, throughput_every: int = 10, precompute_batch_size: int = 16,
-                 seed: int = 0) -> None:
-        super(CausalLM, self).__init__()  # skip CausalLM.__init__: its hyper-parameters are not ours
-        self.save_hyperparameters()
+                 top_k: int | None = None, subset: str = "topk", hard_weight: float = 0.0,
+                 precompute_batch_size: int = 16, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if teacher is None and teacher_ckpt is None:
             raise ValueError("Distill needs a teacher: pass teacher_ckpt (a CausalLM checkpoint or run folder) "
                              "or teacher (a zoo model name)")
@@ -173,23 +179,40 @@ class Distill(CausalLM):
             raise ValueError(f"subset={subset!r}; choose one of {SUBSETS}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None (full distribution), got {top_k}")
-        self._init_common(student, student_overrides)
+        self.declare_model(student, student_overrides, key="student")
         if teacher_ckpt is not None:
-            t_model = load_lm(resolve_checkpoint(teacher_ckpt))
             self.teacher_name = f"checkpoint {teacher_ckpt}"
+            # Read now (not at configure_model) so a wrong path or vocabulary is refused before training.
+            self._teacher_ckpt = read_lm_checkpoint(teacher_ckpt)
+            t_config = zoo.create(self._teacher_ckpt.model, device="meta", **self._teacher_ckpt.overrides).config
         else:
-            t_model = zoo.create(teacher, **(teacher_overrides or {}))
-            self.teacher_name = teacher
-        t_model.eval().requires_grad_(False)
-        if t_model.config.vocab_size != self.config.vocab_size:
-            raise ValueError(f"teacher ({self.teacher_name}) vocab_size={t_model.config.vocab_size} differs from "
+            self.teacher_name, self._teacher_ckpt = teacher, None
+            t_config = zoo.create(teacher, device="meta", **(teacher_overrides or {})).config
+        if t_config.vocab_size != self.config.vocab_size:
+            raise ValueError(f"teacher ({self.teacher_name}) vocab_size={t_config.vocab_size} differs from "
                              f"student {student!r} vocab_size={self.config.vocab_size}; distillation needs one "
                              "vocabulary")
-        # Kept out of the module tree: a frozen teacher is not part of the student's checkpoint or optimiser.
-        self.__dict__["teacher"] = t_model
+        self._teacher_config = t_config
+        self.__dict__["teacher"] = None
         self._targets: tuple[np.ndarray, np.ndarray] | None = None
 
+    def configure_model(self) -> None:
+        """Build the student (trained) and the frozen teacher; each only once."""
+        super().configure_model()
+        if self.teacher is not None:
+            return
+        if self._teacher_ckpt is not None:
+            t_model = zoo.create(self._teacher_ckpt.model, **self._teacher_ckpt.overrides)
+            t_model.load_state_dict(self._teacher_ckpt.state_dict)
+            self._teacher_ckpt = None  # the weights now live in the model; do not keep a second copy
+        else:
+            t_model = zoo.create(self.hparams.teacher, **(self.hparams.teacher_overrides or {}))
+        t_model.eval().requires_grad_(False)
+        # Kept out of the module tree: a frozen teacher is not part of the student's checkpoint or optimiser.
+        self.__dict__["teacher"] = t_model
+
     def _teacher_on_device(self) -> nn.Module:
+        self.configure_model()
         if next(self.teacher.parameters()).device != self.device:
             self.teacher.to(self.device)
         return self.teacher
@@ -200,9 +223,10 @@ class Distill(CausalLM):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
-        check_data_fits(f"teacher ({self.teacher_name})", self.teacher.config, None, getattr(dm, "seq_len", None))
+        check_data_fits(f"teacher ({self.teacher_name})", self._teacher_config, None, getattr(dm, "seq_len", None))
         if self.hparams.top_k is None or stage != "fit":
             return
+        self.configure_model()  # setup runs before Lightning's configure_model call; the precompute needs the teacher
         dm.return_index = True  # stored targets are looked up by window index
         if getattr(dm, "train_set", None) is None:
             dm.setup(stage)
@@ -232,11 +256,9 @@ class Distill(CausalLM):
         folder = Path(folder)
         self._targets = (np.load(folder / "ids.npy", mmap_mode="r"), np.load(folder / "probs.npy", mmap_mode="r"))
 
-    def distill_loss(self, tokens: Tensor, window_idx: Tensor | None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Mean distillation cross-entropy, the per-token student NLL, and extra logs."""
-        logits = self.model(tokens[:, :-1])
-        targets = tokens[:, 1:]
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), reduction="none").view_as(targets)
+    def distill_loss(self, logits: Tensor, tokens: Tensor, window_idx: Tensor | None
+                     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean distillation cross-entropy of the student's logits on tokens[:, :-1], and extra logs."""
         logs: dict[str, Tensor] = {}
         if self.hparams.top_k is None:
             with torch.no_grad():
@@ -252,29 +274,26 @@ class Distill(CausalLM):
             probs = torch.from_numpy(self._targets[1][rows].astype(np.float32)).to(logits.device)
             ce = subset_cross_entropy(logits, ids, probs)
             logs["stored_mass"] = probs.sum(-1).mean()
-        return ce.mean(), nll, logs
+        return ce.mean(), logs
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Distillation cross-entropy (+ hard_weight x next-token loss, + REINFORCE for RL-R students)."""
         window_idx, tokens = split_batch(batch)
-        ce, nll, logs = self.distill_loss(tokens, window_idx)
+        out, nll = self.run_model(tokens)
+        ce, logs = self.distill_loss(out.logits, tokens, window_idx)
         loss = ce + self.hparams.hard_weight * nll.mean() if self.hparams.hard_weight else ce
-        routing = self._routing_loss_and_logs(nll, "train")
+        routing = self.routing_loss(out, nll, "train")
         self.log("train/distill_ce", ce, prog_bar=True)
         self.log("train/loss", nll.mean().detach())
         for key, value in logs.items():
             self.log(f"train/{key}", value)
-        if "train" in self.bytes_per_token:
-            self.log("train/bpb", bits_per_byte(nll.mean().detach(), self.bytes_per_token["train"]))
+        self.log_bpb("train", nll.mean())
         return loss + routing
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         """Student next-token NLL (comparable with CausalLM) and the full-distribution KL to the teacher."""
         _, tokens = split_batch(batch)
-        logits = self.model(tokens[:, :-1])
-        targets = tokens[:, 1:]
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), reduction="none")
-        self._val_sum += nll.double().sum()
-        self._val_n += nll.numel()
+        out, nll = self.run_model(tokens)
+        self.accumulate_val(nll)
         p_t = self._teacher_on_device()(tokens[:, :-1]).float().softmax(-1)
-        self.log("val/kl_teacher", kl_divergence(p_t, logits).mean(), prog_bar=True)
+        self.log("val/kl_teacher", kl_divergence(p_t, out.logits).mean(), prog_bar=True)

@@ -222,7 +222,8 @@ def evaluate_perplexity(model: nn.Module, datamodule: Any, max_batches: int | No
     for i, batch in enumerate(datamodule.val_dataloader()):
         if max_batches is not None and i >= max_batches:
             break
-        nll = token_nll(model, split_batch(batch)[1].to(device))
+        tokens = split_batch(batch)[1].to(device)
+        nll = token_nll(model(tokens[:, :-1]), tokens[:, 1:])
         total += float(nll.double().sum())
         n += nll.numel()
     if n == 0:

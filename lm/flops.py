@@ -1,4 +1,11 @@
-"""FLOP counting for a zoo Transformer config: C = 6 N D and the detailed per-layer count (Chinchilla App. F).
+"""The one FLOP and parameter counter of the zoo Transformer. Three counts, three names:
+
+* ``mfu_flops_per_token(model_or_config, seq_len)``: training FLOPs per token as MFU is usually reported
+  (PaLM, Chowdhery et al. 2022, App. B): 6 x the matmul weights a token passes through (inactive routed experts
+  excluded, the tied output projection included) + 6 L H hd T for causal attention, sliding windows ignored so
+  figures compare across implementations. Used for the logged ``perf/mfu``.
+* ``forward_flops`` / ``training_flops(config, tokens, seq_len)``: the detailed count below, for scaling laws.
+* ``flops_6nd(N, D)``: the C = 6 N D approximation.
 
 The detailed count follows Hoffmann et al. 2022, Appendix F, per sequence of T tokens, forward pass:
   embeddings 2 T V d; per layer: Q/K/V projections 2 T d (H + 2 K) hd, logits 2 T^2 H hd, softmax 3 H T^2,
@@ -14,8 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["FlopBreakdown", "flops_6nd", "forward_flops", "training_flops", "param_count", "tokens_for_budget"]
+__all__ = ["FlopBreakdown", "flops_6nd", "forward_flops", "training_flops", "param_count", "tokens_for_budget",
+           "matmul_params", "attention_flops_per_token", "mfu_flops_per_token"]
 
 
 @dataclass(frozen=True)
@@ -108,3 +117,52 @@ def tokens_for_budget(C: float, N: float) -> float:
     if C <= 0 or N <= 0:
         raise ValueError(f"C and N must be positive; got C={C}, N={N}")
     return C / (6.0 * N)
+
+
+def matmul_params(model: nn.Module, vocab_size: int | None = None) -> int:
+    """Parameters used in a matmul per token: Linear weights, inactive routed experts excluded, tied head included."""
+    from zoo.models.routing import RoutedFFN
+
+    inactive: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, RoutedFFN):
+            # One expert per token: all but one expert's weights do no work for a given token.
+            for expert in list(m.experts)[1:]:
+                inactive.update(id(p) for p in expert.parameters())
+    seen: set[int] = set()
+    n, head_found = 0, False
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            w = m.weight
+            if id(w) in seen or id(w) in inactive:
+                continue
+            seen.add(id(w))
+            n += w.numel()
+            if vocab_size is not None and w.shape[0] == vocab_size:
+                head_found = True
+    if vocab_size is not None and not head_found:
+        # Tied embedding: the output projection reuses the embedding matrix, which is still a V x D matmul.
+        for m in model.modules():
+            if isinstance(m, nn.Embedding) and m.num_embeddings == vocab_size:
+                n += m.weight.numel()
+                break
+    return n
+
+
+def attention_flops_per_token(n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> float:
+    """Causal attention matmul FLOPs per token for training (fwd+bwd): 6 * L * H * hd * T (half of 12 L H hd T)."""
+    return 6.0 * n_layers * n_heads * head_dim * seq_len
+
+
+def mfu_flops_per_token(model: nn.Module | Any, seq_len: int) -> float:
+    """Training FLOPs per token for MFU (see module doc) of a built Transformer or a TransformerConfig (meta build)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not isinstance(model, nn.Module):
+        from zoo.models.transformer import Transformer
+
+        with torch.device("meta"):
+            model = Transformer(model)
+    c = model.config
+    return (6.0 * matmul_params(model, c.vocab_size)
+            + attention_flops_per_token(c.n_layers, c.n_heads, c.head_dim, seq_len))

@@ -1,10 +1,9 @@
-"""Pure metrics for language-model training: bits per byte, FLOPs per token, device peak FLOP/s, MFU."""
+"""Pure metrics for language-model training: bits per byte, device peak FLOP/s, MFU (FLOP counts: lm/flops.py)."""
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity). Matched by substring of the CUDA device
 # name, most specific first. CPUs have no entry: MFU is skipped there unless the user states a peak.
@@ -27,41 +26,6 @@ def bits_per_byte(nats_per_token: float | torch.Tensor, bytes_per_token: float) 
     if bytes_per_token <= 0:
         raise ValueError(f"bytes_per_token must be positive, got {bytes_per_token}")
     return nats_per_token / (math.log(2) * bytes_per_token)
-
-
-def matmul_params(model: nn.Module, vocab_size: int | None = None) -> int:
-    """Parameters used in a matmul per token: Linear weights, inactive routed experts excluded, tied head included."""
-    from zoo.models.routing import RoutedFFN
-
-    inactive: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, RoutedFFN):
-            # One expert per token: all but one expert's weights do no work for a given token.
-            for expert in list(m.experts)[1:]:
-                inactive.update(id(p) for p in expert.parameters())
-    seen: set[int] = set()
-    n, head_found = 0, False
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            w = m.weight
-            if id(w) in seen or id(w) in inactive:
-                continue
-            seen.add(id(w))
-            n += w.numel()
-            if vocab_size is not None and w.shape[0] == vocab_size:
-                head_found = True
-    if vocab_size is not None and not head_found:
-        # Tied embedding: the output projection reuses the embedding matrix, which is still a V x D matmul.
-        for m in model.modules():
-            if isinstance(m, nn.Embedding) and m.num_embeddings == vocab_size:
-                n += m.weight.numel()
-                break
-    return n
-
-
-def flops_per_token(n_matmul_params: int, attention_flops: float) -> float:
-    """Training FLOPs per token: 6 N (forward + backward of every matmul weight) plus the attention term."""
-    return 6.0 * n_matmul_params + attention_flops
 
 
 def peak_flops(device: torch.device | str) -> float | None:

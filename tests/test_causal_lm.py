@@ -11,7 +11,8 @@ from torch import nn
 import zoo
 from lm import CausalLM
 from lm.causal_lm import load_lm
-from lm.metrics import bits_per_byte, flops_per_token, matmul_params, mfu, peak_flops
+from lm.flops import attention_flops_per_token, matmul_params, mfu_flops_per_token
+from lm.metrics import bits_per_byte, mfu, peak_flops
 from lm.optim import lr_at, param_groups
 from lm_testutil import TINY, fit_and_val_losses, quiet_trainer, tiny_data
 
@@ -56,7 +57,10 @@ def test_flops_bpb_and_mfu_fallback():
     routed = zoo.create("gemma2-tiny", **TINY, ffn="routed", n_experts=4, routing_frequency=2)
     # One expert per token: active matmul params = dense + the router (d_model x n_experts) per routed layer.
     assert matmul_params(routed, c.vocab_size) == n + c.d_model * 4
-    assert flops_per_token(n, 100.0) == 6 * n + 100.0
+    attention = attention_flops_per_token(c.n_layers, c.n_heads, c.head_dim, 100)
+    assert attention == 6 * c.n_layers * c.n_heads * c.head_dim * 100
+    assert mfu_flops_per_token(dense, 100) == 6 * n + attention
+    assert mfu_flops_per_token(c, 100) == 6 * n + attention  # from the config alone (meta-device build)
     assert bits_per_byte(math.log(2), 1.0) == pytest.approx(1.0)
     assert bits_per_byte(2.0, 4.0) == pytest.approx(2.0 / math.log(2) / 4)
     assert peak_flops("cpu") is None and mfu(1e9, 1e3, None) is None

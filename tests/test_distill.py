@@ -134,6 +134,7 @@ def test_teacher_from_checkpoint_and_bad_inputs(tmp_path):
     ckpt = tmp_path / "t.ckpt"
     trainer.save_checkpoint(ckpt)
     module = Distill(student_overrides=TINY, teacher_ckpt=str(ckpt))
+    module.configure_model()  # what a Trainer calls: builds student and teacher
     x = torch.randint(0, 259, (1, 8))
     torch.testing.assert_close(module.teacher(x), teacher.model.eval()(x))
     with pytest.raises(ValueError, match="needs a teacher"):

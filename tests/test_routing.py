@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from zoo.models.transformer import TransformerConfig
-from zoo.models.routing import (RoutedFFN, balance_loss, expert_bias, hash_table, load_fractions, reinforce_loss, routed_layers, routing_stats,
-                         sinkhorn)
+from lm.routing import reinforce_loss
+from zoo.models.routing import (RoutedFFN, balance_loss, expert_bias, hash_table, load_fractions, routed_layers,
+                                routing_stats, sinkhorn)
 
 
 def cfg(router: str, n_experts: int = 4, **kw) -> TransformerConfig:
@@ -46,15 +47,13 @@ def test_expert_bias_reproduces_balanced_argmax_and_balances_eval():
     x, ids = torch.randn(8, 64, 16), torch.zeros(8, 64, dtype=torch.long)
     x[..., 0] = x[..., 0].abs()  # positive feature 0 -> expert 0's logit is largest for every token
     layer.eval()
-    layer(x, ids)
-    assert layer.last_stats["load"][0] > 0.6  # before any training: plain greedy, mostly expert 0
+    assert layer(x, ids)[1].stats["load"][0] > 0.6  # before any training: plain greedy, mostly expert 0
     layer.train()
     for _ in range(200):
         layer(x, ids)
     layer.eval()
     layer(x[:1, :1], ids[:1, :1])  # one token alone: no batch to balance against
-    layer(x, ids)
-    assert layer.last_stats["load"].max() < 0.4  # near 1/4 each, as in training
+    assert layer(x, ids)[1].stats["load"].max() < 0.4  # near 1/4 each, as in training
 
 
 def test_sinkhorn_keeps_preferences_and_survives_huge_logits():
@@ -75,10 +74,9 @@ def test_hash_deterministic_balanced_and_parameter_free():
     assert not any("router" in n for n, _ in layer.named_parameters())
     ids = torch.randint(0, 50, (2, 7))
     x = torch.randn(2, 7, 16)
-    layer(x, ids)
-    first = layer.last_stats["load"].clone()
-    layer(torch.randn(2, 7, 16), ids)  # same ids, different activations: same routing
-    assert torch.equal(first, layer.last_stats["load"])
+    first = layer(x, ids)[1].expert
+    again = layer(torch.randn(2, 7, 16), ids)[1].expert  # same ids, different activations: same routing
+    assert torch.equal(first, again)
     same = RoutedFFN(cfg("hash"))
     assert torch.equal(same.token_to_expert, layer.token_to_expert)
 
@@ -109,10 +107,10 @@ def test_rlr_router_learns_rewarded_expert():
     before = p_expert1()
     for _ in range(30):
         layer.train()
-        layer(x, ids)
-        assert layer.last_log_prob.shape == layer.last_expert.shape == ids.shape
-        reward = (layer.last_expert == 1).float()  # tokens sent to expert 1 are rewarded
-        loss = reinforce_loss(layer.last_log_prob, reward, baseline)
+        aux = layer(x, ids)[1]
+        assert aux.log_prob.shape == aux.expert.shape == ids.shape
+        reward = (aux.expert == 1).float()  # tokens sent to expert 1 are rewarded
+        loss = reinforce_loss(aux.log_prob, reward, baseline)
         baseline = 0.9 * baseline + 0.1 * reward.mean().item()
         opt.zero_grad()
         loss.backward()
@@ -126,30 +124,31 @@ def test_routed_ffn_shapes_stats_and_gradients(router):
     layer = RoutedFFN(cfg(router, expert_ffn="geglu"))
     x = torch.randn(3, 10, 16, requires_grad=True)
     ids = torch.randint(0, 50, (3, 10))
-    y = layer(x, ids)
+    y, aux = layer(x, ids)
     assert y.shape == x.shape
     y.square().mean().backward()
     # Every expert gets a gradient tensor, even an idle one (DDP requires it).
     assert all(p.grad is not None for p in layer.experts.parameters())
     if router == "sbase":
         assert layer.router.weight.grad.abs().sum() > 0  # learns through the probability gate
-    stats = layer.last_stats
+    stats = aux.stats
     assert stats["load"].shape == (4,) and math.isclose(stats["load"].sum().item(), 1.0, rel_tol=1e-6)
     assert 0 <= stats["load_entropy"].item() <= math.log(4) + 1e-6
     if router == "rlr":
-        assert layer.last_log_prob.shape == ids.shape and (layer.last_log_prob <= 0).all()
+        assert aux.log_prob.shape == ids.shape and (aux.log_prob <= 0).all()
+        assert aux.balance_loss is not None and aux.balance_loss.requires_grad
     else:
-        assert layer.last_log_prob is None
+        assert aux.log_prob is None and aux.balance_loss is None
     layer.eval()
     with torch.no_grad():
-        assert torch.equal(layer(x, ids), layer(x, ids))  # eval routing is deterministic
+        assert torch.equal(layer(x, ids)[0], layer(x, ids)[0])  # eval routing is deterministic
 
 
 def test_one_expert_per_token_matches_expert_output():
     torch.manual_seed(0)
     layer = RoutedFFN(cfg("hash", expert_ffn="gelu"))
     x, ids = torch.randn(1, 6, 16), torch.arange(6)[None]
-    y = layer(x, ids)
+    y = layer(x, ids)[0]
     for t in range(6):
         e = layer.token_to_expert[t]
         assert torch.allclose(y[0, t], layer.experts[e](x[0, t][None])[0], atol=1e-6)
@@ -190,6 +189,7 @@ def test_routed_model_trains_on_cpu(tmp_path, router):
     dm = tiny_data(tmp_path)
     module = CausalLM(model_overrides={**TINY, "ffn": "routed", "n_experts": 4, "router": router,
                                        "routing_frequency": 1}, lr=3e-3, warmup_steps=2)
+    module.configure_model()
     assert len(routed_layers(module.model)) == 2
     before, trainer = fit_and_val_losses(module, dm, tmp_path, steps=30)
     m = trainer.callback_metrics

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from zoo.models import attention as A
-from zoo.models.transformer import RMSNorm, Transformer, TransformerConfig, flops_per_token, sample_next
+from lm.flops import mfu_flops_per_token
+from zoo.models.transformer import RMSNorm, Transformer, TransformerConfig, sample_next
 
 torch.set_num_threads(1)
 
@@ -268,7 +269,7 @@ def test_flops_per_token_reproduces_issue_mfu_figures():
     """6N + 6 L H hd T for the 285M Gemma-2-style model: 61k tok/s on an H200 (989 TFLOP/s bf16) is 11.8% MFU."""
     cfg = TransformerConfig(vocab_size=32000, d_model=1024, n_layers=16, n_heads=8, n_kv_heads=4, head_dim=128,
                             d_ff=4096, max_seq_len=2048, window=1024, layer_pattern=("local", "global"))
-    f = flops_per_token(cfg, 2048)
+    f = mfu_flops_per_token(cfg, 2048)
     assert 61e3 * f / 989e12 == pytest.approx(0.118, abs=0.002)
     assert 276e3 * f / 989e12 == pytest.approx(0.53, abs=0.01)
 

@@ -212,11 +212,6 @@ class KVCache:
         return k_all, v_all, p_all
 
 
-def attention_flops_per_token(n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> float:
-    """Causal attention matmul FLOPs per token for training (fwd+bwd): 6 * L * H * hd * T (half of 12 L H hd T)."""
-    return 6.0 * n_layers * n_heads * head_dim * seq_len
-
-
 def default_query_scale(head_dim: int) -> float:
     """1/sqrt(head_dim), the usual query scale."""
     return 1.0 / math.sqrt(head_dim)

@@ -5,13 +5,17 @@ x [B, T, D] and input_ids [B, T] and returns [B, T, D]. Every expert is the conf
 GELU MLP of the config's hidden size), so a routed model spends the same FLOPs per token as its dense base
 (plus a D x E router matmul).
 
-The maths (Sinkhorn balancing, routing statistics, the REINFORCE loss) are pure functions kept apart from the
-module so each can be tested against its formula.
+The layer returns its auxiliary outputs (``RoutingAux``: chosen experts, the RL-R policy's log-probabilities, the
+load-balancing term, statistics) next to its output instead of keeping them on the module; the Transformer hands
+them up in ``TransformerOutput.routing``. The training losses built from them (REINFORCE) live with the LM training
+code in ``lm/``; this module holds the model maths (Sinkhorn balancing, statistics) as pure functions kept apart from
+the module so each can be tested against its formula.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -70,12 +74,6 @@ def routing_stats(expert_idx: Tensor, n_experts: int, probs: Tensor | None = Non
     return stats
 
 
-def reinforce_loss(log_prob: Tensor, reward: Tensor, baseline: Tensor | float) -> Tensor:
-    """REINFORCE surrogate: -mean((reward - baseline) * log_prob); reward is detached (it is not a gradient path)."""
-    advantage = (reward.detach() - baseline).to(log_prob.dtype)
-    return -(advantage * log_prob).mean()
-
-
 def balance_loss(probs: Tensor, expert_idx: Tensor, n_experts: int) -> Tensor:
     """Switch-Transformer load-balancing loss E * sum_e f_e P_e (1 when uniform); gradient flows through P only."""
     f = load_fractions(expert_idx.detach(), n_experts)
@@ -89,6 +87,15 @@ def hash_table(vocab_size: int, n_experts: int, seed: int = 0) -> Tensor:
     table = torch.empty(vocab_size, dtype=torch.long)
     table[perm] = torch.arange(vocab_size) % n_experts
     return table
+
+
+class RoutingAux(NamedTuple):
+    """What one routed layer's forward reports besides its output (all [B, T] tensors follow the input's shape)."""
+
+    expert: Tensor  # [B, T] expert chosen per token (no gradient)
+    log_prob: Tensor | None  # [B, T] log-probability of the chosen expert; RL-R only (the policy-gradient path)
+    balance_loss: Tensor | None  # Switch load-balancing term E * sum_e f_e P_e; RL-R only (it has no other balancer)
+    stats: dict[str, Tensor]  # "load" [E], "load_entropy", and "router_entropy" for learnt routers (no gradient)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,18 +140,15 @@ class RoutedFFN(nn.Module):
         else:
             # Initialised by the Transformer with its other Linear layers (normal, init_std).
             self.router = nn.Linear(self.d_model, self.n_experts, bias=False)
-        self.last_log_prob: Tensor | None = None
-        self.last_aux_loss: Tensor | None = None
-        self.last_expert: Tensor | None = None
-        self.last_stats: dict[str, Tensor] = {}
 
-    def route(self, x: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Pick one expert per token: returns expert indices [N] and the gate per token [N] (None = ungated)."""
+    def route(self, x: Tensor, input_ids: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None,
+                                                                   Tensor | None, Tensor | None]:
+        """Pick one expert per token of x [N, D]: (expert indices [N], gate [N] or None (ungated), the chosen
+        expert's log-probability [N] (RL-R) or None, the balancing loss (RL-R) or None, router probs [N, E] or None)."""
         if self.router_kind == "hash":
-            idx = self.token_to_expert[input_ids.reshape(-1)]
-            self.last_log_prob = None
-            self.last_stats = routing_stats(idx, self.n_experts)
-            return idx, None
+            if input_ids is None:
+                raise ValueError("the hash router picks experts by token id: pass input_ids")
+            return self.token_to_expert[input_ids.reshape(-1)], None, None, None, None
         logits = self.router(x).float()  # [N, E]; float32 because Sinkhorn and sampling need the range
         probs = logits.softmax(-1)
         if self.router_kind == "sbase":
@@ -158,27 +162,28 @@ class RoutedFFN(nn.Module):
                     # Tokens may arrive one at a time (generation), so no batch-wide Sinkhorn here; Clark et al.
                     # route greedily at inference, and greedy + the learnt balance bias keeps the training split.
                     idx = (logits + self.balance_bias).argmax(-1)
-            gate = probs.gather(-1, idx[:, None]).squeeze(-1)
-            self.last_log_prob = None
-        else:  # rlr: the router is a policy; the LM module adds the REINFORCE loss from last_log_prob.
-            with torch.no_grad():
-                idx = torch.multinomial(probs, 1).squeeze(-1) if self.training else probs.argmax(-1)
-            log_probs = logits.log_softmax(-1)
-            self.last_log_prob = log_probs.gather(-1, idx[:, None]).squeeze(-1).reshape(input_ids.shape)
-            # REINFORCE alone lets the expert that got more tokens early win ever more (it trains faster, so
-            # earns more reward): the LM module can add this balancing term (balance_weight) against collapse.
-            self.last_aux_loss = balance_loss(probs, idx, self.n_experts)
-            gate = None
-        self.last_stats = routing_stats(idx.detach(), self.n_experts, probs.detach())
-        return idx, gate
+            return idx, probs.gather(-1, idx[:, None]).squeeze(-1), None, None, probs
+        # rlr: the router is a policy; the LM training code adds the REINFORCE loss from the log-probability.
+        with torch.no_grad():
+            idx = torch.multinomial(probs, 1).squeeze(-1) if self.training else probs.argmax(-1)
+        log_prob = logits.log_softmax(-1).gather(-1, idx[:, None]).squeeze(-1)
+        # REINFORCE alone lets the expert that got more tokens early win ever more (it trains faster, so earns
+        # more reward): the LM module can add this balancing term (balance_weight) against collapse.
+        return idx, None, log_prob, balance_loss(probs, idx, self.n_experts), probs
 
-    def forward(self, x: Tensor, input_ids: Tensor) -> Tensor:
-        """Route each token of x [B, T, D] (ids [B, T]) to one expert; returns [B, T, D]."""
-        if x.shape[:2] != input_ids.shape:
+    def forward(self, x: Tensor, input_ids: Tensor | None = None) -> tuple[Tensor, RoutingAux]:
+        """Route each token of x [B, T, D] (ids [B, T], needed by the hash router) to one expert.
+
+        Returns the output [B, T, D] and the layer's RoutingAux.
+        """
+        if input_ids is not None and x.shape[:2] != input_ids.shape:
             raise ValueError(f"x {tuple(x.shape)} and input_ids {tuple(input_ids.shape)} disagree on [B, T]")
+        shape = x.shape[:2]
         flat = x.reshape(-1, self.d_model)
-        idx, gate = self.route(flat, input_ids)
-        self.last_expert = idx.detach().reshape(input_ids.shape)
+        idx, gate, log_prob, balance, probs = self.route(flat, input_ids)
+        stats = routing_stats(idx.detach(), self.n_experts, None if probs is None else probs.detach())
+        aux = RoutingAux(idx.detach().reshape(shape), None if log_prob is None else log_prob.reshape(shape),
+                         balance, stats)
         # Sort tokens by expert once, run each expert on its contiguous chunk, scatter back: one host sync (the
         # chunk sizes) per layer, and with one expert per token no token is ever dropped (no capacity factor).
         order = torch.argsort(idx)
@@ -190,7 +195,7 @@ class RoutedFFN(nn.Module):
         if gate is not None:
             y = y * gate.index_select(0, order)[:, None].to(y.dtype)
         out = torch.empty_like(flat).index_copy_(0, order, y.to(flat.dtype))
-        return out.reshape_as(x)
+        return out.reshape_as(x), aux
 
 
 def routed_layers(model: nn.Module) -> list[RoutedFFN]:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.models import attention as A
+
+if TYPE_CHECKING:
+    from zoo.models.routing import RoutingAux
 
 FFN_KINDS = ("geglu", "gelu", "routed")
 ROUTERS = ("sbase", "hash", "rlr")
@@ -234,20 +237,33 @@ class Block(nn.Module):
         self.attn_norm, self.attn = norm(), Attention(c, layer)
         self.post_attn_norm = norm() if c.post_norms else None
         self.ffn_norm = norm()
-        if c.is_routed(layer):
-            from zoo.models.routing import RoutedFFN  # lazy: routing is optional and lives in its own module
+        self.routed = c.is_routed(layer)
+        if self.routed:
+            from zoo.models.routing import RoutedFFN  # routing imports this module, so it is imported here
 
             self.ffn = RoutedFFN(c)
         else:
             self.ffn = DenseFFN(c)
         self.post_ffn_norm = norm() if c.post_norms else None
 
-    def forward(self, x: Tensor, input_ids: Tensor, ctx: "StepContext") -> Tensor:
-        """[B, T, D] -> [B, T, D]."""
+    def forward(self, x: Tensor, input_ids: Tensor | None, ctx: "StepContext") -> tuple[Tensor, "RoutingAux | None"]:
+        """[B, T, D] -> ([B, T, D], the routed FFN's auxiliary outputs or None for a dense layer)."""
         h = self.attn(self.attn_norm(x), ctx)
         x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
-        h = self.ffn(self.ffn_norm(x), input_ids)
-        return x + (self.post_ffn_norm(h) if self.post_ffn_norm is not None else h)
+        aux = None
+        if self.routed:
+            h, aux = self.ffn(self.ffn_norm(x), input_ids)
+        else:
+            h = self.ffn(self.ffn_norm(x))
+        return x + (self.post_ffn_norm(h) if self.post_ffn_norm is not None else h), aux
+
+
+class TransformerOutput(NamedTuple):
+    """Everything one forward computes: logits, final-norm hidden states and the routed layers' auxiliary outputs."""
+
+    logits: Tensor  # [B, T, V]
+    hidden: Tensor  # [B, T, D] after the final norm
+    routing: tuple["RoutingAux", ...]  # one per routed layer, in layer order (empty for a dense model)
 
 
 class Transformer(nn.Module):
@@ -297,37 +313,69 @@ class Transformer(nn.Module):
         """The [V, D] matrix producing logits (the embedding when tied)."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, input_ids: Tensor, *, kv_cache: A.KVCache | None = None,
-                return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits [B, T, V] (and the final-norm hidden states [B, T, D] when return_hidden)."""
+    def forward(self, input_ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
+                kv_cache: A.KVCache | None = None, return_hidden: bool = False, return_aux: bool = False
+                ) -> Tensor | tuple[Tensor, Tensor] | TransformerOutput:
+        """Logits [B, T, V]; (logits, hidden [B, T, D]) with return_hidden; a TransformerOutput with return_aux.
+
+        ``inputs_embeds`` [B, T, D] replaces the embedding lookup (e.g. image tokens spliced into text); it is taken
+        in the embedding table's space, so Gemma's sqrt(d_model) scale applies to it as to looked-up ids, and
+        ``model(inputs_embeds=model.embed(ids))`` equals ``model(ids)``. ``input_ids`` may be given with it, of the
+        same [B, T], for the parts that read token ids (the hash router); positions without a token can hold any id.
+        """
         c = self.config
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        x = self._embed(input_ids, inputs_embeds)
+        b, t = x.shape[:2]
         start = kv_cache.seen if kv_cache is not None else 0
-        t = input_ids.shape[1]
         if start + t > c.max_seq_len:
             raise ValueError(f"sequence length {start + t} exceeds the model's max_seq_len={c.max_seq_len}; "
                              "use shorter inputs or build the model with a larger max_seq_len")
         if kv_cache is not None and start + t > kv_cache.max_len:
             raise ValueError(f"sequence length {start + t} exceeds the KV cache size {kv_cache.max_len}; "
                              "create the cache with a larger max_len")
-        x = self.embed(input_ids)
-        if c.embed_scale:
-            # Round sqrt(d) to the activation dtype first (bf16: sqrt(3072) -> 55.5), as released checkpoints expect.
-            x = x * torch.tensor(math.sqrt(c.d_model), dtype=x.dtype, device=x.device)
-        pos = torch.arange(start, start + t, device=input_ids.device)
+        pos = torch.arange(start, start + t, device=x.device)
         rope = A.rope_cos_sin(pos, c.head_dim, c.rope_base, x.dtype) if c.positions == "rope" else None
         backend = A.pick_backend(c.attn_backend, cap=c.attn_softcap, relative=c.positions == "relative",
                                  cached=kv_cache is not None, device=x.device)
         masks = _flex_block_masks(t, self._windows, str(x.device)) if backend == "flex" else {}
         ctx = StepContext(pos, rope, kv_cache, start + t, backend, masks)
+        routing = []
         for layer in self.layers:
-            x = layer(x, input_ids, ctx)
+            x, aux = layer(x, input_ids, ctx)
+            if aux is not None:
+                routing.append(aux)
         if kv_cache is not None:
             kv_cache.seen = start + t
         hidden = self.norm(x)
         logits = A.softcap(F.linear(hidden, self.output_weight), c.final_softcap)
+        if return_aux:
+            return TransformerOutput(logits, hidden, tuple(routing))
         return (logits, hidden) if return_hidden else logits
+
+    def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        """The [B, T, D] input of the first layer, from ids or given embeddings (checked), scaled as configured."""
+        c = self.config
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids [batch, seq] or inputs_embeds [batch, seq, d_model]")
+            x = self.embed(input_ids)
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != c.d_model:
+                raise ValueError(f"inputs_embeds must be [batch, seq, d_model={c.d_model}], got shape "
+                                 f"{tuple(inputs_embeds.shape)}")
+            if input_ids is not None and tuple(input_ids.shape) != tuple(inputs_embeds.shape[:2]):
+                raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds "
+                                 f"{tuple(inputs_embeds.shape)} disagree on [batch, seq]")
+            if input_ids is None and c.ffn == "routed" and c.router == "hash":
+                raise ValueError("the hash router picks experts by token id: pass input_ids alongside "
+                                 "inputs_embeds (any id at positions without a token)")
+            x = inputs_embeds.to(self.embed.weight.dtype)
+        if c.embed_scale:
+            # Round sqrt(d) to the activation dtype first (bf16: sqrt(3072) -> 55.5), as released checkpoints expect.
+            x = x * torch.tensor(math.sqrt(c.d_model), dtype=x.dtype, device=x.device)
+        return x
 
     def new_cache(self, batch: int, max_len: int | None = None) -> A.KVCache:
         """An empty KV cache for `batch` sequences of up to `max_len` tokens (ring buffers of W for local layers)."""
@@ -374,16 +422,3 @@ def sample_next(logits: Tensor, temperature: float, top_k: int | None, generator
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
-
-
-def flops_per_token(config: TransformerConfig, seq_len: int, n_params_nonembed: int | None = None) -> float:
-    """Training FLOPs per token: 6 N + 6 L H hd T, with N = non-embedding params + the output projection.
-
-    Windows are ignored (full causal attention counted) so MFU figures compare across implementations.
-    """
-    c = config
-    if n_params_nonembed is None:
-        with torch.device("meta"):
-            n_params_nonembed = Transformer(c).num_params(embedding=False)
-    n = n_params_nonembed + c.vocab_size * c.d_model
-    return 6.0 * n + A.attention_flops_per_token(c.n_layers, c.n_heads, c.head_dim, seq_len)

@@ -1,0 +1,280 @@
+"""``lm.LMModule``: what every language-model LightningModule shares; ``CausalLM`` and ``Distill`` are siblings on it.
+
+The base owns the optimisation options (AdamW, warmup + cosine), the trained model's name and overrides, the routed
+model's REINFORCE / balancing losses, throughput and MFU, the token-weighted validation loss and the checkpoint
+contract. A subclass names its model (``declare_model``) and writes its own ``training_step``.
+
+The model is built in ``configure_model`` (the hook Lightning calls inside the strategy's init context, so a sharded
+strategy can build it on the meta device), guarded so a second call is a no-op. Everything that needs the model
+(``forward``, ``configure_optimizers``, checkpoint loading) calls it first, so plain-Python use works too. The
+config is known from ``__init__`` on: it comes from a meta-device build, which costs no memory and checks the name
+and overrides before any training.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import zoo
+from lm.flops import mfu_flops_per_token
+from lm.metrics import bits_per_byte, mfu, peak_flops
+from lm.optim import check_optim_args, lr_at, make_adamw, param_groups
+from lm.routing import reinforce_loss
+from zoo.models.transformer import TransformerOutput
+from zoo.weights.lm import CHECKPOINT_FORMAT, CHECKPOINT_KIND
+
+# Defaults of the RL-R knobs, applied only when the model has an RL-R router (set elsewhere, they are an error).
+REINFORCE_WEIGHT, BASELINE_MOMENTUM = 1.0, 0.9
+
+
+def split_batch(batch: Tensor | tuple | list) -> tuple[Tensor | None, Tensor]:
+    """(window indices or None, tokens [B, T+1]) from a TextDataModule batch."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1]
+    return None, batch
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-token negative log-likelihood [B, T] of targets [B, T] under logits [B, T, V] (float32)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), reduction="none").view_as(targets)
+
+
+def check_data_fits(model_name: str, config: Any, vocab_size: int | None, seq_len: int | None,
+                    tokenizer: str | None = None) -> None:
+    """Raise a ValueError naming the value when a tokenizer or sequence length does not fit the model."""
+    if vocab_size is not None and vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer!r} has vocab_size={vocab_size} but model {model_name!r} has "
+                         f"vocab_size={config.vocab_size}; use the model's tokenizer or set "
+                         f"model_overrides: {{vocab_size: {vocab_size}}}")
+    if seq_len is not None and seq_len > config.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} exceeds model {model_name!r}'s max_seq_len={config.max_seq_len}; "
+                         f"lower data.seq_len or set model_overrides: {{max_seq_len: {seq_len}}}")
+
+
+class LMModule(L.LightningModule):
+    """Base of the LM LightningModules: AdamW with warmup + cosine, routed-model losses, throughput/MFU, validation.
+
+    Args:
+        lr: peak learning rate. weight_decay: AdamW decay of matrices (not norms, biases, embeddings).
+        warmup_steps: linear warmup steps. total_steps: cosine length (None: the Trainer's estimate).
+        min_lr_ratio: final learning rate as a fraction of ``lr``. betas, eps: AdamW's.
+        reinforce_weight: weight of the RL-R router's REINFORCE loss (None: 1.0); only for ``router: rlr``.
+        baseline_momentum: momentum of the REINFORCE reward baseline (None: 0.9); only for ``router: rlr``.
+        balance_weight: weight of the RL-R router's load-balancing loss; only for ``router: rlr``.
+        peak_flops: device peak FLOP/s for MFU (None: the datasheet value of known GPUs; no MFU on CPU).
+        throughput_every: steps per tokens/s and MFU measurement window.
+    """
+
+    # Logged metrics worth a line in the end-of-run summary (read by the trainer's summary printer).
+    summary_metrics: ClassVar[tuple[str, ...]] = ("val/bpb", "perf/tokens_per_s", "perf/mfu")
+    contract_kind: ClassVar[str] = CHECKPOINT_KIND
+
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.1, warmup_steps: int = 100,
+                 total_steps: int | None = None, min_lr_ratio: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                 reinforce_weight: float | None = None, baseline_momentum: float | None = None,
+                 balance_weight: float = 0.0, peak_flops: float | None = None, throughput_every: int = 10) -> None:
+        super().__init__()
+        # Collects this signature and the subclass's (Lightning reads every __init__ frame of the object).
+        self.save_hyperparameters()
+        check_optim_args(self.hparams)
+        self.model: nn.Module | None = None
+        self.model_name: str = ""
+        self.model_overrides: dict[str, Any] = {}
+        self._config: Any = None
+        # Running mean of the REINFORCE reward, seeded by the first batch's mean (flag = 0 until then) rather
+        # than an arbitrary constant. Buffers, so a resumed run keeps them.
+        self.register_buffer("reward_baseline", torch.zeros(()))
+        self.register_buffer("reward_baseline_set", torch.zeros(()))
+        self.bytes_per_token: dict[str, float] = {}
+        self._flops_per_token: float | None = None
+        self._tok_count = 0
+        self._tok_mark: float | None = None
+        self._val_sum = torch.zeros(())
+        self._val_n = torch.zeros(())
+
+    # -- the trained model ---------------------------------------------------------------------------------------
+    def declare_model(self, name: str, overrides: dict[str, Any] | None, key: str = "model") -> None:
+        """Name the trained model; its config is checked now (meta-device build), its weights made in configure_model.
+
+        ``key`` is the init argument naming it, for error messages (``model``, ``student``).
+        """
+        self.model_name, self.model_overrides = name, dict(overrides or {})
+        meta = zoo.create(name, device="meta", **self.model_overrides)
+        if not hasattr(meta, "config"):
+            raise ValueError(f"{key}={name!r} is not a zoo language model (it has no .config); "
+                             "pick one of the Transformer names in zoo.available()")
+        self._config = meta.config
+        self._check_routing_knobs()
+
+    def _check_routing_knobs(self) -> None:
+        # A knob that does nothing for this model is an error, so a config never claims a setting it does not use.
+        c, hp = self._config, self.hparams
+        if c.ffn == "routed" and c.router == "rlr":
+            return
+        for key, unused in (("reinforce_weight", hp.reinforce_weight is not None),
+                            ("baseline_momentum", hp.baseline_momentum is not None),
+                            ("balance_weight", hp.balance_weight != 0.0)):
+            if unused:
+                raise ValueError(f"model.{key}={hp[key]!r} has no effect: only the RL-R router (model_overrides: "
+                                 f"{{ffn: routed, router: rlr}}) uses it, and {self.model_name!r} has "
+                                 f"ffn={c.ffn!r}" + (f", router={c.router!r}" if c.ffn == "routed" else "")
+                                 + "; remove the key")
+
+    @property
+    def config(self) -> Any:
+        """The trained Transformer's config (available before the weights are built)."""
+        return self.model.config if self.model is not None else self._config
+
+    def configure_model(self) -> None:
+        """Build the trained model (a no-op when it exists); Lightning calls this in the strategy's init context."""
+        if self.model is None:
+            self.model = zoo.create(self.model_name, **self.model_overrides)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Build the model before Lightning loads its weights (``load_from_checkpoint`` outside a Trainer)."""
+        self.configure_model()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Write the checkpoint contract: what a reader needs to rebuild the trained model (zoo.load_lm reads it)."""
+        checkpoint["zoo"] = {"format": CHECKPOINT_FORMAT, "kind": self.contract_kind, "model": self.model_name,
+                             "overrides": dict(self.model_overrides), "prefix": "model."}
+
+    def forward(self, input_ids: Tensor | None = None, **kwargs: Any) -> Any:
+        """The trained model's forward (logits [B, T, V] by default; see zoo.models.transformer.Transformer)."""
+        self.configure_model()
+        return self.model(input_ids, **kwargs)
+
+    # -- data checks ---------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check the data module's tokenizer and seq_len against the model; read its bytes per token."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        vocab = dm.vocab_size if hasattr(dm, "vocab_size") else None
+        check_data_fits(self.model_name, self.config, vocab, getattr(dm, "seq_len", None),
+                        getattr(dm, "tokenizer_spec", None))
+        if hasattr(dm, "bytes_per_token"):
+            if getattr(dm, "meta", None) is None:
+                dm.setup(stage)
+            self.bytes_per_token = {s: dm.bytes_per_token(s) for s in ("train", "val")}
+
+    # -- shared step pieces --------------------------------------------------------------------------------------
+    def run_model(self, tokens: Tensor) -> tuple[TransformerOutput, Tensor]:
+        """Forward on tokens[:, :-1]: the model's full output and the per-token NLL [B, T] of tokens[:, 1:]."""
+        out = self(tokens[:, :-1], return_aux=True)
+        return out, token_nll(out.logits, tokens[:, 1:])
+
+    def routing_loss(self, out: TransformerOutput, nll: Tensor, stage: str) -> Tensor:
+        """Weighted RL-R losses (REINFORCE with reward = token log-likelihood minus a running mean, plus load
+        balancing) to add to the training loss; logs per-expert load and routing entropy."""
+        rl = balance = nll.new_zeros(())
+        if not out.routing:
+            return rl
+        reward = -nll.detach()
+        # The baseline includes this batch: while the loss falls fast, a lagging mean would make every advantage
+        # positive and reinforce whichever expert happened to be picked (routing collapse).
+        # torch.where, not `if`: no host-device sync per step on GPU.
+        hp = self.hparams
+        m = BASELINE_MOMENTUM if hp.baseline_momentum is None else hp.baseline_momentum
+        mean = reward.mean()
+        base = torch.where(self.reward_baseline_set > 0, m * self.reward_baseline + (1 - m) * mean, mean)
+        used_rl = False
+        for i, aux in enumerate(out.routing):
+            load = aux.stats["load"]
+            if load.numel() <= 16:
+                for e in range(load.numel()):
+                    self.log(f"{stage}/route{i}/load_e{e}", load[e])
+            else:  # many experts: the extremes say whether routing is balanced
+                self.log(f"{stage}/route{i}/load_max", load.max())
+                self.log(f"{stage}/route{i}/load_min", load.min())
+            for key in ("load_entropy", "router_entropy"):
+                if key in aux.stats:
+                    self.log(f"{stage}/route{i}/{key}", aux.stats[key])
+            if stage == "train" and aux.log_prob is not None:
+                rl = rl + reinforce_loss(aux.log_prob, reward, base)
+                used_rl = True
+            if stage == "train" and aux.balance_loss is not None:
+                balance = balance + aux.balance_loss
+                self.log(f"train/route{i}/balance_loss", aux.balance_loss)
+        if not used_rl:
+            return rl
+        self.reward_baseline.copy_(base)
+        self.reward_baseline_set.fill_(1.0)
+        self.log("train/reinforce_loss", rl)
+        self.log("train/reward_baseline", self.reward_baseline)
+        weight = REINFORCE_WEIGHT if hp.reinforce_weight is None else hp.reinforce_weight
+        return weight * rl + hp.balance_weight * balance
+
+    def log_bpb(self, stage: str, loss: Tensor, prog_bar: bool = False) -> None:
+        """Log {stage}/bpb from a mean NLL when the data module gave its bytes per token."""
+        if stage in self.bytes_per_token:
+            self.log(f"{stage}/bpb", bits_per_byte(loss.detach(), self.bytes_per_token[stage]), prog_bar=prog_bar)
+
+    # -- throughput ----------------------------------------------------------------------------------------------
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Throughput and MFU over the last ``throughput_every`` steps (first window skipped: warm-up)."""
+        _, tokens = split_batch(batch)
+        b, t1 = tokens.shape
+        if self._flops_per_token is None:
+            self._flops_per_token = mfu_flops_per_token(self.model, t1 - 1)
+        self._tok_count += b * (t1 - 1) * self.trainer.world_size
+        if (batch_idx + 1) % self.hparams.throughput_every:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # only at window ends: per-step syncs would slow training
+        now = time.perf_counter()
+        if self._tok_mark is not None:
+            rate = self._tok_count / max(now - self._tok_mark, 1e-9)
+            self.log("perf/tokens_per_s", rate)
+            peak = self.hparams.peak_flops or peak_flops(self.device)
+            util = mfu(self._flops_per_token, rate, peak, self.trainer.world_size)
+            if util is not None:
+                self.log("perf/mfu", util)
+        self._tok_mark, self._tok_count = now, 0
+
+    def on_train_epoch_start(self) -> None:
+        """Restart the throughput window so evaluation time is not counted as training time."""
+        self._tok_mark, self._tok_count = None, 0
+
+    # -- validation ----------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        """Reset the token-weighted validation sums."""
+        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_n = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._tok_mark = None  # validation pauses training: next throughput window starts fresh
+
+    def accumulate_val(self, nll: Tensor) -> None:
+        """Add a batch's summed NLL and token count (exact token-weighted mean, not a mean of batch means)."""
+        self._val_sum += nll.double().sum()
+        self._val_n += nll.numel()
+
+    def on_validation_epoch_end(self) -> None:
+        """Log val/loss, val/ppl and val/bpb from the summed NLL across all ranks."""
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        n = self.trainer.strategy.reduce(self._val_n, reduce_op="sum")
+        if float(n) == 0:
+            return
+        loss = (total / n).float()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss))
+        self.log_bpb("val", loss, prog_bar=True)
+
+    # -- optimiser -----------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        """AdamW (no decay on norms/biases/embeddings) with per-step warmup + cosine to min_lr_ratio of peak."""
+        self.configure_model()
+        hp = self.hparams
+        opt = make_adamw(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=hp.betas, eps=hp.eps)
+        total = hp.total_steps or int(self.trainer.estimated_stepping_batches)
+        if total <= 0 or total == math.inf:
+            raise ValueError("cannot size the cosine schedule: set trainer.max_steps or model total_steps")
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_at(s, 1.0, hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

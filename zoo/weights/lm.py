@@ -1,0 +1,108 @@
+"""Loading a trained language model: ``zoo.load_lm(name | checkpoint | run folder | Hugging Face folder)``.
+
+LM training modules write a contract into each checkpoint, read here and nowhere else::
+
+    checkpoint["zoo"] = {"format": 1, "kind": "lm", "model": <registry name>, "overrides": {...}, "prefix": "model."}
+
+so a reader rebuilds the architecture with ``zoo.create(model, **overrides)`` and takes the state-dict entries under
+``prefix``, without knowing which module wrote the file. Checkpoints written before the contract existed are read
+through their Lightning hyper-parameters (``model``/``model_overrides``, or ``student``/``student_overrides`` of a
+distillation run), the only other place they recorded it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KIND = "lm"
+
+
+@dataclass
+class LMCheckpoint:
+    """What a language-model checkpoint says about its model, and the model's own state dict (prefix removed)."""
+
+    path: str
+    model: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """A .ckpt file as given, or the one a run folder holds: its last.ckpt, else the newest *.ckpt inside."""
+    path = str(path)
+    if os.path.isdir(path):
+        found = sorted(Path(path).rglob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime))
+        if not found:
+            raise FileNotFoundError(f"no .ckpt file under {path!r}; train the model first "
+                                    "(e.g. `zoo fit --config configs/lm/stdlib_gemma2_tiny.yaml`)")
+        return str(found[-1])
+    return path
+
+
+def read_lm_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LMCheckpoint:
+    """Read a language-model checkpoint (file or run folder) through the safe loader: contract first, old layout next."""
+    from zoo.weights.safe_load import safe_torch_load
+
+    spec = resolve_checkpoint(path)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"checkpoint {spec!r} does not exist; train one with `zoo fit --config ...` "
+                                "or pass a model name from zoo.available()")
+    # The project's one safe reader: truncated, empty and hostile files give one clear error naming the file.
+    ckpt = safe_torch_load(spec, map_location=map_location)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"checkpoint {spec!r} has no 'state_dict' (got {type(ckpt).__name__}); it was not written "
+                         "by this project's language-model trainer")
+    contract = ckpt.get("zoo")
+    if isinstance(contract, dict) and contract.get("kind") == CHECKPOINT_KIND:
+        if contract.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint {spec!r} has contract format {contract.get('format')!r}; this version "
+                             f"reads format {CHECKPOINT_FORMAT}: upgrade byol-zoo")
+        name, overrides, prefix = contract["model"], contract.get("overrides"), contract.get("prefix", "model.")
+    elif isinstance(contract, dict):
+        raise ValueError(f"checkpoint {spec!r} holds a {contract.get('kind')!r} model, not a language model; "
+                         "load it with zoo.load_backbone(path)")
+    else:
+        hp = ckpt.get("hyper_parameters") or {}
+        prefix = "model."
+        if "student" in hp:  # a distillation checkpoint: the student is the trained model
+            name, overrides = hp["student"], hp.get("student_overrides")
+        elif "model" in hp:
+            name, overrides = hp["model"], hp.get("model_overrides")
+        else:
+            raise ValueError(f"checkpoint {spec!r} has neither a 'zoo' contract nor lm.CausalLM / lm.Distill "
+                             "hyper-parameters; it was not written by this project's language-model trainer")
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    return LMCheckpoint(spec, str(name), dict(overrides or {}), state)
+
+
+def is_checkpoint_spec(spec: str) -> bool:
+    """Whether ``spec`` names a file or folder (rather than a registry entry)."""
+    return spec.endswith(".ckpt") or os.path.sep in spec or os.path.exists(spec)
+
+
+def load_lm(spec: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """A zoo Transformer in eval mode from a registry name (random init), an LM checkpoint or run folder, or a
+    Hugging Face Gemma folder."""
+    import zoo
+
+    spec = str(spec)
+    if not is_checkpoint_spec(spec):
+        return zoo.create(spec)
+    if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
+        from zoo.weights.hf import from_hf
+
+        return from_hf(spec, device=map_location).eval()
+    ckpt = read_lm_checkpoint(spec, map_location)
+    model = zoo.create(ckpt.model, **ckpt.overrides)
+    try:
+        model.load_state_dict(ckpt.state_dict)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {ckpt.path!r} does not match model {ckpt.model!r} with overrides "
+                         f"{ckpt.overrides}: {str(err).splitlines()[0]}") from err
+    return model.eval()
