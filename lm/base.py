@@ -61,9 +61,13 @@ class LMModule(L.LightningModule):
     """Base of the LM LightningModules: AdamW with warmup + cosine, routed-model losses, throughput/MFU, validation.
 
     Args:
-        lr: peak learning rate. weight_decay: AdamW decay of matrices (not norms, biases, embeddings).
-        warmup_steps: linear warmup steps. total_steps: cosine length (None: the Trainer's estimate).
-        min_lr_ratio: final learning rate as a fraction of ``lr``. betas, eps: AdamW's.
+        lr: peak learning rate.
+        weight_decay: AdamW decay of matrices (not norms, biases, embeddings).
+        warmup_steps: linear warmup steps.
+        total_steps: cosine length (None: the Trainer's estimate of the run's steps).
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        betas: AdamW's moment decay rates.
+        eps: AdamW's denominator epsilon.
         reinforce_weight: weight of the RL-R router's REINFORCE loss (None: 1.0); only for ``router: rlr``.
         baseline_momentum: momentum of the REINFORCE reward baseline (None: 0.9); only for ``router: rlr``.
         balance_weight: weight of the RL-R router's load-balancing loss; only for ``router: rlr``.
@@ -88,6 +92,7 @@ class LMModule(L.LightningModule):
         self.model_name: str = ""
         self.model_overrides: dict[str, Any] = {}
         self._config: Any = None
+        self.tokenizer_spec: str | None = None  # the data module's tokenizer, recorded in the checkpoint contract
         # Running mean of the REINFORCE reward, seeded by the first batch's mean (flag = 0 until then) rather
         # than an arbitrary constant. Buffers, so a resumed run keeps them.
         self.register_buffer("reward_baseline", torch.zeros(()))
@@ -144,7 +149,8 @@ class LMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Write the checkpoint contract: what a reader needs to rebuild the trained model (zoo.load_lm reads it)."""
         checkpoint["zoo"] = {"format": CHECKPOINT_FORMAT, "kind": self.contract_kind, "model": self.model_name,
-                             "overrides": dict(self.model_overrides), "prefix": "model."}
+                             "overrides": dict(self.model_overrides), "prefix": "model.",
+                             "tokenizer": self.tokenizer_spec}
 
     def forward(self, input_ids: Tensor | None = None, **kwargs: Any) -> Any:
         """The trained model's forward (logits [B, T, V] by default; see zoo.models.transformer.Transformer)."""
@@ -158,8 +164,9 @@ class LMModule(L.LightningModule):
         if dm is None:
             return
         vocab = dm.vocab_size if hasattr(dm, "vocab_size") else None
-        check_data_fits(self.model_name, self.config, vocab, getattr(dm, "seq_len", None),
-                        getattr(dm, "tokenizer_spec", None))
+        spec = getattr(dm, "tokenizer_spec", None)
+        check_data_fits(self.model_name, self.config, vocab, getattr(dm, "seq_len", None), spec)
+        self.tokenizer_spec = None if spec is None else str(spec)
         if hasattr(dm, "bytes_per_token"):
             if getattr(dm, "meta", None) is None:
                 dm.setup(stage)

@@ -157,13 +157,16 @@ class Distill(LMModule):
     """Train ``student`` on a frozen teacher's next-token distributions (full, or a stored top-k / sampled subset).
 
     Args:
-        student: registry name of the student Transformer. student_overrides: its TransformerConfig overrides.
-        teacher: registry name of a teacher (random weights; for tests and ablations), or
-        teacher_ckpt: an LM checkpoint or run folder (zoo.load_lm reads it). teacher_overrides: with ``teacher``.
+        student: registry name of the student Transformer.
+        teacher: registry name of a teacher with random weights (tests, ablations); or use teacher_ckpt.
+        teacher_ckpt: the teacher as an LM checkpoint or run folder (read by zoo.load_lm).
+        student_overrides: TransformerConfig fields of the student to override.
+        teacher_overrides: TransformerConfig fields of a ``teacher`` given by name to override.
         top_k: stored targets per position (None: the teacher's full distribution every step).
         subset: "topk" (the k most likely) or "sample" (k drawn without replacement, as Gemma 2).
         hard_weight: weight of the plain next-token loss added to the distillation loss.
-        precompute_batch_size: teacher batch size of the stored-target precompute. seed: its sampling seed.
+        precompute_batch_size: teacher batch size of the stored-target precompute.
+        seed: sampling seed of the stored-target precompute.
         **kwargs: the optimisation and logging options of lm.LMModule (lr, weight_decay, warmup_steps, ...).
     """
 

@@ -1,7 +1,7 @@
 """byol-zoo's model zoo: named architectures, their weights, and what every method shares."""
 from zoo.models.registry import available, create, register
 
-__all__ = ["available", "create", "register", "load_backbone", "from_hf"]
+__all__ = ["available", "create", "register", "load_backbone", "from_hf", "load_lm"]
 
 
 def __getattr__(name: str):
@@ -14,4 +14,8 @@ def __getattr__(name: str):
         from zoo.weights.hf import from_hf
 
         return from_hf
+    if name == "load_lm":
+        from zoo.weights.lm import load_lm
+
+        return load_lm
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")

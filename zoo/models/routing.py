@@ -13,7 +13,6 @@ the module so each can be tested against its formula.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import NamedTuple
 
@@ -107,7 +106,7 @@ def expert_config(config: TransformerConfig) -> TransformerConfig:
     kind = config.expert_ffn
     if kind not in ("geglu", "gelu"):
         raise ValueError(f"expert FFN kind must be 'geglu' or 'gelu', got expert_ffn={kind!r}")
-    return dataclasses.replace(config, ffn=kind)
+    return config.replace(ffn=kind)  # also resets the routed-only fields, which a dense config refuses
 
 
 class RoutedFFN(nn.Module):

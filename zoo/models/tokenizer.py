@@ -143,3 +143,59 @@ def load_tokenizer(spec: str | Path | None = None) -> ByteTokenizer | HFTokenize
         return SentencePieceTokenizer(path)
     raise ValueError(f"cannot tell the tokenizer type of {path}: use a .json (Hugging Face) or .model "
                      "(SentencePiece) file, or 'byte'")
+
+
+def _byte_to_char() -> dict[int, str]:
+    """The byte-level alphabet of Hugging Face's ByteLevel pre-tokenizer: printable bytes stand for themselves, the
+    others (controls, space, ...) for the characters U+0100 onwards, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, folder: str | Path, model_max_length: int | None = None) -> list[Path]:
+    """Write ``tokenizer`` as files ``transformers.AutoTokenizer.from_pretrained(folder)`` reads; returns them.
+
+    The byte tokenizer becomes a byte-level BPE with no merges (each UTF-8 byte one token, same ids; pad/bos/eos as
+    256/257/258), so encode and decode match ``ByteTokenizer`` exactly; a tokenizer.json or SentencePiece model is
+    copied as it is.
+    """
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, HFTokenizer):
+        written = [Path(shutil.copyfile(tokenizer.path, folder / "tokenizer.json"))]
+        cfg = tokenizer.path.parent / "tokenizer_config.json"
+        if cfg.is_file():
+            written.append(Path(shutil.copyfile(cfg, folder / "tokenizer_config.json")))
+        return written
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return [Path(shutil.copyfile(tokenizer.path, folder / "tokenizer.model"))]
+    if not isinstance(tokenizer, ByteTokenizer):
+        raise TypeError(f"cannot write {tokenizer!r} as Hugging Face tokenizer files; "
+                        "expected ByteTokenizer, HFTokenizer or SentencePieceTokenizer")
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as _Tok
+
+    vocab = {ch: b for b, ch in _byte_to_char().items()}
+    tok = _Tok(models.BPE(vocab=vocab, merges=[]))
+    # No regex split and no prefix space: the text maps to its bytes one to one, as ByteTokenizer.encode does.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = {"<pad>": ByteTokenizer.pad_id, "<bos>": ByteTokenizer.bos_id, "<eos>": ByteTokenizer.eos_id}
+    tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
+    assert all(tok.token_to_id(n) == i for n, i in specials.items()), "special ids must follow the 256 bytes"
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "bos_token": "<bos>",
+           "eos_token": "<eos>", "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    if model_max_length is not None:
+        cfg["model_max_length"] = model_max_length
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return [folder / "tokenizer.json", folder / "tokenizer_config.json"]

@@ -25,6 +25,12 @@ FFN_KINDS = ("geglu", "gelu", "routed")
 ROUTERS = ("sbase", "hash", "rlr")
 
 
+# Fields read only by routed FFN layers, and those read only by some routers (see _refuse_dead_knobs).
+_ROUTED_ONLY = ("n_experts", "router", "routing_frequency", "expert_ffn", "sinkhorn_iters", "hash_seed",
+                "balance_bias_momentum")
+_ROUTER_ONLY = {"sinkhorn_iters": ("sbase",), "balance_bias_momentum": ("sbase",), "hash_seed": ("hash",)}
+
+
 @dataclass
 class TransformerConfig:
     """Every switch of the Transformer; model families differ only by these values."""
@@ -87,6 +93,19 @@ class TransformerConfig:
             raise ValueError(f"layer_pattern has 'local' layers but window={self.window!r}; set window >= 1")
         if self.routing_frequency < 1:
             raise ValueError(f"routing_frequency={self.routing_frequency} must be >= 1")
+        self._refuse_dead_knobs()
+
+    def _refuse_dead_knobs(self) -> None:
+        # A router setting that the chosen FFN / router never reads is an error, not a silent no-op.
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.ffn != "routed":
+            unused, why = _ROUTED_ONLY, f"ffn={self.ffn!r} is dense; set ffn='routed' to use it, or remove the key"
+        else:
+            unused = tuple(k for k, routers in _ROUTER_ONLY.items() if self.router not in routers)
+            why = f"router={self.router!r} does not read it; remove the key"
+        for key in unused:
+            if getattr(self, key) != defaults[key]:
+                raise ValueError(f"{key}={getattr(self, key)!r} has no effect: {why}")
 
     @property
     def scale(self) -> float:
@@ -111,6 +130,10 @@ class TransformerConfig:
         # and a head_dim of d_model // n_heads is recomputed when either changes.
         if overrides.get("ffn") == "routed" and "expert_ffn" not in overrides and self.ffn != "routed":
             overrides["expert_ffn"] = self.ffn  # a routed Gopher keeps GELU experts, a routed Gemma GeGLU ones
+        if overrides.get("ffn", self.ffn) != "routed" and self.ffn == "routed":
+            # Back to a dense FFN: the routed settings go with it (they would be dead knobs).
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            overrides = {**{k: defaults[k] for k in _ROUTED_ONLY}, **overrides}
         if "n_heads" in overrides and "n_kv_heads" not in overrides and self.n_kv_heads == self.n_heads:
             overrides["n_kv_heads"] = None
         if ({"n_heads", "d_model"} & set(overrides) and "head_dim" not in overrides

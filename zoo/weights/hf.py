@@ -294,16 +294,30 @@ def load_hf_tokenizer(path: str | Path):
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def _load_model(spec: str, model_name: str | None, overrides: dict) -> Transformer:
+def _load_model(spec: str, model_name: str | None, overrides: dict) -> tuple[Transformer, str | None]:
+    """The model named by ``spec`` and the tokenizer it was trained with ("byte", a file, or None if unknown)."""
     import zoo
 
     path = Path(spec).expanduser()
     if not path.exists():
-        return zoo.create(spec, **overrides)  # a registry name: random init (unknown names raise with hints)
-    if path.is_dir():
-        return from_hf(path, **overrides)
+        model = zoo.create(spec, **overrides)  # a registry name: random init (unknown names raise with hints)
+        return model, "byte" if model.config.vocab_size == 259 else None
+    if path.is_dir() and (path / "config.json").is_file():
+        return from_hf(path, **overrides), str(path)
+    if model_name is None and path.suffix != ".safetensors":
+        from zoo.weights.lm import read_lm_checkpoint
+
+        # The checkpoint (or run folder) records its architecture: no --model needed.
+        ckpt = read_lm_checkpoint(path)
+        model = zoo.create(ckpt.model, **{**ckpt.overrides, **overrides})
+        try:
+            model.load_state_dict(ckpt.state_dict, strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{ckpt.path} does not match model {ckpt.model!r} with overrides "
+                             f"{ {**ckpt.overrides, **overrides} }: {str(err).splitlines()[0]}") from err
+        return model, ckpt.tokenizer
     if model_name is None:
-        raise ValueError(f"{path} is a checkpoint file: pass --model NAME (the registry entry it was trained as)")
+        raise ValueError(f"{path} is a bare safetensors file: pass --model NAME (the registry entry it was trained as)")
     from zoo.weights.safe_load import read_safetensors, safe_torch_load
 
     if path.suffix == ".safetensors":
@@ -323,16 +337,22 @@ def _load_model(spec: str, model_name: str | None, overrides: dict) -> Transform
         model.load_state_dict(sd, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{path} does not match model {model_name!r} with overrides {overrides}: {err}") from err
-    return model
+    return model, None
 
 
 def main(argv: list[str]) -> int:
-    """`zoo export-hf CKPT_OR_NAME --out DIR [--model NAME] [--set field=value ...] [--dtype bfloat16]`."""
+    """`zoo export-hf CKPT_OR_NAME --out DIR [--model NAME] [--tokenizer SPEC] [--set field=value ...] [--dtype ...]`."""
+    from zoo.models.tokenizer import load_tokenizer, save_hf_tokenizer
+
     ap = argparse.ArgumentParser(prog="zoo export-hf", description="Write a zoo language model as a Hugging Face "
-                                 "Gemma / Gemma 2 folder loadable by transformers.")
-    ap.add_argument("source", help="registry name (random init), a .ckpt/.safetensors checkpoint, or an HF folder")
+                                 "Gemma / Gemma 2 folder (weights, config and tokenizer) loadable by transformers.")
+    ap.add_argument("source", help="registry name (random init), an LM checkpoint or run folder, a .safetensors "
+                    "file (with --model), or an HF folder")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--model", help="registry name of the checkpoint's architecture (for checkpoint files)")
+    ap.add_argument("--model", help="registry name of the architecture; needed only for a bare .safetensors file "
+                    "(LM checkpoints record it)")
+    ap.add_argument("--tokenizer", help="tokenizer to write beside the weights ('byte', a tokenizer.json, a "
+                    "SentencePiece .model, or a folder); default: the one the checkpoint records")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a TransformerConfig field (value parsed as JSON, else a string)")
     ap.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
@@ -346,8 +366,19 @@ def main(argv: list[str]) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    model = _load_model(args.source, args.model, overrides)
+    model, recorded = _load_model(args.source, args.model, overrides)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = export_hf(model, args.out, dtype=dtype)
     print(f"wrote {out}/config.json and model.safetensors ({model.num_params():,} parameters)")
+    spec = args.tokenizer or recorded
+    if spec is None:
+        print("no tokenizer written: the source does not record one; pass --tokenizer (e.g. --tokenizer byte)")
+        return 0
+    tokenizer = load_tokenizer(spec)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"--tokenizer {spec!r} has vocab_size={tokenizer.vocab_size} but the model has "
+                         f"vocab_size={model.config.vocab_size}; pass the tokenizer the model was trained with")
+    files = save_hf_tokenizer(tokenizer, out, model_max_length=model.config.max_seq_len)
+    print(f"wrote {', '.join(f.name for f in files)} ({tokenizer!r}); load with "
+          f"transformers.AutoTokenizer.from_pretrained({str(out)!r})")
     return 0

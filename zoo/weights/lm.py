@@ -2,7 +2,8 @@
 
 LM training modules write a contract into each checkpoint, read here and nowhere else::
 
-    checkpoint["zoo"] = {"format": 1, "kind": "lm", "model": <registry name>, "overrides": {...}, "prefix": "model."}
+    checkpoint["zoo"] = {"format": 1, "kind": "lm", "model": <registry name>, "overrides": {...}, "prefix": "model.",
+                         "tokenizer": <the data module's tokenizer spec: "byte", a file path, or None>}
 
 so a reader rebuilds the architecture with ``zoo.create(model, **overrides)`` and takes the state-dict entries under
 ``prefix``, without knowing which module wrote the file. Checkpoints written before the contract existed are read
@@ -31,6 +32,7 @@ class LMCheckpoint:
     model: str
     overrides: dict[str, Any] = field(default_factory=dict)
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokenizer: str | None = None  # as the data module named it ("byte", a tokenizer file); None when not recorded
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> str:
@@ -64,12 +66,13 @@ def read_lm_checkpoint(path: str | os.PathLike, map_location: str | torch.device
             raise ValueError(f"checkpoint {spec!r} has contract format {contract.get('format')!r}; this version "
                              f"reads format {CHECKPOINT_FORMAT}: upgrade byol-zoo")
         name, overrides, prefix = contract["model"], contract.get("overrides"), contract.get("prefix", "model.")
+        tokenizer = contract.get("tokenizer")
     elif isinstance(contract, dict):
         raise ValueError(f"checkpoint {spec!r} holds a {contract.get('kind')!r} model, not a language model; "
                          "load it with zoo.load_backbone(path)")
     else:
         hp = ckpt.get("hyper_parameters") or {}
-        prefix = "model."
+        prefix, tokenizer = "model.", None
         if "student" in hp:  # a distillation checkpoint: the student is the trained model
             name, overrides = hp["student"], hp.get("student_overrides")
         elif "model" in hp:
@@ -78,7 +81,7 @@ def read_lm_checkpoint(path: str | os.PathLike, map_location: str | torch.device
             raise ValueError(f"checkpoint {spec!r} has neither a 'zoo' contract nor lm.CausalLM / lm.Distill "
                              "hyper-parameters; it was not written by this project's language-model trainer")
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    return LMCheckpoint(spec, str(name), dict(overrides or {}), state)
+    return LMCheckpoint(spec, str(name), dict(overrides or {}), state, tokenizer)
 
 
 def is_checkpoint_spec(spec: str) -> bool:
