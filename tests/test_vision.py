@@ -59,3 +59,55 @@ def test_available_lists_models_not_the_timm_builder():
     for bad in ("timm", "timm:"):
         with pytest.raises(KeyError, match="timm:<name>"):
             zoo.create(bad)
+
+
+def _vision_names() -> list[str]:
+    from zoo.models.lm_configs import CONFIGS
+
+    return [n for n in zoo.available() if n not in CONFIGS]
+
+
+@pytest.mark.parametrize("name,grid", [("resnet18", 2), ("resnet50", 2), ("resnet18_cifar", 8), ("convnet_tiny", 8),
+                                       ("timm:resnet18", 2), ("timm:convnext_atto", 2)])
+def test_forward_features_grid_pools_to_the_pooled_vector(name, grid):
+    from zoo.models.vision import feature_tokens
+
+    torch.manual_seed(0)
+    m = zoo.create(name).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        assert feats.shape == (2, m.num_features, grid, grid)
+        torch.testing.assert_close(m.forward_head(feats, pre_logits=True), m(x))
+        tokens = feature_tokens(m, x)
+        assert tokens.shape == (2, grid * grid, m.num_features)
+        assert torch.equal(tokens[:, 1], feats[:, :, 0, 1])  # row-major: token 1 is row 0, column 1
+        if name != "timm:convnext_atto":  # ConvNeXt normalises after pooling; the others only average the grid
+            torch.testing.assert_close(tokens.mean(1), m(x), atol=1e-5, rtol=1e-5)
+
+
+def test_every_registered_vision_family_has_the_feature_api():
+    from zoo.models.vision import feature_tokens
+
+    names = _vision_names()
+    assert {"resnet18", "resnet50x4", "resnet200x2", "convnet_tiny"} <= set(names)
+    for name in names:  # shapes only, on the meta device: no memory for the wide models
+        m = zoo.create(name, device="meta")
+        x = torch.empty(2, 3, 64, 64, device="meta")
+        tokens = feature_tokens(m, x)
+        assert tokens.shape[0] == 2 and tokens.shape[2] == m.num_features, name
+        assert m.forward_head(m.forward_features(x)).shape == (2, m.num_features), name
+
+
+def test_vit_and_swin_tokens():
+    from zoo.models.vision import feature_tokens
+
+    vit = zoo.create("timm:vit_tiny_patch16_224", img_size=32).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        tokens = feature_tokens(vit, x)
+        assert tokens.shape == (1, 1 + 4, vit.num_features)  # class token + 2 x 2 patches
+        torch.testing.assert_close(vit.forward_head(vit.forward_features(x), pre_logits=True), vit(x))
+    swin = zoo.create("timm:swin_tiny_patch4_window7_224", device="meta")  # channels-last maps (output_fmt NHWC)
+    tokens = feature_tokens(swin, torch.empty(1, 3, 224, 224, device="meta"))
+    assert tokens.shape == (1, 7 * 7, swin.num_features)

@@ -2,6 +2,12 @@
 
 Every encoder maps images [B, 3, H, W] to features [B, num_features] (no classifier). ResNets keep torchvision's
 parameter names (``conv1``, ``layer1.0.conv1``, ``downsample.0`` ...) so torchvision state dicts load as they are.
+
+Beside the pooled vector, every encoder has timm's feature API: ``forward_features(x)`` is the trunk's output before
+pooling (a feature map [B, C, H', W'] for CNNs, tokens [B, N, C] for vision transformers, as timm returns them) and
+``forward_head(features, pre_logits=True)`` pools it, so ``forward_head(forward_features(x))`` equals ``forward(x)``.
+``feature_tokens(encoder, x)`` gives any encoder's grid as tokens [B, N, C] (row-major over H' x W'), the form a
+language model consumes as image tokens.
 """
 from __future__ import annotations
 
@@ -84,11 +90,18 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map [B, num_features, H/32, W/32] (H/8 with the CIFAR stem) before pooling."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        """Global average pool of a feature map: [B, num_features] (no classifier, so pre_logits changes nothing)."""
+        return torch.flatten(self.avgpool(x), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, num_features]."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.forward_head(self.forward_features(x))
 
 
 class ConvNetTiny(nn.Module):
@@ -110,9 +123,17 @@ class ConvNetTiny(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = prev
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map [B, num_features, H/8, W/8] before pooling."""
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = True) -> torch.Tensor:
+        """Global average pool of a feature map: [B, num_features]."""
+        return torch.flatten(self.pool(x), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, num_features]."""
-        return torch.flatten(self.pool(self.features(x)), 1)
+        return self.forward_head(self.forward_features(x))
 
 
 def timm_encoder(model_name: str, **kwargs) -> nn.Module:
@@ -126,6 +147,22 @@ def timm_encoder(model_name: str, **kwargs) -> nn.Module:
         return timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as err:  # timm raises RuntimeError("Unknown model ...")
         raise KeyError(f"timm has no model {model_name!r}; list them with timm.list_models()") from err
+
+
+def feature_tokens(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Any zoo vision encoder's unpooled features as tokens [B, N, C]: a map's H' x W' cells row-major, or the
+    token sequence a vision transformer returns (its class/register tokens first, as timm orders them)."""
+    if not hasattr(encoder, "forward_features"):
+        raise TypeError(f"{type(encoder).__name__} has no forward_features; build it with zoo.create(<vision name>)")
+    feats = encoder.forward_features(x)
+    if feats.dim() == 4:
+        if getattr(encoder, "output_fmt", "NCHW") == "NHWC":  # timm families whose maps are channels-last (Swin)
+            return feats.flatten(1, 2)
+        return feats.flatten(2).transpose(1, 2)
+    if feats.dim() == 3:
+        return feats
+    raise ValueError(f"{type(encoder).__name__}.forward_features returned shape {tuple(feats.shape)}; expected "
+                     "[B, C, H, W] or [B, N, C]")
 
 
 def _resnet_builder(depth: int, width: int = 1, cifar_stem: bool = False):
