@@ -171,7 +171,7 @@ def test_lightning_checkpoint_resume_replays_the_remaining_batches(tmp_path):
         return module
 
     ref = fit(tmp_path / "ref")
-    saved = torch.load(tmp_path / "ref" / "step=4.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "ref" / "step=4.ckpt", weights_only=True)
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
     resumed = fit(tmp_path / "resumed", ckpt=str(tmp_path / "ref" / "step=4.ckpt"))
     assert len(ref.seen) == 6 and resumed.seen == ref.seen[4:]
@@ -300,3 +300,13 @@ def test_answer_accuracy_oracle_wrong_and_partial():
     assert partial["all"]["correct"] == partial["caption"]["total"]
     with pytest.raises(ValueError, match="must return the prompt followed by the new tokens"):
         answer_accuracy(lambda ids, images: ids[:, :2], samples)
+
+
+def test_check_model_fits_counts_the_image_tokens():
+    dm = small()
+    dm.check_model_fits(vocab_size=262, max_seq_len=dm.max_length + 1)
+    with pytest.raises(UsageError, match="vocab_size=259 has no room for the image tokens: the data needs 262"):
+        dm.check_model_fits(vocab_size=259, max_seq_len=512)
+    with pytest.raises(UsageError, match=f"longest sequence has {dm.max_length + 1} tokens with tokens_per_image=3 "
+                                         f"but the model's max_seq_len={dm.max_length}"):
+        dm.check_model_fits(vocab_size=262, max_seq_len=dm.max_length)

@@ -17,6 +17,12 @@ logits at position ``t``, -100 where there is none) covers only the answer and i
 or EOI (nothing to predict there), and never the prompt: its text is a fixed template, so predicting it teaches the
 model nothing about the images and would dilute the answer loss (the usual visual-instruction-tuning choice).
 
+Batch (``collate_interleaved``): ``input_ids`` [B, T] and ``labels`` [B, T] (right-padded with the tokenizer's pad
+id), ``loss_mask`` [B, T], ``images`` uint8 [N, 3, S, S] in reading order (normalised by the model on the device,
+as the image datamodules leave augmentation and normalisation to the device), ``image_counts`` [B],
+``image_positions`` [N, 2] (row, first IMAGE position), ``image_ids`` [N] (pool indices), ``task`` [B] (index into
+``TASKS``) and ``skipped`` (files that could not be read; their sequences are dropped, as the image data does).
+
 Tasks (each needs the image): ``caption`` (``<image> this is a`` -> `` 7``), ``sum`` (``<image> + <image> =`` ->
 `` 12``, class names must be integers) and ``question`` (``<image> <image> <image> which is the second?`` -> `` 4``).
 Held-out images: a sequence draws its images only from its split's pool (digits: a seeded stratified split by image,
@@ -337,6 +343,19 @@ class InterleavedDataModule(pl.LightningDataModule):
                 return int(value)
         return 0
 
+    def check_model_fits(self, vocab_size: int, max_seq_len: int) -> None:
+        """Raise a one-line UsageError when a model's vocabulary or maximum length cannot take these sequences."""
+        if vocab_size < self.vocab_size:
+            raise UsageError(f"the model's vocab_size={vocab_size} has no room for the image tokens: the data needs "
+                             f"{self.vocab_size} (tokenizer {self.tokenizer_spec!r} plus IMAGE, BOI, EOI); set "
+                             f"model_overrides: {{vocab_size: {self.vocab_size}}}")
+        if self.max_length is None:
+            self.setup()
+        if self.max_length + 1 > max_seq_len:  # + 1: generating the answer's EOS needs one more position
+            raise UsageError(f"the longest sequence has {self.max_length + 1} tokens with tokens_per_image="
+                             f"{self.tokens_per_image} but the model's max_seq_len={max_seq_len}; set model_overrides: "
+                             f"{{max_seq_len: {self.max_length + 1}}} or lower tokens_per_image / question_images")
+
     def _pool(self, split: str) -> tuple[Dataset, list[int], list[str]]:
         if self.dataset == "digits":
             ds = digits_dataset(split, size=self.image_size, seed=self.split_seed)
@@ -404,7 +423,8 @@ def answer_accuracy(generate: Callable[[Tensor, Tensor], Tensor], samples: Itera
 
     ``generate`` gets prompts [B, T] (equal-length prompts are batched, so no padding) and their images [N, C, H, W]
     in reading order, and returns the prompt followed by the new tokens [B, T + L], as ``Transformer.generate`` does;
-    it should produce ``answer_budget(samples)`` tokens. A sample counts as correct when its first new tokens are its
+    it should produce ``answer_budget(samples)`` tokens. Inputs come on the CPU (move them to the model's device inside
+    ``generate``). A sample counts as correct when its first new tokens are its
     answer and EOS; samples whose images could not be read are left out.
     """
     if batch_size < 1:
