@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -162,3 +163,172 @@ def activation_bytes(config: Any, batch: int, seq_len: int, precision: str, back
     residual = 4 * n * d  # block inputs stay float32 (the residual stream is not autocast)
     return ActivationBytes(per_block, outside, outside + c.n_layers * per_block,
                            outside + c.n_layers * residual + per_block)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything ``zoo plan`` prints for one model, layout and chip."""
+
+    model: str
+    params: int
+    world: int
+    shards: int
+    strategy: str
+    precision: str
+    activation_checkpointing: bool
+    micro_batch: int
+    seq_len: int
+    attn_backend: str
+    state: StateBytes
+    activations: ActivationBytes
+    flops_per_token: float
+    flops_per_step: float
+    chip: str
+    mfu: float
+    step_time_s: float
+    memory_gb: float
+    fits: dict[str, bool]
+
+    @property
+    def activation_bytes(self) -> int:
+        """Activation bytes under the chosen checkpointing setting."""
+        a = self.activations
+        return a.with_checkpointing if self.activation_checkpointing else a.without_checkpointing
+
+    @property
+    def total_bytes(self) -> int:
+        """Per-device total of the chosen plan."""
+        return self.state.total + self.activation_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (bytes as integers)."""
+        d = asdict(self)
+        d.update(activation_bytes=self.activation_bytes, total_bytes=self.total_bytes,
+                 state_total_bytes=self.state.total)
+        return d
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise ValueError(f"--{key}={value} must be a positive integer")
+
+
+def plan(model: str, devices: int, seq_len: int, batch: int, nodes: int = 1, strategy: str = "fsdp",
+         activation_checkpointing: bool = False, precision: str = "bf16-mixed", chip: str = "h100",
+         mfu: float = 0.4, memory_gb: float | None = None, attn_backend: str | None = None,
+         **overrides: Any) -> Plan:
+    """Plan a training run of registered LM ``model`` (global ``batch`` sequences) on ``nodes`` x ``devices``."""
+    _check_positive(devices=devices, nodes=nodes, batch=batch, seq_len=seq_len)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--strategy={strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision={precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if chip not in CHIPS:
+        raise ValueError(f"--chip={chip!r}; expected one of {', '.join(CHIPS)}")
+    if not 0 < mfu <= 1:
+        raise ValueError(f"--mfu={mfu} must be in (0, 1]; 0.4 is typical of a well-tuned dense LM run")
+    if memory_gb is not None and memory_gb <= 0:
+        raise ValueError(f"--memory_gb={memory_gb} must be positive")
+    world = devices * nodes
+    if batch % world:
+        raise ValueError(f"--batch={batch} is not divisible by the world size {world} (= nodes {nodes} x devices "
+                         f"{devices}); use a multiple of {world}")
+    net = zoo.create(model, device="meta", **overrides)
+    config = getattr(net, "config", None)
+    if config is None or not hasattr(config, "max_seq_len"):
+        raise ValueError(f"model {model!r} is not a zoo language model; pick a Transformer name from zoo.available()")
+    if seq_len > config.max_seq_len:
+        raise ValueError(f"--seq_len={seq_len} exceeds the max_seq_len={config.max_seq_len} of model {model!r}; "
+                         "use a shorter sequence")
+    backend = attn_backend or resolve_backend(config)
+    micro = batch // world
+    shards_of = {"ddp": 1, "fsdp": world, "hybrid": devices}
+    acts = activation_bytes(config, micro, seq_len, precision, backend)
+    per_tok = flops_per_token(matmul_params(net, config.vocab_size),
+                              A.attention_flops_per_token(config.n_layers, config.n_heads, config.head_dim, seq_len))
+    per_step = per_tok * batch * seq_len
+    key, default_mem = CHIPS[chip]
+    peak = dict(PEAK_BF16_FLOPS)[key]
+    memory = default_mem if memory_gb is None else float(memory_gb)
+    fits = {}
+    for strat in ("ddp", "fsdp"):
+        st = state_bytes(net, strat, shards_of[strat], precision).total
+        fits[strat] = st + acts.without_checkpointing <= HEADROOM * memory * GIB
+        fits[strat + "+ac"] = st + acts.with_checkpointing <= HEADROOM * memory * GIB
+    return Plan(model, int(net.num_params()), world, shards_of[strategy], strategy, precision,
+                activation_checkpointing, micro, seq_len, backend,
+                state_bytes(net, strategy, shards_of[strategy], precision), acts, per_tok, per_step, chip, mfu,
+                per_step / (mfu * peak * world), memory, fits)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:9.2f} GiB"
+
+
+def format_plan(p: Plan) -> str:
+    """The human-readable table (under 100 columns)."""
+    s, a = p.state, p.activations
+    ac = "on" if p.activation_checkpointing else "off"
+    lines = [
+        f"{p.model}: {p.params / 1e9:.2f}B parameters, {p.world} devices, {p.strategy} (sharded {p.shards}-way), "
+        f"{p.precision}",
+        f"micro-batch {p.micro_batch} x seq_len {p.seq_len} per device, attention backend {p.attn_backend}",
+        "",
+        "per-device memory",
+        f"  parameters (fp32)                  {_gib(s.params)}",
+        f"  gradients (fp32)                   {_gib(s.grads)}",
+        f"  optimizer (AdamW, 2 x fp32)        {_gib(s.optimizer)}",
+        f"  compute copy (gathered / autocast) {_gib(s.compute_copy)}",
+        f"  comm buffers                       {_gib(s.buffers)}",
+        f"  activations, no checkpointing      {_gib(a.without_checkpointing)}",
+        f"  activations, per-block checkpoint  {_gib(a.with_checkpointing)}",
+        f"  total (checkpointing {ac:3s})          {_gib(p.total_bytes)}   of {p.memory_gb:g} GiB on {p.chip}",
+        "",
+        f"FLOPs per token {p.flops_per_token:.3e}, per step {p.flops_per_step:.3e}",
+        f"step time at {p.mfu:.0%} MFU: {p.step_time_s:.3f} s "
+        f"({p.micro_batch * p.world * p.seq_len / p.step_time_s:,.0f} tokens/s)",
+        "",
+        f"fits in {HEADROOM:.0%} of {p.memory_gb:g} GiB:  "
+        + "  ".join(f"{k}: {'yes' if v else 'no'}" for k, v in p.fits.items()),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``zoo plan <model> --devices D ...``: print the plan (or one JSON line with ``--json``)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(prog="zoo plan", description=__doc__.split("\n")[0], exit_on_error=False)
+    parser.add_argument("model", type=str, help="registered LM name, e.g. gemma2-27b, chinchilla-70b")
+    parser.add_argument("--devices", type=int, required=True, help="devices per node")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (world size = nodes x devices)")
+    parser.add_argument("--seq_len", type=int, required=True, help="tokens per sequence")
+    parser.add_argument("--batch", type=int, required=True, help="global batch in sequences")
+    parser.add_argument("--strategy", type=str, default="fsdp", help="ddp | fsdp (FULL_SHARD) | hybrid")
+    parser.add_argument("--activation_checkpointing", action="store_true", help="per-block checkpointing")
+    parser.add_argument("--precision", type=str, default="bf16-mixed", help="bf16-mixed | 32-true")
+    parser.add_argument("--chip", type=str, default="h100", help=", ".join(CHIPS))
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for step time")
+    parser.add_argument("--memory_gb", type=float, default=None, help="device memory in GiB (default: the chip's)")
+    parser.add_argument("--attn_backend", type=str, default=None, help="eager | sdpa | flex (default: GPU choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+    try:
+        args = parser.parse_args(argv)
+        kwargs = {k: v for k, v in vars(args).items() if k not in ("json", "__path__")}
+        result = plan(**kwargs)
+    except Exception as e:  # a user's mistake (bad value, unknown model, parse error): one line, no traceback
+        user_error = isinstance(e, (ValueError, KeyError)) or type(e).__module__.startswith(("jsonargparse",
+                                                                                            "argparse"))
+        if not user_error:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+        print(f"zoo plan: error: {one_line}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict()) if args.json else format_plan(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
