@@ -160,9 +160,11 @@ def activation_bytes(config: Any, batch: int, seq_len: int, precision: str, back
     outside = 16 * n + _norm_bytes(n, d) + a * n * d + (a * n * V if c.final_softcap is not None else 0) + 4 * n * V
     if a == 4:
         outside += 2 * 4 * seq_len * c.head_dim if c.positions == "rope" else 0  # one cos/sin pair for all layers
-    residual = 4 * n * d  # block inputs stay float32 (the residual stream is not autocast)
+    # Checkpointing keeps each block's input (float32: the residual stream is not autocast); the block being
+    # recomputed in backward saves everything again except that input, which it shares.
+    residual = 4 * n * d
     return ActivationBytes(per_block, outside, outside + c.n_layers * per_block,
-                           outside + c.n_layers * residual + per_block)
+                           outside + c.n_layers * residual + per_block - residual)
 
 
 @dataclass(frozen=True)
