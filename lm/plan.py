@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 import zoo
-from lm.metrics import PEAK_BF16_FLOPS, flops_per_token, matmul_params
+from lm.flops import mfu_flops_per_token, matmul_params
+from lm.metrics import PEAK_BF16_FLOPS
 from zoo.models import attention as A
 
 # Chip -> (key into lm.metrics.PEAK_BF16_FLOPS, the one table of dense bf16 datasheet peaks; memory in GiB from
@@ -247,8 +248,7 @@ def plan(model: str, devices: int, seq_len: int, batch: int, nodes: int = 1, str
     micro = batch // world
     shards_of = {"ddp": 1, "fsdp": world, "hybrid": devices}
     acts = activation_bytes(config, micro, seq_len, precision, backend)
-    per_tok = flops_per_token(matmul_params(net, config.vocab_size),
-                              A.attention_flops_per_token(config.n_layers, config.n_heads, config.head_dim, seq_len))
+    per_tok = mfu_flops_per_token(net, seq_len)
     per_step = per_tok * batch * seq_len
     key, default_mem = CHIPS[chip]
     peak = dict(PEAK_BF16_FLOPS)[key]
