@@ -41,7 +41,8 @@ class ImagePretraining(pl.LightningModule):
         encoder_overrides: keyword overrides for the backbone constructor.
         image_size: side of the augmented views.
         num_classes: classes of the online classifier; None reads it from the datamodule.
-        augment_overrides: preset overrides for ``augment.byol_views`` (the default two views).
+        augment_overrides: preset overrides for ``augment.byol_views`` (the two views), on top of the method's
+            ``default_view_overrides``.
         eval_overrides: preset overrides for the online classifier's validation view ``augment.LinearEvalTest``.
         aug_seed: seed of the augmentation randomness (combined with the rank and the step, see ``_generator``).
         compile: ``torch.compile`` the per-view forward.
@@ -55,6 +56,8 @@ class ImagePretraining(pl.LightningModule):
     # these to state-dict prefixes and never needs to know the method.
     encoder_attrs: dict[str, str] = {"online": "online_encoder"}
     classifier_attr: str = "online_classifier"
+    # The method's own view recipe as overrides of ``augment.byol_presets`` (user's ``augment_overrides`` win).
+    default_view_overrides: dict[str, Any] = {}
 
     def __init__(self, encoder: str = "resnet50", encoder_overrides: dict[str, Any] | None = None,
                  image_size: int = 224, num_classes: int | None = None,
@@ -73,7 +76,8 @@ class ImagePretraining(pl.LightningModule):
         dim = self.online_encoder.num_features
         self.build_networks(dim)  # before the classifier: keeps the parameter init order (and RNG draws) fixed
         self.online_classifier: nn.Linear | None = nn.Linear(dim, num_classes) if num_classes else None
-        self.view1, self.view2 = augment.byol_views(image_size, compile=compile, **(augment_overrides or {}))
+        view_overrides = {**self.default_view_overrides, **(augment_overrides or {})}
+        self.view1, self.view2 = augment.byol_views(image_size, compile=compile, **view_overrides)
         self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224),
                                                 **(eval_overrides or {}))
         self._aug_gen: torch.Generator | None = None
