@@ -97,3 +97,10 @@ def test_checkpoint_loads_through_the_contract_in_load_backbone_export_and_probe
                       progress=False)
     res = run_probe(str(ckpt), "digits", mode="knn", cfg=cfg)
     assert res["arch"] == "convnet_tiny" and 10 < res["top1"] <= 100  # 10 classes: chance is 10
+
+
+def test_digits_stored_at_another_size_than_the_views_is_refused(tmp_path):
+    trainer = build_trainer(default_root_dir=str(tmp_path), max_steps=1, logger=False, enable_progress_bar=False,
+                            limit_val_batches=0, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(UsageError, match=r"data\.image_size=32 but model\.image_size=16: .* set both to the same"):
+        trainer.fit(SimSiam(**TINY), ImageDataModule("digits", batch_size=16, num_workers=0, image_size=32))

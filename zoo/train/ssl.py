@@ -132,6 +132,13 @@ class ImagePretraining(pl.LightningModule):
                 raise ValueError("model.num_classes is not set and the datamodule does not expose num_classes")
             self.online_classifier = nn.Linear(self.online_encoder.num_features, dm.num_classes)
             self.hparams.num_classes = dm.num_classes
+        stored = getattr(dm, "image_size", None)
+        if getattr(dm, "dataset", None) == "digits" and stored != self.hparams.image_size:
+            # The digits are upsampled once to data.image_size; views of another size would resample them again
+            # (and the probe report would probe at a size the data is not stored at): one size, stated once.
+            raise UsageError(f"data.image_size={stored} but model.image_size={self.hparams.image_size}: the digits "
+                             "are stored at the size the views use; set both to the same value (or leave "
+                             "data.image_size out: it defaults to 32)")
         if stage == "fit" and dm is not None and getattr(dm, "batch_size", 2) < 2:
             raise ValueError(f"data.batch_size is {dm.batch_size} but {type(self).__name__}'s batch norm needs at "
                              "least 2 images per device (per-view batch statistics); use a batch size of 2 or more")
