@@ -209,7 +209,7 @@ def load_backbone(source: str | os.PathLike, which: str = "online", padding: str
 
     ``padding``: "torch" or "tf_same"; default "tf_same" for the official BYOL release (exact Haiku semantics for
     stride-2 layers), the file's recorded padding for our exports, "torch" otherwise. ``head=True`` returns
-    encoder + saved linear classifier (BYOL's online classifier) as one module giving logits.
+    encoder + saved linear classifier (a method's online classifier) as one module giving logits.
     """
     if which not in ("online", "target"):
         raise ValueError(f"which={which!r}: choose 'online' or 'target'.")
