@@ -79,10 +79,13 @@ class ViewPreset:
 
 @dataclass(frozen=True)
 class EvalPreset:
-    """Linear-evaluation pipeline: train = random resized crop + flip; test = centre window resized (no randomness)."""
+    """Linear-evaluation pipeline: train = random resized crop + flip; test = centre window resized (no randomness).
+
+    One preset serves both; which fields apply is decided by the view built from it (``LinearEvalTrain`` or
+    ``LinearEvalTest``), so it carries no train/test flag of its own.
+    """
 
     size: int = 224
-    train: bool = True
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
@@ -136,10 +139,10 @@ def byol_presets(size: int = 224, **overrides) -> tuple[ViewPreset, ViewPreset]:
 
 def linear_eval_train_preset(size: int = 224, **overrides) -> EvalPreset:
     """Linear-probe training augmentation: random resized crop (0.08-1) + horizontal flip."""
-    return EvalPreset(size=size, train=True, **overrides)
+    return EvalPreset(size=size, **overrides)
 
 
 def linear_eval_test_preset(size: int = 224, resize: int | None = None, **overrides) -> EvalPreset:
     """Linear-probe test transform: the authors' central square (224/256 of the short side) resized to ``size``
     (``eval_crop="official"``), or bicubic resize of the short side (256 at 224) then centre crop ``size``."""
-    return EvalPreset(size=size, train=False, resize=resize, **overrides)
+    return EvalPreset(size=size, resize=resize, **overrides)

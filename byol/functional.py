@@ -1,10 +1,13 @@
-"""BYOL's pure pieces: the regression loss and the learning-rate and target-decay schedules (no state)."""
+"""BYOL's pure pieces: the regression loss, the learning-rate schedule and scaling rule (no state)."""
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
+
+from zoo.train.momentum import tau_schedule  # re-exported: the target decay lives with the EMA mixin
+from zoo.train.schedules import warmup_cosine
+
+__all__ = ["byol_loss", "lr_schedule", "regression_loss", "scaled_lr", "tau_schedule"]
 
 
 def regression_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -22,21 +25,9 @@ def byol_loss(q1: torch.Tensor, q2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
     return (regression_loss(q1, z2) + regression_loss(q2, z1)).mean()
 
 
-def tau_schedule(step: int, total_steps: int, base: float) -> float:
-    """Target decay ``1 - (1 - base) (cos(pi k / K) + 1) / 2``: ``base`` at step 0, 1 at the last step."""
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
-    k = min(max(step, 0), total_steps)
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * k / total_steps) + 1.0) / 2.0
-
-
 def lr_schedule(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
     """Linear warmup from 0 over ``warmup_steps``, then cosine decay to 0 at ``total_steps`` (BYOL, per step)."""
-    if step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    span = max(total_steps - warmup_steps, 1)
-    progress = min(step - warmup_steps, span) / span
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=0.0, warmup_start="zero")
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:

@@ -1,25 +1,23 @@
-"""The BYOL LightningModule: online and target networks, the EMA target update, LARS, the online classifier."""
+"""The BYOL LightningModule: what is BYOL only (heads, target networks, loss, LARS); the plumbing every image method
+shares lives in ``zoo.train.ssl.ImagePretraining``, the EMA target in ``zoo.train.momentum.MomentumMixin``."""
 from __future__ import annotations
 
 import copy
 import math
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-import augment
-import zoo
-from byol.functional import byol_loss, lr_schedule, scaled_lr, tau_schedule
+from byol.functional import byol_loss, lr_schedule, scaled_lr
 from byol.heads import mlp_head
 from byol.lars import LARS, lars_param_groups
-from zoo.train.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
+from zoo.train.momentum import MomentumMixin
+from zoo.train.ssl import ImagePretraining
+from zoo.train.trainer import UsageError
 
 
-class BYOL(pl.LightningModule):
+class BYOL(MomentumMixin, ImagePretraining):
     """Bootstrap Your Own Latent (Grill et al. 2020), faithful to the paper and the authors' code.
 
     Args:
@@ -40,24 +38,13 @@ class BYOL(pl.LightningModule):
             ``crop_sampler``: ``official`` | ``torchvision``, ``resize_kernel``: ``tf_bicubic`` | ``torch_bicubic``).
         eval_overrides: preset overrides for the online classifier's validation view ``augment.LinearEvalTest``
             (``eval_crop``: ``official`` | ``resize_then_crop``, ``resize_kernel``: ``tf_bicubic`` | ``torch_bicubic``).
-        aug_seed: seed of the augmentation randomness (combined with the rank and the step, see ``_generator``).
+        aug_seed: seed of the augmentation randomness (combined with the rank and the step).
         compile: ``torch.compile`` the per-view forward (GPU; works on CPU but compiles slowly).
         channels_last: use channels-last memory format (default: on GPU only).
         nan_policy: ``stop`` or ``skip`` on a non-finite loss.
     """
 
-    min_batch_per_device = 2  # per-view batch-norm statistics need two images (checked before launch)
-    supports_float64 = False  # the views are float32: trainer.precision 64 is refused before launch
-
-    def input_bytes(self, batch_size: int) -> tuple[int, str]:
-        """Bytes of the largest input tensor one device builds for a batch (checked against memory before launch):
-        both float32 training views, or the resized evaluation view."""
-        s = self.hparams.image_size
-        r = round(s * 256 / 224)
-        train, val = batch_size * 2 * 3 * s * s * 4, batch_size * 3 * r * r * 4
-        if train >= val:
-            return train, f"{batch_size} images x 2 views x 3 x {s}^2 float32, model.image_size={s}"
-        return val, f"{batch_size} images x 3 x {r}^2 float32 evaluation view, model.image_size={s}"
+    encoder_attrs = {"online": "online_encoder", "target": "target_encoder"}
 
     def __init__(self, encoder: str = "resnet50", encoder_overrides: dict[str, Any] | None = None, image_size: int = 224,
                  num_classes: int | None = None, projector_hidden: int = 4096, projection_dim: int = 256,
@@ -66,7 +53,6 @@ class BYOL(pl.LightningModule):
                  augment_overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
                  aug_seed: int = 0, compile: bool = False,
                  channels_last: bool | None = None, nan_policy: str = "stop") -> None:
-        super().__init__()
         finite = math.isfinite
         if not (finite(base_lr) and base_lr > 0):
             raise UsageError(f"model.base_lr must be positive, got {base_lr}")
@@ -85,124 +71,32 @@ class BYOL(pl.LightningModule):
         for key, value in (("projector_hidden", projector_hidden), ("projection_dim", projection_dim)):
             if value < 1:
                 raise UsageError(f"model.{key} must be >= 1, got {value}")
-        if num_classes is not None and num_classes < 1:
-            raise UsageError(f"model.num_classes must be >= 1, got {num_classes}")
-        if nan_policy not in NAN_POLICIES:
-            raise UsageError(f"model.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-        if image_size < 8:
-            raise UsageError(f"model.image_size must be >= 8, got {image_size}")
-        self.save_hyperparameters()
-        self.online_encoder = zoo.create(encoder, **(encoder_overrides or {}))
-        dim = self.online_encoder.num_features
-        self.online_projector = mlp_head(dim, projector_hidden, projection_dim)
-        self.online_predictor = mlp_head(projection_dim, projector_hidden, projection_dim)
+        super().__init__(encoder=encoder, encoder_overrides=encoder_overrides, image_size=image_size,
+                         num_classes=num_classes, augment_overrides=augment_overrides, eval_overrides=eval_overrides,
+                         aug_seed=aug_seed, compile=compile, channels_last=channels_last, nan_policy=nan_policy)
+
+    def build_networks(self, num_features: int) -> None:
+        """Online projector and predictor; target encoder and projector as exact copies."""
+        hp = self.hparams
+        self.online_projector = mlp_head(num_features, hp.projector_hidden, hp.projection_dim)
+        self.online_predictor = mlp_head(hp.projection_dim, hp.projector_hidden, hp.projection_dim)
         # The target starts as an exact copy and is only ever moved by the EMA, never by gradients.
         self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.online_projector).requires_grad_(False)
-        self.online_classifier: nn.Linear | None = nn.Linear(dim, num_classes) if num_classes else None
-        views = augment.byol_views(image_size, compile=compile, **(augment_overrides or {}))
-        self.view1, self.view2 = views
-        self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224),
-                                                **(eval_overrides or {}))
-        self._aug_gen: torch.Generator | None = None
-        self._stepped = False
-        self.skipped_images: list[str] = []
-        self._compiled_views = None
 
-    # ----------------------------------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        """Size the online classifier from the data and refuse batches too small for batch norm."""
-        dm = getattr(self.trainer, "datamodule", None)
-        if self.online_classifier is None:
-            if dm is None or not hasattr(dm, "num_classes"):
-                raise ValueError("model.num_classes is not set and the datamodule does not expose num_classes")
-            self.online_classifier = nn.Linear(self.online_encoder.num_features, dm.num_classes)
-            self.hparams.num_classes = dm.num_classes
-        if stage == "fit" and dm is not None and getattr(dm, "batch_size", 2) < 2:
-            raise ValueError(f"data.batch_size is {dm.batch_size} but BYOL's batch norm needs at least 2 images per "
-                             "device (per-view batch statistics); use a batch size of 2 or more")
-        if self._use_channels_last():
-            self.to(memory_format=torch.channels_last)
-
-    def _use_channels_last(self) -> bool:
-        cl = self.hparams.channels_last
-        return bool(torch.cuda.is_available()) if cl is None else bool(cl)
-
-    def global_batch(self) -> int:
-        """Images per optimizer step across every device (the lr scaling rule's batch)."""
-        per_device = getattr(self.trainer.datamodule, "batch_size", None)
-        if per_device is None:
-            raise ValueError("the datamodule has no batch_size; BYOL needs it to scale the learning rate")
-        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps in one training epoch, whatever the budget (``max_epochs`` or ``max_steps``).
-
-        ``num_training_batches`` is still unset (inf) when ``max_epochs`` is -1, since Lightning then skips loading
-        the training data to estimate the budget; it is loaded here instead. An iterable loader without a length
-        has no epochs to count: a warmup in epochs is refused, naming ``model.warmup_steps``.
-        """
-        trainer = self.trainer
-        batches = trainer.num_training_batches
-        if not math.isfinite(batches):
-            trainer.fit_loop.setup_data()
-            batches = trainer.num_training_batches
-        if not math.isfinite(batches):
-            raise UsageError(f"model.warmup_epochs={self.hparams.warmup_epochs} needs the number of batches per epoch, "
-                             "but the training loader has no length; set model.warmup_steps instead")
-        return max(int(batches) // trainer.accumulate_grad_batches, 1)
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """Online encoder and projector, each followed by its target."""
+        return [(self.online_encoder, self.target_encoder), (self.online_projector, self.target_projector)]
 
     def configure_optimizers(self):
         """LARS on the online networks and the classifier, with the per-step warmup + cosine schedule."""
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise UsageError("trainer.max_steps and trainer.max_epochs are both -1 (train forever), but BYOL's lr "
-                             "and tau schedules need a length: set trainer.max_steps or trainer.max_epochs")
-        total = int(total)
-        if self.hparams.warmup_steps is not None:
-            warmup = int(self.hparams.warmup_steps)
-        elif self.hparams.warmup_epochs == 0:
-            warmup = 0
-        else:
-            warmup = int(round(self.hparams.warmup_epochs * self.steps_per_epoch()))
-        warmup = min(warmup, max(total - 1, 0))
-        self.total_steps, self.warmup = total, warmup
+        total, warmup = self.schedule_lengths(self.hparams.warmup_epochs, self.hparams.warmup_steps)
         peak = scaled_lr(self.hparams.base_lr, self.global_batch())
         online = [(n, p) for n, p in self.named_parameters() if not n.startswith("target_")]
         opt = LARS(lars_param_groups(online), lr=peak, momentum=self.hparams.momentum,
                    weight_decay=self.hparams.weight_decay, eta=self.hparams.lars_eta)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_schedule(step, total, warmup, 1.0))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    # ----------------------------------------------------------------------------------------------------------------
-    def _generator(self, batch_idx: int) -> torch.Generator:
-        """The augmentation generator, re-seeded for this (seed, rank, optimizer step, micro-batch).
-
-        A pure function of the position in training, so no generator state has to be saved: a resumed run (any rank,
-        any interruption point) draws exactly the views the uninterrupted run drew. One saved state would not do
-        under DDP, where only rank 0 writes the checkpoint but every rank has its own stream.
-        """
-        if self._aug_gen is None or self._aug_gen.device != self.device:
-            self._aug_gen = torch.Generator(device=self.device)
-        micro = batch_idx % self.trainer.accumulate_grad_batches
-        seed = ((self.hparams.aug_seed * 1_000_003 + self.global_step) * 1_009 + micro) * 65_537 + self.global_rank
-        return self._aug_gen.manual_seed(seed % (1 << 63))
-
-    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Decode raw JPEG bytes on the device they were moved to; drop and record undecodable files."""
-        self.skipped_images.extend(batch.get("skipped", []))
-        images = batch["image"]
-        if isinstance(images, list) and images and images[0].dim() == 1:
-            from augment.decode import decode_batch
-
-            decoded, bad = decode_batch(images, self.device)
-            if bad:
-                keep = [i for i in range(len(images)) if i not in set(bad)]
-                paths = batch.get("path") or [f"<batch item {i}>" for i in range(len(images))]
-                self.skipped_images.extend(paths[i] for i in bad)
-                batch["label"] = batch["label"][keep]
-            batch["image"] = decoded
-        return batch
 
     def _views_forward(self, v1: torch.Tensor, v2: torch.Tensor):
         # Each view goes through the networks separately: batch-norm statistics are per view (the paper's setting).
@@ -214,172 +108,11 @@ class BYOL(pl.LightningModule):
             z2 = self.target_projector(self.target_encoder(v2))
         return h1, q1, q2, z1, z2
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int):
-        """Two views, symmetric regression loss, online classifier on stop-gradient view-1 features."""
-        self._stepped = False
-        labels = batch["label"]
-        if not all_ranks(self, len(labels) >= 2):  # every DDP rank must skip together, or the others would hang
-            rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
-            return self._skipped_step_loss()
-        gen = self._generator(batch_idx)
-        v1, v2 = self.view1(batch["image"], gen), self.view2(batch["image"], gen)
-        if self._use_channels_last():
-            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
-        forward = self._views_forward
-        if self.hparams.compile:
-            if self._compiled_views is None:
-                self._compiled_views = torch.compile(self._views_forward)
-            forward = self._compiled_views
-        h1, q1, q2, z1, z2 = forward(v1, v2)
-        loss = byol_loss(q1, q2, z1, z2)
-        logits = self.online_classifier(h1.detach())  # stop-gradient: the probe must not shape the encoder
-        cls_loss = F.cross_entropy(logits.float(), labels)
-        total = loss + cls_loss
-        if not check_finite_loss(self, total, self.hparams.nan_policy):
-            # A skipped step must leave no trace: its forward already moved the batch-norm statistics (to NaN, say).
-            self._restore_snapshot()
-            return self._skipped_step_loss()
-        self._stepped = True
-        top1 = (logits.argmax(-1) == labels).float().mean()
-        self.log_dict({"train/loss": loss, "train/cls_loss": cls_loss, "train/online_top1": top1,
-                       "train/tau": self.current_tau()}, prog_bar=True, sync_dist=False)
-        return total
+    def forward_views(self, views: list[torch.Tensor]):
+        """Online and target forward of both views: (h1, q1, q2, z1, z2)."""
+        return self._views_forward(*views)
 
-    # ---------------------------------------------------------------------------------------------- nan_policy: skip
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """``nan_policy: skip``: copy everything a step can change before its first micro-batch (see ``_snapshot``)."""
-        if self.hparams.nan_policy == "skip" and batch_idx % self.trainer.accumulate_grad_batches == 0:
-            self._take_snapshot()
-
-    def _state_tensors(self) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
-        """Parameters (online and EMA target), buffers and the optimizer's tensor state, and the (id(param), key)
-        of each optimizer-state tensor."""
-        live = [p.detach() for p in self.parameters()] + list(self.buffers())
-        keys: list[tuple[Any, str]] = []
-        for opt in self.trainer.optimizers:
-            for p, st in opt.state.items():
-                for k, v in st.items():
-                    if isinstance(v, torch.Tensor):
-                        live.append(v)
-                        keys.append((id(p), k))
-        return live, keys
-
-    @torch.no_grad()
-    def _take_snapshot(self) -> None:
-        live, keys = self._state_tensors()
-        snap = getattr(self, "_snap", None)
-        if snap is not None and snap[1] == keys and all(a.shape == b.shape and a.dtype == b.dtype
-                                                        for a, b in zip(snap[0], live)):
-            torch._foreach_copy_(snap[0], live)  # preallocated: no allocation per step
-        else:
-            self._snap = ([t.clone() for t in live], keys)
-        self._snap_other = [{p: {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
-                             for p, st in opt.state.items()} for opt in self.trainer.optimizers]
-
-    @torch.no_grad()
-    def _restore_snapshot(self) -> None:
-        """Put parameters, EMA target, buffers and optimizer state back to the start of the step."""
-        saved, keys = self._snap
-        live, now = self._state_tensors()
-        n = len(live) - len(now)  # parameters and buffers come first, in a fixed order
-        torch._foreach_copy_(live[:n], saved[:n])
-        old = dict(zip(keys, saved[n:]))
-        for opt, other in zip(self.trainer.optimizers, self._snap_other):
-            for p in list(opt.state):
-                if p not in other:  # state created by this step (first step of a parameter): remove it
-                    del opt.state[p]
-            for p, st in other.items():
-                opt.state[p].update(st)
-        for (p, k), t in zip(now, live[n:]):
-            if (p, k) in old:
-                t.copy_(old[(p, k)])
-
-    def _check_finite_state(self) -> bool:
-        """After the update: are all parameters, buffers and optimizer state finite? One fused check over foreach
-        norms, one host sync; a step whose finite loss still drove a weight or a batch-norm variance to Inf (a huge
-        lr) is rolled back and counted like a non-finite loss."""
-        live, _ = self._state_tensors()
-        floats = [t for t in live if t.is_floating_point()]
-        norms = torch._foreach_norm(floats)
-        ok = all_ranks(self, bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()))
-        if not ok:
-            self._restore_snapshot()
-            self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + 1
-            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
-            rank_zero_warn(f"step {self.global_step}: the update made weights, batch-norm statistics or optimizer "
-                           f"state non-finite; rolled back and skipped (nan_policy: skip, {self.nonfinite_steps} so far)")
-        return ok
-
-    def _skipped_step_loss(self) -> torch.Tensor:
-        """A loss whose gradient is exactly zero for every trainable parameter (its value may be NaN).
-
-        Lightning refuses ``None`` from ``training_step`` under DDP, and every rank must run backward for the gradient
-        all-reduce; ``on_before_optimizer_step`` then drops the gradients so the optimizer leaves everything as is.
-        """
-        return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        """On a skipped step, remove the (zero) gradients: no weight decay, no momentum, no update at all."""
-        if not self._stepped:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-
-    def current_tau(self) -> float:
-        """Target decay for the step about to be taken."""
-        total = getattr(self, "total_steps", None) or int(self.trainer.estimated_stepping_batches)
-        return tau_schedule(self.global_step, total, self.hparams.tau_base)
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """LARS step, then the EMA target update from the *new* online weights (tau of the step just taken).
-
-        The EMA runs here rather than in ``on_train_batch_end`` because callbacks' batch-end hooks (periodic and
-        preemption checkpoints) run before the module's: a checkpoint written there would miss this step's EMA.
-        """
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self._stepped:
-            self.update_target(tau_schedule(self.trainer.global_step, self.total_steps, self.hparams.tau_base))
-            if self.hparams.nan_policy == "skip":
-                self._check_finite_state()
-
-    @torch.no_grad()
-    def update_target(self, tau: float) -> None:
-        """target <- tau * target + (1 - tau) * online, parameters only (batch-norm statistics stay the target's)."""
-        pairs = ((self.online_encoder, self.target_encoder), (self.online_projector, self.target_projector))
-        for online, target in pairs:
-            t, o = list(target.parameters()), list(online.parameters())
-            torch._foreach_lerp_(t, o, 1.0 - tau)  # t <- tau * t + (1 - tau) * o
-
-    def on_train_epoch_end(self) -> None:
-        """Report undecodable images once per epoch (paths, from every rank), and count them."""
-        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[list[str]] = [[] for _ in range(self.trainer.world_size)]
-            torch.distributed.all_gather_object(gathered, self.skipped_images)
-            self.skipped_images = [p for part in gathered for p in part]
-        if self.skipped_images:
-            shown = ", ".join(self.skipped_images[:10])
-            rank_zero_warn(f"epoch {self.current_epoch}: skipped {len(self.skipped_images)} undecodable images: {shown}"
-                           + (" ..." if len(self.skipped_images) > 10 else ""))
-        self.log("data/skipped_images", float(len(self.skipped_images)))
-        self.skipped_images = []
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Online classifier accuracy on the evaluation view (resize + centre crop)."""
-        x = self.eval_view(batch["image"])
-        if self._use_channels_last():
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.online_classifier(self.online_encoder(x))
-        labels = batch["label"]
-        top5 = logits.topk(min(5, logits.shape[-1]), -1).indices.eq(labels[:, None]).any(-1).float().mean()
-        self.log_dict({"val/online_top1": (logits.argmax(-1) == labels).float().mean(), "val/online_top5": top5},
-                      prog_bar=True, sync_dist=True, batch_size=len(labels))
-
-    test_step = validation_step
-
-    # ----------------------------------------------------------------------------------------------------------------
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Build the classifier before the weights are loaded (augmentation randomness needs no state, see
-        ``_generator``)."""
-        n = checkpoint.get("hyper_parameters", {}).get("num_classes")
-        if self.online_classifier is None and n:
-            self.online_classifier = nn.Linear(self.online_encoder.num_features, n)
+    def compute_loss(self, outputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The symmetric BYOL loss (q1 predicts z2, q2 predicts z1) and the first view's encoder features."""
+        h1, q1, q2, z1, z2 = outputs
+        return byol_loss(q1, q2, z1, z2), h1

@@ -1,11 +1,12 @@
 """Optimiser pieces for language models: AdamW parameter groups and the warmup + cosine learning-rate schedule."""
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from zoo.train.schedules import warmup_cosine
 
 # Module types whose weights are scales or lookup tables, not projections: weight decay would only shrink them.
 _NO_DECAY_TYPES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -15,14 +16,8 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr
     """Learning rate at ``step``: linear warmup to ``peak_lr``, then cosine decay to ``min_lr_ratio * peak_lr``."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
-    if warmup_steps > 0 and step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    if step >= total_steps:
-        return peak_lr * min_lr_ratio
-    span = max(1, total_steps - warmup_steps)
-    progress = (step - warmup_steps) / span
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return peak_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
+    # warmup_start="one": the first step already has peak / warmup (zoo.train.schedules names both conventions)
+    return warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=peak_lr * min_lr_ratio, warmup_start="one")
 
 
 def _is_norm(module: nn.Module) -> bool:

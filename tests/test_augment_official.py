@@ -159,3 +159,14 @@ def test_probe_uses_official_views_by_default_and_keys_its_cache_on_them(tmp_pat
     yaml = tmp_path / "p.yaml"
     yaml.write_text("eval_crop: resize_then_crop\nresize_kernel: torch_bicubic\ncrop_sampler: torchvision\n")
     assert load_config(yaml).crop_sampler == "torchvision"
+
+
+def test_eval_preset_has_no_unread_train_flag():
+    """Train or test is the view's choice (LinearEvalTrain / LinearEvalTest); a flag on the preset did nothing."""
+    import dataclasses
+
+    from augment.presets import EvalPreset
+
+    assert "train" not in {f.name for f in dataclasses.fields(EvalPreset)}
+    with pytest.raises(TypeError, match="train"):
+        EvalPreset(train=False)

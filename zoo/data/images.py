@@ -27,7 +27,6 @@ class TensorImageDataset(Dataset):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> None:
         self.images, self.labels, self.classes = images, labels, list(classes)
-        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -190,7 +189,6 @@ class ImageFolderDataset(Dataset):
             self.samples = list(zip(files, _flat_val_labels(self.root, files, self.classes)))
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
-        self.skipped: list[str] = []
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -212,11 +210,9 @@ class ImageFolderDataset(Dataset):
         return images[0], label, str(path)
 
 
-def build_dataset(spec: str, split: str = "train", root: str | None = None, decode: str = "worker",
-                  image_size: int = 32) -> Dataset:
+def build_dataset(spec: str, split: str = "train", decode: str = "worker", image_size: int = 32) -> Dataset:
     """Dataset from a spec: ``digits``, ``cifar10:<root>``, ``cifar100:<root>`` or ``imagefolder:<root>``."""
     name, _, path = spec.partition(":")
-    path = path or root
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if name == "digits":

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.train.schedules import warmup_cosine
+
 __all__ = ["scaled_lr", "cosine_factor", "make_optimizer", "ProbeHead", "train_linear", "evaluate_linear",
            "LinearProbeModule"]
 
@@ -25,8 +27,8 @@ def scaled_lr(base_lr: float, batch_size: int) -> float:
 
 
 def cosine_factor(step: int, total_steps: int) -> float:
-    """Cosine decay from 1 to 0 over ``total_steps`` (per step)."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    """Cosine decay from 1 to 0 over ``total_steps`` (per step, no warmup)."""
+    return warmup_cosine(step, total_steps, 0, 1.0, final=0.0)
 
 
 def make_optimizer(params, base_lr: float, batch_size: int, total_steps: int

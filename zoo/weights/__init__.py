@@ -1,7 +1,8 @@
 """Load a pretrained backbone from whatever file a user has: ``load_backbone(source) -> nn.Module``.
 
 Sources, auto-detected:
-- our Lightning checkpoint (``.ckpt`` from ``byol.BYOL``): online encoder, or the target with ``which="target"``;
+- our Lightning checkpoint (``.ckpt`` of any image-pretraining method): the encoder its contract names for
+  ``which`` (``zoo.weights.checkpoint``; online by default, ``which="target"`` for a momentum target);
 - our export (``zoo export CKPT --out x.safetensors``): architecture read from the file's JSON metadata;
 - torchvision / timm state dicts (``.pth``/``.pt``/``.bin``/``.safetensors``) for a named ``arch``;
 - the official BYOL release (``.pkl``): restricted unpickler, Haiku -> torchvision names, TF-SAME padding;
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from zoo.weights.safe_load import UnsafeFileError, load_state_dict_file, read_safetensors, safe_torch_load, sniff_format
+from zoo.weights.checkpoint import checkpoint_contract, is_lightning_checkpoint, load_torch_file
+from zoo.weights.safe_load import UnsafeFileError, load_state_dict_file, read_safetensors, sniff_format
 
 __all__ = ["load_backbone", "load_into", "BackboneWithHead", "UnsafeFileError", "EXPORT_FORMAT"]
 
@@ -134,31 +136,50 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
-def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module | None, head: bool
-                    ) -> tuple[nn.Module, str | nn.Module, dict, nn.Linear | None]:
+def _legacy_image_contract(ckpt: dict) -> dict[str, Any]:
+    """The contract of a checkpoint written before contracts existed: byol.BYOL's attribute names, the only image
+    method of that time (and the language-model modules' hyper-parameters, to send those to their loader)."""
     hp = ckpt.get("hyper_parameters") or {}
     if isinstance(hp, dict) and "encoder" not in hp and ("model" in hp or "student" in hp):
+        return {"kind": "lm"}
+    return {"kind": "image-encoder", "arch": hp.get("encoder") if isinstance(hp, dict) else None,
+            "overrides": dict(hp.get("encoder_overrides") or {}) if isinstance(hp, dict) else {},
+            "encoders": {"online": "online_encoder.", "target": "target_encoder."},
+            "classifier": "online_classifier." if "online_classifier.weight" in ckpt["state_dict"] else None}
+
+
+def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module | None, head: bool
+                    ) -> tuple[nn.Module, str | nn.Module, dict, nn.Linear | None]:
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{source}: the checkpoint has no 'state_dict' dict; is it a `zoo fit` checkpoint?")
+    contract = checkpoint_contract(ckpt, source) or _legacy_image_contract(ckpt)
+    if contract["kind"] == "lm":
         raise ValueError(f"{source} is a language-model checkpoint (lm.CausalLM / lm.Distill), not a vision backbone; "
                          "load it with lm.causal_lm.load_lm(path).")
-    if not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{source}: the checkpoint has no 'state_dict' dict; is it a byol.BYOL checkpoint?")
-    name = arch if arch is not None else hp.get("encoder")
-    overrides = dict(hp.get("encoder_overrides") or {}) if arch is None else {}
+    if contract["kind"] != "image-encoder":
+        raise ValueError(f"{source} holds a {contract['kind']!r} model, not an image encoder; load_backbone reads "
+                         "image-encoder checkpoints only.")
+    name = arch if arch is not None else contract.get("arch")
+    overrides = dict(contract.get("overrides") or {}) if arch is None else {}
     if name is None:
-        raise ValueError(f"{source}: the checkpoint's hyper_parameters have no 'encoder' name; pass arch=<name>.")
-    prefix = f"{which}_encoder."
+        raise ValueError(f"{source}: the checkpoint names no encoder architecture; pass arch=<name>.")
+    encoders = contract.get("encoders") or {}
+    if which not in encoders:
+        raise ValueError(f"{source}: the checkpoint has no {which!r} encoder (it has: {sorted(encoders)}); "
+                         f"pass which={next(iter(encoders), 'online')!r}.")
+    prefix = encoders[which]
     sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not sd:
         found = sorted({k.split(".", 1)[0] for k in ckpt["state_dict"]})
         raise ValueError(f"{source}: no '{prefix}*' weights in the checkpoint (top-level modules: {found}); "
-                         "is it a byol.BYOL checkpoint?")
+                         "is it an image-pretraining checkpoint?")
     model = load_into(_build(name, overrides), sd, source)
     lin = None
     if head:
-        sdict = ckpt["state_dict"]
-        if "online_classifier.weight" not in sdict:
-            raise ValueError(f"{source}: no 'online_classifier' in the checkpoint; load it without head=True.")
-        lin = _linear(sdict["online_classifier.weight"], sdict.get("online_classifier.bias"))
+        sdict, cls = ckpt["state_dict"], contract.get("classifier")
+        if not cls or f"{cls}weight" not in sdict:
+            raise ValueError(f"{source}: no online classifier in the checkpoint; load it without head=True.")
+        lin = _linear(sdict[f"{cls}weight"], sdict.get(f"{cls}bias"))
     return model, name, overrides, lin
 
 
@@ -188,7 +209,7 @@ def load_backbone(source: str | os.PathLike, which: str = "online", padding: str
 
     ``padding``: "torch" or "tf_same"; default "tf_same" for the official BYOL release (exact Haiku semantics for
     stride-2 layers), the file's recorded padding for our exports, "torch" otherwise. ``head=True`` returns
-    encoder + saved linear classifier (BYOL's online classifier) as one module giving logits.
+    encoder + saved linear classifier (a method's online classifier) as one module giving logits.
     """
     if which not in ("online", "target"):
         raise ValueError(f"which={which!r}: choose 'online' or 'target'.")
@@ -223,14 +244,8 @@ def load_backbone(source: str | os.PathLike, which: str = "online", padding: str
         return _plain(tensors, src, arch, padding, head)
     if fmt not in ("zip", "pickle"):
         raise ValueError(f"{src}: unknown weight format (not a torch file, safetensors or pickle).")
-    try:
-        obj = safe_torch_load(path)
-    except UnsafeFileError as err:
-        raise UnsafeFileError(f"{err} (Lightning checkpoints whose hyper-parameters hold custom objects: re-save "
-                              "them with plain hyper-parameters, or export the encoder with the code that made it.)"
-                              ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and (
-            "hyper_parameters" in obj or "pytorch-lightning_version" in obj):
+    obj = load_torch_file(path)
+    if is_lightning_checkpoint(obj):
         model, name, ov, lin = _from_lightning(obj, src, which, arch, head)
         return _finish(model, name, ov, padding or "torch", src, which, lin)
     tensors, _ = load_state_dict_file(path)

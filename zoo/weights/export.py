@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zoo export", description="Export a backbone's encoder weights to safetensors.")
     ap.add_argument("checkpoint", help="our .ckpt, an official BYOL .pkl, or a state dict (then give --arch)")
     ap.add_argument("--out", required=True, help="output .safetensors path")
-    ap.add_argument("--which", default="online", choices=("online", "target"), help="BYOL branch to export")
+    ap.add_argument("--which", default="online", choices=("online", "target"), help="encoder branch to export (target: a momentum method's EMA encoder)")
     ap.add_argument("--arch", default=None, help="registry name, needed for plain state dicts")
     ap.add_argument("--padding", default=None, choices=("torch", "tf_same"), help="padding recorded for reloading")
     args = ap.parse_args(argv)

@@ -1,0 +1,26 @@
+"""ProbeReport's table: printed once the progress bar is done (never under a live bar), at most 80 columns."""
+import types
+
+from zoo.train.probe_report import ProbeReport
+
+RESULT = {"dataset": "digits", "method": "SimSiam", "encoder": "convnet_tiny", "steps": 660,
+          "random_init_knn_top1": 88.58, "random_init_linear_top1": 94.99, "trained_knn_top1": 96.1,
+          "trained_linear_top1": 97.77, "gain_knn_points": 7.52, "gain_linear_points": 2.78}
+
+
+class Bar:
+    def teardown(self, trainer, module, stage):
+        print("BAR-STOPPED")
+
+
+def test_table_prints_after_the_progress_bar_stops_and_fits_80_columns(capsys):
+    report = ProbeReport()
+    report.result, report._pending = dict(RESULT), True
+    trainer = types.SimpleNamespace(progress_bar_callback=Bar())
+    report.teardown(trainer, None, "fit")
+    out = capsys.readouterr().out
+    assert out.index("BAR-STOPPED") < out.index("random initialisation") < out.index("SimSiam-trained")
+    assert "660 SimSiam steps" in out and "+7.52" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    report.teardown(trainer, None, "fit")  # printed once
+    assert capsys.readouterr().out == ""

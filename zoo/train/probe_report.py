@@ -1,0 +1,107 @@
+"""ProbeReport: at the end of pretraining, linear-probe the trained encoder beside the same encoder at initialisation.
+
+Works for any ``zoo.train.ssl.ImagePretraining`` method (it reads ``backbone()`` and the image hyper-parameters).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_only
+
+from zoo.eval.probe import ProbeConfig, evaluate
+
+__all__ = ["ProbeReport", "REPORT_WIDTH"]
+
+REPORT_WIDTH = 80  # the table fits a standard terminal and a log file viewed without wrapping
+
+
+class ProbeReport(pl.Callback):
+    """kNN and linear probes (``zoo.eval.probe``, frozen features) of the method's encoder at fit end vs at
+    initialisation.
+
+    The initial encoder is copied in ``setup`` -- before any checkpoint is restored -- so a resumed run compares
+    against the same random initialisation (same seed). The probes run at fit end and write
+    ``<default_root_dir>/probe_report.json``; the table is printed in ``teardown``, once the progress bar has drawn
+    its last frame, so the bar cannot redraw over it or below it.
+
+    Args:
+        epochs: epochs of the linear classifier on cached features.
+        lr_grid: base learning rates tried (selected on a held-out part of train).
+    """
+
+    def __init__(self, epochs: int = 100, lr_grid: tuple[float, ...] = (0.1, 0.4, 1.6)) -> None:
+        self.epochs, self.lr_grid = epochs, tuple(lr_grid)
+        self.initial = None
+        self.result: dict[str, Any] | None = None
+        self._pending = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Copy the encoder at initialisation."""
+        if stage == "fit" and self.initial is None:
+            self.initial = copy.deepcopy(pl_module.backbone()).cpu()
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Probe the trained and the initial encoder; save the report (printed in ``teardown``)."""
+        dm = trainer.datamodule
+        size = pl_module.hparams.image_size
+        # Two scale-free probes: the kNN monitor peers use (k=20, cosine, exp(sim/0.07) votes) and a linear probe on
+        # batch-normalised features (a random encoder's features have another scale than a trained one's, and one lr
+        # grid must serve both). The kNN result is the headline: on digits a linear probe saturates for both.
+        common = dict(image_size=size, resize=round(size * 256 / 224), cache_dir=None, progress=False, num_workers=0,
+                      extract_batch_size=256, device=str(pl_module.device))
+        knn = ProbeConfig(knn_k=(20,), **common)
+        linear = ProbeConfig(epochs=self.epochs, batch_size=256, lr_grid=self.lr_grid, heldout=0.1,
+                             feature_norm="batchnorm", **common)
+        scores = {}
+        for tag, enc in (("trained", pl_module.backbone()), ("random_init", self.initial.to(pl_module.device))):
+            was_training = enc.training
+            scores[f"{tag}_knn_top1"] = evaluate(enc, dm.train_set, dm.val_set, mode="knn", cfg=knn)["top1"]
+            scores[f"{tag}_linear_top1"] = evaluate(enc, dm.train_set, dm.val_set, mode="fast", cfg=linear)["top1"]
+            enc.train(was_training)
+        self.result = {"dataset": dm.dataset, "method": type(pl_module).__name__,
+                       "encoder": pl_module.hparams.encoder, "steps": trainer.global_step,
+                       **scores, "gain_knn_points": scores["trained_knn_top1"] - scores["random_init_knn_top1"],
+                       "gain_linear_points": scores["trained_linear_top1"] - scores["random_init_linear_top1"]}
+        os.makedirs(trainer.default_root_dir, exist_ok=True)
+        with open(os.path.join(trainer.default_root_dir, "probe_report.json"), "w") as f:
+            json.dump(self.result, f, indent=2)
+        self._pending = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Print the table after the progress bar is finished."""
+        if not self._pending:
+            return
+        self._pending = False
+        bar = trainer.progress_bar_callback
+        if bar is not None and bar is not self:
+            # Callbacks tear down in list order and the bar comes after us: let it stop its live display first
+            # (its teardown only stops the display, so running it twice is harmless).
+            bar.teardown(trainer, pl_module, stage)
+        print_report(self.result)
+
+
+def report_table(r: dict[str, Any]):
+    """The report as a rich Table (at most ``REPORT_WIDTH`` columns wide)."""
+    from rich.table import Table
+
+    method = r.get("method", "BYOL")
+    table = Table(title=f"Probes on {r['dataset']} val ({r['encoder']}, {r['steps']} {method} steps)",
+                  width=REPORT_WIDTH)
+    for col in ("encoder weights", "kNN top-1 %", "linear top-1 %"):
+        table.add_column(col, justify="right" if col != "encoder weights" else "left")
+    table.add_row("random initialisation", f"{r['random_init_knn_top1']:.2f}", f"{r['random_init_linear_top1']:.2f}")
+    table.add_row(f"{method}-trained", f"{r['trained_knn_top1']:.2f}", f"{r['trained_linear_top1']:.2f}")
+    table.add_row("gain (points)", f"{r['gain_knn_points']:+.2f}", f"{r['gain_linear_points']:+.2f}")
+    return table
+
+
+def print_report(r: dict[str, Any]) -> None:
+    """Print the report table to the terminal."""
+    from rich.console import Console
+
+    Console(width=REPORT_WIDTH).print(report_table(r))

@@ -1,0 +1,391 @@
+"""``ImagePretraining``: what every self-supervised image method shares, so a method is only its views, networks,
+loss and optimizer.
+
+The base owns the encoder (``online_encoder``, built from the registry), the online linear classifier on
+stop-gradient features and its validation, the augmentation randomness (a pure function of seed, rank, step and
+micro-batch), JPEG decode on the device, the non-finite-step policy (snapshot, roll back, DDP-safe skip),
+undecodable-image accounting, channels-last / ``torch.compile`` switches, the lr-schedule lengths and the checkpoint
+contract readers use (``zoo.weights.checkpoint``). A method subclasses it and defines:
+
+- ``build_networks(num_features)``: its heads (and targets), called between the encoder and the classifier;
+- ``forward_views(views)``: the per-view forward (compiled when ``compile=True``), any outputs;
+- ``compute_loss(outputs) -> (loss, features)``: the method loss and the encoder features of the first view;
+- ``configure_optimizers``; optionally ``make_views`` (default: the two BYOL view presets), ``encoder_prefixes``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+import augment
+from augment.decode import decode_batch
+from zoo.models.registry import create
+from zoo.train.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
+
+__all__ = ["ImagePretraining", "CONTRACT_FORMAT"]
+
+CONTRACT_FORMAT = 1
+
+
+class ImagePretraining(pl.LightningModule):
+    """Base of the image pretraining methods (``byol.BYOL``, ``simsiam.SimSiam``); see the module docstring.
+
+    Args:
+        encoder: registry name of the backbone (``zoo.available()``), e.g. ``resnet50``, ``resnet18_cifar``.
+        encoder_overrides: keyword overrides for the backbone constructor.
+        image_size: side of the augmented views.
+        num_classes: classes of the online classifier; None reads it from the datamodule.
+        augment_overrides: preset overrides for ``augment.byol_views`` (the two views), on top of the method's
+            ``default_view_overrides``.
+        eval_overrides: preset overrides for the online classifier's validation view ``augment.LinearEvalTest``.
+        aug_seed: seed of the augmentation randomness (combined with the rank and the step, see ``_generator``).
+        compile: ``torch.compile`` the per-view forward.
+        channels_last: use channels-last memory format (default: on GPU only).
+        nan_policy: ``stop`` or ``skip`` on a non-finite loss.
+    """
+
+    min_batch_per_device = 2  # per-view batch-norm statistics need two images (checked before launch)
+    supports_float64 = False  # the views are float32: trainer.precision 64 is refused before launch
+    # Checkpoint contract: branch name -> attribute holding that encoder; the classifier's attribute. A reader maps
+    # these to state-dict prefixes and never needs to know the method.
+    encoder_attrs: dict[str, str] = {"online": "online_encoder"}
+    classifier_attr: str = "online_classifier"
+    # The method's own view recipe as overrides of ``augment.byol_presets`` (user's ``augment_overrides`` win).
+    default_view_overrides: dict[str, Any] = {}
+
+    def __init__(self, encoder: str = "resnet50", encoder_overrides: dict[str, Any] | None = None,
+                 image_size: int = 224, num_classes: int | None = None,
+                 augment_overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
+                 aug_seed: int = 0, compile: bool = False, channels_last: bool | None = None,
+                 nan_policy: str = "stop") -> None:
+        super().__init__()
+        if num_classes is not None and num_classes < 1:
+            raise UsageError(f"model.num_classes must be >= 1, got {num_classes}")
+        if nan_policy not in NAN_POLICIES:
+            raise UsageError(f"model.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if image_size < 8:
+            raise UsageError(f"model.image_size must be >= 8, got {image_size}")
+        self.save_hyperparameters()  # collects the subclass's arguments too (Lightning walks the __init__ frames)
+        self.online_encoder = create(encoder, **(encoder_overrides or {}))
+        dim = self.online_encoder.num_features
+        self.build_networks(dim)  # before the classifier: keeps the parameter init order (and RNG draws) fixed
+        self.online_classifier: nn.Linear | None = nn.Linear(dim, num_classes) if num_classes else None
+        view_overrides = {**self.default_view_overrides, **(augment_overrides or {})}
+        self.view1, self.view2 = augment.byol_views(image_size, compile=compile, **view_overrides)
+        self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224),
+                                                **(eval_overrides or {}))
+        self._aug_gen: torch.Generator | None = None
+        self._stepped = False
+        self.skipped_images: list[str] = []
+        self._compiled_views = None
+
+    # ---------------------------------------------------------------------------------------------- method hooks
+    def build_networks(self, num_features: int) -> None:
+        """Create the method's heads (and target networks) from the encoder's feature width."""
+        raise NotImplementedError(f"{type(self).__name__} must define build_networks")
+
+    def forward_views(self, views: list[torch.Tensor]) -> Any:
+        """Forward of the method's networks on the augmented views (the part ``compile=True`` compiles)."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward_views")
+
+    def compute_loss(self, outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(method loss, encoder features of the first view) from ``forward_views``'s outputs."""
+        raise NotImplementedError(f"{type(self).__name__} must define compute_loss")
+
+    def make_views(self, images: Any, gen: torch.Generator) -> list[torch.Tensor]:
+        """The augmented views of a batch, drawn from ``gen`` (default: BYOL's two view presets)."""
+        return [self.view1(images, gen), self.view2(images, gen)]
+
+    def on_weights_updated(self) -> None:
+        """Called after each optimizer step that was not skipped (``MomentumMixin`` moves its targets here)."""
+
+    def step_logs(self) -> dict[str, Any]:
+        """Extra values logged with each training step."""
+        return {}
+
+    def backbone(self) -> nn.Module:
+        """The encoder a probe or an export evaluates (the online encoder)."""
+        return self.online_encoder
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def input_bytes(self, batch_size: int) -> tuple[int, str]:
+        """Bytes of the largest input tensor one device builds for a batch (checked against memory before launch):
+        both float32 training views, or the resized evaluation view."""
+        s = self.hparams.image_size
+        r = round(s * 256 / 224)
+        train, val = batch_size * 2 * 3 * s * s * 4, batch_size * 3 * r * r * 4
+        if train >= val:
+            return train, f"{batch_size} images x 2 views x 3 x {s}^2 float32, model.image_size={s}"
+        return val, f"{batch_size} images x 3 x {r}^2 float32 evaluation view, model.image_size={s}"
+
+    def setup(self, stage: str) -> None:
+        """Size the online classifier from the data and refuse batches too small for batch norm."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.online_classifier is None:
+            if dm is None or not hasattr(dm, "num_classes"):
+                raise ValueError("model.num_classes is not set and the datamodule does not expose num_classes")
+            self.online_classifier = nn.Linear(self.online_encoder.num_features, dm.num_classes)
+            self.hparams.num_classes = dm.num_classes
+        stored = getattr(dm, "image_size", None)
+        if getattr(dm, "dataset", None) == "digits" and stored != self.hparams.image_size:
+            # The digits are upsampled once to data.image_size; views of another size would resample them again
+            # (and the probe report would probe at a size the data is not stored at): one size, stated once.
+            raise UsageError(f"data.image_size={stored} but model.image_size={self.hparams.image_size}: the digits "
+                             "are stored at the size the views use; set both to the same value (or leave "
+                             "data.image_size out: it defaults to 32)")
+        if stage == "fit" and dm is not None and getattr(dm, "batch_size", 2) < 2:
+            raise ValueError(f"data.batch_size is {dm.batch_size} but {type(self).__name__}'s batch norm needs at "
+                             "least 2 images per device (per-view batch statistics); use a batch size of 2 or more")
+        if self._use_channels_last():
+            self.to(memory_format=torch.channels_last)
+
+    def _use_channels_last(self) -> bool:
+        cl = self.hparams.channels_last
+        return bool(torch.cuda.is_available()) if cl is None else bool(cl)
+
+    def global_batch(self) -> int:
+        """Images per optimizer step across every device (the lr scaling rule's batch)."""
+        per_device = getattr(self.trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            raise ValueError(f"the datamodule has no batch_size; {type(self).__name__} needs it to scale the lr")
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one training epoch, whatever the budget (``max_epochs`` or ``max_steps``).
+
+        ``num_training_batches`` is still unset (inf) when ``max_epochs`` is -1, since Lightning then skips loading
+        the training data to estimate the budget; it is loaded here instead. An iterable loader without a length
+        has no epochs to count: a warmup in epochs is refused, naming ``model.warmup_steps``.
+        """
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            trainer.fit_loop.setup_data()
+            batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise UsageError(f"model.warmup_epochs={self.hparams.warmup_epochs} needs the number of batches per epoch, "
+                             "but the training loader has no length; set model.warmup_steps instead")
+        return max(int(batches) // trainer.accumulate_grad_batches, 1)
+
+    def schedule_lengths(self, warmup_epochs: float, warmup_steps: int | None) -> tuple[int, int]:
+        """(total optimizer steps, warmup steps) of the run; also kept as ``total_steps`` and ``warmup``."""
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise UsageError("trainer.max_steps and trainer.max_epochs are both -1 (train forever), but "
+                             f"{type(self).__name__}'s schedules need a length: set trainer.max_steps or "
+                             "trainer.max_epochs")
+        total = int(total)
+        if warmup_steps is not None:
+            warmup = int(warmup_steps)
+        elif warmup_epochs == 0:
+            warmup = 0
+        else:
+            warmup = int(round(warmup_epochs * self.steps_per_epoch()))
+        warmup = min(warmup, max(total - 1, 0))
+        self.total_steps, self.warmup = total, warmup
+        return total, warmup
+
+    # ---------------------------------------------------------------------------------------------- training step
+    def _generator(self, batch_idx: int) -> torch.Generator:
+        """The augmentation generator, re-seeded for this (seed, rank, optimizer step, micro-batch).
+
+        A pure function of the position in training, so no generator state has to be saved: a resumed run (any rank,
+        any interruption point) draws exactly the views the uninterrupted run drew. One saved state would not do
+        under DDP, where only rank 0 writes the checkpoint but every rank has its own stream.
+        """
+        if self._aug_gen is None or self._aug_gen.device != self.device:
+            self._aug_gen = torch.Generator(device=self.device)
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        seed = ((self.hparams.aug_seed * 1_000_003 + self.global_step) * 1_009 + micro) * 65_537 + self.global_rank
+        return self._aug_gen.manual_seed(seed % (1 << 63))
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Decode raw JPEG bytes on the device they were moved to; drop and record undecodable files."""
+        self.skipped_images.extend(batch.get("skipped", []))
+        images = batch["image"]
+        if isinstance(images, list) and images and images[0].dim() == 1:
+            decoded, bad = decode_batch(images, self.device)
+            if bad:
+                keep = [i for i in range(len(images)) if i not in set(bad)]
+                paths = batch.get("path") or [f"<batch item {i}>" for i in range(len(images))]
+                self.skipped_images.extend(paths[i] for i in bad)
+                batch["label"] = batch["label"][keep]
+            batch["image"] = decoded
+        return batch
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Views, the method's loss, the online classifier on stop-gradient first-view features."""
+        self._stepped = False
+        labels = batch["label"]
+        if not all_ranks(self, len(labels) >= 2):  # every DDP rank must skip together, or the others would hang
+            rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
+            return self._skipped_step_loss()
+        views = self.make_views(batch["image"], self._generator(batch_idx))
+        if self._use_channels_last():
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        forward = self.forward_views
+        if self.hparams.compile:
+            if self._compiled_views is None:
+                self._compiled_views = torch.compile(self.forward_views)
+            forward = self._compiled_views
+        loss, h1 = self.compute_loss(forward(views))
+        logits = self.online_classifier(h1.detach())  # stop-gradient: the probe must not shape the encoder
+        cls_loss = F.cross_entropy(logits.float(), labels)
+        total = loss + cls_loss
+        if not check_finite_loss(self, total, self.hparams.nan_policy):
+            # A skipped step must leave no trace: its forward already moved the batch-norm statistics (to NaN, say).
+            self._restore_snapshot()
+            return self._skipped_step_loss()
+        self._stepped = True
+        top1 = (logits.argmax(-1) == labels).float().mean()
+        self.log_dict({"train/loss": loss, "train/cls_loss": cls_loss, "train/online_top1": top1, **self.step_logs()},
+                      prog_bar=True, sync_dist=False)
+        return total
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step, then ``on_weights_updated`` (EMA targets), then the finite-state check.
+
+        The hook runs here rather than in ``on_train_batch_end`` because callbacks' batch-end hooks (periodic and
+        preemption checkpoints) run before the module's: a checkpoint written there would miss this step's EMA.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._stepped:
+            self.on_weights_updated()
+            if self.hparams.nan_policy == "skip":
+                self._check_finite_state()
+
+    # ---------------------------------------------------------------------------------------------- nan_policy: skip
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """``nan_policy: skip``: copy everything a step can change before its first micro-batch (see ``_snapshot``)."""
+        if self.hparams.nan_policy == "skip" and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self._take_snapshot()
+
+    def _state_tensors(self) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
+        """Parameters (online and any EMA target), buffers and the optimizer's tensor state, and the
+        (id(param), key) of each optimizer-state tensor."""
+        live = [p.detach() for p in self.parameters()] + list(self.buffers())
+        keys: list[tuple[Any, str]] = []
+        for opt in self.trainer.optimizers:
+            for p, st in opt.state.items():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor):
+                        live.append(v)
+                        keys.append((id(p), k))
+        return live, keys
+
+    @torch.no_grad()
+    def _take_snapshot(self) -> None:
+        live, keys = self._state_tensors()
+        snap = getattr(self, "_snap", None)
+        if snap is not None and snap[1] == keys and all(a.shape == b.shape and a.dtype == b.dtype
+                                                        for a, b in zip(snap[0], live)):
+            torch._foreach_copy_(snap[0], live)  # preallocated: no allocation per step
+        else:
+            self._snap = ([t.clone() for t in live], keys)
+        self._snap_other = [{p: {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+                             for p, st in opt.state.items()} for opt in self.trainer.optimizers]
+
+    @torch.no_grad()
+    def _restore_snapshot(self) -> None:
+        """Put parameters, EMA targets, buffers and optimizer state back to the start of the step."""
+        saved, keys = self._snap
+        live, now = self._state_tensors()
+        n = len(live) - len(now)  # parameters and buffers come first, in a fixed order
+        torch._foreach_copy_(live[:n], saved[:n])
+        old = dict(zip(keys, saved[n:]))
+        for opt, other in zip(self.trainer.optimizers, self._snap_other):
+            for p in list(opt.state):
+                if p not in other:  # state created by this step (first step of a parameter): remove it
+                    del opt.state[p]
+            for p, st in other.items():
+                opt.state[p].update(st)
+        for (p, k), t in zip(now, live[n:]):
+            if (p, k) in old:
+                t.copy_(old[(p, k)])
+
+    def _check_finite_state(self) -> bool:
+        """After the update: are all parameters, buffers and optimizer state finite? One fused check over foreach
+        norms, one host sync; a step whose finite loss still drove a weight or a batch-norm variance to Inf (a huge
+        lr) is rolled back and counted like a non-finite loss."""
+        live, _ = self._state_tensors()
+        floats = [t for t in live if t.is_floating_point()]
+        norms = torch._foreach_norm(floats)
+        ok = all_ranks(self, bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()))
+        if not ok:
+            self._restore_snapshot()
+            self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + 1
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+            rank_zero_warn(f"step {self.global_step}: the update made weights, batch-norm statistics or optimizer "
+                           f"state non-finite; rolled back and skipped (nan_policy: skip, {self.nonfinite_steps} so far)")
+        return ok
+
+    def _skipped_step_loss(self) -> torch.Tensor:
+        """A loss whose gradient is exactly zero for every trainable parameter (its value may be NaN).
+
+        Lightning refuses ``None`` from ``training_step`` under DDP, and every rank must run backward for the gradient
+        all-reduce; ``on_before_optimizer_step`` then drops the gradients so the optimizer leaves everything as is.
+        """
+        return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """On a skipped step, remove the (zero) gradients: no weight decay, no momentum, no update at all."""
+        if not self._stepped:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def on_train_epoch_end(self) -> None:
+        """Report undecodable images once per epoch (paths, from every rank), and count them."""
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[list[str]] = [[] for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, self.skipped_images)
+            self.skipped_images = [p for part in gathered for p in part]
+        if self.skipped_images:
+            shown = ", ".join(self.skipped_images[:10])
+            rank_zero_warn(f"epoch {self.current_epoch}: skipped {len(self.skipped_images)} undecodable images: {shown}"
+                           + (" ..." if len(self.skipped_images) > 10 else ""))
+        self.log("data/skipped_images", float(len(self.skipped_images)))
+        self.skipped_images = []
+
+    # ---------------------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Online classifier accuracy on the evaluation view (resize + centre crop)."""
+        x = self.eval_view(batch["image"])
+        if self._use_channels_last():
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = self.online_classifier(self.online_encoder(x))
+        labels = batch["label"]
+        top5 = logits.topk(min(5, logits.shape[-1]), -1).indices.eq(labels[:, None]).any(-1).float().mean()
+        self.log_dict({"val/online_top1": (logits.argmax(-1) == labels).float().mean(), "val/online_top5": top5},
+                      prog_bar=True, sync_dist=True, batch_size=len(labels))
+
+    test_step = validation_step
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def checkpoint_contract(self) -> dict[str, Any]:
+        """What a reader of this checkpoint needs (``zoo.weights.checkpoint``): architecture, overrides, the
+        state-dict prefix of each encoder and of the classifier."""
+        hp = self.hparams
+        return {"format": CONTRACT_FORMAT, "kind": "image-encoder",
+                "method": f"{type(self).__module__.split('.')[0]}.{type(self).__name__}",
+                "arch": hp.encoder, "overrides": dict(hp.encoder_overrides or {}),
+                "encoders": {branch: f"{attr}." for branch, attr in self.encoder_attrs.items()},
+                "classifier": f"{self.classifier_attr}." if getattr(self, self.classifier_attr, None) is not None
+                else None}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Write the checkpoint contract under ``checkpoint["zoo"]``."""
+        checkpoint["zoo"] = self.checkpoint_contract()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Build the classifier before the weights are loaded (augmentation randomness needs no state, see
+        ``_generator``)."""
+        n = checkpoint.get("hyper_parameters", {}).get("num_classes")
+        if self.online_classifier is None and n:
+            self.online_classifier = nn.Linear(self.online_encoder.num_features, n)
