@@ -20,10 +20,10 @@ CONTRACT_KEY = "zoo"
 CONTRACT_VERSION = 1  # the newest contract format this reader understands
 
 
-def load_torch_file(path: str | os.PathLike) -> Any:
+def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """Whatever a torch file holds, through the safe loader; hostile or custom-object files get one clear error."""
     try:
-        return safe_torch_load(path)
+        return safe_torch_load(path, map_location=map_location)
     except UnsafeFileError as err:
         raise UnsafeFileError(f"{err} (Lightning checkpoints whose hyper-parameters hold custom objects: re-save "
                               "them with plain hyper-parameters, or export the encoder with the code that made it.)"
@@ -36,9 +36,9 @@ def is_lightning_checkpoint(obj: Any) -> bool:
         "hyper_parameters" in obj or "pytorch-lightning_version" in obj or CONTRACT_KEY in obj)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """A Lightning checkpoint as a dict, loaded safely; a file that is not one is refused, naming it."""
-    obj = load_torch_file(path)
+    obj = load_torch_file(path, map_location)
     if not is_lightning_checkpoint(obj):
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict' with hyper-parameters); "
                          "pass a .ckpt written by `zoo fit`.")

@@ -318,12 +318,13 @@ def _load_model(spec: str, model_name: str | None, overrides: dict) -> tuple[Tra
         return model, ckpt.tokenizer
     if model_name is None:
         raise ValueError(f"{path} is a bare safetensors file: pass --model NAME (the registry entry it was trained as)")
-    from zoo.weights.safe_load import read_safetensors, safe_torch_load
+    from zoo.weights.checkpoint import load_torch_file
+    from zoo.weights.safe_load import read_safetensors
 
     if path.suffix == ".safetensors":
         sd, _ = read_safetensors(path)
     else:
-        blob = safe_torch_load(path)  # the one safe reader: truncated/empty/hostile files give one clear error
+        blob = load_torch_file(path)  # the one safe reader: truncated/empty/hostile files give one clear error
         sd = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
         if not isinstance(sd, dict):
             raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict; is it a zoo checkpoint?")

@@ -49,25 +49,20 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
 
 def read_lm_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LMCheckpoint:
     """Read a language-model checkpoint (file or run folder) through the safe loader: contract first, old layout next."""
-    from zoo.weights.safe_load import safe_torch_load
+    from zoo.weights.checkpoint import checkpoint_contract, read_checkpoint
 
     spec = resolve_checkpoint(path)
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist; train one with `zoo fit --config ...` "
                                 "or pass a model name from zoo.available()")
-    # The project's one safe reader: truncated, empty and hostile files give one clear error naming the file.
-    ckpt = safe_torch_load(spec, map_location=map_location)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"checkpoint {spec!r} has no 'state_dict' (got {type(ckpt).__name__}); it was not written "
-                         "by this project's language-model trainer")
-    contract = ckpt.get("zoo")
-    if isinstance(contract, dict) and contract.get("kind") == CHECKPOINT_KIND:
-        if contract.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint {spec!r} has contract format {contract.get('format')!r}; this version "
-                             f"reads format {CHECKPOINT_FORMAT}: upgrade byol-zoo")
+    # The project's one reader of Lightning checkpoints (safe loader): truncated, empty and hostile files give one
+    # clear error naming the file.
+    ckpt = read_checkpoint(spec, map_location)
+    contract = checkpoint_contract(ckpt, source=f"checkpoint {spec!r}")
+    if contract is not None and contract["kind"] == CHECKPOINT_KIND:
         name, overrides, prefix = contract["model"], contract.get("overrides"), contract.get("prefix", "model.")
         tokenizer = contract.get("tokenizer")
-    elif isinstance(contract, dict):
+    elif contract is not None:
         raise ValueError(f"checkpoint {spec!r} holds a {contract.get('kind')!r} model, not a language model; "
                          "load it with zoo.load_backbone(path)")
     else:
