@@ -333,7 +333,10 @@ def _check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``zoo eval needle|ppl ...``: run one evaluation, print a table and a JSON line, return an exit code."""
+    """Language-model evaluations: needle in a haystack, perplexity and bits per byte.
+
+    ``zoo eval needle|ppl ...``: run one evaluation, print a table and a JSON line, return an exit code.
+    """
     from lm.causal_lm import load_lm
 
     parser = argparse.ArgumentParser(prog="zoo eval", description="language-model evaluations")

@@ -455,7 +455,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`zoo scaling sweep --config ...` / `zoo scaling fit runs.csv --approach 1|2|3 [--out DIR]`."""
+    """Scaling-law sweeps (train a grid of model sizes) and fits (Chinchilla approaches 1-3).
+
+    `zoo scaling sweep --config ...` / `zoo scaling fit runs.csv --approach 1|2|3 [--out DIR]`.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "scaling":
         argv = argv[1:]

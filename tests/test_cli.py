@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zoo.cli import TOOLS, main, run_cli
+from zoo.cli import main, main_help, run_cli
+from zoo.cli.commands import registered_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +48,71 @@ def test_print_config_and_unknown_key_via_console_script():
     assert bad.returncode != 0 and "no_such_key" in bad.stderr
 
 
-def test_tools_are_dispatched_by_import_string():
-    assert set(TOOLS) >= {"probe", "export", "export-hf", "eval", "scaling"}
-    for target, _ in TOOLS.values():
-        module, func = target.split(":")
-        mod = __import__(module, fromlist=[func])
-        assert callable(getattr(mod, func)), target
+def test_tools_are_registered_as_entry_points_in_pyproject():
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["byol_zoo.commands"]
+    assert set(declared) == {"probe", "export", "export-hf", "eval", "scaling", "plan"}
+    commands = registered_commands()
+    for name, target in declared.items():
+        assert commands[name].target == target
+        if name == "plan" and not commands[name].available():
+            continue  # lm/plan.py arrives with the planner's branch
+        assert callable(commands[name].load()), target
+
+
+def test_zoo_never_imports_byol_or_lm_and_its_cli_never_names_them():
+    import re
+
+    for path in (ROOT / "zoo").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from) (byol|lm)\b", text, re.M), path
+        if path.parent.name == "cli":  # the subcommand table lives in pyproject.toml, not in import strings
+            assert not re.search(r"[\"'](byol|lm)\.\w", text), path
+
+
+def test_a_command_registered_by_entry_point_is_listed_described_and_dispatched(monkeypatch, tmp_path, capsys):
+    # a fake distribution's entry point: the registry reads importlib.metadata, so patch what it returns
+    (tmp_path / "fakepkg").mkdir()
+    (tmp_path / "fakepkg" / "__init__.py").write_text("")
+    (tmp_path / "fakepkg" / "tool.py").write_text(
+        'import sys\n\ndef main(argv):\n    """Say hello to the arguments."""\n    print("hello", *argv)\n    return 3\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import zoo.cli.commands as commands
+
+    monkeypatch.setattr(commands, "_from_metadata", lambda: {"hello": "fakepkg.tool:main"})
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    usage = out.split("\n\n")[0].replace("\n", "").replace(" ", "")
+    assert "{fit,validate,test,predict,hello," in usage and "plan" in usage, usage
+    assert "hello      Say hello to the arguments." in out
+    assert "fakepkg" not in sys.modules  # described from its source, not imported
+    assert main(["hello", "a", "b"]) == 3
+    assert capsys.readouterr().out == "hello a b\n"
+
+
+def test_unknown_or_uninstalled_subcommand_is_one_line(monkeypatch, capsys):
+    import zoo.cli.commands as commands
+
+    assert main(["probee"]) == 2
+    assert _one_line(capsys) == "zoo: error: unknown subcommand 'probee'; did you mean probe? zoo --help lists them all"
+    monkeypatch.setattr(commands, "_from_metadata", lambda: {"gone": "no_such_package.cli:main"})
+    assert main(["gone"]) == 2
+    assert "no_such_package.cli that provides it is not installed" in _one_line(capsys)
+
+
+def test_help_lists_every_subcommand_without_importing_torch():
+    code = ("import sys; from zoo.cli import main; rc = main(['--help']); "
+            "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'imported'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    usage = out.stdout.split("\n\n")[0].replace("\n", "").replace(" ", "")
+    assert "{fit,validate,test,predict,probe,export,export-hf,eval,scaling,plan}" in usage, usage
+    assert all(len(line) <= 80 for line in out.stdout.splitlines())
+    test_line = out.stdout[out.stdout.index("  test "):out.stdout.index("  predict ")]
+    assert test_line.rstrip().endswith("when you ask)."), test_line
+    for name in ("eval", "export", "probe", "scaling"):
+        assert next(ln for ln in out.stdout.splitlines() if ln.startswith(f"  {name} ")).split(name, 1)[1].strip()
 
 
 def _one_line(capsys):

@@ -325,7 +325,10 @@ def print_summary(metrics: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``zoo probe --backbone SOURCE --data SPEC --mode fast|protocol|knn [--out DIR] [--config YAML] ...``."""
+    """Linear probe (fast or protocol) or kNN evaluation of any backbone on an image dataset.
+
+    ``zoo probe --backbone SOURCE --data SPEC --mode fast|protocol|knn [--out DIR] [--config YAML] ...``.
+    """
     ap = argparse.ArgumentParser(prog="zoo probe", description="Linear probe / kNN evaluation of a backbone.")
     ap.add_argument("--backbone", required=True, help="our .ckpt / export .safetensors / .pth / official .pkl / "
                                                       "random:<arch>")

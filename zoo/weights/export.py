@@ -36,7 +36,10 @@ def export_backbone(source: str | os.PathLike, out: str | os.PathLike, which: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``zoo export CKPT --out backbone.safetensors [--which target] [--arch NAME]``."""
+    """Export the encoder of a checkpoint or an official BYOL .pkl to safetensors.
+
+    ``zoo export CKPT --out backbone.safetensors [--which target] [--arch NAME]``.
+    """
     ap = argparse.ArgumentParser(prog="zoo export", description="Export a backbone's encoder weights to safetensors.")
     ap.add_argument("checkpoint", help="our .ckpt, an official BYOL .pkl, or a state dict (then give --arch)")
     ap.add_argument("--out", required=True, help="output .safetensors path")
