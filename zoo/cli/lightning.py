@@ -11,7 +11,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from zoo.cli import LIGHTNING_COMMANDS, quiet_lightning
 from zoo.cli.errors import ConfigError, explain_parse_error
-from zoo.train.trainer import ZooTrainer, trainer_defaults
+from zoo.train.trainer import RunSummary, ZooTrainer, trainer_defaults
 
 class ZooCLI(LightningCLI):
     """LightningCLI with refused abbreviations and one-line configuration errors.
@@ -44,16 +44,19 @@ def _normalise_overwrite(args: list[str]) -> list[str]:
 def run_cli(args: list[str], run: bool = True) -> ZooCLI:
     """Build (and by default run) the Lightning part of ``zoo`` on ``args`` (the command line after ``zoo``)."""
     quiet_lightning()
+    args = _normalise_overwrite(list(args))
     return ZooCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_class=ZooTrainer,  # checks batch / devices / model before DDP spawns anything; adds our callbacks
-        trainer_defaults=trainer_defaults(),
+        # RunSummary through LightningCLI's public trainer_defaults: added to the config's callbacks, so every
+        # `zoo fit` ends by naming its outputs (and an interrupted one by the command that resumes it)
+        trainer_defaults={**trainer_defaults(), "callbacks": [RunSummary(["zoo", *args])]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         parser_kwargs={"description": "byol-zoo: pretraining, evaluation and export (zoo --help lists every "
                                       "subcommand)",
                        **{name: {"description": text} for name, text in LIGHTNING_COMMANDS.items()}},
-        args=_normalise_overwrite(list(args)),
+        args=args,
         run=run,
     )

@@ -13,12 +13,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo.files import atomic_path
+from zoo.train.announce import RunSummary, StepProgressBar, step_based  # noqa: F401 - RunSummary re-exported
 from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
 from zoo.train.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
@@ -274,17 +275,24 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     user = list(kwargs.get("callbacks") or [])
     user_types = {type(c) for c in user}
     has_ckpt = any(isinstance(c, ModelCheckpoint) for c in user)
+    has_bar = any(isinstance(c, ProgressBar) for c in user)
     extra = [c for c in default_callbacks()
-             if type(c) not in user_types and not (isinstance(c, ModelCheckpoint) and has_ckpt)]
+             if type(c) not in user_types and not (isinstance(c, ModelCheckpoint) and has_ckpt)
+             and not (isinstance(c, ProgressBar) and has_bar)]
+    if step_based(kwargs):  # Lightning's bars count batches per epoch and read "Epoch 0/-2" on max_steps runs
+        extra = [StepProgressBar() if isinstance(c, RichProgressBar) else c for c in extra]
     if kwargs.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
         extra = [c for c in extra if not isinstance(c, (ModelCheckpoint, PreemptionCheckpoint))]
     if kwargs.get("enable_progress_bar") is False:
-        extra = [c for c in extra if not isinstance(c, RichProgressBar)]
+        extra = [c for c in extra if not isinstance(c, ProgressBar)]
     if kwargs.get("logger") is False:
         extra = [c for c in extra if not isinstance(c, LearningRateMonitor)]
-    kwargs["callbacks"] = user + extra
-    if not any(isinstance(c, ResumeGuard) for c in kwargs["callbacks"]):
-        kwargs["callbacks"].append(ResumeGuard())
+    callbacks = user + extra
+    if not any(isinstance(c, ResumeGuard) for c in callbacks):
+        callbacks.append(ResumeGuard())
+    # the run summary prints last (in its teardown: after the progress bar and the other callbacks' reports)
+    kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, RunSummary)] + \
+        [c for c in callbacks if isinstance(c, RunSummary)]
     plugins = list(kwargs.get("plugins") or [])
     if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
