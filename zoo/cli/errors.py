@@ -153,3 +153,24 @@ def explain_parse_error(message: str, argv: list[str]) -> str:
     lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.strip().startswith(
         ("Given value", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Does not validate"))]
     return f"{' '.join(lines) or message.strip()}; {_help_hint(argv)}"
+
+
+def explain_tool_error(tool: str, message: str, argv: list[str], keys: list[str]) -> str:
+    """One line for a jsonargparse error of a registered tool (``zoo probe`` ...) whose valid keys are ``keys``."""
+    hint = f"see zoo {tool} --help"
+    flags = re.search(r"[Uu]nrecognized arguments: (\S+)", message)
+    if flags:
+        flag = flags.group(1).split("=", 1)[0]
+        return _line(f"unknown key {flag.lstrip('-')} (from flag {flag})", flag.lstrip("-"), keys, hint)
+    unknown = (re.search(r"[Kk]ey[s]? ['\"]?([\w.]+)['\"]? (?:is|are) not (?:accepted|expected)", message)
+               or re.search(r"does not accept (?:option|key) '([^']+)'", message)
+               or re.search(r"Option '([^']+)' is not accepted", message))
+    if unknown:
+        key = unknown.group(1)
+        return _line(f"unknown key {key} (from {origin(key, argv)})", key.rpartition(".")[2], keys, hint)
+    typed = re.search(r'[Kk]ey "([^"]+)":\s*Expected a (<class \'\w+\'>)\. Got value: (.*)', message)
+    if typed:
+        key, want, got = typed.group(1), typed.group(2), typed.group(3).strip()
+        return f"{key} must be {_TYPE_NAMES.get(want, want)}, got {got!r} (from {origin(key, argv)}); {hint}"
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.strip().startswith("Given value")]
+    return f"{' '.join(lines) or message.strip()}; {hint}"
