@@ -174,3 +174,34 @@ def explain_tool_error(tool: str, message: str, argv: list[str], keys: list[str]
         return f"{key} must be {_TYPE_NAMES.get(want, want)}, got {got!r} (from {origin(key, argv)}); {hint}"
     lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.strip().startswith("Given value")]
     return f"{' '.join(lines) or message.strip()}; {hint}"
+
+
+def tool_parser(prog: str, description: str) -> Any:
+    """A jsonargparse parser for a registered tool, configured like ``zoo fit``'s: abbreviations refused, errors
+    raised (``parse_tool_args`` prints them as one line) instead of ~50 lines of usage."""
+    from jsonargparse import ArgumentParser
+
+    return ArgumentParser(prog=prog, description=description, allow_abbrev=False, exit_on_error=False)
+
+
+def parse_tool_args(parser: Any, argv: list[str], tool: str) -> Any:
+    """``parser.parse_args(argv)``, or None after printing ``zoo <tool>: error: <one line>`` on stderr."""
+    import argparse
+    import sys
+
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as err:
+        keys = sorted({o.lstrip("-") for a in _all_actions(parser) for o in a.option_strings} |
+                      {a.dest for a in _all_actions(parser) if not a.option_strings})
+        print(f"zoo {tool}: error: {explain_tool_error(tool, str(err), argv, keys)}", file=sys.stderr)
+        return None
+
+
+def _all_actions(parser: Any) -> list[Any]:
+    """Every action of ``parser`` and of its subcommand parsers."""
+    actions = list(parser._actions)
+    for action in parser._actions:
+        for sub in (getattr(action, "choices", None) or {}).values() if hasattr(action, "_name_parser_map") else ():
+            actions += _all_actions(sub)
+    return actions
