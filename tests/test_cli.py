@@ -182,3 +182,52 @@ def test_fit_help_describes_the_subcommand_and_the_overwrite_flag():
     fit = subprocess.run([sys.executable, "-m", "zoo.cli", "fit", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert "--overwrite" in fit.stdout and "start a fresh run" in fit.stdout
+
+
+def test_eval_and_its_subcommands_are_described(capsys):
+    from lm.evals import main as eval_main
+
+    for argv, words in ((["--help"], ["needle in a haystack (Gemini 1.5 protocol)", "perplexity and bits per byte"]),
+                        (["needle", "--help"], ["hide a fact at each depth"]),
+                        (["ppl", "--help"], ["Perplexity and bits per byte of a language model"])):
+        with pytest.raises(SystemExit) as done:
+            eval_main(argv)
+        assert done.value.code == 0
+        out = " ".join(capsys.readouterr().out.split())
+        for w in words:
+            assert w in out, (argv, w)
+
+
+@pytest.mark.parametrize("tool, argv, line", [
+    ("scaling", ["sweep", "--config", "x.yaml", "--limt", "3"],
+     "zoo scaling: error: unknown key limt (from flag --limt); did you mean limit? See zoo scaling --help"),
+    ("export", ["x.ckpt", "--out", "y.safetensors", "--wich", "target"],
+     "zoo export: error: unknown key wich (from flag --wich); did you mean which? See zoo export --help"),
+    ("probe", ["--backbone", "random:resnet18", "--data", "digits", "--epoch", "3"],
+     "zoo probe: error: unknown key epoch (from flag --epoch); did you mean epochs? See zoo probe --help"),
+])
+def test_tools_refuse_unknown_or_abbreviated_flags_in_one_line(capsys, tool, argv, line):
+    commands = registered_commands()
+    assert commands[tool].load()(argv) == 2
+    assert _one_line(capsys) == line
+
+
+def test_probe_config_file_keys_and_legacy_flags(tmp_path, capsys):
+    from zoo.eval.probe_cli import DIGITS_PRESET, parse
+
+    tool, cfg, recipe = parse(["--backbone", "b", "--data", "digits", "--lr", "0.1", "0.2", "--batch-size", "8",
+                               "--no-progress", "--k", "3", "5"])
+    assert (cfg.lr_grid, cfg.batch_size, cfg.progress, cfg.knn_k) == ((0.1, 0.2), 8, False, (3, 5))
+    assert cfg.epochs == 30 and recipe == str(DIGITS_PRESET)  # the digits preset, as the end-of-fit report uses
+    (tmp_path / "p.yaml").write_text("epochs: 3\nfeature_norm: batchnorm\n")
+    tool, cfg, recipe = parse(["--backbone", "b", "--data", "cifar10:/x", "--config", str(tmp_path / "p.yaml"),
+                               "--epochs", "4"])
+    assert (cfg.epochs, cfg.feature_norm, recipe) == (4, "batchnorm", str(tmp_path / "p.yaml"))
+    tool, cfg, recipe = parse(["--backbone", "b", "--data", "cifar10:/x"])
+    assert (cfg.image_size, cfg.resize, cfg.data_image_size, recipe) == (32, 32, 32, "built-in defaults")
+    (tmp_path / "bad.yaml").write_text("epochz: 3\n")
+    from zoo.eval.probe_cli import main as probe_main
+
+    assert probe_main(["--backbone", "b", "--data", "digits", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert _one_line(capsys) == (f"zoo probe: error: unknown key epochz (from file {tmp_path / 'bad.yaml'}); did you "
+                                 "mean epochs? See zoo probe --help")
