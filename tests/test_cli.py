@@ -231,3 +231,26 @@ def test_probe_config_file_keys_and_legacy_flags(tmp_path, capsys):
     assert probe_main(["--backbone", "b", "--data", "digits", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert _one_line(capsys) == (f"zoo probe: error: unknown key epochz (from file {tmp_path / 'bad.yaml'}); did you "
                                  "mean epochs? See zoo probe --help")
+
+
+def test_probe_table_flags_a_diverged_learning_rate(capsys):
+    import math
+
+    import torch
+
+    from zoo.eval.linear import divergence, train_linear
+    from zoo.eval.probe import print_summary
+
+    feats, labels = torch.randn(64, 8) * 100, torch.randint(0, 4, (64,))
+    calm = train_linear(feats / 100, labels, 4, 0.1, 3, 16)
+    wild = train_linear(feats, labels, 4, 1e6, 3, 16)
+    assert divergence(calm, calm.last_loss, 4) is None
+    assert divergence(wild, wild.last_loss, 4) is not None
+    assert divergence(calm, float("nan"), 4) == "loss nan" and "> 2 ln(4)" in divergence(calm, 3 * math.log(4), 4)
+    print_summary({"mode": "fast", "top1": 90.0, "top5": 99.0, "seconds": {"total": 1.0}, "base_lr": 0.1,
+                   "heldout_top1": {"0.1": 90.0, "100.0": 25.0}, "diverged": {"100.0": "loss nan"},
+                   "recipe": "configs/probe/digits_linear.yaml"})
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "@ base lr 100.0" in line)
+    assert "DIVERGED (loss nan)" in row and "DIVERGED" not in next(l for l in out.splitlines() if "@ base lr 0.1" in l)
+    assert "configs/probe/digits_linear.yaml" in out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from zoo.eval.features import (Features, ImagePrepare, IndexedDataset, MeanPooledLM, TokenPrepare, cached_features,
                                 collate_indexed, default_cache_dir, extract_features, weights_fingerprint)
 from zoo.eval.knn import KNNProbeCallback, knn_evaluate
-from zoo.eval.linear import LinearProbeModule, evaluate_linear, train_linear
+from zoo.eval.linear import LinearProbeModule, divergence, evaluate_linear, train_linear
 from zoo.eval.probe_config import MODES, ProbeConfig
 
 __all__ = ["ProbeConfig", "evaluate", "heldout_split", "load_config", "run_probe", "main", "KNNProbeCallback",
@@ -104,6 +105,7 @@ def _features(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, cfg: Pr
 def _fast(train: Features, test: Features, num_classes: int, cfg: ProbeConfig, n_train: int) -> dict[str, Any]:
     dev = _device(cfg.device)
     grid: dict[str, float] = {}
+    diverged: dict[str, str] = {}
     if len(cfg.lr_grid) > 1:
         # split on dataset indices (not feature rows) so protocol mode holds out exactly the same images
         held_mask = torch.isin(train.index, heldout_split(n_train, cfg.heldout, cfg.seed)[1])
@@ -112,11 +114,18 @@ def _fast(train: Features, test: Features, num_classes: int, cfg: ProbeConfig, n
             lin = train_linear(fit.feats, fit.labels, num_classes, lr, cfg.epochs, cfg.batch_size, cfg.seed, dev,
                                cfg.feature_norm)
             grid[str(lr)] = evaluate_linear(lin, held.feats, held.labels)[1]
-    best = max(cfg.lr_grid, key=lambda lr: grid.get(str(lr), 0.0))
+            why = divergence(lin, getattr(lin, "last_loss", None), num_classes)
+            if why:
+                diverged[str(lr)] = why
+    # a diverged lr is never picked (unless every lr diverged)
+    best = max(cfg.lr_grid, key=lambda lr: (str(lr) not in diverged, grid.get(str(lr), 0.0)))
     lin = train_linear(train.feats, train.labels, num_classes, best, cfg.epochs, cfg.batch_size, cfg.seed, dev,
                        cfg.feature_norm)
+    why = divergence(lin, getattr(lin, "last_loss", None), num_classes)
+    if why:
+        diverged["final"] = why
     acc = evaluate_linear(lin, test.feats, test.labels)
-    return {"top1": acc[1], "top5": acc[5], "base_lr": best, "heldout_top1": grid}
+    return {"top1": acc[1], "top5": acc[5], "base_lr": best, "heldout_top1": grid, "diverged": diverged}
 
 
 def _protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_features: int, num_classes: int,
@@ -141,21 +150,34 @@ def _protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_featu
         trainer = build_trainer(**{**kwargs, **cfg.trainer})
         train_loader = _loader(train_part, cfg.batch_size, cfg, prepare_train,
                                EpochShuffleSampler(len(train_part), cfg.seed))
-        with warnings.catch_warnings():
-            # the frozen encoder is in eval mode on purpose (BN in inference mode); Lightning warns about it
-            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-            trainer.fit(module, train_loader, _loader(eval_part, cfg.extract_batch_size, cfg, prepare_test))
-        return {**module.result, "skipped": module.skipped}
+        lightning_log = logging.getLogger("lightning.pytorch")
+        level = lightning_log.level
+        lightning_log.setLevel(logging.WARNING)  # no device banner / "fit stopped" lines for every learning rate
+        try:
+            with warnings.catch_warnings():
+                # the frozen encoder is in eval mode on purpose (BN in inference mode); Lightning warns about it
+                warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+                trainer.fit(module, train_loader, _loader(eval_part, cfg.extract_batch_size, cfg, prepare_test))
+        finally:
+            lightning_log.setLevel(level)
+        return {**module.result, "skipped": module.skipped,
+                "diverged": divergence(module.head, getattr(module, "last_loss", None), num_classes)}
 
     grid: dict[str, float] = {}
+    diverged: dict[str, str] = {}
     if len(cfg.lr_grid) > 1:
         tr_idx, ho_idx = heldout_split(len(train_ds), cfg.heldout, cfg.seed)
         for lr in cfg.lr_grid:
-            grid[str(lr)] = fit(Subset(train_ds, tr_idx.tolist()), Subset(train_ds, ho_idx.tolist()), lr,
-                                f"lr{lr}")["top1"]
-    best = max(cfg.lr_grid, key=lambda lr: grid.get(str(lr), 0.0))
+            res = fit(Subset(train_ds, tr_idx.tolist()), Subset(train_ds, ho_idx.tolist()), lr, f"lr{lr}")
+            grid[str(lr)] = res["top1"]
+            if res["diverged"]:
+                diverged[str(lr)] = res["diverged"]
+    best = max(cfg.lr_grid, key=lambda lr: (str(lr) not in diverged, grid.get(str(lr), 0.0)))
     res = fit(train_ds, test_ds, best, "final")
-    return {"top1": res["top1"], "top5": res["top5"], "base_lr": best, "heldout_top1": grid, "skipped": res["skipped"]}
+    if res["diverged"]:
+        diverged["final"] = res["diverged"]
+    return {"top1": res["top1"], "top5": res["top5"], "base_lr": best, "heldout_top1": grid, "skipped": res["skipped"],
+            "diverged": diverged}
 
 
 def evaluate(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, mode: str = "fast",
@@ -258,8 +280,13 @@ def print_summary(metrics: dict[str, Any]) -> None:
             ("top-1 %", f"{metrics['top1']:.2f}"), ("top-5 %", f"{metrics['top5']:.2f}"),
             ("train / test images", f"{c.get('train')} / {c.get('test')}"),
             ("skipped (corrupt) train / test", f"{c.get('skipped_train')} / {c.get('skipped_test')}")]
+    diverged = metrics.get("diverged") or {}
+    for lr, top1 in (metrics.get("heldout_top1") or {}).items():
+        flag = f"  DIVERGED ({diverged[lr]})" if lr in diverged else ""
+        rows.append((f"held-out top-1 @ base lr {lr}", f"{top1:.2f}{flag}"))
     if "base_lr" in metrics:
-        rows.append(("base lr (held-out pick)", f"{metrics['base_lr']:g}"))
+        flag = f"  DIVERGED ({diverged['final']})" if "final" in diverged else ""
+        rows.append(("base lr (held-out pick)", f"{metrics['base_lr']:g}{flag}"))
     for k, v in (metrics.get("knn") or {}).items():
         rows.append((f"kNN k={k} top-1 / top-5", f"{v['top1']:.2f} / {v['top5']:.2f}"))
     rows.append(("seconds", f"{metrics['seconds']['total']:.1f}"))
