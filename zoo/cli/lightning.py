@@ -54,7 +54,8 @@ def run_cli(args: list[str], run: bool = True) -> ZooCLI:
         trainer_defaults={**trainer_defaults(), "callbacks": [RunSummary(["zoo", *args])]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        parser_kwargs={"description": "byol-zoo: pretraining, evaluation and export (zoo --help lists every "
+        parser_kwargs={"prog": "zoo",  # not "__main__.py" under python -m zoo.cli
+                       "description": "byol-zoo: pretraining, evaluation and export (zoo --help lists every "
                                       "subcommand)",
                        **{name: {"description": text} for name, text in LIGHTNING_COMMANDS.items()}},
         args=args,
