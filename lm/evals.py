@@ -191,11 +191,14 @@ def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, tit
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(title)
+    import textwrap
+
+    # wrapped to the figure's width (a narrow grid cut a long model path off); ~12 characters an inch at size 9
+    ax.set_title("\n".join(textwrap.wrap(title, max(16, int(fig.get_figwidth() * 12)))), fontsize=9)
     fig.tight_layout()
     try:  # the figure is drawn before any file is replaced, so a plotting error leaves the old report whole
         with atomic_path(paths["png"]) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
+            fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     with atomic_path(paths["csv"]) as tmp:
@@ -334,12 +337,18 @@ def _check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``zoo eval needle|ppl ...``: run one evaluation, print a table and a JSON line, return an exit code."""
+    """Language-model evaluations: needle in a haystack, perplexity and bits per byte.
+
+    ``zoo eval needle|ppl ...``: run one evaluation, print a table and a JSON line, return an exit code.
+    """
     from lm.causal_lm import load_lm
 
-    parser = argparse.ArgumentParser(prog="zoo eval", description="language-model evaluations")
-    sub = parser.add_subparsers(dest="eval", required=True)
-    nd = sub.add_parser("needle", help="needle in a haystack (Gemini 1.5 protocol)")
+    from zoo.cli.errors import parse_tool_args, tool_parser
+
+    parser = tool_parser("zoo eval", "Language-model evaluations: needle in a haystack, perplexity.")
+    sub = parser.add_subcommands(dest="eval", required=True)
+    nd = tool_parser("zoo eval needle", "Needle in a haystack (Gemini 1.5 protocol): hide a fact at each depth of "
+                     "contexts of each length and ask for it back; writes a recall grid as CSV, Markdown and PNG.")
     nd.add_argument("--model", required=True, help="zoo model name, .ckpt file, or run folder")
     nd.add_argument("--tokenizer", default="byte", help="'byte', a tokenizer.json or a SentencePiece .model")
     nd.add_argument("--lengths", default="128,256,512", help="comma-separated context lengths in tokens")
@@ -348,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     nd.add_argument("--out", default="runs/eval/needle", help="folder for needle.csv / .md / .png")
     nd.add_argument("--seed", type=int, default=0)
     nd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    pp = sub.add_parser("ppl", help="perplexity and bits per byte on the held-out split")
+    sub.add_subcommand("needle", nd, help="needle in a haystack (Gemini 1.5 protocol)")
+    pp = tool_parser("zoo eval ppl", "Perplexity and bits per byte of a language model on the held-out split of a "
+                     "text corpus (the corpus of a `zoo fit` config, or given files).")
     pp.add_argument("--model", required=True, help="zoo model name, .ckpt file, or run folder")
     pp.add_argument("--config", default=None, help="a `zoo fit` YAML whose data.init_args define the corpus/split")
     pp.add_argument("--paths", nargs="*", default=None, help="text files / folders / globs (default: stdlib)")
@@ -360,7 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--cache-dir", default=None)
     pp.add_argument("--unigram", action="store_true", help="also report the byte unigram baseline")
     pp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    sub.add_subcommand("ppl", pp, help="perplexity and bits per byte on the held-out split")
+    parsed = parse_tool_args(parser, list(argv if argv is not None else sys.argv[1:]), "eval")
+    if parsed is None:
+        return 2
+    args = parsed[parsed.eval]
+    args.eval = parsed.eval
 
     try:
         # Every argument is checked before anything is loaded, run or written.

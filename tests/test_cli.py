@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zoo.cli import TOOLS, main, run_cli
+from zoo.cli import main, main_help, run_cli
+from zoo.cli.commands import registered_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,12 +48,71 @@ def test_print_config_and_unknown_key_via_console_script():
     assert bad.returncode != 0 and "no_such_key" in bad.stderr
 
 
-def test_tools_are_dispatched_by_import_string():
-    assert set(TOOLS) >= {"probe", "export", "export-hf", "eval", "scaling"}
-    for target, _ in TOOLS.values():
-        module, func = target.split(":")
-        mod = __import__(module, fromlist=[func])
-        assert callable(getattr(mod, func)), target
+def test_tools_are_registered_as_entry_points_in_pyproject():
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["byol_zoo.commands"]
+    assert set(declared) == {"probe", "export", "export-hf", "eval", "scaling", "plan"}
+    commands = registered_commands()
+    for name, target in declared.items():
+        assert commands[name].target == target
+        if name == "plan" and not commands[name].available():
+            continue  # lm/plan.py arrives with the planner's branch
+        assert callable(commands[name].load()), target
+
+
+def test_zoo_never_imports_byol_or_lm_and_its_cli_never_names_them():
+    import re
+
+    for path in (ROOT / "zoo").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from) (byol|lm)\b", text, re.M), path
+        if path.parent.name == "cli":  # the subcommand table lives in pyproject.toml, not in import strings
+            assert not re.search(r"[\"'](byol|lm)\.\w", text), path
+
+
+def test_a_command_registered_by_entry_point_is_listed_described_and_dispatched(monkeypatch, tmp_path, capsys):
+    # a fake distribution's entry point: the registry reads importlib.metadata, so patch what it returns
+    (tmp_path / "fakepkg").mkdir()
+    (tmp_path / "fakepkg" / "__init__.py").write_text("")
+    (tmp_path / "fakepkg" / "tool.py").write_text(
+        'import sys\n\ndef main(argv):\n    """Say hello to the arguments."""\n    print("hello", *argv)\n    return 3\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import zoo.cli.commands as commands
+
+    monkeypatch.setattr(commands, "_from_metadata", lambda: {"hello": "fakepkg.tool:main"})
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    usage = out.split("\n\n")[0].replace("\n", "").replace(" ", "")
+    assert "{fit,validate,test,predict,hello," in usage and "plan" in usage, usage
+    assert "hello      Say hello to the arguments." in out
+    assert "fakepkg" not in sys.modules  # described from its source, not imported
+    assert main(["hello", "a", "b"]) == 3
+    assert capsys.readouterr().out == "hello a b\n"
+
+
+def test_unknown_or_uninstalled_subcommand_is_one_line(monkeypatch, capsys):
+    import zoo.cli.commands as commands
+
+    assert main(["probee"]) == 2
+    assert _one_line(capsys) == "zoo: error: unknown subcommand 'probee'; did you mean probe? zoo --help lists them all"
+    monkeypatch.setattr(commands, "_from_metadata", lambda: {"gone": "no_such_package.cli:main"})
+    assert main(["gone"]) == 2
+    assert "no_such_package.cli that provides it is not installed" in _one_line(capsys)
+
+
+def test_help_lists_every_subcommand_without_importing_torch():
+    code = ("import sys; from zoo.cli import main; rc = main(['--help']); "
+            "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'imported'; sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    usage = out.stdout.split("\n\n")[0].replace("\n", "").replace(" ", "")
+    assert "{fit,validate,test,predict,probe,export,export-hf,eval,scaling,plan}" in usage, usage
+    assert all(len(line) <= 80 for line in out.stdout.splitlines())
+    test_line = out.stdout[out.stdout.index("  test "):out.stdout.index("  predict ")]
+    assert test_line.rstrip().endswith("when you ask)."), test_line
+    for name in ("eval", "export", "probe", "scaling"):
+        assert next(ln for ln in out.stdout.splitlines() if ln.startswith(f"  {name} ")).split(name, 1)[1].strip()
 
 
 def _one_line(capsys):
@@ -122,3 +182,75 @@ def test_fit_help_describes_the_subcommand_and_the_overwrite_flag():
     fit = subprocess.run([sys.executable, "-m", "zoo.cli", "fit", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert "--overwrite" in fit.stdout and "start a fresh run" in fit.stdout
+
+
+def test_eval_and_its_subcommands_are_described(capsys):
+    from lm.evals import main as eval_main
+
+    for argv, words in ((["--help"], ["needle in a haystack (Gemini 1.5 protocol)", "perplexity and bits per byte"]),
+                        (["needle", "--help"], ["hide a fact at each depth"]),
+                        (["ppl", "--help"], ["Perplexity and bits per byte of a language model"])):
+        with pytest.raises(SystemExit) as done:
+            eval_main(argv)
+        assert done.value.code == 0
+        out = " ".join(capsys.readouterr().out.split())
+        for w in words:
+            assert w in out, (argv, w)
+
+
+@pytest.mark.parametrize("tool, argv, line", [
+    ("scaling", ["sweep", "--config", "x.yaml", "--limt", "3"],
+     "zoo scaling: error: unknown key limt (from flag --limt); did you mean limit? See zoo scaling --help"),
+    ("export", ["x.ckpt", "--out", "y.safetensors", "--wich", "target"],
+     "zoo export: error: unknown key wich (from flag --wich); did you mean which? See zoo export --help"),
+    ("probe", ["--backbone", "random:resnet18", "--data", "digits", "--epoch", "3"],
+     "zoo probe: error: unknown key epoch (from flag --epoch); did you mean epochs? See zoo probe --help"),
+])
+def test_tools_refuse_unknown_or_abbreviated_flags_in_one_line(capsys, tool, argv, line):
+    commands = registered_commands()
+    assert commands[tool].load()(argv) == 2
+    assert _one_line(capsys) == line
+
+
+def test_probe_config_file_keys_and_legacy_flags(tmp_path, capsys):
+    from zoo.eval.probe_cli import DIGITS_PRESET, parse
+
+    tool, cfg, recipe = parse(["--backbone", "b", "--data", "digits", "--lr", "0.1", "0.2", "--batch-size", "8",
+                               "--no-progress", "--k", "3", "5"])
+    assert (cfg.lr_grid, cfg.batch_size, cfg.progress, cfg.knn_k) == ((0.1, 0.2), 8, False, (3, 5))
+    assert cfg.epochs == 30 and recipe == str(DIGITS_PRESET)  # the digits preset, as the end-of-fit report uses
+    (tmp_path / "p.yaml").write_text("epochs: 3\nfeature_norm: batchnorm\n")
+    tool, cfg, recipe = parse(["--backbone", "b", "--data", "cifar10:/x", "--config", str(tmp_path / "p.yaml"),
+                               "--epochs", "4"])
+    assert (cfg.epochs, cfg.feature_norm, recipe) == (4, "batchnorm", str(tmp_path / "p.yaml"))
+    tool, cfg, recipe = parse(["--backbone", "b", "--data", "cifar10:/x"])
+    assert (cfg.image_size, cfg.resize, cfg.data_image_size, recipe) == (32, 32, 32, "built-in defaults")
+    (tmp_path / "bad.yaml").write_text("epochz: 3\n")
+    from zoo.eval.probe_cli import main as probe_main
+
+    assert probe_main(["--backbone", "b", "--data", "digits", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert _one_line(capsys) == (f"zoo probe: error: unknown key epochz (from file {tmp_path / 'bad.yaml'}); did you "
+                                 "mean epochs? See zoo probe --help")
+
+
+def test_probe_table_flags_a_diverged_learning_rate(capsys):
+    import math
+
+    import torch
+
+    from zoo.eval.linear import divergence, train_linear
+    from zoo.eval.probe import print_summary
+
+    feats, labels = torch.randn(64, 8) * 100, torch.randint(0, 4, (64,))
+    calm = train_linear(feats / 100, labels, 4, 0.1, 3, 16)
+    wild = train_linear(feats, labels, 4, 1e6, 3, 16)
+    assert divergence(calm, calm.last_loss, 4) is None
+    assert divergence(wild, wild.last_loss, 4) is not None
+    assert divergence(calm, float("nan"), 4) == "loss nan" and "> 2 ln(4)" in divergence(calm, 3 * math.log(4), 4)
+    print_summary({"mode": "fast", "top1": 90.0, "top5": 99.0, "seconds": {"total": 1.0}, "base_lr": 0.1,
+                   "heldout_top1": {"0.1": 90.0, "100.0": 25.0}, "diverged": {"100.0": "loss nan"},
+                   "recipe": "configs/probe/digits_linear.yaml"})
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "@ base lr 100.0" in line)
+    assert "DIVERGED (loss nan)" in row and "DIVERGED" not in next(l for l in out.splitlines() if "@ base lr 0.1" in l)
+    assert "configs/probe/digits_linear.yaml" in out

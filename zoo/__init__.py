@@ -1,11 +1,13 @@
 """byol-zoo's model zoo: named architectures, their weights, and what every method shares."""
-from zoo.models.registry import available, create, register
-
 __all__ = ["available", "create", "register", "load_backbone", "from_hf", "load_lm"]
 
 
 def __getattr__(name: str):
-    # Weight loaders pull in heavier modules; import them only when asked for.
+    # Everything here imports torch; importing it only when asked keeps `zoo --help` (zoo.cli) free of torch.
+    if name in ("available", "create", "register"):
+        from zoo.models import registry
+
+        return getattr(registry, name)
     if name == "load_backbone":
         from zoo.weights import load_backbone
 

@@ -59,3 +59,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding=encoding)
     return Path(path)
+
+
+CACHE_ENV = "ZOO_CACHE_DIR"
+LEGACY_CACHE_ENV = "ZOO_CACHE"  # the text cache's old name, still read (no warning) when ZOO_CACHE_DIR is unset
+
+
+def cache_dir(*parts: str) -> Path:
+    """byol-zoo's cache folder (``$ZOO_CACHE_DIR``, else the older ``$ZOO_CACHE``, else ``~/.cache/byol-zoo``),
+    joined with ``parts`` (e.g. ``cache_dir("features")``). Nothing is created here."""
+    root = os.environ.get(CACHE_ENV) or os.environ.get(LEGACY_CACHE_ENV) or os.path.join("~", ".cache", "byol-zoo")
+    return Path(root).expanduser().joinpath(*parts)

@@ -195,12 +195,22 @@ class ImageDataModule(pl.LightningDataModule):
     def _build(self, split: str) -> Dataset:
         return build_dataset(self.dataset, split, decode=self.decode, image_size=self.image_size)
 
+    def check_data(self) -> None:
+        """Build the datasets now (``ZooTrainer.fit`` calls this before creating any output folder): a missing or
+        malformed dataset folder is one ``UsageError`` line naming ``data.dataset``."""
+        if self.train_set is not None:
+            return
+        try:
+            self.train_set = self._build("train")
+            self.val_set = self._build("val")
+        except (FileNotFoundError, NotADirectoryError, ValueError) as err:
+            self.train_set = self.val_set = None
+            raise UsageError(f"data.dataset={self.dataset!r} cannot be read: {err}") from None
+
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets (once) and check the batch against the device count."""
         world = self.trainer.world_size if self.trainer is not None else 1
-        if self.train_set is None:
-            self.train_set = self._build("train")
-            self.val_set = self._build("val")
+        self.check_data()
         if len(self.train_set) < self.batch_size * world:
             raise UsageError(f"data.batch_size {self.batch_size} times {world} devices is larger than the "
                              f"{len(self.train_set)} training images of {self.dataset!r}; lower it")

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.files import cache_dir as zoo_cache_dir
+
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2
@@ -251,7 +253,7 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size, self.val_fraction, self.max_bytes = batch_size, val_fraction, max_bytes
         self.pattern, self.num_workers, self.seed = pattern, num_workers, seed
         self.return_index, self.progress = return_index, progress
-        self.cache_root = Path(cache_dir or os.environ.get("ZOO_CACHE", "~/.cache/byol-zoo")).expanduser() / "text"
+        self.cache_root = Path(cache_dir).expanduser() / "text" if cache_dir else zoo_cache_dir("text")
         self.tokenizer: Any = None
         self.meta: dict[str, Any] | None = None
         self.data_dir: Path | None = None

@@ -149,8 +149,10 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$ZOO_CACHE_DIR`` or ``~/.cache/byol-zoo/features``."""
-    return Path(os.environ.get("ZOO_CACHE_DIR", Path.home() / ".cache" / "byol-zoo")) / "features"
+    """``features`` in byol-zoo's cache folder (``zoo.files.cache_dir``: ``$ZOO_CACHE_DIR`` or ``~/.cache/byol-zoo``)."""
+    from zoo.files import cache_dir
+
+    return cache_dir("features")
 
 
 def _progress(total: int, desc: str, enabled: bool):

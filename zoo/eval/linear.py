@@ -97,6 +97,7 @@ def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, ba
             loss.backward()
             opt.step()
             sched.step()
+    lin.last_loss = float(loss.detach())  # read by ``divergence``: the probe table flags a diverged lr
     return lin.cpu().eval()
 
 
@@ -156,6 +157,7 @@ class LinearProbeModule(pl.LightningModule):
         logits = self.head(self._features(batch, self.prepare_train, self._gen))
         loss = F.cross_entropy(logits, batch["label"])
         self.log("probe/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
+        self.last_loss = loss.detach()  # a tensor: no device sync per step; read once by ``divergence``
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -188,3 +190,18 @@ class LinearProbeModule(pl.LightningModule):
         global_batch = self.batch_size * self.trainer.world_size
         opt, sched = make_optimizer(self.head.parameters(), self.base_lr, global_batch, int(steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def divergence(head: nn.Module, last_loss: Any, num_classes: int) -> str | None:
+    """Why a trained probe diverged, else None: a NaN/Inf weight, a NaN/Inf final loss, or a final loss above
+    2 ln(num_classes) (twice the loss of the zero-initialised head it started from: it got worse, not better)."""
+    if any(not bool(torch.isfinite(p).all()) for p in head.parameters()):
+        return "weights NaN/Inf"
+    if last_loss is None:
+        return None
+    loss = float(last_loss)
+    if not math.isfinite(loss):
+        return f"loss {loss}"
+    if loss > 2 * math.log(max(num_classes, 2)):
+        return f"loss {loss:.3g} > 2 ln({num_classes})"
+    return None

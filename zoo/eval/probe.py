@@ -11,14 +11,13 @@ language models). Command line: ``zoo probe --backbone SOURCE --data SPEC --mode
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,62 +28,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from zoo.eval.features import (Features, ImagePrepare, IndexedDataset, MeanPooledLM, TokenPrepare, cached_features,
                                 collate_indexed, default_cache_dir, extract_features, weights_fingerprint)
 from zoo.eval.knn import KNNProbeCallback, knn_evaluate
-from zoo.eval.linear import LinearProbeModule, evaluate_linear, train_linear
+from zoo.eval.linear import LinearProbeModule, divergence, evaluate_linear, train_linear
+from zoo.eval.probe_config import MODES, ProbeConfig
 
 __all__ = ["ProbeConfig", "evaluate", "heldout_split", "load_config", "run_probe", "main", "KNNProbeCallback",
            "MeanPooledLM", "TokenPrepare", "ImagePrepare", "MODES"]
 
-MODES = ("fast", "protocol", "knn")
-
-
-@dataclass
-class ProbeConfig:
-    """Every knob of the evaluator; ``configs/probe/*.yaml`` hold presets (ImageNet: the paper's numbers)."""
-
-    epochs: int = 80
-    batch_size: int = 1024
-    lr_grid: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8)  # base lr candidates (x batch / 256); our grid, not the paper's
-    # images held out of train to pick the lr (>= 1: a count, < 1: a fraction); None: 10,000 (the paper's ImageNet
-    # split) for sets of 100k images or more, else 10 %
-    heldout: float | None = None
-    image_size: int = 224
-    resize: int | None = 256
-    train_augment: str = "random_resized_crop"  # or "center_crop" (the centre-crop-only probe)
-    # the BYOL authors' views by default (augment.presets): eval view = central image_size/resize square resized
-    # (eval_crop "official") or short side -> resize then centre crop ("resize_then_crop"); TF2 bicubic
-    # ("tf_bicubic") or PyTorch's ("torch_bicubic"); train crop sampler "official" (one draw) or "torchvision"
-    eval_crop: str = "official"
-    resize_kernel: str = "tf_bicubic"
-    crop_sampler: str = "official"
-    feature_norm: str = "none"  # "none": the paper's probe; "batchnorm": parameter-free BN before the linear layer
-    knn_k: tuple[int, ...] = (20, 200)
-    knn_temperature: float = 0.07
-    num_workers: int = 4
-    extract_batch_size: int = 256
-    cache_dir: str | None = "default"  # "default" -> $ZOO_CACHE_DIR or ~/.cache/byol-zoo/features; null: no cache
-    seed: int = 0
-    max_train: int | None = None  # use only the first N training images (quick looks)
-    max_test: int | None = None
-    data_image_size: int = 32  # side of the embedded digits
-    device: str = "auto"
-    # "32-true" or "bf16-mixed": protocol trainer precision and, when bf16, autocast during fast/kNN extraction too,
-    # so the modes stay comparable
-    precision: str = "32-true"
-    progress: bool = True
-    trainer: dict[str, Any] = field(default_factory=dict)  # overrides for zoo.train.trainer.build_trainer (protocol)
-
-    def __post_init__(self) -> None:
-        self.lr_grid = tuple(float(x) for x in self.lr_grid)
-        self.knn_k = tuple(int(x) for x in self.knn_k)
-        if not self.lr_grid:
-            raise ValueError("lr_grid must hold at least one base learning rate")
-        if self.train_augment not in ("random_resized_crop", "center_crop"):
-            raise ValueError(f"train_augment={self.train_augment!r}: use random_resized_crop or center_crop")
-        from augment.presets import EvalPreset
-
-        EvalPreset(eval_crop=self.eval_crop, resize_kernel=self.resize_kernel, crop_sampler=self.crop_sampler)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1")
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> ProbeConfig:
@@ -156,6 +105,7 @@ def _features(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, cfg: Pr
 def _fast(train: Features, test: Features, num_classes: int, cfg: ProbeConfig, n_train: int) -> dict[str, Any]:
     dev = _device(cfg.device)
     grid: dict[str, float] = {}
+    diverged: dict[str, str] = {}
     if len(cfg.lr_grid) > 1:
         # split on dataset indices (not feature rows) so protocol mode holds out exactly the same images
         held_mask = torch.isin(train.index, heldout_split(n_train, cfg.heldout, cfg.seed)[1])
@@ -164,11 +114,18 @@ def _fast(train: Features, test: Features, num_classes: int, cfg: ProbeConfig, n
             lin = train_linear(fit.feats, fit.labels, num_classes, lr, cfg.epochs, cfg.batch_size, cfg.seed, dev,
                                cfg.feature_norm)
             grid[str(lr)] = evaluate_linear(lin, held.feats, held.labels)[1]
-    best = max(cfg.lr_grid, key=lambda lr: grid.get(str(lr), 0.0))
+            why = divergence(lin, getattr(lin, "last_loss", None), num_classes)
+            if why:
+                diverged[str(lr)] = why
+    # a diverged lr is never picked (unless every lr diverged)
+    best = max(cfg.lr_grid, key=lambda lr: (str(lr) not in diverged, grid.get(str(lr), 0.0)))
     lin = train_linear(train.feats, train.labels, num_classes, best, cfg.epochs, cfg.batch_size, cfg.seed, dev,
                        cfg.feature_norm)
+    why = divergence(lin, getattr(lin, "last_loss", None), num_classes)
+    if why:
+        diverged["final"] = why
     acc = evaluate_linear(lin, test.feats, test.labels)
-    return {"top1": acc[1], "top5": acc[5], "base_lr": best, "heldout_top1": grid}
+    return {"top1": acc[1], "top5": acc[5], "base_lr": best, "heldout_top1": grid, "diverged": diverged}
 
 
 def _protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_features: int, num_classes: int,
@@ -193,21 +150,34 @@ def _protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_featu
         trainer = build_trainer(**{**kwargs, **cfg.trainer})
         train_loader = _loader(train_part, cfg.batch_size, cfg, prepare_train,
                                EpochShuffleSampler(len(train_part), cfg.seed))
-        with warnings.catch_warnings():
-            # the frozen encoder is in eval mode on purpose (BN in inference mode); Lightning warns about it
-            warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-            trainer.fit(module, train_loader, _loader(eval_part, cfg.extract_batch_size, cfg, prepare_test))
-        return {**module.result, "skipped": module.skipped}
+        lightning_log = logging.getLogger("lightning.pytorch")
+        level = lightning_log.level
+        lightning_log.setLevel(logging.WARNING)  # no device banner / "fit stopped" lines for every learning rate
+        try:
+            with warnings.catch_warnings():
+                # the frozen encoder is in eval mode on purpose (BN in inference mode); Lightning warns about it
+                warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+                trainer.fit(module, train_loader, _loader(eval_part, cfg.extract_batch_size, cfg, prepare_test))
+        finally:
+            lightning_log.setLevel(level)
+        return {**module.result, "skipped": module.skipped,
+                "diverged": divergence(module.head, getattr(module, "last_loss", None), num_classes)}
 
     grid: dict[str, float] = {}
+    diverged: dict[str, str] = {}
     if len(cfg.lr_grid) > 1:
         tr_idx, ho_idx = heldout_split(len(train_ds), cfg.heldout, cfg.seed)
         for lr in cfg.lr_grid:
-            grid[str(lr)] = fit(Subset(train_ds, tr_idx.tolist()), Subset(train_ds, ho_idx.tolist()), lr,
-                                f"lr{lr}")["top1"]
-    best = max(cfg.lr_grid, key=lambda lr: grid.get(str(lr), 0.0))
+            res = fit(Subset(train_ds, tr_idx.tolist()), Subset(train_ds, ho_idx.tolist()), lr, f"lr{lr}")
+            grid[str(lr)] = res["top1"]
+            if res["diverged"]:
+                diverged[str(lr)] = res["diverged"]
+    best = max(cfg.lr_grid, key=lambda lr: (str(lr) not in diverged, grid.get(str(lr), 0.0)))
     res = fit(train_ds, test_ds, best, "final")
-    return {"top1": res["top1"], "top5": res["top5"], "base_lr": best, "heldout_top1": grid, "skipped": res["skipped"]}
+    if res["diverged"]:
+        diverged["final"] = res["diverged"]
+    return {"top1": res["top1"], "top5": res["top5"], "base_lr": best, "heldout_top1": grid, "skipped": res["skipped"],
+            "diverged": diverged}
 
 
 def evaluate(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, mode: str = "fast",
@@ -274,10 +244,6 @@ def _probe_dim(encoder: nn.Module, ds: Dataset, prepare: Callable) -> int:
     return int(d)
 
 
-# Datasets of 32-pixel images are probed at their own size (no 224 upscaling).
-_SMALL_IMAGE_DATA = ("digits", "cifar10", "cifar100")
-
-
 def run_probe(backbone: str, data: str, mode: str = "fast", out: str | Path | None = None,
               cfg: ProbeConfig | None = None, which: str = "online", padding: str | None = None,
               arch: str | None = None) -> dict[str, Any]:
@@ -314,78 +280,21 @@ def print_summary(metrics: dict[str, Any]) -> None:
             ("top-1 %", f"{metrics['top1']:.2f}"), ("top-5 %", f"{metrics['top5']:.2f}"),
             ("train / test images", f"{c.get('train')} / {c.get('test')}"),
             ("skipped (corrupt) train / test", f"{c.get('skipped_train')} / {c.get('skipped_test')}")]
+    diverged = metrics.get("diverged") or {}
+    for lr, top1 in (metrics.get("heldout_top1") or {}).items():
+        flag = f"  DIVERGED ({diverged[lr]})" if lr in diverged else ""
+        rows.append((f"held-out top-1 @ base lr {lr}", f"{top1:.2f}{flag}"))
     if "base_lr" in metrics:
-        rows.append(("base lr (held-out pick)", f"{metrics['base_lr']:g}"))
+        flag = f"  DIVERGED ({diverged['final']})" if "final" in diverged else ""
+        rows.append(("base lr (held-out pick)", f"{metrics['base_lr']:g}{flag}"))
     for k, v in (metrics.get("knn") or {}).items():
         rows.append((f"kNN k={k} top-1 / top-5", f"{v['top1']:.2f} / {v['top5']:.2f}"))
     rows.append(("seconds", f"{metrics['seconds']['total']:.1f}"))
+    if metrics.get("recipe"):  # which settings: the end-of-fit report and `zoo probe` may use different ones
+        rows.append(("recipe", metrics["recipe"]))
     for k, v in rows:
         table.add_row(k, str(v))
     Console().print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``zoo probe --backbone SOURCE --data SPEC --mode fast|protocol|knn [--out DIR] [--config YAML] ...``."""
-    ap = argparse.ArgumentParser(prog="zoo probe", description="Linear probe / kNN evaluation of a backbone.")
-    ap.add_argument("--backbone", required=True, help="our .ckpt / export .safetensors / .pth / official .pkl / "
-                                                      "random:<arch>")
-    ap.add_argument("--data", required=True, help="digits | cifar10:<dir> | cifar100:<dir> | imagefolder:<dir>")
-    ap.add_argument("--mode", default="fast", choices=MODES)
-    ap.add_argument("--out", default=None, help="folder for metrics.json")
-    ap.add_argument("--config", default=None, help="YAML of ProbeConfig keys (configs/probe/*.yaml)")
-    ap.add_argument("--which", default="online", choices=("online", "target"))
-    ap.add_argument("--padding", default=None, choices=("torch", "tf_same"))
-    ap.add_argument("--arch", default=None, help="architecture for plain state dicts (e.g. resnet50, timm:<name>)")
-    ap.add_argument("--epochs", type=int)
-    ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--lr", type=float, nargs="+", help="base learning-rate grid")
-    ap.add_argument("--k", type=int, nargs="+", help="kNN neighbour counts")
-    ap.add_argument("--image-size", type=int)
-    ap.add_argument("--resize", type=int)
-    ap.add_argument("--train-augment", choices=("random_resized_crop", "center_crop"))
-    ap.add_argument("--eval-crop", choices=("official", "resize_then_crop"))
-    ap.add_argument("--resize-kernel", choices=("tf_bicubic", "torch_bicubic"))
-    ap.add_argument("--crop-sampler", choices=("official", "torchvision"))
-    ap.add_argument("--heldout", type=float)
-    ap.add_argument("--feature-norm", choices=("none", "batchnorm"))
-    ap.add_argument("--cache-dir", default=None, help="feature cache folder ('none' disables)")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--devices", default=None, help="protocol mode: trainer devices (DDP when > 1)")
-    ap.add_argument("--num-workers", type=int)
-    ap.add_argument("--max-train", type=int)
-    ap.add_argument("--max-test", type=int)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--precision", choices=("32-true", "bf16-mixed"))
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-    small = a.data.partition(":")[0] in _SMALL_IMAGE_DATA
-    try:
-        overrides = dict(epochs=a.epochs, batch_size=a.batch_size, lr_grid=a.lr, knn_k=a.k, resize=a.resize,
-                         image_size=a.image_size, train_augment=a.train_augment, heldout=a.heldout,
-                         eval_crop=a.eval_crop, resize_kernel=a.resize_kernel, crop_sampler=a.crop_sampler,
-                         feature_norm=a.feature_norm, cache_dir=a.cache_dir, device=a.device,
-                         num_workers=a.num_workers, max_train=a.max_train, max_test=a.max_test, seed=a.seed,
-                         precision=a.precision, progress=False if a.no_progress else None)
-        if a.devices is not None:
-            overrides["trainer"] = {"devices": int(a.devices) if a.devices.isdigit() else a.devices}
-        config = a.config
-        preset = Path(__file__).resolve().parents[1] / "configs" / "probe" / "digits_linear.yaml"
-        if config is None and a.data == "digits" and preset.exists():  # the embedded demo's preset (repo checkout)
-            config = preset
-        cfg = load_config(config, **overrides)
-        if small and config is None:  # 32-pixel datasets: probe at their own size unless told otherwise
-            cfg.image_size = a.image_size or 32
-            cfg.resize = a.resize or cfg.image_size
-            cfg.data_image_size = cfg.image_size
-        metrics = run_probe(a.backbone, a.data, a.mode, a.out, cfg, a.which, a.padding, a.arch)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"zoo probe: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 2
-    print_summary(metrics)
-    if a.out:
-        print(f"wrote {Path(a.out) / 'metrics.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+from zoo.eval.probe_cli import main  # noqa: E402 - the command line lives apart so --help needs no torch

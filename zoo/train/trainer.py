@@ -13,22 +13,17 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo.files import atomic_path
+from zoo.train.announce import RunSummary, StepProgressBar, step_based  # noqa: F401 - RunSummary re-exported
+from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
 from zoo.train.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
 
-class UsageError(ValueError):
-    """A run refused before it starts (impossible value, busy or occupied folder, mismatched resume): ``zoo fit``
-    prints the one-line message and exits with status 2, without a traceback."""
-
-
-class RunError(OSError):
-    """A run that stopped on an outside condition (disk full): ``zoo fit`` prints the one line and exits 1."""
 
 
 def _is_disk_full(exc: BaseException) -> bool:
@@ -104,23 +99,25 @@ class RootCheckpoint(ModelCheckpoint):
         # No last-v1.ckpt: a resumed run (whose last.ckpt was written by the preemption save) keeps writing last.ckpt.
         super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
-    def _use_root(self, trainer: pl.Trainer) -> None:
+    def use_root(self, trainer: pl.Trainer) -> None:
+        """Point an unset ``dirpath`` at ``<trainer.default_root_dir>/checkpoints``.
+
+        ``ZooTrainer`` calls this when it is built: ``ckpt_path="last"`` is resolved before any callback's ``setup``,
+        and with no folder yet it would look in a new log-version folder and silently start from scratch."""
         if self.dirpath is None:
             self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._use_root(trainer)
+        self.use_root(trainer)  # a plain Lightning Trainer reaches here without ZooTrainer's __init__
         super().setup(trainer, pl_module, stage)
-
-    def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
-        # ``ckpt_path="last"`` is resolved before ``setup``: without this it would look in a new log-version folder
-        # and silently start from scratch.
-        self._use_root(trainer)
-        return super()._find_last_checkpoints(trainer)
 
 
 class DeferredSignalConnector(_SignalConnector):
     """Lightning's signal connector, except that SIGTERM only records that it came (``sigterm_pending``).
+
+    This is the one Lightning internal zoo still relies on (Lightning has no public hook to defer SIGTERM or to set
+    ``received_sigterm``); pyproject.toml bounds lightning's version and tests/test_lightning_internals.py fails,
+    naming it, when a new release changes it.
 
     Lightning's own handler sets ``trainer.received_sigterm`` at whatever instant the signal lands, and its loops
     then stop at the next check (a batch end, the middle of validation, the start of a step), each in another loop
@@ -145,8 +142,8 @@ class DeferredSignalConnector(_SignalConnector):
 
 def sigterm_pending(trainer: pl.Trainer) -> bool:
     """Has a SIGTERM come that no checkpoint answered yet (on any rank: a collective decision under DDP)?"""
-    connector = trainer._signal_connector
-    flag = bool(getattr(connector, "sigterm_pending", False) or connector.received_sigterm)
+    connector = getattr(trainer, "_signal_connector", None)  # Lightning internal: see DeferredSignalConnector
+    flag = bool(getattr(connector, "sigterm_pending", False) or trainer.received_sigterm)
     if trainer.world_size > 1:
         flag = bool(trainer.strategy.reduce_boolean_decision(flag, all=False))
     return flag
@@ -278,17 +275,24 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     user = list(kwargs.get("callbacks") or [])
     user_types = {type(c) for c in user}
     has_ckpt = any(isinstance(c, ModelCheckpoint) for c in user)
+    has_bar = any(isinstance(c, ProgressBar) for c in user)
     extra = [c for c in default_callbacks()
-             if type(c) not in user_types and not (isinstance(c, ModelCheckpoint) and has_ckpt)]
+             if type(c) not in user_types and not (isinstance(c, ModelCheckpoint) and has_ckpt)
+             and not (isinstance(c, ProgressBar) and has_bar)]
+    if step_based(kwargs):  # Lightning's bars count batches per epoch and read "Epoch 0/-2" on max_steps runs
+        extra = [StepProgressBar() if isinstance(c, RichProgressBar) else c for c in extra]
     if kwargs.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
         extra = [c for c in extra if not isinstance(c, (ModelCheckpoint, PreemptionCheckpoint))]
     if kwargs.get("enable_progress_bar") is False:
-        extra = [c for c in extra if not isinstance(c, RichProgressBar)]
+        extra = [c for c in extra if not isinstance(c, ProgressBar)]
     if kwargs.get("logger") is False:
         extra = [c for c in extra if not isinstance(c, LearningRateMonitor)]
-    kwargs["callbacks"] = user + extra
-    if not any(isinstance(c, ResumeGuard) for c in kwargs["callbacks"]):
-        kwargs["callbacks"].append(ResumeGuard())
+    callbacks = user + extra
+    if not any(isinstance(c, ResumeGuard) for c in callbacks):
+        callbacks.append(ResumeGuard())
+    # the run summary prints last (in its teardown: after the progress bar and the other callbacks' reports)
+    kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, RunSummary)] + \
+        [c for c in callbacks if isinstance(c, RunSummary)]
     plugins = list(kwargs.get("plugins") or [])
     if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
@@ -328,9 +332,13 @@ def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datam
     """Refuse a run that cannot work, before any process is launched or any data is read (``UsageError``, one line
     naming the key): gradient accumulation, precision, the per-device batch against the model's minimum
     (``min_batch_per_device``, e.g. 2 for batch norm) and the number of devices, and an input batch larger than the
-    memory of the device (``model.input_bytes``)."""
+    memory of the device (``model.input_bytes``); and the data, through the datamodule's ``check_data()`` when it has
+    one (a missing dataset folder), so nothing is created for a run that cannot read its data."""
     if trainer.accumulate_grad_batches < 1:
         raise UsageError(f"trainer.accumulate_grad_batches must be >= 1, got {trainer.accumulate_grad_batches}")
+    check_data = getattr(datamodule, "check_data", None)
+    if callable(check_data):  # a bad dataset path is refused before any output folder (logs/, tb/) exists
+        check_data()
     if model is None:
         return
     if str(trainer.precision).startswith("64") and not getattr(model, "supports_float64", True):
@@ -419,7 +427,14 @@ class ZooTrainer(pl.Trainer):
     deferred to ``PreemptionCheckpoint`` (``DeferredSignalConnector``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Our callbacks, checkpoint writer and loggers are added here (``complete_trainer_kwargs`` is idempotent), so
+        # LightningCLI needs no override of its private ``_instantiate_trainer`` to get them.
+        kwargs.update(complete_trainer_kwargs(kwargs))  # in place: jsonargparse still sees Trainer's parameters
         super().__init__(*args, **kwargs)
+        for callback in self.checkpoint_callbacks:
+            if isinstance(callback, RootCheckpoint):
+                # before ``fit`` resolves ``ckpt_path="last"`` (which happens before any callback's ``setup``)
+                callback.use_root(self)
         self._signal_connector = DeferredSignalConnector(self)
         self._zoo_preempted = False
 
@@ -467,7 +482,7 @@ class ZooTrainer(pl.Trainer):
 
 def build_trainer(**overrides: Any) -> pl.Trainer:
     """A Trainer with the shared defaults, any keyword overridden."""
-    return ZooTrainer(**complete_trainer_kwargs({**trainer_defaults(), **overrides}))
+    return ZooTrainer(**{**trainer_defaults(), **overrides})
 
 
 def all_ranks(module: pl.LightningModule, flag: bool) -> bool:

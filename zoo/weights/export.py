@@ -4,7 +4,6 @@ The file reloads with ``zoo.load_backbone(path)`` and no other argument.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -36,14 +35,21 @@ def export_backbone(source: str | os.PathLike, out: str | os.PathLike, which: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``zoo export CKPT --out backbone.safetensors [--which target] [--arch NAME]``."""
-    ap = argparse.ArgumentParser(prog="zoo export", description="Export a backbone's encoder weights to safetensors.")
+    """Export the encoder of a checkpoint or an official BYOL .pkl to safetensors.
+
+    ``zoo export CKPT --out backbone.safetensors [--which target] [--arch NAME]``.
+    """
+    from zoo.cli.errors import parse_tool_args, tool_parser
+
+    ap = tool_parser("zoo export", "Export a backbone's encoder weights to safetensors.")
     ap.add_argument("checkpoint", help="our .ckpt, an official BYOL .pkl, or a state dict (then give --arch)")
     ap.add_argument("--out", required=True, help="output .safetensors path")
     ap.add_argument("--which", default="online", choices=("online", "target"), help="encoder branch to export (target: a momentum method's EMA encoder)")
     ap.add_argument("--arch", default=None, help="registry name, needed for plain state dicts")
     ap.add_argument("--padding", default=None, choices=("torch", "tf_same"), help="padding recorded for reloading")
-    args = ap.parse_args(argv)
+    args = parse_tool_args(ap, list(sys.argv[1:] if argv is None else argv), "export")
+    if args is None:
+        return 2
     try:
         path = export_backbone(args.checkpoint, args.out, which=args.which, arch=args.arch, padding=args.padding)
     except (FileNotFoundError, ValueError, KeyError) as err:

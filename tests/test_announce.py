@@ -1,0 +1,75 @@
+"""End-of-run announcements: outputs, summary metrics, the resume command, and the step-based progress bar."""
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, TensorDataset
+
+from zoo.train.announce import RunSummary, StepProgressBar, resume_command, step_based
+from zoo.train.trainer import build_trainer, complete_trainer_kwargs
+
+
+class TinyLM(LightningModule):
+    summary_metrics = ("train/loss", "train/tokens_per_s", "never/logged")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("train/loss", loss)
+        self.log("train/tokens_per_s", 1234.5)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader() -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=4)
+
+
+def test_fit_ends_by_naming_every_output_and_the_summary_metrics(tmp_path, capsys):
+    trainer = build_trainer(default_root_dir=str(tmp_path), accelerator="cpu", max_steps=3, enable_progress_bar=False,
+                            enable_model_summary=False, log_every_n_steps=1, callbacks=[RunSummary(["zoo", "fit", "-c", "x.yaml"])])
+    # last but Lightning's checkpoint callbacks: it prints after the progress bar and the other callbacks' reports
+    others = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+    assert isinstance(others[-1], RunSummary)
+    trainer.fit(TinyLM(), _loader())
+    out = capsys.readouterr().out
+    tail = out[out.index("run finished at step 3"):]
+    assert f"checkpoint          {tmp_path / 'checkpoints' / 'last.ckpt'}" in tail
+    assert f"metrics (CSV)       {tmp_path / 'logs' / 'version_0' / 'metrics.csv'}" in tail
+    assert f"TensorBoard         {tmp_path / 'tb' / 'version_0'}" in tail
+    assert f"tensorboard --logdir {tmp_path / 'tb'}" in tail
+    assert "  train/tokens_per_s  1234\n" in tail and "never/logged" not in tail, tail
+    assert (tmp_path / "logs" / "version_0" / "metrics.csv").is_file()
+
+
+def test_interruption_prints_the_exact_resume_command(tmp_path, capsys):
+    trainer = build_trainer(default_root_dir=str(tmp_path), accelerator="cpu", max_steps=1, logger=False,
+                            enable_progress_bar=False)
+    summary = RunSummary(["zoo", "fit", "--config", "my run.yaml", "--ckpt_path", "old.ckpt"])
+    summary.on_exception(trainer, TinyLM(), SIGTERMException(143))
+    err = capsys.readouterr().err
+    assert "run preempted (SIGTERM) at step 0" in err
+    assert err.strip().endswith("zoo fit --config 'my run.yaml' --ckpt_path last"), err
+    summary.on_exception(trainer, TinyLM(), ValueError("not an interruption"))
+    assert capsys.readouterr().err == ""
+
+
+def test_resume_command_replaces_any_ckpt_path():
+    assert resume_command(["zoo", "fit", "--ckpt_path=a.ckpt", "-c", "c.yaml"]) == "zoo fit -c c.yaml --ckpt_path last"
+    assert "--ckpt_path last" in resume_command(None)
+
+
+def test_step_based_runs_get_a_step_bar_with_eta():
+    assert step_based({"max_steps": 200}) and step_based({"max_steps": 200, "max_epochs": -1})
+    assert not step_based({"max_steps": 200, "max_epochs": 3}) and not step_based({"max_epochs": 3})
+    bars = [c for c in complete_trainer_kwargs({"max_steps": 200})["callbacks"] if isinstance(c, StepProgressBar)]
+    assert len(bars) == 1
+    line = StepProgressBar.line(50, 200, 10.0, 50, {"train/loss": 2.5})
+    assert line == "step 50/200   25%  5.00 it/s  ETA 00:00:30  train/loss 2.5", line

@@ -1,0 +1,181 @@
+"""`zoo`: Lightning's fit / validate / test / predict plus the subcommands the packages register.
+
+- fit / validate / test / predict: LightningCLI over ``zoo.train.trainer.ZooTrainer`` (``zoo.cli.lightning``,
+  imported only when one of them runs).
+- every other subcommand (probe, export, export-hf, eval, scaling, plan, ...) is an entry point in the group
+  ``byol_zoo.commands`` declared by the package that owns it (``zoo.cli.commands`` says why), so ``zoo`` never
+  imports ``byol`` or ``lm``, not even by a string.
+
+``zoo --help`` is written here from those tables without importing torch or Lightning, so it returns at once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+from zoo.cli.commands import Command, registered_commands
+
+# One-line descriptions of Lightning's subcommands: `zoo --help` prints them without importing Lightning, and each
+# subcommand's own --help uses the same words (Lightning's `test` docstring is cut mid-sentence by its first line).
+LIGHTNING_COMMANDS = {
+    "fit": "Train the model: preflight checks, the output folder's run lock, then Lightning's fit.",
+    "validate": "Run one evaluation epoch over the validation set.",
+    "test": "Run one evaluation epoch over the test set (kept apart from fit so the test set is used only when "
+            "you ask).",
+    "predict": "Run inference on the predict set and return the predictions.",
+}
+HELP_WIDTH = 80
+
+
+def main_help(commands: dict[str, Command] | None = None) -> str:
+    """The text of ``zoo --help``: every subcommand in the usage line, one description each, 80 columns."""
+    commands = registered_commands() if commands is None else commands
+    names = [*LIGHTNING_COMMANDS, *commands]
+    usage = textwrap.fill("usage: zoo [-h] {" + ",".join(names) + "} ...", HELP_WIDTH, subsequent_indent=" " * 11,
+                          break_on_hyphens=False)
+    width = max(len(n) for n in names) + 4
+    rows = [*LIGHTNING_COMMANDS.items(), *((name, cmd.description()) for name, cmd in commands.items())]
+    body = "\n".join(textwrap.fill(text, HELP_WIDTH, initial_indent=f"  {name:<{width - 2}}",
+                                   subsequent_indent=" " * width) for name, text in rows)
+    about = textwrap.fill("byol-zoo: self-supervised pretraining, a zoo of vision and language models, their "
+                          "evaluation and export.", HELP_WIDTH)
+    return (f"{usage}\n\n{about}\n\nsubcommands (zoo <subcommand> --help shows its options):\n{body}\n\n"
+            "options:\n  -h, --help  show this help message and exit\n")
+
+
+# Lightning's chatter that says nothing about the user's run: silenced in `zoo` unless ZOO_VERBOSE=1. Real warnings
+# stay visible. (pytest filters the same warnings in pyproject.toml.)
+QUIET_LOG_PREFIXES = ("\U0001f4a1 Tip:", "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:",
+                      "Loading `train_dataloader` to estimate number of stepping batches", "Seed set to")
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a deprecated torch API
+    r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
+)
+
+
+class _DropChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(QUIET_LOG_PREFIXES)
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's tips, availability lines and the two warnings about its own internals (idempotent)."""
+    if os.environ.get("ZOO_VERBOSE") == "1":
+        return
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        log = logging.getLogger(name)
+        for target in [log, *log.handlers]:
+            if not any(isinstance(f, _DropChatter) for f in target.filters):
+                target.addFilter(_DropChatter())
+
+
+# Tools whose weight file is checked before dispatch: the flag naming it (None: the first positional argument).
+WEIGHT_FILE_ARGS = {"probe": "--backbone", "export": None}
+_WEIGHT_KINDS = "a weight file (.ckpt, .safetensors, .pth or official .pkl)"
+
+
+def _weight_file_arg(tool: str, args: list[str]) -> str | None:
+    flag = WEIGHT_FILE_ARGS[tool]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if flag is not None:
+            if a == flag:
+                return args[i + 1] if i + 1 < len(args) else None
+            if a.startswith(flag + "="):
+                return a.split("=", 1)[1]
+        elif a == "--":
+            return args[i + 1] if i + 1 < len(args) else None
+        elif a.startswith("-"):
+            i += 1 if "=" in a or a in ("-h", "--help") else 2  # every other option of `zoo export` takes a value
+            continue
+        else:
+            return a
+        i += 1
+    return None
+
+
+def check_weight_file(tool: str, args: list[str]) -> str | None:
+    """One line saying why the weight file given to ``zoo probe`` / ``zoo export`` cannot be read, else None."""
+    src = _weight_file_arg(tool, args) if tool in WEIGHT_FILE_ARGS else None
+    if src is None or src.startswith("random:"):
+        return None  # argparse reports a missing argument; random:<arch> needs no file
+    path = Path(src).expanduser()
+    expected = _WEIGHT_KINDS + (" or random:<arch>" if tool == "probe" else "")
+    if path.is_dir():
+        found = sorted((path / "checkpoints").glob("*.ckpt"), key=lambda c: (c.name == "last.ckpt", c.stat().st_mtime))
+        hint = (f"; it looks like a run folder: pass {str(found[-1])!r}" if found
+                else "; pass the checkpoint file inside it")
+        return f"{src!r} is a folder; zoo {tool} expects {expected}{hint}"
+    if not path.exists():
+        return f"{src!r} does not exist; zoo {tool} expects {expected}"
+    if path.is_file() and path.stat().st_size == 0:
+        return f"{src!r} is an empty file (0 bytes); zoo {tool} expects {expected}, e.g. a run's checkpoints/last.ckpt"
+    return None
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> "ZooCLI":  # noqa: F821 - zoo.cli.lightning
+    """Build (and by default run) the Lightning part of ``zoo`` on ``args`` (default: ``sys.argv[1:]``)."""
+    from zoo.cli.lightning import run_cli as lightning_run_cli
+
+    return lightning_run_cli(list(sys.argv[1:] if args is None else args), run)
+
+
+def run_command(name: str, command: Command, args: list[str]) -> int:
+    """Run a registered subcommand's ``main(args)`` after the checks that need no import; its exit code."""
+    problem = check_weight_file(name, args)
+    if problem:
+        print(f"zoo {name}: error: {problem}", file=sys.stderr)
+        return 2
+    if not command.available():
+        print(f"zoo {name}: error: the module {command.module} that provides it is not installed; reinstall byol-zoo "
+              "(pip install -e .) or check the byol_zoo.commands entry points", file=sys.stderr)
+        return 2
+    return int(command.load()(args) or 0)
+
+
+def _first_word(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: ``zoo <subcommand> ...``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = registered_commands()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(main_help(commands), end="", file=sys.stdout if argv else sys.stderr)
+        if not argv:
+            print("zoo: error: choose a subcommand", file=sys.stderr)
+        return 0 if argv else 2
+    if argv[0] in commands:
+        return run_command(argv[0], commands[argv[0]], argv[1:])
+    if not argv[0].startswith("-") and argv[0] not in LIGHTNING_COMMANDS:
+        from zoo.cli.errors import closest
+
+        near = closest(argv[0], [*LIGHTNING_COMMANDS, *commands])
+        hint = f"did you mean {' or '.join(near)}? " if near else ""
+        print(f"zoo: error: unknown subcommand {argv[0]!r}; {hint}zoo --help lists them all", file=sys.stderr)
+        return 2
+    from zoo.train.errors import RunError, UsageError
+
+    name = _first_word(argv) if _first_word(argv) in LIGHTNING_COMMANDS else "fit"
+    try:
+        run_cli(argv)
+    except (ValueError, RunError) as e:
+        # refused before or at the start of training (exit 2), or stopped by an outside condition such as a full
+        # disk (exit 1): one line, no traceback. jsonargparse wraps a constructor's error: look down the chain.
+        seen, cause = set(), e
+        while cause is not None and not isinstance(cause, (UsageError, RunError)) and id(cause) not in seen:
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or id(cause) in seen:
+            raise
+        print(f"zoo {name}: error: {cause}", file=sys.stderr)
+        return 2 if isinstance(cause, UsageError) else 1
+    return 0

@@ -1,0 +1,183 @@
+"""End-of-run announcements: where every output of a run went, the module's headline metrics, and, when a run is
+interrupted, the exact command that resumes it. Also a step-based progress bar for runs bounded by ``max_steps``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+
+def _rank_zero(trainer: pl.Trainer) -> bool:
+    return trainer.is_global_zero
+
+
+def _fmt(value: Any) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return f"{v:.4g}" if math.isfinite(v) else str(v)
+
+
+def resume_command(command: list[str] | None) -> str:
+    """``command`` with any ``--ckpt_path`` dropped and ``--ckpt_path last`` added, quoted for a shell."""
+    if not command:
+        return "the same zoo fit command with --ckpt_path last"
+    out, skip = [], False
+    for arg in command:
+        if skip:
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        if arg.startswith("--ckpt_path="):
+            continue
+        out.append(arg)
+    return shlex.join([*out, "--ckpt_path", "last"])
+
+
+def command_line() -> list[str] | None:
+    """The user's ``zoo ...`` command line when this process was started as ``zoo`` / ``python -m zoo.cli``."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if prog == "zoo":
+        return ["zoo", *sys.argv[1:]]
+    if prog == "__main__.py" and sys.argv[0].endswith(os.path.join("zoo", "cli", "__main__.py")):
+        return ["zoo", *sys.argv[1:]]
+    return None
+
+
+class RunSummary(Callback):
+    """At the end of ``fit`` print where everything went (checkpoint, probe report, metrics CSV, TensorBoard folder
+    and the command to view it) and the module's ``summary_metrics`` (a tuple of logged metric names, read from
+    ``trainer.callback_metrics``); on SIGTERM / Ctrl-C print the exact command that resumes the run.
+
+    ``command`` is the command line that started the run (``zoo.cli`` sets it); without it the resume line says to
+    add ``--ckpt_path last`` to the same command. ``complete_trainer_kwargs`` puts it last among the callbacks, so
+    its ``teardown`` prints after the progress bar stopped and after other callbacks' reports.
+    """
+
+    def __init__(self, command: list[str] | None = None) -> None:
+        self.command = command if command is not None else command_line()
+        self._announced = False
+
+    def outputs(self, trainer: pl.Trainer) -> list[tuple[str, str]]:
+        """(what, where) for every output of the run that exists."""
+        rows: list[tuple[str, str]] = []
+        last = next((os.path.join(c.dirpath, "last.ckpt") for c in trainer.checkpoint_callbacks
+                     if isinstance(c, ModelCheckpoint) and c.dirpath), None)
+        if last and os.path.isfile(last):
+            rows.append(("checkpoint", last))
+        report = os.path.join(trainer.default_root_dir, "probe_report.json")
+        if os.path.isfile(report):
+            rows.append(("probe report", report))
+        for logger in trainer.loggers:
+            csv = os.path.join(logger.log_dir, "metrics.csv") if isinstance(logger, CSVLogger) else ""
+            # rows still buffered are written when the logger is finalised, just after this
+            if csv and (os.path.isfile(csv) or getattr(logger.experiment, "metrics", None)):
+                rows.append(("metrics (CSV)", os.path.join(logger.log_dir, "metrics.csv")))
+            elif isinstance(logger, TensorBoardLogger) and os.path.isdir(logger.log_dir):
+                rows.append(("TensorBoard", logger.log_dir))
+                rows.append(("  view it with", f"tensorboard --logdir {shlex.quote(logger.root_dir)}"))
+        return rows
+
+    def metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[str, str]]:
+        """(name, value) of the module's ``summary_metrics`` that were logged."""
+        names = getattr(pl_module, "summary_metrics", ()) or ()
+        got = trainer.callback_metrics
+        return [(name, _fmt(got[name])) for name in names if name in got]
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finished = True  # announced in teardown, after the progress bar's last redraw
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not getattr(self, "_finished", False) or not _rank_zero(trainer) or self._announced:
+            return
+        self._announced = True
+        lines = [f"run finished at step {trainer.global_step}; outputs in {trainer.default_root_dir}:"]
+        metrics = self.metrics(trainer, pl_module)
+        width = max([16, *(len(name) + 2 for name, _ in metrics)])
+        lines += [f"  {what:<{width}}{where}" for what, where in self.outputs(trainer)]
+        if metrics:
+            lines.append("summary:")
+            lines += [f"  {name:<{width}}{value}" for name, value in metrics]
+        print("\n".join(lines), flush=True)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not _rank_zero(trainer) or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        what = "preempted (SIGTERM)" if isinstance(exception, SIGTERMException) else "interrupted (Ctrl-C)"
+        print(f"run {what} at step {trainer.global_step}; checkpoint kept in "
+              f"{os.path.join(trainer.default_root_dir, 'checkpoints')}. Resume with:\n  "
+              f"{resume_command(self.command)}", file=sys.stderr, flush=True)
+
+
+class StepProgressBar(ProgressBar):
+    """A one-line progress bar for runs bounded by ``max_steps``: ``step 120/200  60%  3.1 it/s  ETA 0:26``.
+
+    Lightning's bars count batches per epoch and read ``Epoch 0/-2`` when only ``max_steps`` bounds the run.
+    Written on stderr, redrawn in place at most a few times a second; a final line stays.
+    """
+
+    def __init__(self, refresh_seconds: float = 0.5) -> None:
+        super().__init__()
+        self.refresh_seconds = refresh_seconds
+        self._enabled = True
+        self._start = 0.0
+        self._first_step = 0
+        self._last_draw = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @staticmethod
+    def line(step: int, total: int, seconds: float, steps_done: int, metrics: dict[str, Any]) -> str:
+        """The bar's text for ``step`` of ``total`` after ``steps_done`` steps in ``seconds``."""
+        rate = steps_done / seconds if seconds > 0 and steps_done > 0 else 0.0
+        eta = (total - step) / rate if rate > 0 else None
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "--:--:--"
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in list(metrics.items())[:3])
+        pct = 100.0 * step / total if total else 0.0
+        return f"step {step}/{total}  {pct:3.0f}%  {rate:.2f} it/s  ETA {eta_text}" + (f"  {shown}" if shown else "")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+        self._first_step = trainer.global_step
+
+    def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
+        if not (self._enabled and _rank_zero(trainer)):
+            return
+        now = time.perf_counter()
+        if not final and now - self._last_draw < self.refresh_seconds:
+            return
+        self._last_draw = now
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        text = self.line(trainer.global_step, int(trainer.max_steps), now - self._start,
+                         trainer.global_step - self._first_step, metrics)
+        sys.stderr.write("\r" + text[:119].ljust(80) + ("\n" if final else ""))
+        sys.stderr.flush()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._draw(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._draw(trainer, pl_module, final=True)
+
+
+def step_based(kwargs: dict[str, Any]) -> bool:
+    """Whether Trainer arguments bound the run by ``max_steps`` alone (no ``max_epochs``)."""
+    steps = kwargs.get("max_steps")
+    return steps is not None and steps > 0 and kwargs.get("max_epochs") in (None, -1)
