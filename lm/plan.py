@@ -298,7 +298,10 @@ def format_plan(p: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``zoo plan <model> --devices D ...``: print the plan (or one JSON line with ``--json``)."""
+    """Plan a sharded LM run: per-device memory, FLOPs and step time, from the meta-device model.
+
+    ``zoo plan <model> --devices D ...`` prints the plan (or one JSON line with ``--json``).
+    """
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(prog="zoo plan", description=__doc__.split("\n")[0], exit_on_error=False)

@@ -342,7 +342,10 @@ def _load_model(spec: str, model_name: str | None, overrides: dict) -> tuple[Tra
 
 
 def main(argv: list[str]) -> int:
-    """`zoo export-hf CKPT_OR_NAME --out DIR [--model NAME] [--tokenizer SPEC] [--set field=value ...] [--dtype ...]`."""
+    """Export a zoo language model (checkpoint, run folder or name) to a Hugging Face folder, tokenizer included.
+
+    `zoo export-hf CKPT_OR_NAME --out DIR [--model NAME] [--tokenizer SPEC] [--set field=value ...] [--dtype ...]`.
+    """
     from zoo.models.tokenizer import load_tokenizer, save_hf_tokenizer
 
     ap = argparse.ArgumentParser(prog="zoo export-hf", description="Write a zoo language model as a Hugging Face "
