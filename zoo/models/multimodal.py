@@ -119,6 +119,8 @@ class MultimodalDecoder(nn.Module):
         self.encoder_name = encoder if isinstance(encoder, str) else getattr(encoder, "zoo_arch",
                                                                              type(encoder).__name__)
         self.encoder = create(encoder, **(encoder_overrides or {})) if isinstance(encoder, str) else encoder
+        self.encoder_overrides = dict(encoder_overrides or {}) if isinstance(encoder, str) else dict(
+            getattr(encoder, "zoo_arch_overrides", {}))
         if not hasattr(self.encoder, "forward_features") or not hasattr(self.encoder, "num_features"):
             raise TypeError(f"encoder {self.encoder_name!r} has no forward_features / num_features; pass a zoo vision "
                             "encoder (zoo.create(<vision name>) or zoo.load_backbone(...))")
@@ -144,6 +146,9 @@ class MultimodalDecoder(nn.Module):
                                         projector_hidden)
         self._set_trainable()
         self._image_flops: dict[str, float] | None = None
+        # Frozen parts in eval mode from the start: Lightning restores each submodule's recorded mode after
+        # validation (bypassing train()), so the mode a module is built in must already follow the rule.
+        self.train(self.training)
 
     # -- construction helpers -----------------------------------------------------------------------------------
     def _grid_shape(self) -> tuple[int, int]:

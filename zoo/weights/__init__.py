@@ -137,6 +137,10 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module | None, head: bool
                     ) -> tuple[nn.Module, str | nn.Module, dict, nn.Linear | None]:
     hp = ckpt.get("hyper_parameters") or {}
+    contract = ckpt.get("zoo") if isinstance(ckpt.get("zoo"), dict) else {}
+    tower = contract.get("image_encoder")
+    if isinstance(tower, dict):  # a model with a vision tower (lm.MultimodalLM) names its encoder's arch and prefix
+        hp = {"encoder": tower.get("arch"), "encoder_overrides": tower.get("overrides")}
     if isinstance(hp, dict) and "encoder" not in hp and ("model" in hp or "student" in hp):
         raise ValueError(f"{source} is a language-model checkpoint (lm.CausalLM / lm.Distill), not a vision backbone; "
                          "load it with lm.causal_lm.load_lm(path).")
@@ -146,7 +150,7 @@ def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module |
     overrides = dict(hp.get("encoder_overrides") or {}) if arch is None else {}
     if name is None:
         raise ValueError(f"{source}: the checkpoint's hyper_parameters have no 'encoder' name; pass arch=<name>.")
-    prefix = f"{which}_encoder."
+    prefix = tower["encoders"].get(which, f"{which}_encoder.") if isinstance(tower, dict) else f"{which}_encoder."
     sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not sd:
         found = sorted({k.split(".", 1)[0] for k in ckpt["state_dict"]})
