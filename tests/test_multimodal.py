@@ -284,3 +284,34 @@ def test_encoder_weights_from_a_backbone_file(tmp_path):
     _, wide = export([8, 16, 16, 48], "wide.safetensors")
     with pytest.raises(UsageError, match="48-wide features but the projector"):
         module(encoder_weights=wide).configure_model()
+
+
+class DumpState(pl.Callback):
+    """Each rank writes its final state dict to ``folder/rank<r>.pt``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, module) -> None:
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow  # two spawned processes: about a minute on 2 CPU cores
+def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
+    def run(folder: Path, devices: int, batch: int) -> None:
+        folder.mkdir()
+        pl.seed_everything(0)
+        t = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                       max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                       enable_checkpointing=False, limit_val_batches=0, callbacks=[DumpState(str(folder))])
+        t.fit(module(), InterleavedDataModule(train_size=32, val_size=8, batch_size=batch))
+
+    run(tmp_path / "one", 1, 8)
+    run(tmp_path / "two", 2, 4)
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
+    r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k, ref in one.items():
+        # the loss is the global token mean: unequal answer lengths per rank still give the single-process gradient
+        torch.testing.assert_close(r0[k], ref, atol=1e-5, rtol=0, msg=k)
+        assert torch.equal(r0[k], r1[k]), k
