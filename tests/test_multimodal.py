@@ -315,3 +315,42 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
         # the loss is the global token mean: unequal answer lengths per rank still give the single-process gradient
         torch.testing.assert_close(r0[k], ref, atol=1e-5, rtol=0, msg=k)
         assert torch.equal(r0[k], r1[k]), k
+
+
+# -- multimodal needle -------------------------------------------------------------------------------------------
+def test_image_needle_oracle_chance_model_and_report(tmp_path):
+    import re
+
+    from lm.needle_image import image_needle, image_needle_for_model, needle_prompt, write_image_needle_report
+
+    dm = data(val_size=8)
+    pool, labels, classes = dm.val_set.pool, dm.val_set.labels, dm.val_set.classes
+    label_of = {pool[i][0].numpy().tobytes(): classes[labels[i]] for i in range(len(pool))}
+    tok = dm.tokenizer
+    asked: list[tuple[int, int]] = []
+
+    def oracle(prompts, images, new):
+        k = images.shape[0] // prompts.shape[0]
+        rows = []
+        for b, p in enumerate(prompts.tolist()):
+            text = tok.decode([t for t in p if t < tok.vocab_size])
+            j = int(re.search(r"which digit is image (\d+)\?", text).group(1))
+            asked.append((k, j))
+            answer = tok.encode(" " + label_of[images[b * k + j - 1].numpy().tobytes()])
+            rows.append(p + answer + [tok.eos_id] * (new - len(answer)))
+        return torch.tensor(rows)
+
+    rows = image_needle(oracle, dm, counts=[1, 3, 5], depths=[0.0, 0.5, 1.0], trials=3)
+    assert [r["accuracy"] for r in rows] == [1.0] * 9
+    assert {(r["images"], r["depth"], r["asked"]) for r in rows} >= {(5, 0.0, 1), (5, 0.5, 3), (5, 1.0, 5)}
+    assert (5, 3) in asked and rows[-1]["length"] > rows[0]["length"]  # more images, a longer context
+    assert needle_prompt(2, 1).count("<image>") == 2
+    wrong = image_needle(lambda p, i, n: torch.cat([p, torch.full((p.shape[0], n), 1)], 1), dm, [2], [0.5], trials=2)
+    assert wrong[0]["accuracy"] == 0.0
+    paths = write_image_needle_report(rows, tmp_path / "needle")
+    assert "| 50% | 100% | 100% | 100% |" in paths["md"].read_text() and paths["png"].stat().st_size > 0
+    model = tiny()  # the real generator runs end to end on the model's length budget
+    got = image_needle_for_model(model, dm, counts=[2], depths=[1.0], trials=2)
+    assert got[0]["trials"] == 2 and 0.0 <= got[0]["accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="max_seq_len=64"):
+        image_needle_for_model(model, dm, counts=[20], depths=[0.0], trials=1)
