@@ -336,6 +336,7 @@ def _multimodal_builder(encoder: str, decoder: str, encoder_overrides: dict[str,
 # Tiny CPU pairs (ours, not from a paper) for the digits tasks of zoo.data.interleaved: 32 px images, byte vocabulary.
 _TINY_DECODER = dict(n_layers=2, d_model=128, d_ff=384, n_heads=2, n_kv_heads=1, head_dim=64, window=64,
                      max_seq_len=128)
+NAMES = ("vlm-digits-tiny", "vlm-digits-resnet18", "vlm-digits-tiny-routed", "vlm")  # registered below
 register("vlm-digits-tiny", _multimodal_builder("convnet_tiny", "gemma2-tiny", decoder_overrides=_TINY_DECODER))
 register("vlm-digits-resnet18", _multimodal_builder("resnet18_cifar", "gemma2-tiny", decoder_overrides=_TINY_DECODER))
 register("vlm-digits-tiny-routed", _multimodal_builder(
