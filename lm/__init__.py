@@ -2,6 +2,7 @@
 from lm.base import LMModule
 from lm.causal_lm import CausalLM
 from lm.distill import Distill
+from lm.multimodal import MultimodalLM
 from zoo.weights.lm import load_lm
 
-__all__ = ["LMModule", "CausalLM", "Distill", "load_lm"]
+__all__ = ["LMModule", "CausalLM", "Distill", "MultimodalLM", "load_lm"]

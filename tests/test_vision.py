@@ -63,8 +63,9 @@ def test_available_lists_models_not_the_timm_builder():
 
 def _vision_names() -> list[str]:
     from zoo.models.lm_configs import CONFIGS
+    from zoo.models.multimodal import NAMES as MULTIMODAL
 
-    return [n for n in zoo.available() if n not in CONFIGS]
+    return [n for n in zoo.available() if n not in CONFIGS and n not in MULTIMODAL]
 
 
 @pytest.mark.parametrize("name,grid", [("resnet18", 2), ("resnet50", 2), ("resnet18_cifar", 8), ("convnet_tiny", 8),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 # Modules whose import registers model families. Listed by name so zoo never imports byol/lm.
-_FAMILY_MODULES = ("zoo.models.vision", "zoo.models.lm_configs")
+_FAMILY_MODULES = ("zoo.models.vision", "zoo.models.lm_configs", "zoo.models.multimodal")
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _loaded = False
 

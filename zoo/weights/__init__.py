@@ -153,9 +153,11 @@ def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module |
     if not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{source}: the checkpoint has no 'state_dict' dict; is it a `zoo fit` checkpoint?")
     contract = checkpoint_contract(ckpt, source) or _legacy_image_contract(ckpt)
+    if contract["kind"] == "lm" and isinstance(contract.get("image_encoder"), dict):
+        contract = contract["image_encoder"]  # a language model with a vision tower (lm.MultimodalLM): its encoder
     if contract["kind"] == "lm":
         raise ValueError(f"{source} is a language-model checkpoint (lm.CausalLM / lm.Distill), not a vision backbone; "
-                         "load it with lm.causal_lm.load_lm(path).")
+                         "load it with zoo.load_lm(path).")
     if contract["kind"] != "image-encoder":
         raise ValueError(f"{source} holds a {contract['kind']!r} model, not an image encoder; load_backbone reads "
                          "image-encoder checkpoints only.")
