@@ -208,7 +208,7 @@ def test_load_backbone_on_lm_checkpoint_points_to_load_lm(tmp_path):
     path = tmp_path / "lm.ckpt"
     _fake_lm_ckpt(path)
     for kw in ({}, {"arch": "resnet18"}):
-        with pytest.raises(ValueError, match=r"language-model checkpoint.*lm\.causal_lm\.load_lm") as err:
+        with pytest.raises(ValueError, match=r"language-model checkpoint.*zoo\.load_lm") as err:
             load_backbone(path, **kw)
         assert "arch=" not in str(err.value) and str(path) in str(err.value)
 
