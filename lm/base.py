@@ -223,7 +223,10 @@ class LMModule(L.LightningModule):
         out, nll = self.run_model(tokens, chunked=True)
         loss = nll.mean()
         routing, metrics = self.routing_terms(out, nll, "train")
-        return loss + routing, {"train/loss": loss.detach(), **metrics}
+        # No `+ 0` for models without routing losses: inductor folds it away and (torch 2.14) then returns the
+        # total detached, sharing storage with the detached metric.
+        total = loss if routing is None else loss + routing
+        return total, {"train/loss": loss.detach(), **metrics}
 
     def compiled_train_loss(self, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """train_loss through torch.compile(fullgraph=True) when ``compile`` is set, else eagerly."""
@@ -242,14 +245,16 @@ class LMModule(L.LightningModule):
         loss, metrics = self.routing_terms(out, nll, stage)
         for key, value in metrics.items():
             self.log(key, value)
-        return loss
+        return nll.new_zeros(()) if loss is None else loss
 
-    def routing_terms(self, out: TransformerOutput, nll: Tensor, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
-        """routing_loss's loss and its metrics (per-expert load, entropies, RL-R terms), without logging."""
+    def routing_terms(self, out: TransformerOutput, nll: Tensor, stage: str
+                      ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """routing_loss's loss (None when the model has none) and its metrics (per-expert load, entropies, RL-R
+        terms), without logging."""
         rl = balance = nll.new_zeros(())
         logs: dict[str, Tensor] = {}
         if not out.routing:
-            return rl, logs
+            return None, logs
         reward = -nll.detach()
         # The baseline includes this batch: while the loss falls fast, a lagging mean would make every advantage
         # positive and reinforce whichever expert happened to be picked (routing collapse).
@@ -277,7 +282,7 @@ class LMModule(L.LightningModule):
                 balance = balance + aux.balance_loss
                 logs[f"train/route{i}/balance_loss"] = aux.balance_loss.detach()
         if not used_rl:
-            return rl, logs
+            return None, logs
         self.reward_baseline.copy_(base)
         self.reward_baseline_set.fill_(1.0)
         logs["train/reinforce_loss"] = rl.detach()
