@@ -103,6 +103,8 @@ class LMModule(L.LightningModule):
     # Logged metrics worth a line in the end-of-run summary (read by the trainer's summary printer).
     summary_metrics: ClassVar[tuple[str, ...]] = ("val/bpb", "perf/tokens_per_s", "perf/mfu")
     contract_kind: ClassVar[str] = CHECKPOINT_KIND
+    # Whether the subclass's training_step goes through train_loss (so loss_chunk_size and compile do something).
+    uses_train_loss: ClassVar[bool] = False
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.1, warmup_steps: int = 100,
                  total_steps: int | None = None, min_lr_ratio: float = 0.1,
@@ -116,6 +118,10 @@ class LMModule(L.LightningModule):
         check_optim_args(self.hparams)
         if loss_chunk_size < 0:
             raise ValueError(f"loss_chunk_size={loss_chunk_size} must be >= 0 (0 turns chunking off)")
+        for key, unused in (("loss_chunk_size", loss_chunk_size != 0), ("compile", compile)):
+            if unused and not self.uses_train_loss:
+                raise ValueError(f"model.{key}={self.hparams[key]!r} has no effect: {type(self).__name__}'s "
+                                 "training step needs the full logits; remove the key")
         self._compiled_train_loss: Any = None
         self.model: nn.Module | None = None
         self.model_name: str = ""

@@ -26,6 +26,8 @@ class CausalLM(LMModule):
         **kwargs: the optimisation and logging options of lm.LMModule (lr, weight_decay, warmup_steps, ...).
     """
 
+    uses_train_loss = True
+
     def __init__(self, model: str = "gemma2-tiny", model_overrides: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)

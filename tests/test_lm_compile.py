@@ -183,3 +183,10 @@ def test_compiled_flex_forward_reads_cached_masks_without_breaks():
             assert explained.graph_break_count == 0, explained.break_reasons
             got = torch.compile(model, fullgraph=True, backend="aot_eager")(ids)
             assert (got - ref(ids)).abs().max().item() < TOL
+
+
+def test_chunking_and_compile_are_refused_where_the_step_does_not_use_them():
+    from lm import Distill
+
+    with pytest.raises(ValueError, match="loss_chunk_size=8 has no effect"):
+        Distill(student="gemma2-tiny", student_overrides=SMALL, loss_chunk_size=8)
