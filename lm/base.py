@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 import zoo
 from lm.flops import mfu_flops_per_token
@@ -43,6 +44,26 @@ def split_batch(batch: Tensor | tuple | list) -> tuple[Tensor | None, Tensor]:
 def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
     """Per-token negative log-likelihood [B, T] of targets [B, T] under logits [B, T, V] (float32)."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), reduction="none").view_as(targets)
+
+
+def chunked_token_nll(head: Any, hidden: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
+    """token_nll of ``head(hidden)`` [B, T, V] computed chunk_size tokens at a time; equal to the full loss.
+
+    ``head`` maps final-norm hidden states [N, D] to logits [N, V] (unembedding + soft-cap, e.g.
+    ``Transformer.logits``). Each chunk runs under activation checkpointing, so neither the forward nor the
+    backward ever holds more than one chunk's [chunk_size, V] logits: the backward recomputes them per chunk
+    (one extra unembedding matmul) instead of keeping B*T*V floats alive.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per loss chunk)")
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    parts = [checkpoint(_chunk_nll, head, h, t, use_reentrant=False)
+             for h, t in zip(flat_h.split(chunk_size), flat_t.split(chunk_size))]
+    return torch.cat(parts).view_as(targets)
+
+
+def _chunk_nll(head: Any, hidden: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
 def check_data_fits(model_name: str, config: Any, vocab_size: int | None, seq_len: int | None,
@@ -73,21 +94,35 @@ class LMModule(L.LightningModule):
         balance_weight: weight of the RL-R router's load-balancing loss; only for ``router: rlr``.
         peak_flops: device peak FLOP/s for MFU (None: the datasheet value of known GPUs; no MFU on CPU).
         throughput_every: steps per tokens/s and MFU measurement window.
+        loss_chunk_size: training loss computed this many tokens at a time, so the [B, T, vocab] logits never
+            exist at once (0: off, full logits). Evaluation keeps full logits.
+        compile: run the training loss (forward, chunked loss, routing losses; backward follows through
+            AOTAutograd) as one ``torch.compile(fullgraph=True)`` graph.
     """
 
     # Logged metrics worth a line in the end-of-run summary (read by the trainer's summary printer).
     summary_metrics: ClassVar[tuple[str, ...]] = ("val/bpb", "perf/tokens_per_s", "perf/mfu")
     contract_kind: ClassVar[str] = CHECKPOINT_KIND
+    # Whether the subclass's training_step goes through train_loss (so loss_chunk_size and compile do something).
+    uses_train_loss: ClassVar[bool] = False
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.1, warmup_steps: int = 100,
                  total_steps: int | None = None, min_lr_ratio: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  reinforce_weight: float | None = None, baseline_momentum: float | None = None,
-                 balance_weight: float = 0.0, peak_flops: float | None = None, throughput_every: int = 10) -> None:
+                 balance_weight: float = 0.0, peak_flops: float | None = None, throughput_every: int = 10,
+                 loss_chunk_size: int = 0, compile: bool = False) -> None:
         super().__init__()
         # Collects this signature and the subclass's (Lightning reads every __init__ frame of the object).
         self.save_hyperparameters()
         check_optim_args(self.hparams)
+        if loss_chunk_size < 0:
+            raise ValueError(f"loss_chunk_size={loss_chunk_size} must be >= 0 (0 turns chunking off)")
+        for key, unused in (("loss_chunk_size", loss_chunk_size != 0), ("compile", compile)):
+            if unused and not self.uses_train_loss:
+                raise ValueError(f"model.{key}={self.hparams[key]!r} has no effect: {type(self).__name__}'s "
+                                 "training step needs the full logits; remove the key")
+        self._compiled_train_loss: Any = None
         self.model: nn.Module | None = None
         self.model_name: str = ""
         self.model_overrides: dict[str, Any] = {}
@@ -173,17 +208,59 @@ class LMModule(L.LightningModule):
             self.bytes_per_token = {s: dm.bytes_per_token(s) for s in ("train", "val")}
 
     # -- shared step pieces --------------------------------------------------------------------------------------
-    def run_model(self, tokens: Tensor) -> tuple[TransformerOutput, Tensor]:
-        """Forward on tokens[:, :-1]: the model's full output and the per-token NLL [B, T] of tokens[:, 1:]."""
+    def run_model(self, tokens: Tensor, chunked: bool = False) -> tuple[TransformerOutput, Tensor]:
+        """Forward on tokens[:, :-1]: the model's output and the per-token NLL [B, T] of tokens[:, 1:].
+
+        ``chunked`` with ``loss_chunk_size`` > 0: the NLL comes from chunked_token_nll and ``out.logits`` is None.
+        """
+        chunk = self.hparams.loss_chunk_size if chunked else 0
+        if chunk:
+            out = self(tokens[:, :-1], return_aux=True, compute_logits=False)
+            return out, chunked_token_nll(self.model.logits, out.hidden, tokens[:, 1:], chunk)
         out = self(tokens[:, :-1], return_aux=True)
         return out, token_nll(out.logits, tokens[:, 1:])
+
+    def train_loss(self, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training loss of tokens [B, T+1] (chunked when configured, + routing losses) and its metrics.
+
+        Pure tensor code (no logging, no host sync), so it compiles as one graph; metrics are detached tensors for
+        the caller to log.
+        """
+        out, nll = self.run_model(tokens, chunked=True)
+        loss = nll.mean()
+        routing, metrics = self.routing_terms(out, nll, "train")
+        # No `+ 0` for models without routing losses: inductor folds it away and (torch 2.14) then returns the
+        # total detached, sharing storage with the detached metric.
+        total = loss if routing is None else loss + routing
+        return total, {"train/loss": loss.detach(), **metrics}
+
+    def compiled_train_loss(self, tokens: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """train_loss through torch.compile(fullgraph=True) when ``compile`` is set, else eagerly."""
+        if not self.hparams.compile:
+            return self.train_loss(tokens)
+        self.configure_model()
+        if hasattr(self.model, "prepare_block_masks"):  # built here, eagerly: the graph only reads them
+            self.model.prepare_block_masks(tokens.shape[1] - 1, tokens.device)
+        if self._compiled_train_loss is None:
+            self._compiled_train_loss = torch.compile(self.train_loss, fullgraph=True)
+        return self._compiled_train_loss(tokens)
 
     def routing_loss(self, out: TransformerOutput, nll: Tensor, stage: str) -> Tensor:
         """Weighted RL-R losses (REINFORCE with reward = token log-likelihood minus a running mean, plus load
         balancing) to add to the training loss; logs per-expert load and routing entropy."""
+        loss, metrics = self.routing_terms(out, nll, stage)
+        for key, value in metrics.items():
+            self.log(key, value)
+        return nll.new_zeros(()) if loss is None else loss
+
+    def routing_terms(self, out: TransformerOutput, nll: Tensor, stage: str
+                      ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """routing_loss's loss (None when the model has none) and its metrics (per-expert load, entropies, RL-R
+        terms), without logging."""
         rl = balance = nll.new_zeros(())
+        logs: dict[str, Tensor] = {}
         if not out.routing:
-            return rl
+            return None, logs
         reward = -nll.detach()
         # The baseline includes this batch: while the loss falls fast, a lagging mean would make every advantage
         # positive and reinforce whichever expert happened to be picked (routing collapse).
@@ -197,27 +274,27 @@ class LMModule(L.LightningModule):
             load = aux.stats["load"]
             if load.numel() <= 16:
                 for e in range(load.numel()):
-                    self.log(f"{stage}/route{i}/load_e{e}", load[e])
+                    logs[f"{stage}/route{i}/load_e{e}"] = load[e]
             else:  # many experts: the extremes say whether routing is balanced
-                self.log(f"{stage}/route{i}/load_max", load.max())
-                self.log(f"{stage}/route{i}/load_min", load.min())
+                logs[f"{stage}/route{i}/load_max"] = load.max()
+                logs[f"{stage}/route{i}/load_min"] = load.min()
             for key in ("load_entropy", "router_entropy"):
                 if key in aux.stats:
-                    self.log(f"{stage}/route{i}/{key}", aux.stats[key])
+                    logs[f"{stage}/route{i}/{key}"] = aux.stats[key]
             if stage == "train" and aux.log_prob is not None:
                 rl = rl + reinforce_loss(aux.log_prob, reward, base)
                 used_rl = True
             if stage == "train" and aux.balance_loss is not None:
                 balance = balance + aux.balance_loss
-                self.log(f"train/route{i}/balance_loss", aux.balance_loss)
+                logs[f"train/route{i}/balance_loss"] = aux.balance_loss.detach()
         if not used_rl:
-            return rl
+            return None, logs
         self.reward_baseline.copy_(base)
         self.reward_baseline_set.fill_(1.0)
-        self.log("train/reinforce_loss", rl)
-        self.log("train/reward_baseline", self.reward_baseline)
+        logs["train/reinforce_loss"] = rl.detach()
+        logs["train/reward_baseline"] = self.reward_baseline.detach().clone()
         weight = REINFORCE_WEIGHT if hp.reinforce_weight is None else hp.reinforce_weight
-        return weight * rl + hp.balance_weight * balance
+        return weight * rl + hp.balance_weight * balance, logs
 
     def log_bpb(self, stage: str, loss: Tensor, prog_bar: bool = False) -> None:
         """Log {stage}/bpb from a mean NLL when the data module gave its bytes per token."""

@@ -26,6 +26,8 @@ class CausalLM(LMModule):
         **kwargs: the optimisation and logging options of lm.LMModule (lr, weight_decay, warmup_steps, ...).
     """
 
+    uses_train_loss = True
+
     def __init__(self, model: str = "gemma2-tiny", model_overrides: dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -34,12 +36,11 @@ class CausalLM(LMModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Next-token loss (+ REINFORCE for RL-R routers)."""
         _, tokens = split_batch(batch)
-        out, nll = self.run_model(tokens)
-        loss = nll.mean()
-        routing = self.routing_loss(out, nll, "train")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_bpb("train", loss, prog_bar=True)
-        return loss + routing
+        total, metrics = self.compiled_train_loss(tokens)
+        for key, value in metrics.items():  # detached tensors: Lightning reads them on the host only when it logs
+            self.log(key, value, prog_bar=key == "train/loss")
+        self.log_bpb("train", metrics["train/loss"], prog_bar=True)
+        return total
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:
         """Accumulate summed NLL and token count; log routing statistics."""

@@ -44,14 +44,15 @@ def sinusoid_table(distances: Tensor, dim: int) -> Tensor:
     return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
-def relative_position_logits(q_pos_bias: Tensor, rel: Tensor, distance: Tensor) -> Tensor:
+def relative_position_logits(q_pos_bias: Tensor, rel: Tensor | None, distance: Tensor) -> Tensor:
     """Position term (q_i + v) . r_{i-j} as [B, H, Tq, Tk].
 
     q_pos_bias [B, H, Tq, hd] is the query plus the position bias v; rel [N, H, hd] holds projected embeddings of
     distances 0..N-1; distance [Tq, Tk] is pos_i - pos_j (entries outside 0..N-1 are masked later anyway).
+    With ``rel=None``, q_pos_bias already is the per-distance table [B, H, Tq, N] and is only gathered.
     """
-    per_distance = torch.einsum("bhqd,nhd->bhqn", q_pos_bias, rel)
-    index = distance.clamp(0, rel.shape[0] - 1)
+    per_distance = q_pos_bias if rel is None else torch.einsum("bhqd,nhd->bhqn", q_pos_bias, rel)
+    index = distance.clamp(0, per_distance.shape[-1] - 1)
     index = index.expand(per_distance.shape[0], per_distance.shape[1], -1, -1)
     return torch.gather(per_distance, -1, index)
 
@@ -106,18 +107,50 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tenso
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-@functools.lru_cache(maxsize=64)
-def make_block_mask(seq_len: int, window: int | None, device: str):
-    """FlexAttention BlockMask for causal attention over positions 0..T-1, optionally a window of W keys (cached)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def _mask_mod(window: int | None):
     if window is None:
         def mask_mod(b, h, q_idx, kv_idx):
             return q_idx >= kv_idx
     else:
         def mask_mod(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
-    return create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
+    return mask_mod
+
+
+_BLOCK_MASKS: dict = {}  # (seq_len, window, device) -> BlockMask, built once per shape for the whole process
+
+
+def make_block_mask(seq_len: int, window: int | None, device: str):
+    """FlexAttention BlockMask for causal attention over positions 0..T-1, optionally a window of W keys (cached).
+
+    Built once per (seq_len, window, device) and reused by every layer and step. A compiled graph reads a cached
+    mask as a constant (no graph break, no recompile); one missing at trace time is built inside the graph instead
+    (correct, but rebuilt each step): call ``Transformer.prepare_block_masks`` before compiling to avoid that.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (int(seq_len), window, str(device))
+    mask = _BLOCK_MASKS.get(key)
+    if mask is not None:
+        return mask
+    mask = create_block_mask(_mask_mod(window), None, None, seq_len, seq_len, device=device)
+    if not torch.compiler.is_compiling():  # a traced mask holds graph tensors: it must not outlive its graph
+        _BLOCK_MASKS[key] = mask
+    return mask
+
+
+def relative_score_mod(per_distance: Tensor, cap: float | None):
+    """score_mod adding the relative-position term per_distance[b, h, i, i - j] (then the soft-cap) to a score.
+
+    per_distance [B, H, Tq, N] holds (q_i + v) . r_d * scale for distances d = 0..N-1; masked pairs (negative or
+    beyond-window distances) are clamped here and removed by the block mask, as in the eager path.
+    """
+    last = per_distance.shape[-1] - 1
+
+    def mod(score, b, h, q_idx, kv_idx):
+        s = score + per_distance[b, h, q_idx, (q_idx - kv_idx).clamp(0, last)]
+        return s if cap is None else cap * torch.tanh(s / cap)
+    return mod
 
 
 @functools.lru_cache(maxsize=16)
@@ -138,11 +171,13 @@ def _compiled_flex():
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, cap: float | None, window: int | None,
-                   compiled: bool | None = None, block_mask=None) -> Tensor:
-    """FlexAttention over a full causal sequence (positions 0..T-1): soft-cap as score_mod, window as block mask.
+                   compiled: bool | None = None, block_mask=None, per_distance: Tensor | None = None) -> Tensor:
+    """FlexAttention over a full causal sequence (positions 0..T-1): soft-cap (and relative positions, given
+    ``per_distance`` [B, H, T, N]) as score_mod, causal + window as a block mask.
 
     Compiled (fused kernel) on CUDA by default; uncompiled elsewhere, where PyTorch falls back to an unfused
-    implementation that is slow but exact -- that is what the CPU tests exercise.
+    implementation that is slow but exact -- that is what the CPU tests exercise. Inside an outer torch.compile
+    the call is traced into that graph, whatever the device.
     """
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
@@ -152,9 +187,9 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float, cap: float 
         compiled = q.is_cuda
     if block_mask is None:
         block_mask = make_block_mask(q.shape[2], window, str(q.device))
+    mod = _score_mod(cap) if per_distance is None else relative_score_mod(per_distance, cap)
     fn = _compiled_flex() if compiled and not torch.compiler.is_compiling() else _flex
-    return fn(q, k, v, score_mod=_score_mod(cap), block_mask=block_mask, scale=scale,
-              enable_gqa=q.shape[1] != k.shape[1])
+    return fn(q, k, v, score_mod=mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def pick_backend(requested: str, *, cap: float | None, relative: bool, cached: bool, device: torch.device) -> str:
@@ -162,13 +197,16 @@ def pick_backend(requested: str, *, cap: float | None, relative: bool, cached: b
     if requested not in BACKENDS:
         raise ValueError(f"attn_backend={requested!r}; expected one of {BACKENDS}")
     if requested == "auto":
-        if device.type == "cuda" and not cached and not relative:
-            return "flex" if cap is not None else "sdpa"
+        # Relative positions on the GPU go to flex too: its score_mod reads the [B, H, T, N] per-distance table
+        # instead of materialising a [B, H, T, T] bias for SDPA.
+        if device.type == "cuda" and not cached:
+            return "flex" if cap is not None or relative else "sdpa"
         return "eager" if cap is not None else "sdpa"
     if requested == "sdpa" and cap is not None:
         raise ValueError("attn_backend='sdpa' cannot apply attn_softcap; use 'flex', 'eager' or 'auto'")
-    if requested == "flex" and (relative or cached or (device.type == "cpu" and torch.is_grad_enabled())):
-        # Generation steps, relative positions and CPU training (flex has no CPU backward) take the exact path.
+    if requested == "flex" and (cached or (device.type == "cpu" and torch.is_grad_enabled())):
+        # Generation steps and CPU training (PyTorch's flex has no CPU backward, compiled or not) take the exact
+        # eager/SDPA path; both compile without graph breaks.
         return "eager" if cap is not None else "sdpa"
     return requested
 

@@ -55,7 +55,9 @@ def expert_bias(plan: Tensor, logits: Tensor) -> Tensor:
 
 def load_fractions(expert_idx: Tensor, n_experts: int) -> Tensor:
     """Fraction of tokens sent to each expert, [E] summing to 1."""
-    counts = torch.bincount(expert_idx.reshape(-1), minlength=n_experts).float()
+    # scatter_add, not bincount: bincount's output length depends on the data, which breaks a compiled graph.
+    idx = expert_idx.reshape(-1)
+    counts = torch.zeros(n_experts, device=idx.device).scatter_add_(0, idx, torch.ones(idx.shape, device=idx.device))
     return counts / counts.sum().clamp_min(1.0)
 
 
@@ -183,6 +185,8 @@ class RoutedFFN(nn.Module):
         stats = routing_stats(idx.detach(), self.n_experts, None if probs is None else probs.detach())
         aux = RoutingAux(idx.detach().reshape(shape), None if log_prob is None else log_prob.reshape(shape),
                          balance, stats)
+        if torch.compiler.is_compiling():
+            return self._dispatch_static(flat, idx, gate).reshape_as(x), aux
         # Sort tokens by expert once, run each expert on its contiguous chunk, scatter back: one host sync (the
         # chunk sizes) per layer, and with one expert per token no token is ever dropped (no capacity factor).
         order = torch.argsort(idx)
@@ -195,6 +199,21 @@ class RoutedFFN(nn.Module):
             y = y * gate.index_select(0, order)[:, None].to(y.dtype)
         out = torch.empty_like(flat).index_copy_(0, order, y.to(flat.dtype))
         return out.reshape_as(x), aux
+
+
+    def _dispatch_static(self, flat: Tensor, idx: Tensor, gate: Tensor | None) -> Tensor:
+        """Compiled path: every expert runs on every token and each token keeps its own expert's row.
+
+        Exact (the same per-row maths as the sorted dispatch) with static shapes and no host sync, so the compiled
+        step has no graph break; the price is E times the FFN FLOPs. Chunk sizes per expert are data: a
+        sync-free grouped GEMM (torch._grouped_mm; bf16 on sm90+ only) is the GPU-scale replacement.
+        """
+        y = self.experts[0](flat)  # rows of other experts are overwritten below
+        for e in range(1, self.n_experts):
+            y = torch.where((idx == e)[:, None], self.experts[e](flat), y)
+        if gate is not None:
+            y = y * gate[:, None].to(y.dtype)
+        return y.to(flat.dtype)
 
 
 def routed_layers(model: nn.Module) -> list[RoutedFFN]:

@@ -206,13 +206,15 @@ class Attention(nn.Module):
         pos, k_pos, cache = ctx.pos, ctx.pos, ctx.cache
         if cache is not None:
             k, v, k_pos = cache.update(self.layer, k, v, pos)
-        bias = None
+        bias = per_distance = None
         if self.relative:
-            bias = self._relative_bias(q, pos, k_pos, ctx.end, x.dtype)
+            per_distance = self._per_distance_logits(q, ctx.end, x.dtype)
+            if ctx.backend != "flex":  # flex reads the [B, H, T, N] table in its score_mod instead
+                bias = A.relative_position_logits(per_distance, None, pos[:, None] - k_pos[None, :])
             q = q + self.content_bias[None, :, None, :].to(q.dtype)
         if ctx.backend == "flex":
             out = A.flex_attention(q, k, v, scale=self.scale, cap=self.cap, window=self.window,
-                                   block_mask=ctx.block_masks.get(self.window))
+                                   block_mask=ctx.block_masks.get(self.window), per_distance=per_distance)
         elif ctx.backend == "sdpa":
             plain = cache is None and self.window is None and bias is None
             mask = None if plain else A.visible(pos, k_pos, self.window)
@@ -222,15 +224,15 @@ class Attention(nn.Module):
                                     cap=self.cap, bias=bias)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
 
-    def _relative_bias(self, q: Tensor, pos: Tensor, k_pos: Tensor, end: int, dtype: torch.dtype) -> Tensor:
-        # Visible distances are 0 .. min(W, end) - 1; masked pairs are clamped by the gather and masked out later.
+    def _per_distance_logits(self, q: Tensor, end: int, dtype: torch.dtype) -> Tensor:
+        """(q_i + v) . r_d * scale as [B, H, Tq, N] for distances d = 0..N-1, N = min(W, end)."""
+        # Visible distances are 0 .. min(W, end) - 1; masked pairs are clamped by the lookup and masked out later.
         n_dist = min(self.window or end, end)
         dist = torch.arange(n_dist, device=q.device)
         table = A.sinusoid_table(dist, self.r_proj.in_features).to(dtype)
         rel = self.r_proj(table).view(n_dist, self.n_heads, self.hd)
         q_pos_bias = q + self.position_bias[None, :, None, :].to(q.dtype)
-        distance = pos[:, None] - k_pos[None, :]
-        return A.relative_position_logits(q_pos_bias, rel, distance) * self.scale
+        return torch.einsum("bhqd,nhd->bhqn", q_pos_bias, rel) * self.scale
 
 
 class StepContext(NamedTuple):
@@ -244,9 +246,8 @@ class StepContext(NamedTuple):
     block_masks: dict  # window (None = global) -> FlexAttention BlockMask
 
 
-@torch.compiler.disable
 def _flex_block_masks(seq_len: int, windows: tuple[int, ...], device: str) -> dict:
-    # Built (and cached) outside any compiled graph, so a compiled model reuses the same masks every step.
+    # Process-wide cache lookups (zoo.models.attention.make_block_mask): one mask per (shape, window), all layers.
     return {(w or None): A.make_block_mask(seq_len, w or None, device) for w in windows}
 
 
@@ -284,7 +285,7 @@ class Block(nn.Module):
 class TransformerOutput(NamedTuple):
     """Everything one forward computes: logits, final-norm hidden states and the routed layers' auxiliary outputs."""
 
-    logits: Tensor  # [B, T, V]
+    logits: Tensor | None  # [B, T, V]; None when the caller asked for no logits (chunked loss)
     hidden: Tensor  # [B, T, D] after the final norm
     routing: tuple["RoutingAux", ...]  # one per routed layer, in layer order (empty for a dense model)
 
@@ -336,10 +337,18 @@ class Transformer(nn.Module):
         """The [V, D] matrix producing logits (the embedding when tied)."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
+    def prepare_block_masks(self, seq_len: int, device: torch.device | str | None = None) -> None:
+        """Build the FlexAttention block masks for sequences of seq_len now, so a compiled step only reads them."""
+        device = self.embed.weight.device if device is None else device
+        _flex_block_masks(seq_len, self._windows, str(torch.device(device)))
+
     def forward(self, input_ids: Tensor | None = None, *, inputs_embeds: Tensor | None = None,
-                kv_cache: A.KVCache | None = None, return_hidden: bool = False, return_aux: bool = False
-                ) -> Tensor | tuple[Tensor, Tensor] | TransformerOutput:
+                kv_cache: A.KVCache | None = None, return_hidden: bool = False, return_aux: bool = False,
+                compute_logits: bool = True) -> Tensor | tuple[Tensor, Tensor] | TransformerOutput:
         """Logits [B, T, V]; (logits, hidden [B, T, D]) with return_hidden; a TransformerOutput with return_aux.
+
+        ``compute_logits=False`` (with return_aux) skips the unembedding: ``logits`` is None and the caller
+        projects ``hidden`` itself (lm's chunked loss, so [B, T, V] never exists at once).
 
         ``inputs_embeds`` [B, T, D] replaces the embedding lookup (e.g. image tokens spliced into text); it is taken
         in the embedding table's space, so Gemma's sqrt(d_model) scale applies to it as to looked-up ids, and
@@ -370,10 +379,18 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             kv_cache.seen = start + t
         hidden = self.norm(x)
-        logits = A.softcap(F.linear(hidden, self.output_weight), c.final_softcap)
+        if not compute_logits:
+            if not return_aux:
+                raise ValueError("compute_logits=False returns only hidden states: pass return_aux=True too")
+            return TransformerOutput(None, hidden, tuple(routing))
+        logits = self.logits(hidden)
         if return_aux:
             return TransformerOutput(logits, hidden, tuple(routing))
         return (logits, hidden) if return_hidden else logits
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Unembedding + final soft-cap of final-norm hidden states [..., D] -> logits [..., V]."""
+        return A.softcap(F.linear(hidden, self.output_weight), self.config.final_softcap)
 
     def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
         """The [B, T, D] input of the first layer, from ids or given embeddings (checked), scaled as configured."""
