@@ -99,7 +99,10 @@ def _from_checkout() -> dict[str, str]:
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     if not pyproject.is_file():
         return {}
-    import tomllib
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # Python 3.10: the installed metadata alone
+        return {}
 
     data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
     project = data.get("project", {})
@@ -109,6 +112,6 @@ def _from_checkout() -> dict[str, str]:
 
 
 def registered_commands() -> dict[str, Command]:
-    """Every registered subcommand by name, in declaration order (installed metadata, then the checkout's)."""
+    """Every registered subcommand by name, sorted (installed metadata, overridden by the checkout's pyproject)."""
     table = {**_from_metadata(), **_from_checkout()}
-    return {name: Command(name, target) for name, target in table.items()}
+    return {name: Command(name, target) for name, target in sorted(table.items())}
