@@ -65,7 +65,7 @@ class DumpLM(pl.Callback):
                                       for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
         dtensor = any(hasattr(p, "to_local") for p in module.model.parameters())
         torch.save({"losses": self.losses, "state": full_state(module.model), "bytes": self.bytes,
-                    "sharded": dtensor, "step": trainer.global_step,},
+                    "sharded": dtensor, "step": trainer.global_step},
                    Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
 
