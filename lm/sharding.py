@@ -217,6 +217,3 @@ def consolidate_main(argv: list[str] | None = None) -> int:
     print(path)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(consolidate_main())
