@@ -17,6 +17,7 @@ import time
 from typing import Any, ClassVar
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,6 +28,7 @@ from lm.flops import mfu_flops_per_token
 from lm.metrics import bits_per_byte, mfu, peak_flops
 from lm.optim import check_optim_args, lr_at, make_adamw, param_groups
 from lm.routing import reinforce_loss
+from lm.sharding import STRATEGY_NAME, apply_activation_checkpointing, build_sharded  # registers fsdp2
 from zoo.models.transformer import TransformerOutput
 from zoo.weights.lm import CHECKPOINT_FORMAT, CHECKPOINT_KIND
 
@@ -98,6 +100,10 @@ class LMModule(L.LightningModule):
             exist at once (0: off, full logits). Evaluation keeps full logits.
         compile: run the training loss (forward, chunked loss, routing losses; backward follows through
             AOTAutograd) as one ``torch.compile(fullgraph=True)`` graph.
+        activation_checkpointing: recompute each Transformer block's activations in backward (less memory, ~1/3
+            more compute); with or without sharding.
+        mixed_precision: under ``--trainer.strategy fsdp2``, bf16 parameters and compute with fp32 gradient
+            reduction (None: on GPU only; CPU runs stay fp32).
     """
 
     # Logged metrics worth a line in the end-of-run summary (read by the trainer's summary printer).
@@ -111,7 +117,8 @@ class LMModule(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  reinforce_weight: float | None = None, baseline_momentum: float | None = None,
                  balance_weight: float = 0.0, peak_flops: float | None = None, throughput_every: int = 10,
-                 loss_chunk_size: int = 0, compile: bool = False) -> None:
+                 loss_chunk_size: int = 0, compile: bool = False, activation_checkpointing: bool = False,
+                 mixed_precision: bool | None = None) -> None:
         super().__init__()
         # Collects this signature and the subclass's (Lightning reads every __init__ frame of the object).
         self.save_hyperparameters()
@@ -173,9 +180,30 @@ class LMModule(L.LightningModule):
         return self.model.config if self.model is not None else self._config
 
     def configure_model(self) -> None:
-        """Build the trained model (a no-op when it exists); Lightning calls this in the strategy's init context."""
-        if self.model is None:
-            self.model = zoo.create(self.model_name, **self.model_overrides)
+        """Build the trained model (a no-op when it exists); Lightning calls this in the strategy's init context.
+
+        Under ``FSDP2Strategy`` (a device mesh is set) it is built on meta, sharded per block and materialised
+        sharded (lm.sharding); otherwise built whole.
+        """
+        if self.model is not None:
+            return
+        hp = self.hparams
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError("--trainer.strategy fsdp is FSDP1, which wraps the model whole and does not run on CPU; "
+                             f"use --trainer.strategy {STRATEGY_NAME} (FSDP2, sharded per block)")
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:
+            self.model = build_sharded(self.model_name, self.model_overrides, mesh,
+                                       activation_checkpointing=hp.activation_checkpointing,
+                                       mixed_precision=hp.mixed_precision)
+            return
+        if hp.mixed_precision:  # a knob set to a value that would do nothing is an error
+            raise ValueError(f"mixed_precision={hp.mixed_precision} applies only under --trainer.strategy "
+                             f"{STRATEGY_NAME}; without sharding use --trainer.precision bf16-mixed instead")
+        model = zoo.create(self.model_name, **self.model_overrides)
+        if hp.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self.model = model
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Build the model before Lightning loads its weights (``load_from_checkpoint`` outside a Trainer)."""

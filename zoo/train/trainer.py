@@ -418,7 +418,8 @@ def existing_checkpoints(trainer: pl.Trainer) -> list[str]:
     """``last.ckpt`` files of the checkpoint callbacks (a finished or interrupted run in this folder)."""
     folders = {c.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
                for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)}
-    return sorted(p for p in (os.path.join(f, "last.ckpt") for f in folders) if os.path.isfile(p))
+    # exists, not isfile: the last.ckpt of a sharded (fsdp2) run is a folder
+    return sorted(p for p in (os.path.join(f, "last.ckpt") for f in folders) if os.path.exists(p))
 
 
 class ZooTrainer(pl.Trainer):

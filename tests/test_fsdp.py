@@ -1,0 +1,237 @@
+"""Sharded LM training (FSDP2 through ``--trainer.strategy fsdp2``) on CPU with 2 gloo processes.
+
+Each 2-process run is a real ``python -m zoo.cli fit`` (Lightning launches rank 1 by re-running the command, as under
+``zoo fit --trainer.devices 2`` on a workstation). Sharded init draws other random numbers than a single-device
+build (see lm.sharding.materialize), so the equivalence runs start both sides from the same saved weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+
+from lm_testutil import TINY, tiny_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+B, STEPS = 4, 3
+MODEL = {"model": "gemma2-tiny", "model_overrides": TINY, "lr": 0.01, "warmup_steps": 1, "weight_decay": 0.1}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on every rank (a collective under FSDP2; the plain state dict otherwise)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    return {k: v.detach().clone().cpu() for k, v in get_model_state_dict(model, options=opts).items()}
+
+
+class DumpLM(pl.Callback):
+    """Loads ``init`` (a full state dict) into the model before training; each rank writes its per-step losses, the
+    final full weights and its local bytes of parameters, gradients and optimizer state to ``folder/rank<r>.pt``."""
+
+    def __init__(self, folder: str, init: str | None = None) -> None:
+        self.folder, self.init = folder, init
+        self.losses: list[float] = []
+        self.bytes = {"params": 0, "grads": 0, "optimizer": 0}
+
+    def on_train_start(self, trainer, module) -> None:
+        if self.init is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            state = torch.load(self.init, weights_only=True)
+            set_model_state_dict(module.model, state, options=StateDictOptions(full_state_dict=True))
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        self.bytes["grads"] = sum(_local(p.grad).nbytes for p in module.parameters() if p.grad is not None)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, module) -> None:
+        self.bytes["params"] = sum(_local(p).nbytes for p in module.model.parameters())
+        self.bytes["optimizer"] = sum(_local(v).nbytes for s in trainer.optimizers[0].state.values()
+                                      for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+        dtensor = any(hasattr(p, "to_local") for p in module.model.parameters())
+        torch.save({"losses": self.losses, "state": full_state(module.model), "bytes": self.bytes,
+                    "sharded": dtensor, "step": trainer.global_step},
+                   Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+def data_args(tmp: Path) -> dict:
+    return {"paths": str(tiny_corpus(tmp / "corpus")), "seq_len": 32, "val_fraction": 0.25,
+            "cache_dir": str(tmp / "cache"), "progress": False, "seed": 0}
+
+
+def run_sharded(tmp: Path, name: str, steps: int, callbacks: list[dict], model: dict | None = None,
+                extra: tuple[str, ...] = (), every_n: int | None = None, expect: int = 0) -> Path:
+    """``python -m zoo.cli fit`` on 2 CPU processes with FSDP2; returns the run folder."""
+    run = tmp / name
+    run.mkdir(exist_ok=True)
+    trainer = {"accelerator": "cpu", "devices": 2, "strategy": "fsdp2", "max_steps": steps, "limit_val_batches": 0,
+               "enable_progress_bar": False, "logger": False, "enable_model_summary": False,
+               "default_root_dir": str(run), "callbacks": callbacks}
+    if every_n:
+        trainer["callbacks"] = callbacks + [{"class_path": "zoo.train.trainer.RootCheckpoint", "init_args": {
+            "save_last": True, "save_top_k": 0, "every_n_train_steps": every_n}}]
+    cfg = {"seed_everything": 0, "trainer": trainer,
+           "model": {"class_path": "lm.CausalLM", "init_args": model or MODEL},
+           "data": {"class_path": "zoo.data.text.TextDataModule", "init_args": {**data_args(tmp), "batch_size": B}}}
+    (run / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "zoo.cli", "fit", "--config", str(run / "cfg.yaml"), *extra]
+    done = subprocess.run(cmd, cwd=run, env=env, capture_output=True, timeout=600)
+    assert done.returncode == expect, done.stderr.decode()[-4000:]
+    return run
+
+
+def dump(folder: str | Path, init: str | None = None) -> dict:
+    return {"class_path": "test_fsdp.DumpLM", "init_args": {"folder": str(folder), "init": init}}
+
+
+def run_single(tmp: Path, steps: int, init: Path) -> dict:
+    """The reference: one process, the global batch (2 x B), same initial weights."""
+    from lm import CausalLM
+    from zoo.data.text import TextDataModule
+    from zoo.train.trainer import build_trainer
+
+    folder = tmp / "one"
+    folder.mkdir(exist_ok=True)
+    pl.seed_everything(0)
+    trainer = build_trainer(default_root_dir=str(folder), accelerator="cpu", devices=1, max_steps=steps,
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, enable_checkpointing=False,
+                            callbacks=[DumpLM(str(folder), str(init))])
+    trainer.fit(CausalLM(**MODEL), TextDataModule(**data_args(tmp), batch_size=2 * B))
+    return torch.load(folder / "rank0.pt", weights_only=True)
+
+
+def initial_weights(tmp: Path) -> Path:
+    import zoo
+
+    torch.manual_seed(123)
+    path = tmp / "init.pt"
+    torch.save(zoo.create("gemma2-tiny", **TINY).state_dict(), path)
+    return path
+
+
+def load_ranks(folder: Path) -> tuple[dict, dict]:
+    return tuple(torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+
+# ------------------------------------------------------------------------------------------------- fast, in-process
+def test_fsdp2_strategy_is_registered_and_fsdp1_is_refused_with_the_fix():
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    from lm import CausalLM
+    from lm.sharding import FSDP2Strategy
+
+    assert StrategyRegistry["fsdp2"]["strategy"] is FSDP2Strategy
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    with pytest.raises(ValueError, match="requires a GPU"):  # on CPU Lightning itself refuses FSDP1
+        pl.Trainer(accelerator="cpu", devices=1, strategy="fsdp", logger=False)
+    module = CausalLM(**MODEL)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())  # what a GPU run with strategy=fsdp would hand us
+    with pytest.raises(ValueError, match=r"^--trainer.strategy fsdp is FSDP1.*use --trainer.strategy fsdp2"):
+        module.configure_model()
+
+
+def test_activation_checkpointing_keeps_names_and_gradients():
+    from lm import CausalLM
+
+    torch.manual_seed(0)
+    plain = CausalLM(**MODEL)
+    plain.configure_model()
+    ckpt = CausalLM(**MODEL, activation_checkpointing=True)
+    ckpt.configure_model()
+    ckpt.model.load_state_dict(plain.model.state_dict())  # same names: checkpoints stay interchangeable
+    tokens = torch.randint(0, 256, (2, 17))
+    grads = []
+    for m in (plain, ckpt):
+        _, nll = m.run_model(tokens)
+        nll.mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_consolidate_refuses_a_folder_that_is_not_a_sharded_checkpoint(tmp_path):
+    from lm.sharding import consolidate, consolidate_main
+
+    with pytest.raises(ValueError, match="is not a sharded checkpoint folder"):
+        consolidate(tmp_path, tmp_path / "x.ckpt")
+    with pytest.raises(SystemExit) as info:
+        consolidate_main([str(tmp_path), "--out", str(tmp_path / "x.ckpt")])
+    assert info.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------- 2 gloo processes
+def test_fsdp_two_processes_match_one_process_and_checkpoint_consolidates(tmp_path):
+    """3 steps of FSDP2 on 2 processes (batch B each) == 3 steps of one process (batch 2B) within 1e-5, from the
+    same initial weights; the sharded last.ckpt folder consolidates into a file zoo.load_lm reads."""
+    import zoo
+    from lm.sharding import consolidate
+
+    init = initial_weights(tmp_path)
+    one = run_single(tmp_path, STEPS, init)  # also tokenises the corpus once, before the 2 processes read it
+    run = run_sharded(tmp_path, "two", STEPS, [dump(tmp_path / "two", str(init))], every_n=STEPS)
+    r0, r1 = load_ranks(run)
+    assert r0["sharded"] and r1["sharded"] and not one["sharded"]  # FSDP2 really sharded the parameters
+    global_loss = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]  # equal token counts per rank
+    assert len(global_loss) == STEPS
+    assert global_loss == pytest.approx(one["losses"], abs=1e-5)
+    for name, ref in one["state"].items():
+        torch.testing.assert_close(r0["state"][name], ref, atol=1e-5, rtol=0, msg=name)
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    # each rank holds half of the parameters, gradients and both Adam moments
+    full = sum(v.nbytes for v in one["state"].values())
+    for r in (r0, r1):
+        assert r["bytes"]["params"] == pytest.approx(full / 2, rel=0.02)
+        assert r["bytes"]["grads"] == r["bytes"]["params"]
+        assert r["bytes"]["optimizer"] == 2 * r["bytes"]["params"]
+    (run / "bytes.json").write_text(json.dumps([r0["bytes"], r1["bytes"]]))
+
+    folder = run / "checkpoints" / "last.ckpt"
+    assert folder.is_dir() and (folder / "meta.pt").is_file()
+    out = consolidate(folder, tmp_path / "single.ckpt")
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["zoo"]["model"] == "gemma2-tiny" and ckpt["global_step"] == STEPS
+    assert ckpt["optimizer_states"][0]["state"]  # the Adam moments came along (a single-device resume needs them)
+    model = zoo.load_lm(str(out))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, r0["state"][name]), name
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_sigterm_is_exact(tmp_path):
+    """SIGTERM at step 3 of 6: the sharded preemption checkpoint resumes to the very weights and losses of the
+    uninterrupted 2-process run."""
+    init = initial_weights(tmp_path)
+    from zoo.data.text import TextDataModule
+
+    TextDataModule(**data_args(tmp_path), batch_size=B).prepare_data()  # tokenise once, before two readers
+    ref = run_sharded(tmp_path, "ref", 6, [dump(tmp_path / "ref", str(init))])
+    cut = [dump(tmp_path / "cut", str(init)), {"class_path": "fault_callbacks.SigtermAt", "init_args": {"step": 3}}]
+    run = run_sharded(tmp_path, "cut", 6, cut, expect=128 + signal.SIGTERM)
+    assert (run / "checkpoints" / "last.ckpt" / "meta.pt").is_file()
+    (run / "cfg.yaml").unlink()
+    run_sharded(tmp_path, "cut", 6, [dump(tmp_path / "cut")], extra=("--ckpt_path", "last"))
+    for got, want in zip(load_ranks(run), load_ranks(ref)):
+        assert got["step"] == 6
+        assert got["losses"] == want["losses"][3:]
+        for name, value in want["state"].items():
+            assert torch.equal(got["state"][name], value), name
