@@ -16,7 +16,6 @@ Checkpoints are torch distributed checkpoints (a folder ``last.ckpt/`` with one 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import tempfile
@@ -205,15 +204,25 @@ def consolidate(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 def consolidate_main(argv: list[str] | None = None) -> int:
-    """``zoo consolidate <folder> --out <file.ckpt>``: a sharded checkpoint folder -> one checkpoint file."""
-    parser = argparse.ArgumentParser(prog="zoo consolidate", description=consolidate_main.__doc__)
+    """Turn a sharded (FSDP2) checkpoint folder into one checkpoint file that zoo.load_lm / export-hf read.
+
+    ``zoo consolidate <folder> --out <file.ckpt>``.
+    """
+    import sys
+
+    from zoo.cli.errors import parse_tool_args, tool_parser
+
+    parser = tool_parser("zoo consolidate", "A sharded checkpoint folder -> one checkpoint file.")
     parser.add_argument("folder", help="the sharded checkpoint folder (e.g. runs/x/checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="the single-file checkpoint to write")
-    args = parser.parse_args(argv)
+    args = parse_tool_args(parser, list(sys.argv[1:] if argv is None else argv), "consolidate")
+    if args is None:
+        return 2
     try:
         path = consolidate(args.folder, args.out)
-    except ValueError as err:
-        parser.exit(2, f"zoo consolidate: error: {err}\n")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"zoo consolidate: error: {err}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 

@@ -169,14 +169,15 @@ def test_activation_checkpointing_keeps_names_and_gradients():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_consolidate_refuses_a_folder_that_is_not_a_sharded_checkpoint(tmp_path):
+def test_consolidate_refuses_a_folder_that_is_not_a_sharded_checkpoint(tmp_path, capsys):
     from lm.sharding import consolidate, consolidate_main
 
     with pytest.raises(ValueError, match="is not a sharded checkpoint folder"):
         consolidate(tmp_path, tmp_path / "x.ckpt")
-    with pytest.raises(SystemExit) as info:
-        consolidate_main([str(tmp_path), "--out", str(tmp_path / "x.ckpt")])
-    assert info.value.code == 2
+    assert consolidate_main([str(tmp_path), "--out", str(tmp_path / "x.ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("zoo consolidate: error: ") and "is not a sharded checkpoint folder" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "x.ckpt").exists()
 
 
 # ---------------------------------------------------------------------------------------------- 2 gloo processes

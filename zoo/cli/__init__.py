@@ -35,8 +35,9 @@ def main_help(commands: dict[str, Command] | None = None) -> str:
     """The text of ``zoo --help``: every subcommand in the usage line, one description each, 80 columns."""
     commands = registered_commands() if commands is None else commands
     names = [*LIGHTNING_COMMANDS, *commands]
-    usage = textwrap.fill("usage: zoo [-h] {" + ",".join(names) + "} ...", HELP_WIDTH, subsequent_indent=" " * 11,
-                          break_on_hyphens=False)
+    # wrapped after a comma, never inside a name (the spaces only give textwrap its break points)
+    usage = textwrap.fill("usage: zoo [-h] {" + ", ".join(names) + "} ...", HELP_WIDTH, subsequent_indent=" " * 11,
+                          break_on_hyphens=False).replace(", ", ",")
     width = max(len(n) for n in names) + 4
     rows = [*LIGHTNING_COMMANDS.items(), *((name, cmd.description()) for name, cmd in commands.items())]
     body = "\n".join(textwrap.fill(text, HELP_WIDTH, initial_indent=f"  {name:<{width - 2}}",
