@@ -47,6 +47,7 @@ if [ "$smoke" = 1 ]; then
   step byol_step          120 bench/byol_step.py --device "$dev" --encoder resnet18 --size 32 --batch 4 --steps 2 --warmup 1
   step lm_step            120 bench/lm_step.py --small --batch 1 --warmup 1 --rounds 1 --steps 1
   step probe              120 bench/probe.py --device "$dev" --epochs 2
+  step graph_breaks       240 bench/graph_breaks.py --cases lm_gemma2_dense --backend eager --steps 2 --seq 8 --lm-batch 1
 else
   step augment             60 bench/augment.py --device "$dev" --batch 256 --sizes 224 96 --iters 10
   step augment_compiled   100 bench/augment.py --device "$dev" --batch 256 --sizes 224 --iters 10 --compile --bf16
@@ -55,5 +56,7 @@ else
   step byol_step_compiled 170 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5 --compile
   step lm_step            120 bench/lm_step.py
   step probe               45 bench/probe.py --device "$dev" --backbone random:resnet50 --image-size 64 --resize 64 --epochs 30
+  # Issue 18's compile proof (CPU-side: graph breaks, recompiles, host syncs; dynamo's counts need no inductor).
+  step graph_breaks        90 bench/graph_breaks.py --backend eager
 fi
 echo "== done in $((SECONDS - start))s"; cat "$results"; python3 bench/to_markdown.py "$results"; rm -rf "$tmp"

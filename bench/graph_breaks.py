@@ -210,7 +210,9 @@ def explain(step: Callable, built: Built) -> dict[str, Any]:
         key = (b["where"], b["at"], b["reason"])
         grouped[key] = grouped.get(key, 0) + 1
     reasons = [{"where": w, "at": a, "reason": r, "count": n} for (w, a, r), n in grouped.items()]
-    return {"graphs": out.graph_count, "graph_breaks": out.graph_break_count, "break_reasons": reasons}
+    # Every break dynamo logged, nested frames included (explain's own count leaves some of those out).
+    return {"graphs": out.graph_count, "graph_breaks": len(log.breaks), "explain_graph_breaks": out.graph_break_count,
+            "break_reasons": reasons}
 
 
 def eager_run(build: Callable[[], Built], step: Callable, steps: int) -> dict[str, Any]:
@@ -313,7 +315,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name}: host syncs in one step")
         for site, ops in r["eager"]["host_sync_sites"].items():
             print(f"  {site:<40} {ops}")
-    line["details"] = {name: {"break_reasons": r["explain"]["break_reasons"],
+    line["details"] = {name: {"graphs": r["explain"]["graphs"],
+                              "explain_graph_breaks": r["explain"]["explain_graph_breaks"],
+                              "break_reasons": r["explain"]["break_reasons"],
                               "recompile_reasons": r["compiled"]["recompile_reasons"],
                               "host_sync_sites": r["eager"]["host_sync_sites"]} for name, r in results.items()}
     text = json.dumps(line)

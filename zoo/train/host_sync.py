@@ -67,11 +67,14 @@ def _call_site() -> str:
 
 
 def _short(path: str) -> str:
-    """The path relative to the working directory or the sys.path entry that holds it (site-packages, say)."""
-    roots = [os.getcwd()] + [p for p in sys.path if p]
-    best = max((os.path.abspath(r) for r in roots if path.startswith(os.path.abspath(r) + os.sep)), key=len,
-               default=None)
-    return os.path.relpath(path, best) if best else path
+    """The path relative to the working directory (a repo run from its root), else to the sys.path entry that holds
+    it (site-packages, say)."""
+    cwd = os.getcwd() + os.sep
+    if path.startswith(cwd):
+        return path[len(cwd):]
+    roots = [os.path.abspath(p) + os.sep for p in sys.path if p]
+    best = max((r for r in roots if path.startswith(r)), key=len, default="")
+    return path[len(best):]
 
 
 @dataclass
