@@ -268,7 +268,12 @@ def run_case(name: str, build: Callable[[], Built], step: Callable, args) -> dic
     """All measurements of one case."""
     res: dict[str, Any] = {"explain": explain(step, build())}
     res["eager"] = eager_run(build, step, args.steps)
-    res["compiled"] = compiled_run(build, step, args.steps, args.backend)
+    try:
+        res["compiled"] = compiled_run(build, step, args.steps, args.backend)
+    except Exception as err:  # a compiler failure is a finding to report, not a reason to lose the other cases
+        msg = " ".join(str(err).split())
+        res["compiled"] = {"ms": float("nan"), "recompiles": None, "recompile_reasons": [],
+                           "error": f"{type(err).__name__}: {msg[:200]} ... {msg[-300:]}"}
     return res
 
 
@@ -299,17 +304,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "torch": torch.__version__, "backend": args.backend, "steps": args.steps}
     for name, r in results.items():
         e, c, x = r["eager"], r["compiled"], r["explain"]
-        ratio = e["ms"] / c["ms"]
-        print(f"  {name:<20}{x['graphs']:>7}{x['graph_breaks']:>7}{c['recompiles']:>7}{e['host_syncs']:>6}"
+        ratio = e["ms"] / c["ms"]  # nan when the compiled run failed
+        print(f"  {name:<20}{x['graphs']:>7}{x['graph_breaks']:>7}{str(c['recompiles']):>7}{e['host_syncs']:>6}"
               f"{e['ms']:>10.1f}{c['ms']:>12.1f}{ratio:>7.2f}")
         line.update({f"{name}_graph_breaks": x["graph_breaks"], f"{name}_recompiles": c["recompiles"],
                      f"{name}_host_syncs_per_step": e["host_syncs"], f"{name}_eager_ms": round(e["ms"], 2),
-                     f"{name}_compiled_ms": round(c["ms"], 2), f"{name}_speedup": round(ratio, 3)})
+                     f"{name}_compiled_ms": None if c.get("error") else round(c["ms"], 2),
+                     f"{name}_speedup": None if c.get("error") else round(ratio, 3)})
     for name, r in results.items():
         print(f"\n{name}: graph breaks")
         for b in r["explain"]["break_reasons"]:
             at = "" if b["at"] == b["where"] else f"  (at {b['at']})"
             print(f"  {b['count']:>3} x {b['where']:<28} {b['reason'][:150]}{at}")
+        if r["compiled"].get("error"):
+            print(f"  compiled run failed: {r['compiled']['error']}")
         for reason in r["compiled"]["recompile_reasons"]:
             print(f"  recompile: {reason}")
         print(f"{name}: host syncs in one step")
@@ -319,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "explain_graph_breaks": r["explain"]["explain_graph_breaks"],
                               "break_reasons": r["explain"]["break_reasons"],
                               "recompile_reasons": r["compiled"]["recompile_reasons"],
+                              "compile_error": r["compiled"].get("error"),
                               "host_sync_sites": r["eager"]["host_sync_sites"]} for name, r in results.items()}
     text = json.dumps(line)
     print(text)
