@@ -47,7 +47,6 @@ if [ "$smoke" = 1 ]; then
   step byol_step          120 bench/byol_step.py --device "$dev" --encoder resnet18 --size 32 --batch 4 --steps 2 --warmup 1
   step lm_step            120 bench/lm_step.py --small --batch 1 --warmup 1 --rounds 1 --steps 1
   step probe              120 bench/probe.py --device "$dev" --epochs 2
-  step graph_breaks       240 bench/graph_breaks.py --cases lm_gemma2_dense --backend eager --steps 2 --seq 8 --lm-batch 1
 else
   step augment             60 bench/augment.py --device "$dev" --batch 256 --sizes 224 96 --iters 10
   step augment_compiled   100 bench/augment.py --device "$dev" --batch 256 --sizes 224 --iters 10 --compile --bf16
