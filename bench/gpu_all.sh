@@ -55,5 +55,7 @@ else
   step byol_step_compiled 170 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5 --compile
   step lm_step            120 bench/lm_step.py
   step probe               45 bench/probe.py --device "$dev" --backbone random:resnet50 --image-size 64 --resize 64 --epochs 30
+  # Issue 18's compile proof (CPU-side: graph breaks, recompiles, host syncs; dynamo's counts need no inductor).
+  step graph_breaks        90 bench/graph_breaks.py --backend eager
 fi
 echo "== done in $((SECONDS - start))s"; cat "$results"; python3 bench/to_markdown.py "$results"; rm -rf "$tmp"
