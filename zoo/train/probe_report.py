@@ -65,7 +65,7 @@ class ProbeReport(pl.Callback):
             enc.train(was_training)
         self.result = {"dataset": dm.dataset, "method": type(pl_module).__name__,
                        "encoder": pl_module.hparams.encoder, "steps": trainer.global_step,
-                       **scores, "gain_knn_points": scores["trained_knn_top1"] - scores["random_init_knn_top1"],
+                       "recipe": recipe(knn, linear), **scores, "gain_knn_points": scores["trained_knn_top1"] - scores["random_init_knn_top1"],
                        "gain_linear_points": scores["trained_linear_top1"] - scores["random_init_linear_top1"]}
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(os.path.join(trainer.default_root_dir, "probe_report.json"), "w") as f:
@@ -85,13 +85,20 @@ class ProbeReport(pl.Callback):
         print_report(self.result)
 
 
+def recipe(knn: ProbeConfig, linear: ProbeConfig) -> str:
+    """One line naming the probes' settings, so the report's figures can be told apart from `zoo probe`'s."""
+    return (f"kNN k={knn.knn_k[0]}; linear {linear.epochs} epochs on {linear.feature_norm}-normalised features, "
+            f"centre {linear.image_size}/{linear.resize} px, lr grid {'/'.join(f'{x:g}' for x in linear.lr_grid)} "
+            f"chosen on {linear.heldout:.0%} held out")
+
+
 def report_table(r: dict[str, Any]):
     """The report as a rich Table (at most ``REPORT_WIDTH`` columns wide)."""
     from rich.table import Table
 
     method = r.get("method", "BYOL")
     table = Table(title=f"Probes on {r['dataset']} val ({r['encoder']}, {r['steps']} {method} steps)",
-                  width=REPORT_WIDTH)
+                  caption=r.get("recipe"), width=REPORT_WIDTH)
     for col in ("encoder weights", "kNN top-1 %", "linear top-1 %"):
         table.add_column(col, justify="right" if col != "encoder weights" else "left")
     table.add_row("random initialisation", f"{r['random_init_knn_top1']:.2f}", f"{r['random_init_linear_top1']:.2f}")
