@@ -13,6 +13,7 @@ state-dict prefix (``model.encoder.``), so ``zoo.load_backbone`` (and ``zoo prob
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -92,6 +93,10 @@ class MultimodalLM(LMModule):
     def setup(self, stage: str) -> None:
         """Check the interleaved data against the model: vocabulary, lengths, tokens per image, image size."""
         super().setup(stage)
+        if stage == "fit" and self.model_overrides.get("train_encoder", "frozen") != "full":
+            # A frozen encoder (or its frozen stages) stays in eval mode on purpose, so its batch-norm statistics do
+            # not move: Lightning's "modules in eval mode" warning says nothing the config did not ask for.
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None:
             self.check_data(dm)

@@ -58,7 +58,7 @@ def train_row(cfg: dict[str, Any], root: str, encoder_weights: str | None, train
                     "enable_model_summary": False, "limit_val_batches": 0}
     if steps is not None:
         trainer_args["max_steps"] = steps
-    build_trainer(**trainer_args).fit(lit, dm)
+    build_trainer(**trainer_args).fit(lit, dm, overwrite=True)  # each demo run retrains its rows from scratch
     return lit.answer_accuracy([dm.val_set[i] for i in range(len(dm.val_set))], dm.tokenizer)
 
 
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="multimodal training steps per row (default: config)")
     ap.add_argument("--rows", default="0,1,2", help="which rows to run (0 BYOL, 1 random frozen, 2 end to end)")
     args = ap.parse_args(argv)
+    from zoo.cli import quiet_lightning
+
+    quiet_lightning()  # the rows train in this process: no Lightning tips or availability lines, as under `zoo`
     cfg = yaml.safe_load(Path(args.config).read_text())
     root = cfg["trainer"].get("default_root_dir", "runs/multimodal/digits_vlm")
     byol_ckpt = cfg["model"]["init_args"].get("encoder_weights") or "runs/multimodal/byol_digits/checkpoints/last.ckpt"
