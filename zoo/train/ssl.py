@@ -15,7 +15,7 @@ contract readers use (``zoo.weights.checkpoint``). A method subclasses it and de
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -24,9 +24,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 import augment
+from augment import fused
 from augment.decode import decode_batch
+from augment.params import ViewParams
 from zoo.models.registry import create
 from zoo.train.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
+from zoo.train.whole_step import WholeStep, all_finite
 
 __all__ = ["ImagePretraining", "CONTRACT_FORMAT"]
 
@@ -45,7 +48,8 @@ class ImagePretraining(pl.LightningModule):
             ``default_view_overrides``.
         eval_overrides: preset overrides for the online classifier's validation view ``augment.LinearEvalTest``.
         aug_seed: seed of the augmentation randomness (combined with the rank and the step, see ``_generator``).
-        compile: ``torch.compile`` the per-view forward.
+        compile: ``True``: ``torch.compile`` the per-view forward; ``"step"``: compile the whole training step (views,
+            forwards, loss, classifier, optimizer update, EMA; ``zoo.train.whole_step``), with manual optimization.
         channels_last: use channels-last memory format (default: on GPU only).
         nan_policy: ``stop`` or ``skip`` on a non-finite loss.
     """
@@ -62,9 +66,12 @@ class ImagePretraining(pl.LightningModule):
     def __init__(self, encoder: str = "resnet50", encoder_overrides: dict[str, Any] | None = None,
                  image_size: int = 224, num_classes: int | None = None,
                  augment_overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
-                 aug_seed: int = 0, compile: bool = False, channels_last: bool | None = None,
+                 aug_seed: int = 0, compile: bool | Literal["step"] = False, channels_last: bool | None = None,
                  nan_policy: str = "stop") -> None:
         super().__init__()
+        if compile not in (False, True, "step"):
+            raise UsageError(f"model.compile must be false, true (per-view forward) or \"step\" (whole step), "
+                             f"got {compile!r}")
         if num_classes is not None and num_classes < 1:
             raise UsageError(f"model.num_classes must be >= 1, got {num_classes}")
         if nan_policy not in NAN_POLICIES:
@@ -77,13 +84,17 @@ class ImagePretraining(pl.LightningModule):
         self.build_networks(dim)  # before the classifier: keeps the parameter init order (and RNG draws) fixed
         self.online_classifier: nn.Linear | None = nn.Linear(dim, num_classes) if num_classes else None
         view_overrides = {**self.default_view_overrides, **(augment_overrides or {})}
-        self.view1, self.view2 = augment.byol_views(image_size, compile=compile, **view_overrides)
+        # "step" compiles the views inside the whole step, so they are not compiled on their own
+        self.view1, self.view2 = augment.byol_views(image_size, compile=compile is True, **view_overrides)
         self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224),
                                                 **(eval_overrides or {}))
         self._aug_gen: torch.Generator | None = None
         self._stepped = False
         self.skipped_images: list[str] = []
         self._compiled_views = None
+        self._whole_step: WholeStep | None = None
+        if compile == "step":
+            self.automatic_optimization = False  # the step drives backward, update and EMA itself (compiled_step)
 
     # ---------------------------------------------------------------------------------------------- method hooks
     def build_networks(self, num_features: int) -> None:
@@ -104,6 +115,27 @@ class ImagePretraining(pl.LightningModule):
 
     def on_weights_updated(self) -> None:
         """Called after each optimizer step that was not skipped (``MomentumMixin`` moves its targets here)."""
+
+    def view_params(self, images: Any, gen: torch.Generator) -> list[ViewParams]:
+        """``compile="step"``: the per-sample parameters of each view, drawn from ``gen`` as ``make_views`` draws."""
+        return [self.view1.sample_params(images, gen), self.view2.sample_params(images, gen)]
+
+    def apply_views(self, images: Any, params: list[ViewParams]) -> list[torch.Tensor]:
+        """``compile="step"``: the views from explicit parameters (batched schedule: static shapes, no branches)."""
+        return [fused.apply_view(images, p, v.preset, False, v.dtype) for v, p in zip((self.view1, self.view2), params)]
+
+    def fused_optimizer_update(self, groups: list[tuple[list, list, list, dict]], lrs: torch.Tensor) -> None:
+        """``compile="step"``: the optimizer update in tensor ops, per group (params, grads, momentum buffers, hyper-
+        parameters) with ``lrs[i]`` the group's lr as a device scalar (a Python float would recompile every step)."""
+        raise UsageError(f"{type(self).__name__} does not define fused_optimizer_update, so model.compile: step is not "
+                         "available for it; use model.compile: true (per-view forward) instead")
+
+    def fused_step_scalars(self) -> dict[str, float]:
+        """``compile="step"``: per-step scalars ``fused_weights_updated`` needs (passed as device tensors)."""
+        return {}
+
+    def fused_weights_updated(self, scalars: dict[str, torch.Tensor]) -> None:
+        """``compile="step"``: ``on_weights_updated`` in tensor ops, traced into the update graph."""
 
     def step_logs(self) -> dict[str, Any]:
         """Extra values logged with each training step."""
@@ -221,6 +253,8 @@ class ImagePretraining(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Views, the method's loss, the online classifier on stop-gradient first-view features."""
+        if self.hparams.compile == "step":
+            return self.compiled_step(batch, batch_idx)
         self._stepped = False
         labels = batch["label"]
         if not all_ranks(self, len(labels) >= 2):  # every DDP rank must skip together, or the others would hang
@@ -230,7 +264,7 @@ class ImagePretraining(pl.LightningModule):
         if self._use_channels_last():
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         forward = self.forward_views
-        if self.hparams.compile:
+        if self.hparams.compile is True:
             if self._compiled_views is None:
                 self._compiled_views = torch.compile(self.forward_views)
             forward = self._compiled_views
@@ -259,6 +293,105 @@ class ImagePretraining(pl.LightningModule):
             self.on_weights_updated()
             if self.hparams.nan_policy == "skip":
                 self._check_finite_state()
+
+    # ---------------------------------------------------------------------------------------------- compile: step
+    def compiled_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """The whole training step of ``compile="step"`` (``zoo.train.whole_step``): the bench's entry point too.
+
+        Same draws, loss, logs, lr/tau schedules, skip/stop semantics and checkpoint content as the eager step; the
+        optimizer is stepped through Lightning with the gradients already consumed, so ``global_step``, the loops'
+        progress and the strategy's hooks count the step as usual.
+        """
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        labels, images = batch["label"], batch["image"]
+        opt.zero_grad(set_to_none=True)
+        if not all_ranks(self, len(labels) >= 2):
+            rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
+            opt.step()  # no gradients: counts the step and changes nothing, as the eager skip
+            sched.step()
+            return None
+        if self._whole_step is None:
+            self._whole_step = WholeStep(self._step_forward, self._step_update)
+        forward, update = self._whole_step.functions(images)
+        params = self.view_params(images, self._generator(batch_idx))
+        total, loss, cls_loss, top1, ok = forward(images, params, labels)
+        skip = self.hparams.nan_policy == "skip"
+        if not skip:
+            check_finite_loss(self, total, "stop")  # raises: the one host sync of a "stop" step
+        self.manual_backward(total)  # the strategy's backward: DDP all-reduces the gradients here
+        raw = opt.optimizer
+        lrs = self._device_scalars("lrs", [g["lr"] for g in raw.param_groups])
+        values = self.fused_step_scalars()
+        scalars = {k: self._device_scalars(k, [v])[0] for k, v in values.items()}
+        groups = [(ps, [p.grad for p in ps], [raw.state[p]["momentum_buffer"] for p in ps],
+                   {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")})
+                  for g in raw.param_groups for ps in [[p for p in g["params"] if p.grad is not None]]]
+        ok_state = update(groups, lrs, scalars)
+        logs = {"train/loss": loss, "train/cls_loss": cls_loss, "train/online_top1": top1, **self.step_logs()}
+        if skip:  # no host sync: the flag selects, per tensor, the new state or the snapshot of the step's start
+            ok = ok & ok_state
+            if self.trainer.world_size > 1:  # all ranks keep or drop the step together
+                flag = ok.to(torch.int32)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                ok = flag.bool()
+            live, _ = self._state_tensors()
+            self._whole_step.restore(ok, live, self._snap[0])
+            self._nonfinite = self._nonfinite + (~ok).to(self._nonfinite.dtype)
+            logs["train/nonfinite_steps"] = self._nonfinite
+        self.log_dict(logs, prog_bar=True, sync_dist=False)
+        opt.zero_grad(set_to_none=True)
+        opt.step()  # gradients consumed: the optimizer changes nothing, Lightning counts the step
+        sched.step()
+        return total.detach()
+
+    def _device_scalars(self, name: str, values: list[float]) -> torch.Tensor:
+        """A preallocated float32 device tensor filled with ``values`` (fill_ launches a kernel; no host sync)."""
+        bufs = self.__dict__.setdefault("_scalar_bufs", {})
+        t = bufs.get(name)
+        if t is None or t.device != self.device or len(t) != len(values):
+            t = bufs[name] = torch.zeros(len(values), device=self.device)
+        for i, v in enumerate(values):
+            t[i].fill_(v)
+        return t
+
+    def _step_forward(self, images: Any, params: list[ViewParams], labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Graph 1: views, forwards, loss, classifier; (total, loss, cls_loss, top1, finite flag)."""
+        with torch.no_grad():
+            views = self.apply_views(images, params)
+        if self._use_channels_last():
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        loss, h1 = self.compute_loss(self.forward_views(views))
+        logits = self.online_classifier(h1.detach())  # stop-gradient: the probe must not shape the encoder
+        cls_loss = F.cross_entropy(logits.float(), labels)
+        total = loss + cls_loss
+        top1 = (logits.argmax(-1) == labels).float().mean()
+        return total, loss.detach(), cls_loss.detach(), top1, torch.isfinite(total.detach())
+
+    def _step_update(self, groups: list[tuple[list, list, list, dict]], lrs: torch.Tensor,
+                     scalars: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Graph 2: optimizer update and EMA; the finite flag of the new state (``skip``: as ``_check_finite_state``)."""
+        with torch.no_grad():
+            self.fused_optimizer_update(groups, lrs)
+            self.fused_weights_updated(scalars)
+            if self.hparams.nan_policy != "skip":
+                return torch.ones((), dtype=torch.bool, device=lrs.device)
+            return all_finite(list(self.parameters()) + list(self.buffers()) + [b for g in groups for b in g[2]])
+
+    def on_train_start(self) -> None:
+        """``compile="step"``: refuse what manual optimization cannot do; create the momentum buffers up front, so the
+        optimizer state has the same tensors from the first step on (no recompile, a stable snapshot)."""
+        if self.hparams.compile != "step":
+            return
+        if type(self).fused_optimizer_update is ImagePretraining.fused_optimizer_update:
+            self.fused_optimizer_update([], torch.zeros(0))  # raises the one-line UsageError
+        if self.trainer.accumulate_grad_batches != 1:
+            raise UsageError(f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} does not work "
+                             "with model.compile: step (manual optimization); use 1 or model.compile: true")
+        for opt in self.trainer.optimizers:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        self._nonfinite = torch.zeros((), device=self.device)
 
     # ---------------------------------------------------------------------------------------------- nan_policy: skip
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
