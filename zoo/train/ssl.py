@@ -29,14 +29,14 @@ from augment.decode import decode_batch
 from augment.params import ViewParams
 from zoo.models.registry import create
 from zoo.train.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
-from zoo.train.whole_step import WholeStep, all_finite
+from zoo.train.whole_step import WholeStep, WholeStepMixin
 
 __all__ = ["ImagePretraining", "CONTRACT_FORMAT"]
 
 CONTRACT_FORMAT = 1
 
 
-class ImagePretraining(pl.LightningModule):
+class ImagePretraining(WholeStepMixin, pl.LightningModule):
     """Base of the image pretraining methods (``byol.BYOL``, ``simsiam.SimSiam``); see the module docstring.
 
     Args:
@@ -295,88 +295,6 @@ class ImagePretraining(pl.LightningModule):
                 self._check_finite_state()
 
     # ---------------------------------------------------------------------------------------------- compile: step
-    def compiled_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        """The whole training step of ``compile="step"`` (``zoo.train.whole_step``): the bench's entry point too.
-
-        Same draws, loss, logs, lr/tau schedules, skip/stop semantics and checkpoint content as the eager step; the
-        optimizer is stepped through Lightning with the gradients already consumed, so ``global_step``, the loops'
-        progress and the strategy's hooks count the step as usual.
-        """
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        labels, images = batch["label"], batch["image"]
-        opt.zero_grad(set_to_none=True)
-        if not all_ranks(self, len(labels) >= 2):
-            rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
-            opt.step()  # no gradients: counts the step and changes nothing, as the eager skip
-            sched.step()
-            return None
-        if self._whole_step is None:
-            self._whole_step = WholeStep(self._step_forward, self._step_update)
-        forward, update = self._whole_step.functions(images)
-        params = self.view_params(images, self._generator(batch_idx))
-        total, loss, cls_loss, top1, ok = forward(images, params, labels)
-        skip = self.hparams.nan_policy == "skip"
-        if not skip:
-            check_finite_loss(self, total, "stop")  # raises: the one host sync of a "stop" step
-        self.manual_backward(total)  # the strategy's backward: DDP all-reduces the gradients here
-        raw = opt.optimizer
-        lrs = self._device_scalars("lrs", [g["lr"] for g in raw.param_groups])
-        values = self.fused_step_scalars()
-        scalars = {k: self._device_scalars(k, [v])[0] for k, v in values.items()}
-        groups = [(ps, [p.grad for p in ps], [raw.state[p]["momentum_buffer"] for p in ps],
-                   {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")})
-                  for g in raw.param_groups for ps in [[p for p in g["params"] if p.grad is not None]]]
-        ok_state = update(groups, lrs, scalars)
-        logs = {"train/loss": loss, "train/cls_loss": cls_loss, "train/online_top1": top1, **self.step_logs()}
-        if skip:  # no host sync: the flag selects, per tensor, the new state or the snapshot of the step's start
-            ok = ok & ok_state
-            if self.trainer.world_size > 1:  # all ranks keep or drop the step together
-                flag = ok.to(torch.int32)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-                ok = flag.bool()
-            live, _ = self._state_tensors()
-            self._whole_step.restore(ok, live, self._snap[0])
-            self._nonfinite = self._nonfinite + (~ok).to(self._nonfinite.dtype)
-            logs["train/nonfinite_steps"] = self._nonfinite
-        self.log_dict(logs, prog_bar=True, sync_dist=False)
-        opt.zero_grad(set_to_none=True)
-        opt.step()  # gradients consumed: the optimizer changes nothing, Lightning counts the step
-        sched.step()
-        return total.detach()
-
-    def _device_scalars(self, name: str, values: list[float]) -> torch.Tensor:
-        """A preallocated float32 device tensor filled with ``values`` (fill_ launches a kernel; no host sync)."""
-        bufs = self.__dict__.setdefault("_scalar_bufs", {})
-        t = bufs.get(name)
-        if t is None or t.device != self.device or len(t) != len(values):
-            t = bufs[name] = torch.zeros(len(values), device=self.device)
-        for i, v in enumerate(values):
-            t[i].fill_(v)
-        return t
-
-    def _step_forward(self, images: Any, params: list[ViewParams], labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Graph 1: views, forwards, loss, classifier; (total, loss, cls_loss, top1, finite flag)."""
-        with torch.no_grad():
-            views = self.apply_views(images, params)
-        if self._use_channels_last():
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        loss, h1 = self.compute_loss(self.forward_views(views))
-        logits = self.online_classifier(h1.detach())  # stop-gradient: the probe must not shape the encoder
-        cls_loss = F.cross_entropy(logits.float(), labels)
-        total = loss + cls_loss
-        top1 = (logits.argmax(-1) == labels).float().mean()
-        return total, loss.detach(), cls_loss.detach(), top1, torch.isfinite(total.detach())
-
-    def _step_update(self, groups: list[tuple[list, list, list, dict]], lrs: torch.Tensor,
-                     scalars: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Graph 2: optimizer update and EMA; the finite flag of the new state (``skip``: as ``_check_finite_state``)."""
-        with torch.no_grad():
-            self.fused_optimizer_update(groups, lrs)
-            self.fused_weights_updated(scalars)
-            if self.hparams.nan_policy != "skip":
-                return torch.ones((), dtype=torch.bool, device=lrs.device)
-            return all_finite(list(self.parameters()) + list(self.buffers()) + [b for g in groups for b in g[2]])
-
     def on_train_start(self) -> None:
         """``compile="step"``: refuse what manual optimization cannot do; create the momentum buffers up front, so the
         optimizer state has the same tensors from the first step on (no recompile, a stable snapshot)."""
@@ -485,6 +403,15 @@ class ImagePretraining(pl.LightningModule):
                            + (" ..." if len(self.skipped_images) > 10 else ""))
         self.log("data/skipped_images", float(len(self.skipped_images)))
         self.skipped_images = []
+        if self.hparams.compile == "step" and self.hparams.nan_policy == "skip":
+            # the compiled step never reads its finite flag on the host; the skipped steps are reported here instead
+            self.nonfinite_steps = int(self._nonfinite)  # one host sync per epoch
+            if self.nonfinite_steps:
+                rank_zero_warn(f"epoch {self.current_epoch}: {self.nonfinite_steps} non-finite steps skipped so far "
+                               "(nan_policy: skip)")
+        if self._whole_step is not None and self._whole_step.eager_steps:
+            rank_zero_warn(f"epoch {self.current_epoch}: {self._whole_step.eager_steps} steps ran eagerly (batch shape "
+                           f"other than the compiled {self._whole_step.shape}, e.g. undecodable images removed)")
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
