@@ -12,7 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from byol import BYOL
-from fault_callbacks import PoisonAt
+from fault_callbacks import PoisonAt, SigtermAt
 from zoo.data import ImageDataModule
 from zoo.train.trainer import UsageError, build_trainer
 from zoo.train.whole_step import WholeStep
@@ -117,9 +117,10 @@ def test_compiled_step_has_no_graph_break_no_recompile_no_sync_and_resumes(tmp_p
     counters.clear()
     probe = StepProbe()
     poison = [PoisonAt(step=1, restore=True)]  # step 1's loss is NaN: skipped without a host sync
-    model, _ = _fit(tmp_path / "compiled", 3, callbacks=[probe, *poison], compile="step", nan_policy="skip")
-    ckpt = tmp_path / "compiled" / "checkpoints"
-    last = sorted(ckpt.glob("*.ckpt"))[-1]
+    model = BYOL(**TINY, compile="step", nan_policy="skip")
+    with pytest.raises(SystemExit):  # preempted after step 3 (same 5-step schedule as the eager run)
+        _fit(tmp_path / "compiled", 5, model=model, callbacks=[probe, *poison, SigtermAt(step=3)])
+    last = tmp_path / "compiled" / "checkpoints" / "last.ckpt"
     # resume the same module from the checkpoint (new trainer, new optimizer state tensors): no recompile either
     model, trainer = _fit(tmp_path / "compiled", 5, model=model, callbacks=[probe], ckpt_path=str(last))
     assert trainer.global_step == 5 and model._whole_step.eager_steps == 0

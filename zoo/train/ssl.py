@@ -309,7 +309,8 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
             for g in opt.param_groups:
                 for p in g["params"]:
                     opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-        self._nonfinite = torch.zeros((), device=self.device)
+        count = getattr(self, "_nonfinite", None)  # kept across fits of one module, as the eager nonfinite_steps
+        self._nonfinite = torch.zeros((), device=self.device) if count is None else count.to(self.device)
 
     # ---------------------------------------------------------------------------------------------- nan_policy: skip
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
