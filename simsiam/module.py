@@ -75,7 +75,8 @@ class SimSiam(ImagePretraining):
         augment_overrides: overrides of the view presets (default: MoCo v2's views for both, ``SIMSIAM_VIEWS``).
         eval_overrides: overrides of the online classifier's validation view.
         aug_seed: seed of the augmentation randomness.
-        compile: ``True``: ``torch.compile`` the per-view forward; ``"step"``: the whole step (``zoo.train.whole_step``).
+        compile: ``True``: ``torch.compile`` the per-view forward; ``"step"``: the whole step
+            (``zoo.train.whole_step``).
         channels_last: use channels-last memory format (default: on GPU only).
         nan_policy: ``stop`` or ``skip`` on a non-finite loss.
     """
