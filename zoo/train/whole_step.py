@@ -158,7 +158,7 @@ class WholeStepMixin:
 
     def _step_update(self, groups: list[tuple[list, list, list, dict]], lrs: torch.Tensor,
                      scalars: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Graph 2: optimizer update and EMA; the finite flag of the new state (``skip``: see ``_check_finite_state``)."""
+        """Graph 2: optimizer update and EMA; the new state's finite flag (``skip``: ``_check_finite_state``)."""
         with torch.no_grad():
             self.fused_optimizer_update(groups, lrs)
             self.fused_weights_updated(scalars)
