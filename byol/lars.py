@@ -65,7 +65,14 @@ class LARS(Optimizer):
         return loss
 
 
-def _update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], group: dict) -> None:
+def lars_update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], group: dict,
+                lr: torch.Tensor) -> None:
+    """One LARS update of a param group with the lr as a device scalar (``compile="step"``: no recompile per lr)."""
+    _update(params, grads, bufs, group, lr)
+
+
+def _update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor], group: dict,
+            lr: torch.Tensor | None = None) -> None:
     """``u = g + wd w``, ``u *= eta ||w|| / ||u||`` (adapted group), ``m = momentum m + u``, ``w -= lr m``."""
     updates = grads
     if not group["exclude"]:
@@ -77,7 +84,10 @@ def _update(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[to
         torch._foreach_mul_(updates, list(trust.unbind(0)))
     torch._foreach_mul_(bufs, group["momentum"])
     torch._foreach_add_(bufs, updates)
-    torch._foreach_add_(params, bufs, alpha=-group["lr"])
+    if lr is None:
+        torch._foreach_add_(params, bufs, alpha=-group["lr"])
+    else:
+        torch._foreach_sub_(params, torch._foreach_mul(bufs, lr))
 
 
 def lars_param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict]:

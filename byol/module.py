@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from byol.functional import byol_loss, lr_schedule, scaled_lr
 from byol.heads import mlp_head
-from byol.lars import LARS, lars_param_groups
+from byol.lars import LARS, lars_param_groups, lars_update
 from zoo.train.momentum import MomentumMixin
 from zoo.train.ssl import ImagePretraining
 from zoo.train.trainer import UsageError
@@ -39,7 +39,8 @@ class BYOL(MomentumMixin, ImagePretraining):
         eval_overrides: preset overrides for the online classifier's validation view ``augment.LinearEvalTest``
             (``eval_crop``: ``official`` | ``resize_then_crop``, ``resize_kernel``: ``tf_bicubic`` | ``torch_bicubic``).
         aug_seed: seed of the augmentation randomness (combined with the rank and the step).
-        compile: ``torch.compile`` the per-view forward (GPU; works on CPU but compiles slowly).
+        compile: ``True``: ``torch.compile`` the per-view forward (GPU; works on CPU but compiles slowly); ``"step"``:
+            the whole step (views, forwards, loss, classifier, LARS, EMA), see ``zoo.train.whole_step``.
         channels_last: use channels-last memory format (default: on GPU only).
         nan_policy: ``stop`` or ``skip`` on a non-finite loss.
     """
@@ -51,7 +52,7 @@ class BYOL(MomentumMixin, ImagePretraining):
                  base_lr: float = 0.2, weight_decay: float = 1.5e-6, momentum: float = 0.9, lars_eta: float = 1e-3,
                  tau_base: float = 0.996, warmup_epochs: float = 10.0, warmup_steps: int | None = None,
                  augment_overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
-                 aug_seed: int = 0, compile: bool = False,
+                 aug_seed: int = 0, compile: bool | Literal["step"] = False,
                  channels_last: bool | None = None, nan_policy: str = "stop") -> None:
         finite = math.isfinite
         if not (finite(base_lr) and base_lr > 0):
@@ -97,6 +98,12 @@ class BYOL(MomentumMixin, ImagePretraining):
                    weight_decay=self.hparams.weight_decay, eta=self.hparams.lars_eta)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_schedule(step, total, warmup, 1.0))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def fused_optimizer_update(self, groups: list[tuple[list, list, list, dict]], lrs: torch.Tensor) -> None:
+        """``compile="step"``: LARS on each param group, the lr as a device scalar."""
+        for i, (params, grads, bufs, group) in enumerate(groups):
+            if params:
+                lars_update(params, grads, bufs, group, lrs[i])
 
     def _views_forward(self, v1: torch.Tensor, v2: torch.Tensor):
         # Each view goes through the networks separately: batch-norm statistics are per view (the paper's setting).

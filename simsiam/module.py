@@ -3,7 +3,7 @@ its projector and predictor, its loss, and SGD with a cosine lr and a constant p
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,8 @@ class SimSiam(ImagePretraining):
         augment_overrides: overrides of the view presets (default: MoCo v2's views for both, ``SIMSIAM_VIEWS``).
         eval_overrides: overrides of the online classifier's validation view.
         aug_seed: seed of the augmentation randomness.
-        compile: ``torch.compile`` the per-view forward.
+        compile: ``True``: ``torch.compile`` the per-view forward; ``"step"``: the whole step
+            (``zoo.train.whole_step``).
         channels_last: use channels-last memory format (default: on GPU only).
         nan_policy: ``stop`` or ``skip`` on a non-finite loss.
     """
@@ -87,7 +88,8 @@ class SimSiam(ImagePretraining):
                  predictor_hidden: int = 512, base_lr: float = 0.05, weight_decay: float = 1e-4,
                  momentum: float = 0.9, fix_predictor_lr: bool = True, warmup_epochs: float = 0.0,
                  warmup_steps: int | None = None, augment_overrides: dict[str, Any] | None = None,
-                 eval_overrides: dict[str, Any] | None = None, aug_seed: int = 0, compile: bool = False,
+                 eval_overrides: dict[str, Any] | None = None, aug_seed: int = 0,
+                 compile: bool | Literal["step"] = False,
                  channels_last: bool | None = None, nan_policy: str = "stop") -> None:
         finite = math.isfinite
         if not (finite(base_lr) and base_lr > 0):
@@ -126,6 +128,21 @@ class SimSiam(ImagePretraining):
         """The symmetrised negative-cosine loss and the first view's encoder features."""
         h1, p1, p2, z1, z2 = outputs
         return simsiam_loss(p1, p2, z1, z2), h1
+
+    def fused_optimizer_update(self, groups: list[tuple[list, list, list, dict]], lrs: torch.Tensor) -> None:
+        """``compile="step"``: torch's SGD (momentum, no dampening, no Nesterov) per group, the lr as a device scalar.
+
+        A zero momentum buffer makes the first step ``m = d`` exactly as SGD's ``m = clone(d)``."""
+        for i, (params, grads, bufs, group) in enumerate(groups):
+            if not params:
+                continue
+            if group["dampening"] or group["nesterov"] or group["maximize"]:
+                raise UsageError("model.compile: step implements plain momentum SGD only (no dampening, Nesterov "
+                                 "or maximize)")
+            d = torch._foreach_add(grads, params, alpha=group["weight_decay"]) if group["weight_decay"] else grads
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, d)
+            torch._foreach_sub_(params, torch._foreach_mul(bufs, lrs[i]))
 
     def configure_optimizers(self):
         """SGD: encoder + projector on the cosine schedule, predictor at a constant lr (``fix_predictor_lr``),

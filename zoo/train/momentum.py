@@ -53,6 +53,20 @@ class MomentumMixin:
         super().on_weights_updated()  # type: ignore[misc]
         self.update_target(tau_schedule(self.trainer.global_step, self.total_steps, self.hparams.tau_base))
 
+    def fused_step_scalars(self) -> dict[str, float]:
+        """``compile="step"``: the tau of the step being taken (``global_step`` counts it only after the update, as
+        in the eager ``optimizer_step`` hook)."""
+        tau = tau_schedule(self.global_step, self.total_steps, self.hparams.tau_base)
+        return {**super().fused_step_scalars(), "tau": tau}  # type: ignore[misc]
+
+    def fused_weights_updated(self, scalars: dict[str, torch.Tensor]) -> None:
+        """``compile="step"``: the EMA with tau as a device scalar, traced into the update graph."""
+        super().fused_weights_updated(scalars)  # type: ignore[misc]
+        weight = 1.0 - scalars["tau"]
+        for online, target in self.momentum_pairs():
+            for t, o in zip(target.parameters(), online.parameters()):
+                t.lerp_(o, weight)
+
     def step_logs(self) -> dict[str, Any]:
         """The base's per-step logs plus the target decay."""
         return {**super().step_logs(), "train/tau": self.current_tau()}  # type: ignore[misc]

@@ -15,7 +15,7 @@ contract readers use (``zoo.weights.checkpoint``). A method subclasses it and de
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -24,16 +24,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 import augment
+from augment import fused
 from augment.decode import decode_batch
+from augment.params import ViewParams
 from zoo.models.registry import create
 from zoo.train.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
+from zoo.train.whole_step import WholeStep, WholeStepMixin
 
 __all__ = ["ImagePretraining", "CONTRACT_FORMAT"]
 
 CONTRACT_FORMAT = 1
 
 
-class ImagePretraining(pl.LightningModule):
+class ImagePretraining(WholeStepMixin, pl.LightningModule):
     """Base of the image pretraining methods (``byol.BYOL``, ``simsiam.SimSiam``); see the module docstring.
 
     Args:
@@ -45,7 +48,8 @@ class ImagePretraining(pl.LightningModule):
             ``default_view_overrides``.
         eval_overrides: preset overrides for the online classifier's validation view ``augment.LinearEvalTest``.
         aug_seed: seed of the augmentation randomness (combined with the rank and the step, see ``_generator``).
-        compile: ``torch.compile`` the per-view forward.
+        compile: ``True``: ``torch.compile`` the per-view forward; ``"step"``: compile the whole training step (views,
+            forwards, loss, classifier, optimizer update, EMA; ``zoo.train.whole_step``), with manual optimization.
         channels_last: use channels-last memory format (default: on GPU only).
         nan_policy: ``stop`` or ``skip`` on a non-finite loss.
     """
@@ -62,9 +66,12 @@ class ImagePretraining(pl.LightningModule):
     def __init__(self, encoder: str = "resnet50", encoder_overrides: dict[str, Any] | None = None,
                  image_size: int = 224, num_classes: int | None = None,
                  augment_overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
-                 aug_seed: int = 0, compile: bool = False, channels_last: bool | None = None,
+                 aug_seed: int = 0, compile: bool | Literal["step"] = False, channels_last: bool | None = None,
                  nan_policy: str = "stop") -> None:
         super().__init__()
+        if compile not in (False, True, "step"):
+            raise UsageError(f"model.compile must be false, true (per-view forward) or \"step\" (whole step), "
+                             f"got {compile!r}")
         if num_classes is not None and num_classes < 1:
             raise UsageError(f"model.num_classes must be >= 1, got {num_classes}")
         if nan_policy not in NAN_POLICIES:
@@ -77,13 +84,17 @@ class ImagePretraining(pl.LightningModule):
         self.build_networks(dim)  # before the classifier: keeps the parameter init order (and RNG draws) fixed
         self.online_classifier: nn.Linear | None = nn.Linear(dim, num_classes) if num_classes else None
         view_overrides = {**self.default_view_overrides, **(augment_overrides or {})}
-        self.view1, self.view2 = augment.byol_views(image_size, compile=compile, **view_overrides)
+        # "step" compiles the views inside the whole step, so they are not compiled on their own
+        self.view1, self.view2 = augment.byol_views(image_size, compile=compile is True, **view_overrides)
         self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224),
                                                 **(eval_overrides or {}))
         self._aug_gen: torch.Generator | None = None
         self._stepped = False
         self.skipped_images: list[str] = []
         self._compiled_views = None
+        self._whole_step: WholeStep | None = None
+        if compile == "step":
+            self.automatic_optimization = False  # the step drives backward, update and EMA itself (compiled_step)
 
     # ---------------------------------------------------------------------------------------------- method hooks
     def build_networks(self, num_features: int) -> None:
@@ -104,6 +115,27 @@ class ImagePretraining(pl.LightningModule):
 
     def on_weights_updated(self) -> None:
         """Called after each optimizer step that was not skipped (``MomentumMixin`` moves its targets here)."""
+
+    def view_params(self, images: Any, gen: torch.Generator) -> list[ViewParams]:
+        """``compile="step"``: the per-sample parameters of each view, drawn from ``gen`` as ``make_views`` draws."""
+        return [self.view1.sample_params(images, gen), self.view2.sample_params(images, gen)]
+
+    def apply_views(self, images: Any, params: list[ViewParams]) -> list[torch.Tensor]:
+        """``compile="step"``: the views from explicit parameters (batched schedule: static shapes, no branches)."""
+        return [fused.apply_view(images, p, v.preset, False, v.dtype) for v, p in zip((self.view1, self.view2), params)]
+
+    def fused_optimizer_update(self, groups: list[tuple[list, list, list, dict]], lrs: torch.Tensor) -> None:
+        """``compile="step"``: the optimizer update in tensor ops, per group (params, grads, momentum buffers, hyper-
+        parameters) with ``lrs[i]`` the group's lr as a device scalar (a Python float would recompile every step)."""
+        raise UsageError(f"{type(self).__name__} does not define fused_optimizer_update, so model.compile: step is not "
+                         "available for it; use model.compile: true (per-view forward) instead")
+
+    def fused_step_scalars(self) -> dict[str, float]:
+        """``compile="step"``: per-step scalars ``fused_weights_updated`` needs (passed as device tensors)."""
+        return {}
+
+    def fused_weights_updated(self, scalars: dict[str, torch.Tensor]) -> None:
+        """``compile="step"``: ``on_weights_updated`` in tensor ops, traced into the update graph."""
 
     def step_logs(self) -> dict[str, Any]:
         """Extra values logged with each training step."""
@@ -221,6 +253,8 @@ class ImagePretraining(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Views, the method's loss, the online classifier on stop-gradient first-view features."""
+        if self.hparams.compile == "step":
+            return self.compiled_step(batch, batch_idx)
         self._stepped = False
         labels = batch["label"]
         if not all_ranks(self, len(labels) >= 2):  # every DDP rank must skip together, or the others would hang
@@ -230,7 +264,7 @@ class ImagePretraining(pl.LightningModule):
         if self._use_channels_last():
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         forward = self.forward_views
-        if self.hparams.compile:
+        if self.hparams.compile is True:
             if self._compiled_views is None:
                 self._compiled_views = torch.compile(self.forward_views)
             forward = self._compiled_views
@@ -259,6 +293,24 @@ class ImagePretraining(pl.LightningModule):
             self.on_weights_updated()
             if self.hparams.nan_policy == "skip":
                 self._check_finite_state()
+
+    # ---------------------------------------------------------------------------------------------- compile: step
+    def on_train_start(self) -> None:
+        """``compile="step"``: refuse what manual optimization cannot do; create the momentum buffers up front, so the
+        optimizer state has the same tensors from the first step on (no recompile, a stable snapshot)."""
+        if self.hparams.compile != "step":
+            return
+        if type(self).fused_optimizer_update is ImagePretraining.fused_optimizer_update:
+            self.fused_optimizer_update([], torch.zeros(0))  # raises the one-line UsageError
+        if self.trainer.accumulate_grad_batches != 1:
+            raise UsageError(f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} does not work "
+                             "with model.compile: step (manual optimization); use 1 or model.compile: true")
+        for opt in self.trainer.optimizers:
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        count = getattr(self, "_nonfinite", None)  # kept across fits of one module, as the eager nonfinite_steps
+        self._nonfinite = torch.zeros((), device=self.device) if count is None else count.to(self.device)
 
     # ---------------------------------------------------------------------------------------------- nan_policy: skip
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -352,6 +404,15 @@ class ImagePretraining(pl.LightningModule):
                            + (" ..." if len(self.skipped_images) > 10 else ""))
         self.log("data/skipped_images", float(len(self.skipped_images)))
         self.skipped_images = []
+        if self.hparams.compile == "step" and self.hparams.nan_policy == "skip":
+            # the compiled step never reads its finite flag on the host; the skipped steps are reported here instead
+            self.nonfinite_steps = int(self._nonfinite)  # one host sync per epoch
+            if self.nonfinite_steps:
+                rank_zero_warn(f"epoch {self.current_epoch}: {self.nonfinite_steps} non-finite steps skipped so far "
+                               "(nan_policy: skip)")
+        if self._whole_step is not None and self._whole_step.eager_steps:
+            rank_zero_warn(f"epoch {self.current_epoch}: {self._whole_step.eager_steps} steps ran eagerly (batch shape "
+                           f"other than the compiled {self._whole_step.shape}, e.g. undecodable images removed)")
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
