@@ -1,4 +1,5 @@
 """Image datasets: embedded digits, ImageFolder (sorted and flat val), CIFAR folders, bad paths and bad files."""
+import re
 import pickle
 
 import numpy as np
@@ -163,3 +164,20 @@ def test_empty_class_folder_is_refused_by_name(tiny_imagefolder):
         p.unlink()
     val = build_dataset(f"imagefolder:{tiny_imagefolder}", "val")
     assert val.classes == build_dataset(f"imagefolder:{tiny_imagefolder}", "train").classes and len(val) == 6
+
+
+@pytest.mark.parametrize("kwargs, key", [
+    ({"dataset": "cifar10:/data/cifar", "image_size": 64}, "data.image_size=64"),
+    ({"dataset": "imagefolder:/data/imagenet", "image_size": 224}, "data.image_size=224"),
+    ({"dataset": "digits", "decode": "device"}, "data.decode='device'"),
+    ({"dataset": "cifar10:/data/cifar", "decode": "device"}, "data.decode='device'"),
+])
+def test_data_knobs_that_would_do_nothing_are_refused(kwargs, key):
+    from zoo.data import ImageDataModule
+    from zoo.train.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(key) + ".*remove it"):
+        ImageDataModule(**kwargs)
+    # the same knobs where they act are accepted
+    ImageDataModule("digits", image_size=16)
+    ImageDataModule("imagefolder:/data/imagenet", decode="device")

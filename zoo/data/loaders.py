@@ -187,6 +187,14 @@ class ImageDataModule(pl.LightningDataModule):
             raise UsageError(f"data.num_workers must be >= 0, got {num_workers}")
         if image_size < 1:
             raise UsageError(f"data.image_size must be >= 1, got {image_size}")
+        # knobs that would do nothing for this dataset are refused rather than silently ignored
+        kind = dataset.partition(":")[0]
+        if kind != "digits" and image_size != 32:
+            raise UsageError(f"data.image_size={image_size} only sets the size of the embedded digits; {kind} images "
+                             "keep their own size (the views' size is model.init_args.image_size): remove it")
+        if kind != "imagefolder" and decode != "worker":
+            raise UsageError(f"data.decode={decode!r} applies to JPEG folders (imagefolder:<root>) only; {kind} "
+                             "images are decoded already: remove it")
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.image_size, self.decode, self.seed = image_size, decode, seed
         self.train_set: Dataset | None = None
