@@ -336,6 +336,30 @@ def _check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value} must be a positive integer")
 
 
+def _image_needle(model: torch.nn.Module, args: Any, depths: list[float]) -> int:
+    """``zoo eval needle --modality image``: the multimodal needle grid over image counts and depths."""
+    from lm.needle_image import image_needle_for_model, write_image_needle_report
+    from zoo.data.interleaved import InterleavedDataModule
+
+    if not hasattr(model, "tokens_per_image"):
+        raise ValueError(f"--model {args.model!r} is a text-only language model; --modality image needs a multimodal "
+                         "one (an lm.MultimodalLM checkpoint or a vlm-* name)")
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    counts = _ints(args.images)
+    dm = InterleavedDataModule(dataset=args.dataset, tokens_per_image=model.tokens_per_image,
+                               image_size=model.image_size, train_size=1, batch_size=1, val_size=max(counts) * args.trials,
+                               seed=args.seed)
+    dm.setup()
+    rows = image_needle_for_model(model, dm, counts, depths, args.trials, args.seed, args.device)
+    paths = write_image_needle_report(rows, args.out, title=f"image needle: {args.model}")
+    print(paths["md"].read_text())
+    print(json.dumps({"eval": "needle", "modality": "image", "model": args.model,
+                      "accuracy": float(np.mean([r["accuracy"] for r in rows])), "cells": len(rows),
+                      **{k: str(v) for k, v in paths.items()}}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Language-model evaluations: needle in a haystack, perplexity and bits per byte.
 
@@ -357,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     nd.add_argument("--out", default="runs/eval/needle", help="folder for needle.csv / .md / .png")
     nd.add_argument("--seed", type=int, default=0)
     nd.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    nd.add_argument("--modality", default="text", choices=("text", "image"),
+                    help="text: a fact in a text haystack; image: K labelled images, then a question about image j "
+                         "(a multimodal model, e.g. lm.MultimodalLM's checkpoint)")
+    nd.add_argument("--images", default="2,4,8", help="--modality image: comma-separated image counts K")
+    nd.add_argument("--trials", type=int, default=10, help="--modality image: questions per (K, depth) cell")
+    nd.add_argument("--dataset", default="digits", help="--modality image: held-out images (digits, imagefolder:<root>)")
     sub.add_subcommand("needle", nd, help="needle in a haystack (Gemini 1.5 protocol)")
     pp = tool_parser("zoo eval ppl", "Perplexity and bits per byte of a language model on the held-out split of a "
                      "text corpus (the corpus of a `zoo fit` config, or given files).")
@@ -404,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--model {args.model!r} could not be read as a checkpoint ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else 'truncated file'}); pass a CausalLM .ckpt, "
                              "a run folder or a zoo model name") from None
+        if args.eval == "needle" and args.modality == "image":
+            return _image_needle(model, args, depths)
         if args.eval == "needle":
             from zoo.models.tokenizer import load_tokenizer
 

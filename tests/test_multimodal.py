@@ -354,3 +354,19 @@ def test_image_needle_oracle_chance_model_and_report(tmp_path):
     assert got[0]["trials"] == 2 and 0.0 <= got[0]["accuracy"] <= 1.0
     with pytest.raises(ValueError, match="max_seq_len=64"):
         image_needle_for_model(model, dm, counts=[20], depths=[0.0], trials=1)
+
+
+def test_zoo_eval_needle_modality_image_writes_the_grid_and_refuses_a_text_model(tmp_path, capsys):
+    import json
+
+    from lm.evals import main as eval_main
+
+    out = tmp_path / "needle"
+    assert eval_main(["needle", "--model", "vlm-digits-tiny", "--modality", "image", "--images", "2,3",
+                      "--depths", "0,1", "--trials", "2", "--out", str(out)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["modality"] == "image" and line["cells"] == 4 and 0.0 <= line["accuracy"] <= 1.0
+    assert {p.name for p in out.iterdir()} == {"needle_image.csv", "needle_image.md", "needle_image.png"}
+    assert eval_main(["needle", "--model", "gemma2-tiny", "--modality", "image", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "text-only language model" in err and len(err.splitlines()) == 1 and not (tmp_path / "x").exists()
