@@ -19,7 +19,7 @@ import random
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -147,9 +147,14 @@ def needle_in_haystack(model: nn.Module, tokenizer: Any, lengths: Sequence[int],
     return rows
 
 
-def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, title: str = "needle in a haystack"
-                        ) -> dict[str, Path]:
-    """Write needle.csv (every cell), needle.md (depth x length grid + recall) and needle.png (heatmap)."""
+def write_grid_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, stem: str, md_lines: list[str],
+                      grid: np.ndarray, cell_text: Callable[[float], str], xticklabels: list[str],
+                      yticklabels: list[str], xlabel: str, ylabel: str, title: str, base_width: float = 1.2
+                      ) -> dict[str, Path]:
+    """Write ``<stem>.csv`` (every row), ``<stem>.md`` (``md_lines``) and ``<stem>.png`` (``grid`` as a heatmap,
+    depth x context, values in [0, 1]) into ``out_dir``, each atomically; the paths by kind."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a display
@@ -157,42 +162,25 @@ def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, tit
 
     from zoo.files import atomic_path, atomic_write_text
 
-    if not rows:
-        raise ValueError("no needle results to report (an empty --lengths or --depths grid)")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file; the needle report needs a folder")
     out.mkdir(parents=True, exist_ok=True)
-    lengths = sorted({r["length"] for r in rows})
-    depths = sorted({r["depth"] for r in rows})
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for r in rows:
-        grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["found"]
-    paths = {"csv": out / "needle.csv", "md": out / "needle.md", "png": out / "needle.png"}
+    paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-    lines = [f"# {title}", "", "| depth \\ length | " + " | ".join(str(n) for n in lengths) + " |",
-             "|---|" + "---|" * len(lengths)]
-    for i, d in enumerate(depths):
-        lines.append(f"| {d:.0%} | " + " | ".join("found" if v == 1 else "missed" for v in grid[i]) + " |")
-    recall = np.nanmean(grid, axis=0)
-    lines.append("| recall | " + " | ".join(f"{v:.0%}" for v in recall) + " |")
-    lines += ["", f"overall recall: {np.nanmean(grid):.1%} over {len(rows)} cells"]
-    md = "\n".join(lines) + "\n"
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.5 * len(depths)))
+    fig, ax = plt.subplots(figsize=(base_width + 0.9 * grid.shape[1], 1.0 + 0.5 * grid.shape[0]))
     ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    for i in range(len(depths)):
-        for j in range(len(lengths)):
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
             if not np.isnan(grid[i, j]):
-                ax.text(j, i, "found" if grid[i, j] == 1 else "missed", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    import textwrap
-
+                ax.text(j, i, cell_text(grid[i, j]), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(grid.shape[1]), xticklabels)
+    ax.set_yticks(range(grid.shape[0]), yticklabels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     # wrapped to the figure's width (a narrow grid cut a long model path off); ~12 characters an inch at size 9
     ax.set_title("\n".join(textwrap.wrap(title, max(16, int(fig.get_figwidth() * 12)))), fontsize=9)
     fig.tight_layout()
@@ -203,8 +191,30 @@ def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, tit
         plt.close(fig)
     with atomic_path(paths["csv"]) as tmp:
         tmp.write_text(buf.getvalue(), encoding="utf-8", newline="")
-    atomic_write_text(paths["md"], md)
+    atomic_write_text(paths["md"], "\n".join(md_lines) + "\n")
     return paths
+
+
+def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, title: str = "needle in a haystack"
+                        ) -> dict[str, Path]:
+    """Write needle.csv (every cell), needle.md (depth x length grid + recall) and needle.png (heatmap)."""
+    if not rows:
+        raise ValueError("no needle results to report (an empty --lengths or --depths grid)")
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for r in rows:
+        grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["found"]
+    lines = [f"# {title}", "", "| depth \\ length | " + " | ".join(str(n) for n in lengths) + " |",
+             "|---|" + "---|" * len(lengths)]
+    for i, d in enumerate(depths):
+        lines.append(f"| {d:.0%} | " + " | ".join("found" if v == 1 else "missed" for v in grid[i]) + " |")
+    recall = np.nanmean(grid, axis=0)
+    lines.append("| recall | " + " | ".join(f"{v:.0%}" for v in recall) + " |")
+    lines += ["", f"overall recall: {np.nanmean(grid):.1%} over {len(rows)} cells"]
+    return write_grid_report(rows, out_dir, "needle", lines, grid, lambda v: "found" if v == 1 else "missed",
+                             [str(n) for n in lengths], [f"{d:.0%}" for d in depths], "context length (tokens)",
+                             "needle depth", title)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,6 @@ writes needle_image.csv, needle_image.md (depth x K grid, accuracy per K) and ne
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -89,19 +87,10 @@ def image_needle_for_model(model: Any, dm: Any, counts: Sequence[int], depths: S
 def write_image_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path,
                               title: str = "multimodal needle") -> dict[str, Path]:
     """Write needle_image.csv (every cell), needle_image.md (accuracy grid, depth x K) and needle_image.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
-    from zoo.files import atomic_path, atomic_write_text
+    from lm.evals import write_grid_report
 
     if not rows:
         raise ValueError("no needle results to report (an empty image-count or depth grid)")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; the needle report needs a folder")
-    out.mkdir(parents=True, exist_ok=True)
     counts, depths = sorted({r["images"] for r in rows}), sorted({r["depth"] for r in rows})
     grid = np.full((len(depths), len(counts)), np.nan)
     for r in rows:
@@ -114,28 +103,6 @@ def write_image_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Pat
     lines.append("| mean | " + " | ".join(f"{v:.0%}" for v in np.nanmean(grid, axis=0)) + " |")
     total = sum(r["trials"] for r in rows)
     lines += ["", f"overall accuracy: {sum(r['correct'] for r in rows) / total:.1%} over {total} sequences"]
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    paths = {"csv": out / "needle_image.csv", "md": out / "needle_image.md", "png": out / "needle_image.png"}
-    fig, ax = plt.subplots(figsize=(1.4 + 0.9 * len(counts), 1.0 + 0.5 * len(depths)))
-    ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    for i in range(len(depths)):
-        for j in range(len(counts)):
-            ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(counts)), [f"{k}\n({lengths[k]})" for k in counts])
-    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
-    ax.set_xlabel("images in the sequence (tokens)")
-    ax.set_ylabel("depth of the asked image")
-    ax.set_title(title)
-    fig.tight_layout()
-    try:
-        with atomic_path(paths["png"]) as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
-    with atomic_path(paths["csv"]) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8", newline="")
-    atomic_write_text(paths["md"], "\n".join(lines) + "\n")
-    return paths
+    return write_grid_report(rows, out_dir, "needle_image", lines, grid, lambda v: f"{v:.0%}",
+                             [f"{k}\n({lengths[k]})" for k in counts], [f"{d:.0%}" for d in depths],
+                             "images in the sequence (tokens)", "depth of the asked image", title, base_width=1.4)
