@@ -13,7 +13,7 @@ from byol.functional import byol_loss, lr_schedule, scaled_lr
 from byol.heads import mlp_head
 from byol.lars import LARS, lars_param_groups, lars_update
 from zoo.train.momentum import MomentumMixin
-from zoo.train.ssl import ImagePretraining
+from zoo.train.ssl import ImagePretraining, check_optimizer_args
 from zoo.train.trainer import UsageError
 
 
@@ -54,24 +54,12 @@ class BYOL(MomentumMixin, ImagePretraining):
                  augment_overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
                  aug_seed: int = 0, compile: bool | Literal["step"] = False,
                  channels_last: bool | None = None, nan_policy: str = "stop") -> None:
-        finite = math.isfinite
-        if not (finite(base_lr) and base_lr > 0):
-            raise UsageError(f"model.base_lr must be positive, got {base_lr}")
-        if not (finite(weight_decay) and weight_decay >= 0):
-            raise UsageError(f"model.weight_decay must be >= 0, got {weight_decay}")
-        if not (finite(momentum) and 0.0 <= momentum < 1.0):
-            raise UsageError(f"model.momentum must be in [0, 1), got {momentum}")
-        if not (finite(lars_eta) and lars_eta > 0):
+        check_optimizer_args(base_lr, weight_decay, momentum, warmup_epochs, warmup_steps,
+                             {"projector_hidden": projector_hidden, "projection_dim": projection_dim})
+        if not (math.isfinite(lars_eta) and lars_eta > 0):
             raise UsageError(f"model.lars_eta (LARS trust coefficient) must be positive, got {lars_eta}")
         if not 0.0 <= tau_base <= 1.0:
             raise UsageError(f"model.tau_base must be in [0, 1], got {tau_base}")
-        if not (finite(warmup_epochs) and warmup_epochs >= 0):
-            raise UsageError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
-        if warmup_steps is not None and warmup_steps < 0:
-            raise UsageError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-        for key, value in (("projector_hidden", projector_hidden), ("projection_dim", projection_dim)):
-            if value < 1:
-                raise UsageError(f"model.{key} must be >= 1, got {value}")
         super().__init__(encoder=encoder, encoder_overrides=encoder_overrides, image_size=image_size,
                          num_classes=num_classes, augment_overrides=augment_overrides, eval_overrides=eval_overrides,
                          aug_seed=aug_seed, compile=compile, channels_last=channels_last, nan_policy=nan_policy)

@@ -2,7 +2,6 @@
 its projector and predictor, its loss, and SGD with a cosine lr and a constant predictor lr."""
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.train.schedules import warmup_cosine
-from zoo.train.ssl import ImagePretraining
+from zoo.train.ssl import ImagePretraining, check_optimizer_args
 from zoo.train.trainer import UsageError
 
 __all__ = ["SimSiam", "negative_cosine", "prediction_mlp", "projection_mlp", "simsiam_loss"]
@@ -91,21 +90,9 @@ class SimSiam(ImagePretraining):
                  eval_overrides: dict[str, Any] | None = None, aug_seed: int = 0,
                  compile: bool | Literal["step"] = False,
                  channels_last: bool | None = None, nan_policy: str = "stop") -> None:
-        finite = math.isfinite
-        if not (finite(base_lr) and base_lr > 0):
-            raise UsageError(f"model.base_lr must be positive, got {base_lr}")
-        if not (finite(weight_decay) and weight_decay >= 0):
-            raise UsageError(f"model.weight_decay must be >= 0, got {weight_decay}")
-        if not (finite(momentum) and 0.0 <= momentum < 1.0):
-            raise UsageError(f"model.momentum must be in [0, 1), got {momentum}")
-        if not (finite(warmup_epochs) and warmup_epochs >= 0):
-            raise UsageError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
-        if warmup_steps is not None and warmup_steps < 0:
-            raise UsageError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
-        for key, value in (("projector_hidden", projector_hidden), ("projection_dim", projection_dim),
-                           ("predictor_hidden", predictor_hidden)):
-            if value < 1:
-                raise UsageError(f"model.{key} must be >= 1, got {value}")
+        check_optimizer_args(base_lr, weight_decay, momentum, warmup_epochs, warmup_steps,
+                             {"projector_hidden": projector_hidden, "projection_dim": projection_dim,
+                              "predictor_hidden": predictor_hidden})
         super().__init__(encoder=encoder, encoder_overrides=encoder_overrides, image_size=image_size,
                          num_classes=num_classes, augment_overrides=augment_overrides, eval_overrides=eval_overrides,
                          aug_seed=aug_seed, compile=compile, channels_last=channels_last, nan_policy=nan_policy)

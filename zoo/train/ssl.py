@@ -36,6 +36,26 @@ __all__ = ["ImagePretraining", "CONTRACT_FORMAT"]
 CONTRACT_FORMAT = 1
 
 
+def check_optimizer_args(base_lr: float, weight_decay: float, momentum: float, warmup_epochs: float,
+                         warmup_steps: int | None, sizes: dict[str, int]) -> None:
+    """The checks every image method's optimisation and head-size arguments share: one UsageError line naming the
+    first impossible value (``sizes``: head widths by argument name, each >= 1)."""
+    finite = math.isfinite
+    if not (finite(base_lr) and base_lr > 0):
+        raise UsageError(f"model.base_lr must be positive, got {base_lr}")
+    if not (finite(weight_decay) and weight_decay >= 0):
+        raise UsageError(f"model.weight_decay must be >= 0, got {weight_decay}")
+    if not (finite(momentum) and 0.0 <= momentum < 1.0):
+        raise UsageError(f"model.momentum must be in [0, 1), got {momentum}")
+    if not (finite(warmup_epochs) and warmup_epochs >= 0):
+        raise UsageError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
+    if warmup_steps is not None and warmup_steps < 0:
+        raise UsageError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+    for key, value in sizes.items():
+        if value < 1:
+            raise UsageError(f"model.{key} must be >= 1, got {value}")
+
+
 class ImagePretraining(WholeStepMixin, pl.LightningModule):
     """Base of the image pretraining methods (``byol.BYOL``, ``simsiam.SimSiam``); see the module docstring.
 
