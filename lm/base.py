@@ -30,7 +30,8 @@ from lm.optim import check_optim_args, lr_at, make_adamw, param_groups
 from lm.routing import reinforce_loss
 from lm.sharding import STRATEGY_NAME, apply_activation_checkpointing, build_sharded  # registers fsdp2
 from zoo.models.transformer import TransformerOutput
-from zoo.weights.lm import CHECKPOINT_FORMAT, CHECKPOINT_KIND
+from zoo.weights.checkpoint import CONTRACT_KEY, CONTRACT_VERSION
+from zoo.weights.lm import CHECKPOINT_KIND
 
 # Defaults of the RL-R knobs, applied only when the model has an RL-R router (set elsewhere, they are an error).
 REINFORCE_WEIGHT, BASELINE_MOMENTUM = 1.0, 0.9
@@ -211,9 +212,9 @@ class LMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Write the checkpoint contract: what a reader needs to rebuild the trained model (zoo.load_lm reads it)."""
-        checkpoint["zoo"] = {"format": CHECKPOINT_FORMAT, "kind": self.contract_kind, "model": self.model_name,
-                             "overrides": dict(self.model_overrides), "prefix": "model.",
-                             "tokenizer": self.tokenizer_spec}
+        checkpoint[CONTRACT_KEY] = {"format": CONTRACT_VERSION, "kind": self.contract_kind, "model": self.model_name,
+                                    "overrides": dict(self.model_overrides), "prefix": "model.",
+                                    "tokenizer": self.tokenizer_spec}
 
     def forward(self, input_ids: Tensor | None = None, **kwargs: Any) -> Any:
         """The trained model's forward (logits [B, T, V] by default; see zoo.models.transformer.Transformer)."""

@@ -26,8 +26,7 @@ from lm.metrics import mfu, peak_flops
 from zoo.data.interleaved import TASKS, answer_accuracy, answer_budget
 from zoo.models.multimodal import MultimodalDecoder
 from zoo.train.trainer import NAN_POLICIES, UsageError, check_finite_loss
-
-IMAGE_ENCODER_FORMAT = 1  # the image-encoder contract's format (zoo.weights: "kind": "image-encoder")
+from zoo.weights.checkpoint import CONTRACT_KEY, CONTRACT_VERSION
 
 
 class MultimodalLM(LMModule):
@@ -207,7 +206,7 @@ class MultimodalLM(LMModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The LM contract plus the vision tower's image-encoder contract (read by zoo.load_backbone)."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint["zoo"]["image_encoder"] = {
-            "format": IMAGE_ENCODER_FORMAT, "kind": "image-encoder", "method": "lm.MultimodalLM",
+        checkpoint[CONTRACT_KEY]["image_encoder"] = {
+            "format": CONTRACT_VERSION, "kind": "image-encoder", "method": "lm.MultimodalLM",
             "arch": self.layout["encoder"], "overrides": dict(self.layout["encoder_overrides"]),
             "encoders": {"online": "model.encoder."}, "classifier": None}

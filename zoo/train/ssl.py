@@ -30,10 +30,9 @@ from augment.params import ViewParams
 from zoo.models.registry import create
 from zoo.train.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
 from zoo.train.whole_step import WholeStep, WholeStepMixin
+from zoo.weights.checkpoint import CONTRACT_KEY, CONTRACT_VERSION
 
-__all__ = ["ImagePretraining", "CONTRACT_FORMAT"]
-
-CONTRACT_FORMAT = 1
+__all__ = ["ImagePretraining", "check_optimizer_args"]
 
 
 def check_optimizer_args(base_lr: float, weight_decay: float, momentum: float, warmup_epochs: float,
@@ -453,7 +452,7 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         """What a reader of this checkpoint needs (``zoo.weights.checkpoint``): architecture, overrides, the
         state-dict prefix of each encoder and of the classifier."""
         hp = self.hparams
-        return {"format": CONTRACT_FORMAT, "kind": "image-encoder",
+        return {"format": CONTRACT_VERSION, "kind": "image-encoder",
                 "method": f"{type(self).__module__.split('.')[0]}.{type(self).__name__}",
                 "arch": hp.encoder, "overrides": dict(hp.encoder_overrides or {}),
                 "encoders": {branch: f"{attr}." for branch, attr in self.encoder_attrs.items()},
@@ -462,7 +461,7 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Write the checkpoint contract under ``checkpoint["zoo"]``."""
-        checkpoint["zoo"] = self.checkpoint_contract()
+        checkpoint[CONTRACT_KEY] = self.checkpoint_contract()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Build the classifier before the weights are loaded (augmentation randomness needs no state, see

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-CHECKPOINT_FORMAT = 1
 CHECKPOINT_KIND = "lm"
 
 
