@@ -288,3 +288,39 @@ def test_fsdp_trains_a_routed_model_like_one_process(tmp_path):
         for name, value in built.items():
             assert torch.equal(r["buffers"][name], value), name
     assert_matches_one_process(one, r0, r1, STEPS)
+
+
+def resume_on_other_devices(tmp: Path, saved_on: int, resumed_on: int) -> None:
+    """Save a sharded checkpoint on ``saved_on`` processes at an epoch boundary (step 3, epochs of 3 batches), resume
+    it on ``resumed_on`` at the same global batch: the resumed losses and final weights equal one uninterrupted
+    process's within 1e-5 (torch distributed checkpoint reshards weights and Adam state on load)."""
+    from lm import CausalLM
+
+    init = initial_weights(tmp)
+    epoch, model = {"limit_train_batches": 3}, {**MODEL, "total_steps": 6}  # the first run's schedule is 6 steps too
+    one = run_single(tmp, 6, init, module=CausalLM(**model), **epoch)
+    batch = 2 * B
+    first = run_sharded(tmp, "first", 3, [dump(tmp / "first", str(init))], model=model, devices=saved_on, every_n=3,
+                        data=text_data(tmp, batch // saved_on), trainer_args=epoch)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert len(list(ckpt.glob("*.distcp"))) == saved_on
+    then = run_sharded(tmp, "then", 6, [dump(tmp / "then")], model=model, devices=resumed_on,
+                       data=text_data(tmp, batch // resumed_on), trainer_args=epoch, extra=("--ckpt_path", str(ckpt)))
+    for run, steps in ((first, slice(0, 3)), (then, slice(3, 6))):
+        ranks = [torch.load(run / f"rank{r}.pt", weights_only=True) for r in range(saved_on if run is first
+                                                                                  else resumed_on)]
+        assert all(r["sharded"] for r in ranks)
+        losses = [sum(x) / len(ranks) for x in zip(*(r["losses"] for r in ranks))]
+        assert losses == pytest.approx(one["losses"][steps], abs=1e-5)
+    assert ranks[0]["step"] == 6
+    for name, ref in one["state"].items():
+        torch.testing.assert_close(ranks[0]["state"][name], ref, atol=1e-5, rtol=0, msg=name)
+
+
+def test_fsdp_checkpoint_of_two_processes_resumes_on_one(tmp_path):
+    resume_on_other_devices(tmp_path, saved_on=2, resumed_on=1)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_of_one_process_resumes_on_two(tmp_path):
+    resume_on_other_devices(tmp_path, saved_on=1, resumed_on=2)
