@@ -8,7 +8,10 @@ registered as ``--trainer.strategy fsdp2``.
 
 The model is built on the meta device (no memory), each Transformer block becomes one FSDP unit (its parameters
 gathered just before its forward and freed after), the root unit holds the embedding, final norm and head, and only
-then are the local shards allocated and initialised (``materialize``): no rank ever holds the whole model.
+then are the local shards allocated and initialised (``materialize``): no rank ever holds the whole model. Buffers
+(a router's hash table or balance bias, batch-norm statistics) are refilled by their module's ``reset_parameters``,
+so they are the same on every rank as in a normal build. A multimodal model's vision encoder is one more FSDP unit,
+built whole first (it is small; its builder's own init and any pretrained weights survive) and then sharded.
 
 Checkpoints are torch distributed checkpoints (a folder ``last.ckpt/`` with one file per rank plus Lightning's
 ``meta.pt``), written to a temporary folder and renamed, so a kill mid-write keeps the previous one.
