@@ -194,9 +194,13 @@ class LMModule(L.LightningModule):
                              f"use --trainer.strategy {STRATEGY_NAME} (FSDP2, sharded per block)")
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:
+            # Lightning hands sync_batchnorm to the strategy but only DDP applies it: here it is applied before
+            # sharding, so batch norm in training mode (a trained vision encoder) sees the global batch.
+            layer_sync = getattr(self.trainer.strategy, "_layer_sync", None) if self._trainer is not None else None
             self.model = build_sharded(self.model_name, self.model_overrides, mesh,
                                        activation_checkpointing=hp.activation_checkpointing,
-                                       mixed_precision=hp.mixed_precision)
+                                       mixed_precision=hp.mixed_precision, whole=self.whole_parts(),
+                                       layer_sync=layer_sync)
             return
         if hp.mixed_precision:  # a knob set to a value that would do nothing is an error
             raise ValueError(f"mixed_precision={hp.mixed_precision} applies only under --trainer.strategy "
@@ -205,6 +209,11 @@ class LMModule(L.LightningModule):
         if hp.activation_checkpointing:
             apply_activation_checkpointing(model)
         self.model = model
+
+    def whole_parts(self) -> dict[str, nn.Module]:
+        """Submodules a sharded build takes from small whole-built modules (name -> module) instead of a fresh
+        init on meta; none for a plain LM."""
+        return {}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Build the model before Lightning loads its weights (``load_from_checkpoint`` outside a Trainer)."""

@@ -66,17 +66,32 @@ class MultimodalLM(LMModule):
                       "encoder_overrides": dict(meta.encoder_overrides)}
         self.nonfinite_steps = 0
         self._flops_count = 0.0
+        self._flops_per_image = 0.0
 
     def configure_model(self) -> None:
-        """Build the model (a no-op when it exists), then load ``encoder_weights`` into its encoder."""
+        """Build the model (a no-op when it exists) with ``encoder_weights`` in its encoder.
+
+        Under ``--trainer.strategy fsdp2`` the encoder is built whole first (see whole_parts) and then sharded.
+        """
         if self.model is not None:
             return
         super().configure_model()
+        if getattr(self, "_device_mesh", None) is None:
+            self.load_encoder_weights(self.model.encoder)
+
+    def whole_parts(self) -> dict[str, torch.nn.Module]:
+        """The vision encoder, built whole with its builder's own init (and ``encoder_weights``): it is small, and a
+        meta build would lose that init (e.g. ResNet's) and could not load weights into shards."""
+        encoder = zoo.create(self.layout["encoder"], **self.layout["encoder_overrides"])
+        self.load_encoder_weights(encoder)
+        return {"encoder": encoder}
+
+    def load_encoder_weights(self, enc: torch.nn.Module) -> None:
+        """Load ``encoder_weights`` (if set) into ``enc``, an encoder of this model's architecture."""
         path = self.hparams.encoder_weights
         if path is None:
             return
         loaded = zoo.load_backbone(path, which=self.hparams.encoder_which)
-        enc = self.model.encoder
         if getattr(loaded, "num_features", None) != enc.num_features:
             raise UsageError(f"encoder_weights {path!r} hold a {getattr(loaded, 'zoo_arch', '?')} encoder with "
                              f"{getattr(loaded, 'num_features', '?')}-wide features but the projector of "
@@ -149,6 +164,11 @@ class MultimodalLM(LMModule):
             return
         n = len(dm.val_set) if self.hparams.eval_samples is None else min(self.hparams.eval_samples, len(dm.val_set))
         rank, world = self.trainer.global_rank, self.trainer.world_size
+        sharded = getattr(self, "_device_mesh", None) is not None
+        if sharded:
+            # Every forward of a sharded model is a collective, so every rank must make the same calls: each one
+            # generates on all the samples (the same counts everywhere, so they are not summed below).
+            rank, world = 0, 1
         report = self.answer_accuracy([dm.val_set[i] for i in range(rank, n, world)], dm.tokenizer)
         counts = torch.zeros(2 * (len(TASKS) + 1), dtype=torch.float64, device=self.device)
         for k, task in enumerate((*TASKS, "all")):
@@ -180,10 +200,13 @@ class MultimodalLM(LMModule):
         b, t = batch["input_ids"].shape
         if self._flops_per_token is None:
             self._flops_per_token = mfu_flops_per_token(self.model.decoder, t)
+            # Counted on a meta build (shapes only): the trained model's encoder and projector may be sharded.
+            meta = zoo.create(self.model_name, device="meta", **self.model_overrides)
+            self._flops_per_image = meta.training_flops_per_image()
         world = self.trainer.world_size
         self._tok_count += b * t * world
         self._flops_count += (self._flops_per_token * b * t
-                              + self.model.training_flops_per_image() * batch["images"].shape[0]) * world
+                              + self._flops_per_image * batch["images"].shape[0]) * world
         if (batch_idx + 1) % self.hparams.throughput_every:
             return
         if self.device.type == "cuda":

@@ -8,7 +8,10 @@ registered as ``--trainer.strategy fsdp2``.
 
 The model is built on the meta device (no memory), each Transformer block becomes one FSDP unit (its parameters
 gathered just before its forward and freed after), the root unit holds the embedding, final norm and head, and only
-then are the local shards allocated and initialised (``materialize``): no rank ever holds the whole model.
+then are the local shards allocated and initialised (``materialize``): no rank ever holds the whole model. Buffers
+(a router's hash table or balance bias, batch-norm statistics) are refilled by their module's ``reset_parameters``,
+so they are the same on every rank as in a normal build. A multimodal model's vision encoder is one more FSDP unit,
+built whole first (it is small; its builder's own init and any pretrained weights survive) and then sharded.
 
 Checkpoints are torch distributed checkpoints (a folder ``last.ckpt/`` with one file per rank plus Lightning's
 ``meta.pt``), written to a temporary folder and renamed, so a kill mid-write keeps the previous one.
@@ -88,12 +91,20 @@ if STRATEGY_NAME not in StrategyRegistry:
                               description="FSDP2 (fully_shard) over all devices, sharded checkpoints")
 
 
+def transformer_of(model: nn.Module) -> nn.Module:
+    """The zoo Transformer inside ``model``: the model itself, or a multimodal decoder's ``.decoder``."""
+    if hasattr(model, "layers"):
+        return model
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None and hasattr(decoder, "layers"):
+        return decoder
+    raise TypeError(f"{type(model).__name__} has no .layers (nor a .decoder with them): sharding expects a zoo "
+                    "Transformer or multimodal decoder")
+
+
 def block_modules(model: nn.Module) -> list[nn.Module]:
     """The Transformer blocks: the unit of FSDP wrapping and of activation checkpointing."""
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__} has no .layers: sharding expects a zoo Transformer")
-    return list(layers)
+    return list(transformer_of(model).layers)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -113,54 +124,120 @@ def mixed_precision_policy(device_type: str, mixed_precision: bool | None) -> An
 
 
 def shard_transformer(model: nn.Module, mesh: Any, mixed_precision: bool | None = None) -> nn.Module:
-    """``fully_shard`` each block, then the root (embedding, final norm, head) over ``mesh``; returns ``model``."""
-    from torch.distributed.fsdp import fully_shard
+    """``fully_shard`` each block, a multimodal model's vision encoder, then the root (embedding, final norm, head,
+    projector) over ``mesh``; returns ``model``."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     policy = mixed_precision_policy(mesh.device_type, mixed_precision)
     blocks = block_modules(model)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again first in backward: keeping them gathered saves one all-gather.
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None:
+        # One unit, sharded like the blocks rather than replicated: FSDP then reduces its gradients whether it is
+        # frozen, partly or fully trained (a replica would need its own all-reduce), for one small all-gather a step.
+        fully_shard(encoder, mesh=mesh, mp_policy=policy)
+        register_fsdp_forward_method(encoder, "forward_features")  # the multimodal model calls it, not forward
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
+def _meta_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if any(t is not None and t.is_meta for t in (*m._parameters.values(), *m._buffers.values()))]
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device | str, rank: int) -> None:
-    """Allocate the local shards of a meta-device model on ``device`` and initialise them as ``model.init_weights``.
+    """Allocate the local shards of the meta-device parts of ``model`` on ``device`` and initialise them.
+
+    Parameters get ``reset_parameters`` of their own module, then the Transformer's ``init_weights``; buffers get the
+    values their module's ``reset_parameters`` gives them (torch's convention, as BatchNorm's statistics and the
+    routers' tables), which are deterministic, so identical on every rank and equal to a normal build's. A buffer that
+    no initialiser fills is refused instead of being left as ``to_empty``'s garbage. Parts that are not on meta (a
+    multimodal model's encoder, built whole) keep their values.
 
     DTensor's random ops only give each rank its part of one global draw on CUDA. On CPU every rank would draw the
     same numbers for its own shard (identical rows across ranks), so there each rank draws from its own stream
     (seed offset by rank): the same distribution, not the single-process numbers.
     """
-    model.to_empty(device=device)
+    modules = _meta_modules(model)
+    for m in modules:
+        m.to_empty(device=device, recurse=False)
+        for buf in m._buffers.values():
+            if buf is not None:
+                buf.fill_(_sentinel(buf))
     with torch.random.fork_rng(devices=[]):
         if torch.device(device).type == "cpu":
             torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
-        for sub in model.modules():
-            if sub is not model and callable(getattr(sub, "reset_parameters", None)):
-                sub.reset_parameters()  # parts init_weights leaves to their own module (e.g. a router)
-        model.init_weights()
+        for sub in modules:
+            if callable(getattr(sub, "reset_parameters", None)):
+                sub.reset_parameters()  # parts init_weights leaves to their own module (a router), and buffers
+        transformer_of(model).init_weights()
+    for m in modules:
+        for name, buf in m._buffers.items():
+            if buf is not None and _unfilled(buf):
+                owner = next(n for n, sub in model.named_modules() if sub is m)
+                raise ValueError(f"buffer {owner + '.' + name if owner else name!r} ({type(m).__name__}) has no "
+                                 "initialiser for a sharded build: give the module a reset_parameters() that fills "
+                                 "it, or train without --trainer.strategy fsdp2")
+
+
+def _sentinel(t: torch.Tensor) -> float | int | bool:
+    # A value no initialiser writes everywhere: NaN for floats, the largest integer otherwise (bool: unchecked).
+    if t.is_floating_point():
+        return float("nan")
+    return False if t.dtype == torch.bool else torch.iinfo(t.dtype).max
+
+
+def _unfilled(t: torch.Tensor) -> bool:
+    if t.numel() == 0 or t.dtype == torch.bool:
+        return False
+    return bool(torch.isnan(t).all()) if t.is_floating_point() else bool((t == _sentinel(t)).all())
+
+
+@torch.no_grad()
+def copy_whole(target: nn.Module, source: nn.Module, device: torch.device | str, mesh: Any) -> None:
+    """Give the meta-built ``target`` the parameters and buffers of the whole-built ``source`` (same architecture),
+    on ``device`` and identical on every rank of ``mesh`` (rank 0's values), ready to be sharded."""
+    import torch.distributed as dist
+
+    target.to_empty(device=device)
+    theirs = dict(source.named_parameters()) | dict(source.named_buffers())
+    group = mesh.get_group()
+    for name, t in (*target.named_parameters(), *target.named_buffers()):
+        if name not in theirs or theirs[name].shape != t.shape:
+            raise ValueError(f"the whole-built {type(source).__name__} has no tensor {name!r} of shape "
+                             f"{tuple(t.shape)}; build it with the architecture and overrides of the model's")
+        t.copy_(theirs[name])
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            # Same values on every rank, whatever each rank's random state was when it built ``source``.
+            dist.broadcast(t, src=dist.get_global_rank(group, 0), group=group)
 
 
 def build_sharded(name: str, overrides: dict[str, Any], mesh: Any, activation_checkpointing: bool = False,
-                  mixed_precision: bool | None = None) -> nn.Module:
-    """A zoo Transformer built on meta, wrapped per block with FSDP2 over ``mesh``, then materialised sharded."""
+                  mixed_precision: bool | None = None, whole: dict[str, nn.Module] | None = None,
+                  layer_sync: Any = None) -> nn.Module:
+    """A zoo Transformer (or multimodal decoder) built on meta, wrapped per block with FSDP2 over ``mesh``, then
+    materialised sharded. ``whole`` maps submodule names (e.g. ``encoder``) to small whole-built modules whose
+    values they take instead of a fresh init (their builder's own init, loaded weights); ``layer_sync`` (Lightning's
+    sync-batchnorm plugin) swaps batch norm for its all-rank version first."""
     import zoo
 
     if mesh.ndim > 1:
         # ModelParallelStrategy's mesh is (data_parallel, tensor_parallel); fully_shard over a 2-D mesh would be
         # HSDP (replicate over the first dimension), so shard over the data-parallel dimension alone.
         mesh = mesh["data_parallel"]
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
     model = zoo.create(name, device="meta", **overrides)
-    if getattr(model.config, "ffn", "dense") == "routed":
-        # Routed FFNs hold buffers (hash tables, balance biases) that a meta build leaves without values.
-        raise ValueError(f"model {name!r} has a routed FFN, which sharded training does not support yet; "
-                         "train it with the default strategy (DDP)")
+    if layer_sync is not None:
+        model = layer_sync.apply(model)
+    for part, source in (whole or {}).items():
+        copy_whole(model.get_submodule(part), source, device, mesh)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     shard_transformer(model, mesh, mixed_precision)
-    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
     materialize(model, device, mesh.get_rank())
     return model
 

@@ -47,6 +47,8 @@ class DumpLM(pl.Callback):
         self.bytes = {"params": 0, "grads": 0, "optimizer": 0}
 
     def on_train_start(self, trainer, module) -> None:
+        # The buffers as the build made them (before any init file overwrites the persistent ones)
+        self.buffers = {k: v.detach().clone().cpu() for k, v in module.model.named_buffers()}
         if self.init is not None:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -65,7 +67,7 @@ class DumpLM(pl.Callback):
                                       for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
         dtensor = any(hasattr(p, "to_local") for p in module.model.parameters())
         torch.save({"losses": self.losses, "state": full_state(module.model), "bytes": self.bytes,
-                    "sharded": dtensor, "step": trainer.global_step},
+                    "sharded": dtensor, "step": trainer.global_step, "buffers": self.buffers},
                    Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
 
@@ -74,20 +76,25 @@ def data_args(tmp: Path) -> dict:
             "cache_dir": str(tmp / "cache"), "progress": False, "seed": 0}
 
 
+def text_data(tmp: Path, batch: int) -> dict:
+    return {"class_path": "zoo.data.text.TextDataModule", "init_args": {**data_args(tmp), "batch_size": batch}}
+
+
 def run_sharded(tmp: Path, name: str, steps: int, callbacks: list[dict], model: dict | None = None,
-                extra: tuple[str, ...] = (), every_n: int | None = None, expect: int = 0) -> Path:
-    """``python -m zoo.cli fit`` on 2 CPU processes with FSDP2; returns the run folder."""
+                extra: tuple[str, ...] = (), every_n: int | None = None, expect: int = 0, devices: int = 2,
+                module: str = "lm.CausalLM", data: dict | None = None, trainer_args: dict | None = None) -> Path:
+    """``python -m zoo.cli fit`` on ``devices`` CPU processes with FSDP2 (per-device batch B unless ``data`` says
+    otherwise); returns the run folder."""
     run = tmp / name
     run.mkdir(exist_ok=True)
-    trainer = {"accelerator": "cpu", "devices": 2, "strategy": "fsdp2", "max_steps": steps, "limit_val_batches": 0,
-               "enable_progress_bar": False, "logger": False, "enable_model_summary": False,
-               "default_root_dir": str(run), "callbacks": callbacks}
+    trainer = {"accelerator": "cpu", "devices": devices, "strategy": "fsdp2", "max_steps": steps,
+               "limit_val_batches": 0, "enable_progress_bar": False, "logger": False, "enable_model_summary": False,
+               "default_root_dir": str(run), "callbacks": callbacks, **(trainer_args or {})}
     if every_n:
         trainer["callbacks"] = callbacks + [{"class_path": "zoo.train.trainer.RootCheckpoint", "init_args": {
             "save_last": True, "save_top_k": 0, "every_n_train_steps": every_n}}]
     cfg = {"seed_everything": 0, "trainer": trainer,
-           "model": {"class_path": "lm.CausalLM", "init_args": model or MODEL},
-           "data": {"class_path": "zoo.data.text.TextDataModule", "init_args": {**data_args(tmp), "batch_size": B}}}
+           "model": {"class_path": module, "init_args": model or MODEL}, "data": data or text_data(tmp, B)}
     (run / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "zoo.cli", "fit", "--config", str(run / "cfg.yaml"), *extra]
@@ -100,8 +107,9 @@ def dump(folder: str | Path, init: str | None = None) -> dict:
     return {"class_path": "test_fsdp.DumpLM", "init_args": {"folder": str(folder), "init": init}}
 
 
-def run_single(tmp: Path, steps: int, init: Path) -> dict:
-    """The reference: one process, the global batch (2 x B), same initial weights."""
+def run_single(tmp: Path, steps: int, init: Path, module: pl.LightningModule | None = None,
+               datamodule: pl.LightningDataModule | None = None, **trainer_args) -> dict:
+    """The reference: one process, the global batch (2 x B), same initial weights (a CausalLM on text by default)."""
     from lm import CausalLM
     from zoo.data.text import TextDataModule
     from zoo.train.trainer import build_trainer
@@ -112,22 +120,34 @@ def run_single(tmp: Path, steps: int, init: Path) -> dict:
     trainer = build_trainer(default_root_dir=str(folder), accelerator="cpu", devices=1, max_steps=steps,
                             logger=False, enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, enable_checkpointing=False,
-                            callbacks=[DumpLM(str(folder), str(init))])
-    trainer.fit(CausalLM(**MODEL), TextDataModule(**data_args(tmp), batch_size=2 * B))
+                            callbacks=[DumpLM(str(folder), str(init))], **trainer_args)
+    trainer.fit(module or CausalLM(**MODEL), datamodule or TextDataModule(**data_args(tmp), batch_size=2 * B))
     return torch.load(folder / "rank0.pt", weights_only=True)
 
 
-def initial_weights(tmp: Path) -> Path:
+def initial_weights(tmp: Path, model: dict = MODEL) -> Path:
+    """A full state dict of ``model`` (MODEL's keys), written once, that every run in a comparison starts from."""
     import zoo
 
     torch.manual_seed(123)
     path = tmp / "init.pt"
-    torch.save(zoo.create("gemma2-tiny", **TINY).state_dict(), path)
+    torch.save(zoo.create(model["model"], **model.get("model_overrides", {})).state_dict(), path)
     return path
 
 
 def load_ranks(folder: Path) -> tuple[dict, dict]:
     return tuple(torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+
+def assert_matches_one_process(one: dict, r0: dict, r1: dict, steps: int) -> None:
+    """The 2-process loss trace and final weights equal one process's within 1e-5; both ranks hold the same weights."""
+    assert r0["sharded"] and r1["sharded"] and not one["sharded"]  # FSDP2 really sharded the parameters
+    global_loss = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]  # equal token counts per rank
+    assert len(global_loss) == steps
+    assert global_loss == pytest.approx(one["losses"], abs=1e-5)
+    for name, ref in one["state"].items():
+        torch.testing.assert_close(r0["state"][name], ref, atol=1e-5, rtol=0, msg=name)
+        assert torch.equal(r0["state"][name], r1["state"][name]), name
 
 
 # ------------------------------------------------------------------------------------------------- fast, in-process
@@ -180,6 +200,17 @@ def test_consolidate_refuses_a_folder_that_is_not_a_sharded_checkpoint(tmp_path,
     assert len(err.splitlines()) == 1 and not (tmp_path / "x.ckpt").exists()
 
 
+def test_a_buffer_without_initialiser_is_refused_not_left_as_garbage():
+    import zoo
+    from lm.sharding import materialize
+
+    model = zoo.create("gemma2-tiny", device="meta", **TINY)
+    model.extra = torch.nn.Module()
+    model.extra.register_buffer("table", torch.empty(5, dtype=torch.long, device="meta"))
+    with pytest.raises(ValueError, match=r"buffer 'extra.table' \(Module\) has no initialiser.*reset_parameters"):
+        materialize(model, "cpu", 0)
+
+
 # ---------------------------------------------------------------------------------------------- 2 gloo processes
 def test_fsdp_two_processes_match_one_process_and_checkpoint_consolidates(tmp_path):
     """3 steps of FSDP2 on 2 processes (batch B each) == 3 steps of one process (batch 2B) within 1e-5, from the
@@ -191,13 +222,7 @@ def test_fsdp_two_processes_match_one_process_and_checkpoint_consolidates(tmp_pa
     one = run_single(tmp_path, STEPS, init)  # also tokenises the corpus once, before the 2 processes read it
     run = run_sharded(tmp_path, "two", STEPS, [dump(tmp_path / "two", str(init))], every_n=STEPS)
     r0, r1 = load_ranks(run)
-    assert r0["sharded"] and r1["sharded"] and not one["sharded"]  # FSDP2 really sharded the parameters
-    global_loss = [(a + b) / 2 for a, b in zip(r0["losses"], r1["losses"])]  # equal token counts per rank
-    assert len(global_loss) == STEPS
-    assert global_loss == pytest.approx(one["losses"], abs=1e-5)
-    for name, ref in one["state"].items():
-        torch.testing.assert_close(r0["state"][name], ref, atol=1e-5, rtol=0, msg=name)
-        assert torch.equal(r0["state"][name], r1["state"][name]), name
+    assert_matches_one_process(one, r0, r1, STEPS)
     # each rank holds half of the parameters, gradients and both Adam moments
     full = sum(v.nbytes for v in one["state"].values())
     for r in (r0, r1):
@@ -236,3 +261,66 @@ def test_fsdp_resume_after_sigterm_is_exact(tmp_path):
         assert got["losses"] == want["losses"][3:]
         for name, value in want["state"].items():
             assert torch.equal(got["state"][name], value), name
+
+
+# lr 3e-3, not MODEL's 1e-2: an expert sees few tokens, so its small gradient carries relatively more summation-order
+# noise, which Adam's normalisation turns into updates of lr x that noise (~1e-5 after 3 steps at 1e-2).
+ROUTED = {**MODEL, "lr": 0.003, "model_overrides": {**TINY, "ffn": "routed", "n_experts": 4, "router": "hash"}}
+
+
+def test_fsdp_trains_a_routed_model_like_one_process(tmp_path):
+    """A hash-routed model (experts, token -> expert table) under FSDP2: the buffers a sharded build makes equal a
+    normal build's on both ranks, and 3 steps on 2 processes == 3 steps of one process within 1e-5.
+
+    Hash routing depends on the token alone; S-BASE balances (and RL-R samples) over each rank's own batch, so those
+    match one process only in distribution, as under DDP."""
+    import zoo
+    from lm import CausalLM
+
+    init = initial_weights(tmp_path, ROUTED)
+    one = run_single(tmp_path, STEPS, init, module=CausalLM(**ROUTED))
+    run = run_sharded(tmp_path, "two", STEPS, [dump(tmp_path / "two", str(init))], model=ROUTED)
+    r0, r1 = load_ranks(run)
+    built = dict(zoo.create("gemma2-tiny", **ROUTED["model_overrides"]).named_buffers())
+    assert sorted(built) == ["layers.0.ffn.token_to_expert", "layers.1.ffn.token_to_expert"]
+    for r in (r0, r1):
+        assert r["buffers"].keys() == built.keys()
+        for name, value in built.items():
+            assert torch.equal(r["buffers"][name], value), name
+    assert_matches_one_process(one, r0, r1, STEPS)
+
+
+def resume_on_other_devices(tmp: Path, saved_on: int, resumed_on: int) -> None:
+    """Save a sharded checkpoint on ``saved_on`` processes at an epoch boundary (step 3, epochs of 3 batches), resume
+    it on ``resumed_on`` at the same global batch: the resumed losses and final weights equal one uninterrupted
+    process's within 1e-5 (torch distributed checkpoint reshards weights and Adam state on load)."""
+    from lm import CausalLM
+
+    init = initial_weights(tmp)
+    epoch, model = {"limit_train_batches": 3}, {**MODEL, "total_steps": 6}  # the first run's schedule is 6 steps too
+    one = run_single(tmp, 6, init, module=CausalLM(**model), **epoch)
+    batch = 2 * B
+    first = run_sharded(tmp, "first", 3, [dump(tmp / "first", str(init))], model=model, devices=saved_on, every_n=3,
+                        data=text_data(tmp, batch // saved_on), trainer_args=epoch)
+    ckpt = first / "checkpoints" / "last.ckpt"
+    assert len(list(ckpt.glob("*.distcp"))) == saved_on
+    then = run_sharded(tmp, "then", 6, [dump(tmp / "then")], model=model, devices=resumed_on,
+                       data=text_data(tmp, batch // resumed_on), trainer_args=epoch, extra=("--ckpt_path", str(ckpt)))
+    for run, steps in ((first, slice(0, 3)), (then, slice(3, 6))):
+        ranks = [torch.load(run / f"rank{r}.pt", weights_only=True) for r in range(saved_on if run is first
+                                                                                  else resumed_on)]
+        assert all(r["sharded"] for r in ranks)
+        losses = [sum(x) / len(ranks) for x in zip(*(r["losses"] for r in ranks))]
+        assert losses == pytest.approx(one["losses"][steps], abs=1e-5)
+    assert ranks[0]["step"] == 6
+    for name, ref in one["state"].items():
+        torch.testing.assert_close(ranks[0]["state"][name], ref, atol=1e-5, rtol=0, msg=name)
+
+
+def test_fsdp_checkpoint_of_two_processes_resumes_on_one(tmp_path):
+    resume_on_other_devices(tmp_path, saved_on=2, resumed_on=1)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_of_one_process_resumes_on_two(tmp_path):
+    resume_on_other_devices(tmp_path, saved_on=1, resumed_on=2)

@@ -131,6 +131,7 @@ class MultimodalDecoder(nn.Module):
         self.decoder = _prepare_decoder(dec, 3)
         self.image_id, self.boi_id, self.eoi_id = (self.text_vocab_size + i for i in range(3))
         self.image_size, self.train_encoder = image_size, train_encoder
+        self._norm_stats = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.grid = self._grid_shape()
@@ -149,6 +150,14 @@ class MultimodalDecoder(nn.Module):
         # Frozen parts in eval mode from the start: Lightning restores each submodule's recorded mode after
         # validation (bypassing train()), so the mode a module is built in must already follow the rule.
         self.train(self.training)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Refill the normalisation buffers (called when a meta-device build is allocated with ``to_empty()``, as
+        for sharded training); the parameters belong to the submodules, which reset their own."""
+        mean, std = self._norm_stats
+        self.mean.copy_(torch.tensor(mean).view_as(self.mean))
+        self.std.copy_(torch.tensor(std).view_as(self.std))
 
     # -- construction helpers -----------------------------------------------------------------------------------
     def _grid_shape(self) -> tuple[int, int]:

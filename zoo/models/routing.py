@@ -133,14 +133,27 @@ class RoutedFFN(nn.Module):
             self.register_buffer("balance_bias", torch.zeros(self.n_experts), persistent=True)
         self.bias_momentum = float(config.balance_bias_momentum)
         if self.router_kind == "hash":
-            vocab = int(config.vocab_size)
-            seed = int(config.hash_seed)
+            self.vocab_size, self.hash_seed = int(config.vocab_size), int(config.hash_seed)
             # A buffer, not a parameter: the map is fixed, but it must travel with checkpoints and devices.
-            self.register_buffer("token_to_expert", hash_table(vocab, self.n_experts, seed), persistent=True)
+            self.register_buffer("token_to_expert", hash_table(self.vocab_size, self.n_experts, self.hash_seed),
+                                 persistent=True)
             self.router = None
         else:
             # Initialised by the Transformer with its other Linear layers (normal, init_std).
             self.router = nn.Linear(self.d_model, self.n_experts, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Give the buffers their build-time values: the seeded hash table, a zero S-BASE bias.
+
+        The parameters belong to the experts and the router (their own ``reset_parameters``). Torch's convention, as
+        for BatchNorm's running statistics: a model built on the meta device and allocated with ``to_empty()`` (sharded
+        training) calls this, so every rank holds exactly the buffers of a normal build, whatever its random state.
+        """
+        if self.router_kind == "hash":
+            self.token_to_expert.copy_(hash_table(self.vocab_size, self.n_experts, self.hash_seed))
+        elif self.router_kind == "sbase":
+            self.balance_bias.zero_()
 
     def route(self, x: Tensor, input_ids: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None,
                                                                    Tensor | None, Tensor | None]:
