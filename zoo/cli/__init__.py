@@ -6,7 +6,8 @@
   ``byol_zoo.commands`` declared by the package that owns it (``zoo.cli.commands`` says why), so ``zoo`` never
   imports ``byol`` or ``lm``, not even by a string.
 
-``zoo --help`` is written here from those tables without importing torch or Lightning, so it returns at once.
+``zoo --help`` is written here from those tables without importing torch or Lightning, so it returns at once; the
+Lightning subcommands' own help is cached after its first rendering (``zoo.cli.help_cache``).
 """
 from __future__ import annotations
 
@@ -163,9 +164,19 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"did you mean {' or '.join(near)}? " if near else ""
         print(f"zoo: error: unknown subcommand {argv[0]!r}; {hint}zoo --help lists them all", file=sys.stderr)
         return 2
+    name = _first_word(argv) if _first_word(argv) in LIGHTNING_COMMANDS else "fit"
+    from zoo.cli import help_cache
+
+    if help_cache.is_help_request(argv):
+        # LightningCLI's help needs torch and Lightning; the same text, once rendered, comes from the cache
+        return help_cache.serve(argv, lambda: _run_lightning(argv, name))
+    return _run_lightning(argv, name)
+
+
+def _run_lightning(argv: list[str], name: str) -> int:
+    """Run ``zoo fit|validate|test|predict``; a refusal or outside stop is one line on stderr. The exit status."""
     from zoo.train.errors import RunError, UsageError
 
-    name = _first_word(argv) if _first_word(argv) in LIGHTNING_COMMANDS else "fit"
     try:
         run_cli(argv)
     except (ValueError, RunError) as e:
