@@ -123,3 +123,17 @@ def test_fit_help_second_call_is_the_cached_live_text_without_torch(tmp_path):
     assert cached.stdout == live.stdout
     assert cached.stderr.strip().splitlines()[-1] == "False"  # the second prints it without importing torch
     assert len(list((tmp_path / "help").glob("*.txt"))) == 1
+
+
+def test_lightning_chatter_is_dropped_and_real_messages_stay():
+    import logging
+
+    from zoo.cli import _DropChatter
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("lightning.pytorch", logging.INFO, __file__, 1, msg, None, None)
+
+    keep = _DropChatter().filter
+    assert not keep(record("`Trainer.fit` stopped: `max_steps=6` reached."))
+    assert not keep(record("GPU available: False, used: False"))
+    assert keep(record("Restoring states from the checkpoint path at runs/x/last.ckpt"))

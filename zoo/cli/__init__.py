@@ -52,7 +52,9 @@ def main_help(commands: dict[str, Command] | None = None) -> str:
 # Lightning's chatter that says nothing about the user's run: silenced in `zoo` unless ZOO_VERBOSE=1. Real warnings
 # stay visible. (pytest filters the same warnings in pyproject.toml.)
 QUIET_LOG_PREFIXES = ("\U0001f4a1 Tip:", "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:",
-                      "Loading `train_dataloader` to estimate number of stepping batches", "Seed set to")
+                      "Loading `train_dataloader` to estimate number of stepping batches", "Seed set to",
+                      # said again by the run summary ("run finished at step N"); it broke into the bar's last line
+                      "`Trainer.fit` stopped:")
 QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a deprecated torch API
     r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",

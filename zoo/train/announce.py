@@ -1,5 +1,6 @@
 """End-of-run announcements: where every output of a run went, the module's headline metrics, and, when a run is
-interrupted, the exact command that resumes it. Also a step-based progress bar for runs bounded by ``max_steps``.
+interrupted, the exact command that resumes it. Also a step-based progress bar for runs bounded by ``max_steps``
+and the model summary printed at the start of fit.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -181,3 +182,42 @@ def step_based(kwargs: dict[str, Any]) -> bool:
     """Whether Trainer arguments bound the run by ``max_steps`` alone (no ``max_epochs``)."""
     steps = kwargs.get("max_steps")
     return steps is not None and steps > 0 and kwargs.get("max_epochs") in (None, -1)
+
+
+class ModelTable(ModelSummary):
+    """Lightning's model summary (name, type, parameters, mode per top-level module), without the FLOPs column when
+    Lightning measured none.
+
+    Lightning counts FLOPs only by running ``example_input_array`` through the model, which our modules do not set
+    (the LM's FLOPs per token are ``lm.flops``' and are logged as ``perf/mfu``): its table would show a column of
+    zeros and "Total FLOPs: 0". Only the public ``summarize`` hook is overridden.
+    """
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        """Print the table and the totals on the console (rich), the FLOPs only when some were counted."""
+        from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs" or total_flops > 0]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        table.add_column(" ", style="dim")
+        for name, _ in columns[1:]:
+            table.add_column(name, justify="left" if name in ("Name", "Type", "Mode") else "right")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        lines = [("Trainable params", get_human_readable_count(int(trainable_parameters))),
+                 ("Non-trainable params", get_human_readable_count(int(total_parameters - trainable_parameters))),
+                 ("Total params", get_human_readable_count(int(total_parameters))),
+                 ("Total estimated model params size (MB)", get_formatted_model_size(model_size)),
+                 ("Modules in train mode", str(total_training_modes["train"])),
+                 ("Modules in eval mode", str(total_training_modes["eval"]))]
+        if total_flops > 0:
+            lines.append(("Total FLOPs", get_human_readable_count(int(total_flops))))
+        for label, value in lines:
+            console.print(f"[bold]{label}[/]: {value}", highlight=False)
