@@ -220,4 +220,4 @@ class ModelTable(ModelSummary):
         if total_flops > 0:
             lines.append(("Total FLOPs", get_human_readable_count(int(total_flops))))
         for label, value in lines:
-            console.print(f"[bold]{label}[/]: {value}", highlight=False)
+            console.print(f"[bold]{label}[/]: {value.strip()}", highlight=False)
