@@ -37,7 +37,8 @@ def eval_parser() -> Any:
                          "(a multimodal model, e.g. lm.MultimodalLM's checkpoint)")
     nd.add_argument("--images", default="2,4,8", help="--modality image: comma-separated image counts K")
     nd.add_argument("--trials", type=int, default=10, help="--modality image: questions per (K, depth) cell")
-    nd.add_argument("--dataset", default="digits", help="--modality image: held-out images (digits, imagefolder:<root>)")
+    nd.add_argument("--dataset", default="digits",
+                    help="--modality image: held-out images (digits, imagefolder:<root>)")
     sub.add_subcommand("needle", nd, help="needle in a haystack (Gemini 1.5 protocol)")
     pp = tool_parser("zoo eval ppl", "Perplexity and bits per byte of a language model on the held-out split of a "
                      "text corpus (the corpus of a `zoo fit` config, or given files).")
@@ -126,8 +127,9 @@ def plan_parser() -> Any:
     parser.add_argument("--strategy", type=str, default="fsdp", help="ddp | fsdp (FULL_SHARD) | hybrid")
     parser.add_argument("--activation_checkpointing", action="store_true", help="per-block checkpointing")
     parser.add_argument("--precision", type=str, default="bf16-mixed", help="bf16-mixed | 32-true")
-    parser.add_argument("--chip", type=str, default="h100", help="accelerator whose memory and peak FLOP/s are assumed: h100, h200, a100, l40s, ... (lm.plan.CHIPS; "
-                        "an unknown name is refused with the full list)")
+    parser.add_argument("--chip", type=str, default="h100",
+                        help="accelerator whose memory and peak FLOP/s are assumed: h100, h200, a100, l40s, ... "
+                             "(lm.plan.CHIPS; an unknown name is refused with the full list)")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for step time")
     parser.add_argument("--memory_gb", type=float, default=None, help="device memory in GiB (default: the chip's)")
     parser.add_argument("--attn_backend", type=str, default=None, help="eager | sdpa | flex (default: GPU choice)")

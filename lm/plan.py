@@ -298,7 +298,7 @@ def format_plan(p: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Plan a sharded LM run (``zoo plan``): parsed by ``lm.cli.plan_main`` (no torch for ``--help``), then ``run_plan``."""
+    """Plan a sharded LM run (``zoo plan``): parsed by ``lm.cli.plan_main`` (no torch for --help), then ``run_plan``."""
     from lm.cli import plan_main
 
     return plan_main(argv)

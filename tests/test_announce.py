@@ -104,3 +104,15 @@ def test_model_table_shows_flops_when_lightning_counted_some(tmp_path, capsys):
 def test_no_model_table_when_the_summary_is_turned_off():
     kwargs = complete_trainer_kwargs({"max_steps": 3, "enable_model_summary": False})
     assert not any(isinstance(c, ModelTable) for c in kwargs["callbacks"])
+
+
+def test_step_bar_ends_its_line_before_lightning_reports_the_stop(tmp_path, capsys):
+    trainer = build_trainer(default_root_dir=str(tmp_path), accelerator="cpu", max_steps=3, logger=False,
+                            enable_checkpointing=False, enable_model_summary=False)
+    bar = next(c for c in trainer.callbacks if isinstance(c, StepProgressBar))
+    trainer.fit(TinyLM(), _loader())
+    err = capsys.readouterr().err
+    # one final line, ended at the last step's epoch end (Lightning's "`Trainer.fit` stopped" comes after it),
+    # and not drawn a second time by on_train_end
+    assert bar._finished and err.count("\n") == 1 and err.endswith("\n"), repr(err)
+    assert err.rsplit("\r", 1)[-1].startswith("step 3/3  100%"), repr(err)

@@ -53,8 +53,6 @@ def main_help(commands: dict[str, Command] | None = None) -> str:
 # stay visible. (pytest filters the same warnings in pyproject.toml.)
 QUIET_LOG_PREFIXES = ("\U0001f4a1 Tip:", "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:",
                       "Loading `train_dataloader` to estimate number of stepping batches", "Seed set to",
-                      # said again by the run summary ("run finished at step N"); it broke into the bar's last line
-                      "`Trainer.fit` stopped:",
                       "Trainer already configured with model summary callbacks")  # ours: zoo.train.announce.ModelTable
 QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a deprecated torch API

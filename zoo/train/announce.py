@@ -136,6 +136,7 @@ class StepProgressBar(ProgressBar):
         self._start = 0.0
         self._first_step = 0
         self._last_draw = 0.0
+        self._finished = False
 
     def disable(self) -> None:
         self._enabled = False
@@ -154,7 +155,7 @@ class StepProgressBar(ProgressBar):
         return f"step {step}/{total}  {pct:3.0f}%  {rate:.2f} it/s  ETA {eta_text}" + (f"  {shown}" if shown else "")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._start, self._finished = time.perf_counter(), False
         self._first_step = trainer.global_step
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
@@ -174,8 +175,16 @@ class StepProgressBar(ProgressBar):
                            batch_idx: int) -> None:
         self._draw(trainer, pl_module)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the last step's line, with the last validation's metrics, ends here: before Lightning logs
+        # "`Trainer.fit` stopped: ..." (which would otherwise land on the bar's unfinished line)
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            self._draw(trainer, pl_module, final=True)
+            self._finished = True
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._draw(trainer, pl_module, final=True)
+        if not self._finished:
+            self._draw(trainer, pl_module, final=True)
 
 
 def step_based(kwargs: dict[str, Any]) -> bool:

@@ -20,7 +20,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo.files import atomic_path
-from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, step_based  # noqa: F401 - RunSummary re-exported
+from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, step_based  # noqa: F401 - re-exported
 from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
 from zoo.train.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
