@@ -1,8 +1,24 @@
-"""Language-model training on the shared trainer: causal LM, Gemma 2 distillation, evals, scaling laws."""
-from lm.base import LMModule
-from lm.causal_lm import CausalLM
-from lm.distill import Distill
-from lm.multimodal import MultimodalLM
-from zoo.weights.lm import load_lm
+"""Language-model training on the shared trainer: causal LM, Gemma 2 distillation, evals, scaling laws.
 
-__all__ = ["LMModule", "CausalLM", "Distill", "MultimodalLM", "load_lm"]
+The modules are imported on first use of a name (``lm.CausalLM`` in a config's ``class_path`` works as before), so
+``lm.cli``, the front of the ``zoo eval|scaling|plan|consolidate`` commands, parses and prints help without torch.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+# name -> the module that defines it
+_EXPORTS = {"LMModule": "lm.base", "CausalLM": "lm.causal_lm", "Distill": "lm.distill",
+            "MultimodalLM": "lm.multimodal", "load_lm": "zoo.weights.lm"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -102,8 +102,14 @@ def select_subset(teacher_logits: Tensor, k: int, subset: str, generator: torch.
 @torch.no_grad()
 def precompute_teacher_targets(teacher: nn.Module, windows: Any, out_dir: str | Path, k: int, subset: str = "topk",
                                batch_size: int = 16, device: str | torch.device = "cpu", seed: int = 0,
-                               progress: bool = True) -> Path:
-    """Run the teacher over every window of ``windows`` once; write ids.npy [N, T, k] and probs.npy (float16)."""
+                               progress: bool | None = None) -> Path:
+    """Run the teacher over every window of ``windows`` once; write ids.npy [N, T, k] and probs.npy (float16).
+
+    ``progress``: draw done/total batches and an ETA on stderr (None: only on a terminal; the precompute of a real
+    corpus takes tens of seconds before the first training step).
+    """
+    from zoo.train.progress import track
+
     out = Path(out_dir)
     if (out / "meta.json").is_file():
         return out
@@ -118,25 +124,17 @@ def precompute_teacher_targets(teacher: nn.Module, windows: Any, out_dir: str | 
     teacher = teacher.to(device).eval()
     was_index = getattr(windows, "return_index", False)
     windows.return_index = False
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc=f"teacher {subset}-{k} targets", unit="win", leave=False, disable=None)
+    starts = range(0, n, batch_size)
     try:
-        for start in range(0, n, batch_size):
+        for start in track(starts, f"teacher {subset}-{k} targets ({n} windows, batches)", enabled=progress):
             idx = range(start, min(n, start + batch_size))
             tokens = torch.stack([windows[i] for i in idx]).to(device)
             logits = teacher(tokens[:, :-1])
             ids, probs = select_subset(logits, k, subset, gen)
             ids_mm[start : start + len(idx)] = ids.cpu().numpy().astype(id_dtype)
             probs_mm[start : start + len(idx)] = probs.cpu().numpy().astype(np.float16)
-            if bar is not None:
-                bar.update(len(idx))
     finally:
         windows.return_index = was_index
-        if bar is not None:
-            bar.close()
     ids_mm.flush()
     probs_mm.flush()
     del ids_mm, probs_mm

@@ -298,38 +298,23 @@ def format_plan(p: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Plan a sharded LM run: per-device memory, FLOPs and step time, from the meta-device model.
+    """Plan a sharded LM run (``zoo plan``): parsed by ``lm.cli.plan_main`` (no torch for --help), then ``run_plan``."""
+    from lm.cli import plan_main
 
-    ``zoo plan <model> --devices D ...`` prints the plan (or one JSON line with ``--json``).
-    """
-    from jsonargparse import ArgumentParser
+    return plan_main(argv)
 
-    parser = ArgumentParser(prog="zoo plan", description=__doc__.split("\n")[0], exit_on_error=False)
-    parser.add_argument("model", type=str, help="registered LM name, e.g. gemma2-27b, chinchilla-70b")
-    parser.add_argument("--devices", type=int, required=True, help="devices per node")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes (world size = nodes x devices)")
-    parser.add_argument("--seq_len", type=int, required=True, help="tokens per sequence")
-    parser.add_argument("--batch", type=int, required=True, help="global batch in sequences")
-    parser.add_argument("--strategy", type=str, default="fsdp", help="ddp | fsdp (FULL_SHARD) | hybrid")
-    parser.add_argument("--activation_checkpointing", action="store_true", help="per-block checkpointing")
-    parser.add_argument("--precision", type=str, default="bf16-mixed", help="bf16-mixed | 32-true")
-    parser.add_argument("--chip", type=str, default="h100", help=", ".join(CHIPS))
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation assumed for step time")
-    parser.add_argument("--memory_gb", type=float, default=None, help="device memory in GiB (default: the chip's)")
-    parser.add_argument("--attn_backend", type=str, default=None, help="eager | sdpa | flex (default: GPU choice)")
-    parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
+
+def run_plan(args: Any) -> int:
+    """Print the plan for the arguments ``lm.cli.plan_parser`` parsed (a user's mistake: one line, exit 2)."""
+    from lm.cli import user_error_line
+
     try:
-        args = parser.parse_args(argv)
-        kwargs = {k: v for k, v in vars(args).items() if k not in ("json", "__path__")}
-        result = plan(**kwargs)
-    except Exception as e:  # a user's mistake (bad value, unknown model, parse error): one line, no traceback
-        user_error = isinstance(e, (ValueError, KeyError)) or type(e).__module__.startswith(("jsonargparse",
-                                                                                            "argparse"))
-        if not user_error:
+        result = plan(**{k: v for k, v in vars(args).items() if k not in ("json", "__path__")})
+    except Exception as e:  # a user's mistake (bad value, unknown model): one line, no traceback
+        line = user_error_line("plan", e)
+        if line is None:
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        one_line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-        print(f"zoo plan: error: {one_line}", file=sys.stderr)
+        print(line, file=sys.stderr)
         return 2
     print(json.dumps(result.to_dict()) if args.json else format_plan(result))
     return 0

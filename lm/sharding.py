@@ -281,25 +281,8 @@ def consolidate(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 def consolidate_main(argv: list[str] | None = None) -> int:
-    """Turn a sharded (FSDP2) checkpoint folder into one checkpoint file that zoo.load_lm / export-hf read.
+    """``zoo consolidate <folder> --out <file.ckpt>``: parsed by ``lm.cli.consolidate_main``, then ``consolidate``."""
+    from lm.cli import consolidate_main as front
 
-    ``zoo consolidate <folder> --out <file.ckpt>``.
-    """
-    import sys
-
-    from zoo.cli.errors import parse_tool_args, tool_parser
-
-    parser = tool_parser("zoo consolidate", "A sharded checkpoint folder -> one checkpoint file.")
-    parser.add_argument("folder", help="the sharded checkpoint folder (e.g. runs/x/checkpoints/last.ckpt)")
-    parser.add_argument("--out", required=True, help="the single-file checkpoint to write")
-    args = parse_tool_args(parser, list(sys.argv[1:] if argv is None else argv), "consolidate")
-    if args is None:
-        return 2
-    try:
-        path = consolidate(args.folder, args.out)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"zoo consolidate: error: {err}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return front(argv)
 

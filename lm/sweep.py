@@ -435,44 +435,15 @@ def train_one(spec: RunSpec, cfg: SweepConfig) -> RunOutcome:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _parser() -> Any:
-    """jsonargparse, like every `zoo` subcommand: abbreviations refused, one-line errors (zoo.cli.errors)."""
-    from zoo.cli.errors import tool_parser
-
-    ap = tool_parser("zoo scaling", "Scaling-law sweeps and fits (Chinchilla, routed).")
-    sub = ap.add_subcommands(dest="cmd", required=True)
-    sw = tool_parser("zoo scaling sweep", "Train the sweep's runs not yet in <out_dir>/runs.csv.")
-    sw.add_argument("--config", required=True, help="sweep YAML, e.g. configs/scaling/stdlib_isoflop.yaml")
-    sw.add_argument("--dry-run", action="store_true", help="print the planned runs and their FLOPs; train nothing")
-    sw.add_argument("--limit", type=int, default=None, help="train at most this many runs now")
-    sw.add_argument("--out-dir", default=None, help="override the config's out_dir")
-    sub.add_subcommand("sweep", sw, help="train the sweep's runs not yet in <out_dir>/runs.csv")
-    ft = tool_parser("zoo scaling fit", "Fit a scaling law to a runs CSV, print it and write plots.")
-    ft.add_argument("csv", help="runs.csv written by `zoo scaling sweep`")
-    ft.add_argument("--approach", type=int, choices=(1, 2, 3), required=True,
-                    help="1: training-curve envelope, 2: IsoFLOP parabolas, 3: parametric L(N, D)")
-    ft.add_argument("--out", default=None, help="folder for the PNG plots (default: next to the CSV)")
-    ft.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for Approach 3 std errors")
-    ft.add_argument("--curves", default=None, help="training-curve folder for Approach 1 (default: <csv dir>/curves)")
-    sub.add_subcommand("fit", ft, help="fit a scaling law to a runs CSV, print it and write plots")
-    return ap
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Scaling-law sweeps (train a grid of model sizes) and fits (Chinchilla approaches 1-3).
+    """Scaling-law sweeps and fits (``zoo scaling``): parsed by ``lm.cli.scaling_main``, then ``run_scaling``."""
+    from lm.cli import scaling_main
 
-    `zoo scaling sweep --config ...` / `zoo scaling fit runs.csv --approach 1|2|3 [--out DIR]`.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "scaling":
-        argv = argv[1:]
-    from zoo.cli.errors import parse_tool_args
+    return scaling_main(argv)
 
-    parsed = parse_tool_args(_parser(), argv, "scaling")
-    if parsed is None:
-        return 2
-    args = parsed[parsed.cmd]
-    args.cmd = parsed.cmd
+
+def run_scaling(args: Any) -> int:
+    """Run the ``zoo scaling sweep|fit`` that ``lm.cli.scaling_parser`` parsed into ``args``; an exit code."""
     try:
         if args.cmd == "sweep":
             if args.limit is not None and args.limit < 1:

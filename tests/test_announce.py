@@ -7,7 +7,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
-from zoo.train.announce import RunSummary, StepProgressBar, resume_command, step_based
+from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, resume_command, step_based
 from zoo.train.trainer import build_trainer, complete_trainer_kwargs
 
 
@@ -73,3 +73,46 @@ def test_step_based_runs_get_a_step_bar_with_eta():
     assert len(bars) == 1
     line = StepProgressBar.line(50, 200, 10.0, 50, {"train/loss": 2.5})
     assert line == "step 50/200   25%  5.00 it/s  ETA 00:00:30  train/loss 2.5", line
+
+
+def test_model_table_has_no_column_of_zero_flops(tmp_path, capsys):
+    trainer = build_trainer(default_root_dir=str(tmp_path), accelerator="cpu", max_steps=1, enable_progress_bar=False,
+                            logger=False, enable_checkpointing=False)
+    assert sum(isinstance(c, ModelTable) for c in trainer.callbacks) == 1  # ours replaces Lightning's summary
+    trainer.fit(TinyLM(), _loader())
+    out = capsys.readouterr().out
+    assert "Params" in out and "Linear" in out and "Trainable params: 5" in out, out
+    assert "FLOPs" not in out  # TinyLM has no example_input_array: Lightning counted nothing
+
+
+def test_model_table_shows_flops_when_lightning_counted_some(tmp_path, capsys):
+    class WithExample(TinyLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.example_input_array = torch.randn(2, 4)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    trainer = build_trainer(default_root_dir=str(tmp_path), accelerator="cpu", max_steps=1, enable_progress_bar=False,
+                            logger=False, enable_checkpointing=False)
+    trainer.fit(WithExample(), _loader())
+    out = capsys.readouterr().out
+    assert "FLOPs" in out and "Total FLOPs: 16" in out, out  # 2 x (4 x 1) multiply-adds, counted as 2 FLOPs each
+
+
+def test_no_model_table_when_the_summary_is_turned_off():
+    kwargs = complete_trainer_kwargs({"max_steps": 3, "enable_model_summary": False})
+    assert not any(isinstance(c, ModelTable) for c in kwargs["callbacks"])
+
+
+def test_step_bar_ends_its_line_before_lightning_reports_the_stop(tmp_path, capsys):
+    trainer = build_trainer(default_root_dir=str(tmp_path), accelerator="cpu", max_steps=3, logger=False,
+                            enable_checkpointing=False, enable_model_summary=False)
+    bar = next(c for c in trainer.callbacks if isinstance(c, StepProgressBar))
+    trainer.fit(TinyLM(), _loader())
+    err = capsys.readouterr().err
+    # one final line, ended at the last step's epoch end (Lightning's "`Trainer.fit` stopped" comes after it),
+    # and not drawn a second time by on_train_end
+    assert bar._finished and err.count("\n") == 1 and err.endswith("\n"), repr(err)
+    assert err.rsplit("\r", 1)[-1].startswith("step 3/3  100%"), repr(err)

@@ -1,4 +1,5 @@
 """The `zoo` command: LightningCLI with the shared trainer, configs shipped, tool subcommands."""
+import os
 import re
 import subprocess
 import sys
@@ -181,7 +182,7 @@ def test_fit_help_describes_the_subcommand_and_the_overwrite_flag():
     fit_line = next(line for line in out.stdout.splitlines() if line.strip().startswith("fit "))
     assert "Train the model" in fit_line, fit_line
     fit = subprocess.run([sys.executable, "-m", "zoo.cli", "fit", "--help"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, env={**os.environ, "ZOO_HELP_CACHE": "0"})  # the live help
     assert "--overwrite" in fit.stdout and "start a fresh run" in fit.stdout
 
 

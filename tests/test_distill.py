@@ -145,3 +145,26 @@ def test_teacher_from_checkpoint_and_bad_inputs(tmp_path):
         Distill(student_overrides=TINY, teacher_ckpt=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="top_k must be"):
         Distill(student_overrides=TINY, teacher="gemma2-tiny", top_k=0)
+
+
+def test_precompute_shows_progress_with_total_and_eta(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from lm.distill import precompute_teacher_targets
+
+    dm = tiny_data(tmp_path)
+    dm.setup("fit")
+    module = Distill(student_overrides=TINY, teacher="gemma2-tiny", teacher_overrides=TINY, top_k=4)
+    module.configure_model()
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    n = len(dm.train_set)
+    precompute_teacher_targets(module.teacher, dm.train_set, tmp_path / "targets", 4, batch_size=4, progress=True)
+    batches = -(-n // 4)
+    text = err.getvalue()
+    assert f"teacher topk-4 targets ({n} windows, batches)" in text
+    assert f"{batches}/{batches}" in text and "ETA" in text
+    err.truncate(0)
+    precompute_teacher_targets(module.teacher, dm.train_set, tmp_path / "quiet", 4, batch_size=4)
+    assert err.getvalue() == ""  # not a terminal: nothing drawn by default

@@ -6,7 +6,8 @@
   ``byol_zoo.commands`` declared by the package that owns it (``zoo.cli.commands`` says why), so ``zoo`` never
   imports ``byol`` or ``lm``, not even by a string.
 
-``zoo --help`` is written here from those tables without importing torch or Lightning, so it returns at once.
+``zoo --help`` is written here from those tables without importing torch or Lightning, so it returns at once; the
+Lightning subcommands' own help is cached after its first rendering (``zoo.cli.help_cache``).
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def main_help(commands: dict[str, Command] | None = None) -> str:
 # Lightning's chatter that says nothing about the user's run: silenced in `zoo` unless ZOO_VERBOSE=1. Real warnings
 # stay visible. (pytest filters the same warnings in pyproject.toml.)
 QUIET_LOG_PREFIXES = ("\U0001f4a1 Tip:", "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:",
-                      "Loading `train_dataloader` to estimate number of stepping batches", "Seed set to")
+                      "Loading `train_dataloader` to estimate number of stepping batches", "Seed set to",
+                      "Trainer already configured with model summary callbacks")  # ours: zoo.train.announce.ModelTable
 QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a deprecated torch API
     r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
@@ -163,9 +165,19 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"did you mean {' or '.join(near)}? " if near else ""
         print(f"zoo: error: unknown subcommand {argv[0]!r}; {hint}zoo --help lists them all", file=sys.stderr)
         return 2
+    name = _first_word(argv) if _first_word(argv) in LIGHTNING_COMMANDS else "fit"
+    from zoo.cli import help_cache
+
+    if help_cache.is_help_request(argv):
+        # LightningCLI's help needs torch and Lightning; the same text, once rendered, comes from the cache
+        return help_cache.serve(argv, lambda: _run_lightning(argv, name))
+    return _run_lightning(argv, name)
+
+
+def _run_lightning(argv: list[str], name: str) -> int:
+    """Run ``zoo fit|validate|test|predict``; a refusal or outside stop is one line on stderr. The exit status."""
     from zoo.train.errors import RunError, UsageError
 
-    name = _first_word(argv) if _first_word(argv) in LIGHTNING_COMMANDS else "fit"
     try:
         run_cli(argv)
     except (ValueError, RunError) as e:

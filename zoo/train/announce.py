@@ -1,5 +1,6 @@
 """End-of-run announcements: where every output of a run went, the module's headline metrics, and, when a run is
-interrupted, the exact command that resumes it. Also a step-based progress bar for runs bounded by ``max_steps``.
+interrupted, the exact command that resumes it. Also a step-based progress bar for runs bounded by ``max_steps``
+and the model summary printed at the start of fit.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -135,6 +136,7 @@ class StepProgressBar(ProgressBar):
         self._start = 0.0
         self._first_step = 0
         self._last_draw = 0.0
+        self._finished = False
 
     def disable(self) -> None:
         self._enabled = False
@@ -153,7 +155,7 @@ class StepProgressBar(ProgressBar):
         return f"step {step}/{total}  {pct:3.0f}%  {rate:.2f} it/s  ETA {eta_text}" + (f"  {shown}" if shown else "")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._start, self._finished = time.perf_counter(), False
         self._first_step = trainer.global_step
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
@@ -173,11 +175,58 @@ class StepProgressBar(ProgressBar):
                            batch_idx: int) -> None:
         self._draw(trainer, pl_module)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the last step's line, with the last validation's metrics, ends here: before Lightning logs
+        # "`Trainer.fit` stopped: ..." (which would otherwise land on the bar's unfinished line)
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            self._draw(trainer, pl_module, final=True)
+            self._finished = True
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._draw(trainer, pl_module, final=True)
+        if not self._finished:
+            self._draw(trainer, pl_module, final=True)
 
 
 def step_based(kwargs: dict[str, Any]) -> bool:
     """Whether Trainer arguments bound the run by ``max_steps`` alone (no ``max_epochs``)."""
     steps = kwargs.get("max_steps")
     return steps is not None and steps > 0 and kwargs.get("max_epochs") in (None, -1)
+
+
+class ModelTable(ModelSummary):
+    """Lightning's model summary (name, type, parameters, mode per top-level module), without the FLOPs column when
+    Lightning measured none.
+
+    Lightning counts FLOPs only by running ``example_input_array`` through the model, which our modules do not set
+    (the LM's FLOPs per token are ``lm.flops``' and are logged as ``perf/mfu``): its table would show a column of
+    zeros and "Total FLOPs: 0". Only the public ``summarize`` hook is overridden.
+    """
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        """Print the table and the totals on the console (rich), the FLOPs only when some were counted."""
+        from lightning.pytorch.utilities.model_summary import get_formatted_model_size, get_human_readable_count
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs" or total_flops > 0]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        table.add_column(" ", style="dim")
+        for name, _ in columns[1:]:
+            table.add_column(name, justify="left" if name in ("Name", "Type", "Mode") else "right")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        lines = [("Trainable params", get_human_readable_count(int(trainable_parameters))),
+                 ("Non-trainable params", get_human_readable_count(int(total_parameters - trainable_parameters))),
+                 ("Total params", get_human_readable_count(int(total_parameters))),
+                 ("Total estimated model params size (MB)", get_formatted_model_size(model_size)),
+                 ("Modules in train mode", str(total_training_modes["train"])),
+                 ("Modules in eval mode", str(total_training_modes["eval"]))]
+        if total_flops > 0:
+            lines.append(("Total FLOPs", get_human_readable_count(int(total_flops))))
+        for label, value in lines:
+            console.print(f"[bold]{label}[/]: {value.strip()}", highlight=False)

@@ -13,13 +13,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import (Callback, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar,
+                                         RichProgressBar)
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo.files import atomic_path
-from zoo.train.announce import RunSummary, StepProgressBar, step_based  # noqa: F401 - RunSummary re-exported
+from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, step_based  # noqa: F401 - re-exported
 from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
 from zoo.train.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
@@ -242,12 +243,13 @@ class ResumeGuard(Callback):
 
 
 def default_callbacks(every_n_train_steps: int | None = None) -> list[Callback]:
-    """Checkpointing (last.ckpt), preemption save, lr monitor and the rich progress bar."""
+    """Checkpointing (last.ckpt), preemption save, lr monitor, the rich progress bar and the model table."""
     return [
         RootCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps),
         PreemptionCheckpoint(),
         LearningRateMonitor(logging_interval="step"),
         RichProgressBar(leave=True),
+        ModelTable(),  # Lightning's summary without its column of zero FLOPs
     ]
 
 
@@ -276,15 +278,18 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     user_types = {type(c) for c in user}
     has_ckpt = any(isinstance(c, ModelCheckpoint) for c in user)
     has_bar = any(isinstance(c, ProgressBar) for c in user)
+    has_summary = any(isinstance(c, ModelSummary) for c in user)
     extra = [c for c in default_callbacks()
              if type(c) not in user_types and not (isinstance(c, ModelCheckpoint) and has_ckpt)
-             and not (isinstance(c, ProgressBar) and has_bar)]
+             and not (isinstance(c, ProgressBar) and has_bar) and not (isinstance(c, ModelSummary) and has_summary)]
     if step_based(kwargs):  # Lightning's bars count batches per epoch and read "Epoch 0/-2" on max_steps runs
         extra = [StepProgressBar() if isinstance(c, RichProgressBar) else c for c in extra]
     if kwargs.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
         extra = [c for c in extra if not isinstance(c, (ModelCheckpoint, PreemptionCheckpoint))]
     if kwargs.get("enable_progress_bar") is False:
         extra = [c for c in extra if not isinstance(c, ProgressBar)]
+    if kwargs.get("enable_model_summary") is False:  # Lightning refuses a ModelSummary then
+        extra = [c for c in extra if not isinstance(c, ModelSummary)]
     if kwargs.get("logger") is False:
         extra = [c for c in extra if not isinstance(c, LearningRateMonitor)]
     callbacks = user + extra

@@ -8,15 +8,16 @@ import os
 import sys
 from pathlib import Path
 
-from zoo.weights import EXPORT_FORMAT, load_backbone
-from zoo.weights.safe_load import write_safetensors
-
 __all__ = ["export_backbone", "main"]
 
 
 def export_backbone(source: str | os.PathLike, out: str | os.PathLike, which: str = "online",
                     arch: str | None = None, padding: str | None = None) -> Path:
     """Write the encoder of ``source`` (anything ``load_backbone`` reads) to ``out`` as safetensors."""
+    # imported here, not at the top: `zoo export --help` parses without torch
+    from zoo.weights.backbone import EXPORT_FORMAT, load_backbone
+    from zoo.weights.safe_load import write_safetensors
+
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ValueError(f"--out {str(out)!r}: exports are safetensors files; name it <something>.safetensors.")

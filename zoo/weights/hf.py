@@ -342,34 +342,16 @@ def _load_model(spec: str, model_name: str | None, overrides: dict) -> tuple[Tra
 
 
 def main(argv: list[str]) -> int:
-    """Export a zoo language model (checkpoint, run folder or name) to a Hugging Face folder, tokenizer included.
+    """``zoo export-hf``: parsed by ``zoo.weights.hf_cli.main`` (no torch for ``--help``), then ``run_export_hf``."""
+    from zoo.weights.hf_cli import main as front
 
-    `zoo export-hf CKPT_OR_NAME --out DIR [--model NAME] [--tokenizer SPEC] [--set field=value ...] [--dtype ...]`.
-    """
+    return front(argv)
+
+
+def run_export_hf(args: argparse.Namespace, overrides: dict) -> int:
+    """Write the folder for the arguments ``zoo.weights.hf_cli`` parsed (``overrides``: the ``--set`` fields)."""
     from zoo.models.tokenizer import load_tokenizer, save_hf_tokenizer
 
-    ap = argparse.ArgumentParser(prog="zoo export-hf", description="Write a zoo language model as a Hugging Face "
-                                 "Gemma / Gemma 2 folder (weights, config and tokenizer) loadable by transformers.")
-    ap.add_argument("source", help="registry name (random init), an LM checkpoint or run folder, a .safetensors "
-                    "file (with --model), or an HF folder")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--model", help="registry name of the architecture; needed only for a bare .safetensors file "
-                    "(LM checkpoints record it)")
-    ap.add_argument("--tokenizer", help="tokenizer to write beside the weights ('byte', a tokenizer.json, a "
-                    "SentencePiece .model, or a folder); default: the one the checkpoint records")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a TransformerConfig field (value parsed as JSON, else a string)")
-    ap.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
-    args = ap.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            ap.error(f"--set {item!r}: expected FIELD=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
     model, recorded = _load_model(args.source, args.model, overrides)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     out = export_hf(model, args.out, dtype=dtype)
