@@ -2,8 +2,8 @@
 
 Ours runs through the real Lightning trainer (what `zoo fit` does); byol-pytorch runs its README loop.
     python bench/byol_step.py                      # CPU: resnet18, 64 px, batch 32
-    python bench/byol_step.py --device cuda --encoder resnet50 --size 224 --batch 256 --compile        # per-view forward
-    python bench/byol_step.py --device cuda --encoder resnet50 --size 224 --batch 256 --compile step   # whole step
+    python bench/byol_step.py --device cuda --encoder resnet50 --size 224 --batch 256 --compile       # per-view forward
+    python bench/byol_step.py --device cuda --encoder resnet50 --size 224 --batch 256 --compile step  # whole step
 Prints img/s of each and the ratio ours / byol-pytorch (last).
 """
 from __future__ import annotations

@@ -30,7 +30,8 @@ def _fit(root, steps, model=None, callbacks=(), ckpt_path=None, **kw):
     return model, trainer
 
 
-def _assert_close(eager, compiled, atol, logged=("train/loss", "train/cls_loss", "train/online_top1", "train/tau")):
+def _assert_close(eager, compiled, atol, logged=("train/loss", "train/cls_loss", "train/online_top1", "train/tau"),
+                  buffer_atol=None):
     (m1, t1), (m2, t2) = eager, compiled
     assert t1.global_step == t2.global_step
     s1, s2 = m1.state_dict(), m2.state_dict()
@@ -39,7 +40,7 @@ def _assert_close(eager, compiled, atol, logged=("train/loss", "train/cls_loss",
         assert torch.allclose(s1[k].float(), s2[k].float(), atol=atol, rtol=0), k
     o1, o2 = t1.optimizers[0].state_dict()["state"], t2.optimizers[0].state_dict()["state"]
     for i in o1:
-        assert torch.allclose(o1[i]["momentum_buffer"], o2[i]["momentum_buffer"], atol=atol, rtol=0), i
+        assert torch.allclose(o1[i]["momentum_buffer"], o2[i]["momentum_buffer"], atol=buffer_atol or atol, rtol=0), i
     assert t1.lr_scheduler_configs[0].scheduler.state_dict() == t2.lr_scheduler_configs[0].scheduler.state_dict()
     for k in logged:
         assert torch.allclose(t1.callback_metrics[k], t2.callback_metrics[k], atol=atol), k
@@ -63,7 +64,12 @@ SIMSIAM_TINY = dict(encoder="convnet_tiny", encoder_overrides={"widths": [8, 16,
 
 @pytest.mark.slow
 def test_simsiam_compiled_step_matches_eager_on_two_steps(tmp_path):
-    """SimSiam's whole step (its SGD with a fixed predictor lr as foreach ops, no EMA) trains to the eager numbers."""
+    """SimSiam's whole step (its SGD with a fixed predictor lr as foreach ops, no EMA) trains to the eager numbers.
+
+    Weights, batch-norm statistics and logs agree to 1e-5 (measured: 3e-7). The SGD momentum buffers hold the raw
+    gradients, up to 1.2 in size on the first conv (BYOL's LARS buffers are lr-scaled, far smaller), and each is a sum
+    over 8 x 32 x 32 positions that inductor's fused batch-norm/conv backward adds in another order: measured 1.1e-5
+    apart, i.e. 1e-5 relative, fp32 rounding. They are held to 2e-5."""
     from simsiam import SimSiam
 
     def fit(root, **kw):
@@ -72,7 +78,8 @@ def test_simsiam_compiled_step_matches_eager_on_two_steps(tmp_path):
 
     eager, compiled = fit(tmp_path / "eager"), fit(tmp_path / "compiled", compile="step")
     assert compiled[0]._whole_step is not None and compiled[0]._whole_step.eager_steps == 0
-    _assert_close(eager, compiled, atol=1e-5, logged=("train/loss", "train/cls_loss", "train/online_top1"))
+    _assert_close(eager, compiled, atol=1e-5, logged=("train/loss", "train/cls_loss", "train/online_top1"),
+                  buffer_atol=2e-5)
     lrs = [g["lr"] for g in compiled[1].optimizers[0].param_groups]
     assert lrs[1] > lrs[0]  # the predictor group kept its peak lr while the others decayed: the schedule really ran
 
