@@ -17,7 +17,12 @@ sync without a break). The eager reference is the same module with compile off.
 Prints a table and ONE JSON line with ``<case>_graph_breaks`` and ``<case>_recompiles`` (the issue-18 target: all
 zero) plus host syncs per step, eager and compiled ms per step and their ratio.
 
-    python bench/graph_breaks.py                                   # all five cases, inductor (~15 min on 2 cores)
+Timing on a shared machine: give it no more OpenMP threads than free cores (``OMP_NUM_THREADS=1`` on a busy 2-core
+box). An OpenMP thread that loses its core stalls every parallel region at the barrier, and a compiled step is
+hundreds of small parallel regions (inductor's kernels) where eager has a few large ones: with 2 threads under load
+8-12, BYOL resnet18 took 9.1 s eager and 10.3 s compiled per step, against 0.54 s and 0.75 s with one thread.
+
+    OMP_NUM_THREADS=1 python bench/graph_breaks.py                 # all five cases, inductor (~15 min on 2 cores)
     python bench/graph_breaks.py --cases lm_gemma2_dense --backend eager --steps 2 --seq 8 --lm-batch 1
 """
 from __future__ import annotations
