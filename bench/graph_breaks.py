@@ -15,7 +15,8 @@ the whole step (the compiled graphs themselves run outside the dispatch mode, wh
 sync without a break). The eager reference is the same module with compile off.
 
 Prints a table and ONE JSON line with ``<case>_graph_breaks`` and ``<case>_recompiles`` (the issue-18 target: all
-zero) plus host syncs per step, eager and compiled ms per step and their ratio.
+zero) plus host syncs per step, eager and compiled ms per step (wall, and the process's CPU time, which a shared
+machine's other jobs do not inflate) and their ratios.
 
 Timing on a shared machine: give it no more OpenMP threads than free cores (``OMP_NUM_THREADS=1`` on a busy 2-core
 box). An OpenMP thread that loses its core stalls every parallel region at the barrier, and a compiled step is
@@ -148,6 +149,7 @@ class Steps:
     def __init__(self, counter: CountingBackend | None = None) -> None:
         self.counter = counter
         self.times: list[float] = []
+        self.cpu: list[float] = []  # process CPU time: on a shared machine, the time the step itself computed
         self.syncs: list[HostSyncs] = []
         self.graphs: list[int] = []
         self._stack: ExitStack | None = None
@@ -156,11 +158,12 @@ class Steps:
         """Open the step: the sync counter goes on, the clock starts."""
         self._stack = ExitStack()
         self.syncs.append(self._stack.enter_context(count_host_syncs()))
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def end(self) -> None:
         """Close the step."""
         self.times.append(time.perf_counter() - self._t0)
+        self.cpu.append(time.process_time() - self._c0)
         self.close()
         self.graphs.append(self.counter.graphs if self.counter else 0)
 
@@ -175,6 +178,7 @@ class Steps:
         later = self.syncs[1:] or self.syncs
         worst = max(later, key=lambda s: s.total)
         out = {"ms": 1e3 * statistics.median(self.times[1:] or self.times), "first_step_s": self.times[0],
+               "cpu_ms": 1e3 * statistics.median(self.cpu[1:] or self.cpu),
                "host_syncs": worst.total,
                "host_sync_sites": {site: dict(ops) for site, ops in worst.per_site_ops().items()}}
         if self.counter is not None:
@@ -350,8 +354,8 @@ def _roundtrip(state: dict[str, Any]) -> dict[str, Any]:
 def _failed(err: Exception) -> dict[str, Any]:
     """The compiled result of a case whose compilation failed: the error, no figures."""
     msg = " ".join(str(err).split())
-    return {"ms": float("nan"), "first_step_s": float("nan"), "graph_breaks": None, "recompiles": None,
-            "host_syncs": None, "break_reasons": [], "recompile_reasons": [], "host_sync_sites": {},
+    return {"ms": float("nan"), "cpu_ms": float("nan"), "first_step_s": float("nan"), "graph_breaks": None,
+            "recompiles": None, "host_syncs": None, "break_reasons": [], "recompile_reasons": [], "host_sync_sites": {},
             "warmup_graphs": None, "error": f"{type(err).__name__}: {msg[:200]} ... {msg[-300:]}"}
 
 
@@ -378,20 +382,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"\ngraph breaks / recompiles / host syncs per step of the compiled steps (CPU, {torch.get_num_threads()} "
           f"threads, backend {args.backend}, {args.steps} steps + checkpoint resume + {RESUME_STEPS})")
     print(f"  {'case':<22}{'graphs':>7}{'breaks':>7}{'recomp':>7}{'syncs':>6}{'eager ms':>10}{'compiled ms':>12}"
-          f"{'ratio':>7}{'1st step s':>11}")
+          f"{'ratio':>7}{'eager cpu':>10}{'comp. cpu':>10}{'ratio':>7}{'1st step s':>11}")
     line: dict[str, Any] = {"bench": "graph_breaks", "date": date.today().isoformat(),
                             "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
                             "torch": torch.__version__, "backend": args.backend, "steps": args.steps}
     for name, r in results.items():
         e, c = r["eager"], r["compiled"]
         ratio = e["ms"] / c["ms"]  # eager / compiled: > 1 means the compiled step is faster; nan when it failed
+        cpu_ratio = e["cpu_ms"] / c["cpu_ms"]
         print(f"  {name:<22}{str(c['warmup_graphs']):>7}{str(c['graph_breaks']):>7}{str(c['recompiles']):>7}"
-              f"{str(c['host_syncs']):>6}{e['ms']:>10.1f}{c['ms']:>12.1f}{ratio:>7.2f}{c['first_step_s']:>11.1f}")
+              f"{str(c['host_syncs']):>6}{e['ms']:>10.1f}{c['ms']:>12.1f}{ratio:>7.2f}"
+              f"{e['cpu_ms']:>10.1f}{c['cpu_ms']:>10.1f}{cpu_ratio:>7.2f}{c['first_step_s']:>11.1f}")
         failed = bool(c.get("error"))
         line.update({f"{name}_graph_breaks": c["graph_breaks"], f"{name}_recompiles": c["recompiles"],
                      f"{name}_host_syncs_per_step": c["host_syncs"], f"{name}_eager_ms": round(e["ms"], 2),
                      f"{name}_compiled_ms": None if failed else round(c["ms"], 2),
-                     f"{name}_speedup": None if failed else round(ratio, 3)})
+                     f"{name}_speedup": None if failed else round(ratio, 3),
+                     f"{name}_eager_cpu_ms": round(e["cpu_ms"], 2),
+                     f"{name}_compiled_cpu_ms": None if failed else round(c["cpu_ms"], 2),
+                     f"{name}_cpu_speedup": None if failed else round(cpu_ratio, 3)})
     for name, r in results.items():
         c = r["compiled"]
         print(f"\n{name}:")
