@@ -2,7 +2,8 @@
 
 Ours runs through the real Lightning trainer (what `zoo fit` does); byol-pytorch runs its README loop.
     python bench/byol_step.py                      # CPU: resnet18, 64 px, batch 32
-    python bench/byol_step.py --device cuda --encoder resnet50 --size 224 --batch 256 --compile
+    python bench/byol_step.py --device cuda --encoder resnet50 --size 224 --batch 256 --compile       # per-view forward
+    python bench/byol_step.py --device cuda --encoder resnet50 --size 224 --batch 256 --compile step  # whole step
 Prints img/s of each and the ratio ours / byol-pytorch (last).
 """
 from __future__ import annotations
@@ -75,10 +76,14 @@ class StepTimer(pl.Callback):
         return (self.t1 - self.t0) / self.timed
 
 
+COMPILE = {None: False, "view": True, "step": "step"}  # --compile -> BYOL(compile=...) and the JSON's "compile"
+
+
 def ours(args) -> float:
     from byol import BYOL
 
-    model = BYOL(encoder=args.encoder, image_size=args.size, num_classes=10, compile=args.compile, warmup_steps=1)
+    model = BYOL(encoder=args.encoder, image_size=args.size, num_classes=10, warmup_steps=1,
+                 compile=COMPILE[args.compile])
     timer = StepTimer(args.device, args.warmup)
     trainer = pl.Trainer(accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_steps=args.warmup + args.steps,
                          precision="bf16-mixed" if args.device == "cuda" else "32-true", logger=False,
@@ -120,7 +125,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="view", default=None, choices=["view", "step"],
+                   help="BYOL(compile=True) (view: the per-view forward) or compile='step' (the whole step)")
     p.add_argument("--out")
     args = p.parse_args()
     if args.device == "cuda":
@@ -131,11 +137,11 @@ def main() -> None:
     t_ours = ours(args)
     ips_ours, ips_peer = args.batch / t_ours, args.batch / t_peer
     report(f"BYOL step, {args.encoder} {args.size}px batch {args.batch} on {machine(args.device)}"
-           f"{' (compiled)' if args.compile else ''}",
+           f"{f' (compiled: {args.compile})' if args.compile else ''}",
            [("byol-zoo (Lightning, aug included)", ips_ours, "img/s"), ("byol-pytorch 0.9.1", ips_peer, "img/s"),
             ("ratio ours / byol-pytorch", ips_ours / ips_peer, "x")],
            {"bench": "byol_step", "machine": machine(args.device), "encoder": args.encoder, "size": args.size,
-            "batch": args.batch, "compile": args.compile, "ours_img_s": round(ips_ours, 2),
+            "batch": args.batch, "compile": COMPILE[args.compile], "ours_img_s": round(ips_ours, 2),
             "byol_pytorch_img_s": round(ips_peer, 2), "ratio": round(ips_ours / ips_peer, 3)}, args.out)
 
 

@@ -53,9 +53,10 @@ else
   step loader              60 bench/loader.py --device "$dev" --images 1024 --batch 256 --bf16
   step byol_step           90 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5
   step byol_step_compiled 170 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5 --compile
+  step byol_step_whole    170 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5 --compile step
   step lm_step            120 bench/lm_step.py
   step probe               45 bench/probe.py --device "$dev" --backbone random:resnet50 --image-size 64 --resize 64 --epochs 30
   # Issue 18's compile proof (CPU-side: graph breaks, recompiles, host syncs; dynamo's counts need no inductor).
-  step graph_breaks        90 bench/graph_breaks.py --backend eager
+  step graph_breaks       120 bench/graph_breaks.py --backend eager
 fi
 echo "== done in $((SECONDS - start))s"; cat "$results"; python3 bench/to_markdown.py "$results"; rm -rf "$tmp"

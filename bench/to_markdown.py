@@ -32,7 +32,7 @@ def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
                  _num(result["ours_img_s"], "img/s"), f"PIL + torchvision v2, 1 core {_num(result['peer_img_s'], 'img/s')}", f"{result['ratio']:.2f}x",
                  result["card"])]
     if bench == "byol_step":
-        tag = " compiled" if result["compile"] else ""
+        tag = {"step": " compiled (whole step)", True: " compiled"}.get(result["compile"], "")
         return [(f"BYOL step {result['encoder']} {result['size']} px, batch {result['batch']}{tag}",
                  _num(result["ours_img_s"], "img/s"), f"byol-pytorch {_num(result['byol_pytorch_img_s'], 'img/s')}",
                  f"{result['ratio']:.2f}x", result["machine"])]

@@ -1,11 +1,30 @@
 """Batch norm over every process's batch under DDP: torch's SyncBatchNorm with NCCL, ``GlobalBatchNorm`` with gloo."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 
 __all__ = ["GlobalBatchNorm", "ZooSyncBatchNorm"]
+
+
+class _TracedAllReduceSum(torch.autograd.Function):
+    """A differentiable sum over ranks in functional collectives, which ``torch.compile`` traces into its graph
+    (``torch.distributed.nn.functional.all_reduce`` refuses to run under it); the gradient is summed the same way."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed import _functional_collectives as funcol, group
+
+        return funcol.all_reduce(x, "sum", group.WORLD)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        from torch.distributed import _functional_collectives as funcol, group
+
+        return funcol.all_reduce(grad.contiguous(), "sum", group.WORLD)
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -23,6 +42,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         import torch.distributed as dist
         from torch.distributed.nn.functional import all_reduce
 
+        if torch.compiler.is_compiling():  # model.compile: step traces the forward, collectives included
+            all_reduce = _TracedAllReduceSum.apply
         self._check_input_dim(x)
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)

@@ -56,14 +56,17 @@ class WholeStep:
         forward: ``(images, view_params, labels) -> (total, loss, cls_loss, top1, finite)``.
         update: ``(groups, lrs, scalars) -> finite flag of the new state``; mutates parameters and optimizer state.
         compile: compile the functions (False runs the same code eagerly: the reference of the equivalence test).
+        backend: the ``torch.compile`` backend (a name or a callable, e.g. a graph-counting one in
+            ``bench/graph_breaks.py``).
+        fullgraph: a graph break is an error (the training default); False lets a profiler count the breaks instead.
     """
 
-    def __init__(self, forward: Callable, update: Callable, compile: bool = True) -> None:
+    def __init__(self, forward: Callable, update: Callable, compile: bool = True, backend: str | Callable = "inductor",
+                 fullgraph: bool = True) -> None:
         self.eager_forward, self.eager_update = forward, update
         if compile:
-            self.forward = torch.compile(forward, fullgraph=True)
-            self.update = torch.compile(update, fullgraph=True)
-            self.restore = torch.compile(masked_restore, fullgraph=True)
+            self.forward, self.update, self.restore = (torch.compile(f, fullgraph=fullgraph, backend=backend)
+                                                       for f in (forward, update, masked_restore))
         else:
             self.forward, self.update, self.restore = forward, update, masked_restore
         self.shape: tuple | None = None  # (shape, dtype) of the batch the graphs are compiled for
