@@ -57,16 +57,24 @@ def eval_parser() -> Any:
     return parser
 
 
+def _subcommand_args(parser: Any, argv: list[str], tool: str, dest: str) -> Any:
+    """The chosen subcommand's arguments with its name at ``dest``, or None when parsing failed (already said)."""
+    parsed = parse_tool_args(parser, argv, tool)
+    if parsed is None:
+        return None
+    args = parsed[parsed[dest]]
+    args[dest] = parsed[dest]
+    return args
+
+
 def eval_main(argv: list[str] | None = None) -> int:
     """Language-model evaluations: needle in a haystack, perplexity and bits per byte.
 
     ``zoo eval needle|ppl ...``: run one evaluation, print a table and a JSON line, return an exit code.
     """
-    parsed = parse_tool_args(eval_parser(), _argv(argv), "eval")
-    if parsed is None:
+    args = _subcommand_args(eval_parser(), _argv(argv), "eval", "eval")
+    if args is None:
         return 2
-    args = parsed[parsed.eval]
-    args.eval = parsed.eval
     from lm.evals import run_eval
 
     return run_eval(args)
@@ -102,11 +110,9 @@ def scaling_main(argv: list[str] | None = None) -> int:
     argv = _argv(argv)
     if argv and argv[0] == "scaling":
         argv = argv[1:]
-    parsed = parse_tool_args(scaling_parser(), argv, "scaling")
-    if parsed is None:
+    args = _subcommand_args(scaling_parser(), argv, "scaling", "cmd")
+    if args is None:
         return 2
-    args = parsed[parsed.cmd]
-    args.cmd = parsed.cmd
     from lm.sweep import run_scaling
 
     return run_scaling(args)
