@@ -110,9 +110,12 @@ def test_step_bar_ends_its_line_before_lightning_reports_the_stop(tmp_path, caps
     trainer = build_trainer(default_root_dir=str(tmp_path), accelerator="cpu", max_steps=3, logger=False,
                             enable_checkpointing=False, enable_model_summary=False)
     bar = next(c for c in trainer.callbacks if isinstance(c, StepProgressBar))
+    bar.refresh_seconds = 0.0  # draw every step, so the last step is drawn before the final line too
     trainer.fit(TinyLM(), _loader())
     err = capsys.readouterr().err
     # one final line, ended at the last step's epoch end (Lightning's "`Trainer.fit` stopped" comes after it),
     # and not drawn a second time by on_train_end
     assert bar._finished and err.count("\n") == 1 and err.endswith("\n"), repr(err)
     assert err.rsplit("\r", 1)[-1].startswith("step 3/3  100%"), repr(err)
+    # the final line is not written again when the last redraw already shows it (a log file would hold it twice)
+    assert err.count("step 3/3  100%") == 1, repr(err)

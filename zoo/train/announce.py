@@ -137,6 +137,7 @@ class StepProgressBar(ProgressBar):
         self._first_step = 0
         self._last_draw = 0.0
         self._finished = False
+        self._last_drawn = (-1, {})  # (step, metrics) of the line on screen
 
     def disable(self) -> None:
         self._enabled = False
@@ -168,8 +169,12 @@ class StepProgressBar(ProgressBar):
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
         text = self.line(trainer.global_step, int(trainer.max_steps), now - self._start,
                          trainer.global_step - self._first_step, metrics)
-        sys.stderr.write("\r" + text[:119].ljust(80) + ("\n" if final else ""))
+        # a final line showing the same step and metrics as the one on screen only ends it: redrawing it (with a
+        # rate a few microseconds newer) would repeat it in a log file
+        same = (trainer.global_step, metrics) == self._last_drawn
+        sys.stderr.write(("" if final and same else "\r" + text[:119].ljust(80)) + ("\n" if final else ""))
         sys.stderr.flush()
+        self._last_drawn = (trainer.global_step, metrics)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
