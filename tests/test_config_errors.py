@@ -148,3 +148,42 @@ def test_bad_dataset_path_is_one_line_and_creates_no_folder(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"zoo fit: error: data.dataset='imagefolder:{tmp_path / 'nope'}' cannot be read:"), err
     assert not run.exists()  # no logs/, tb/, checkpoints/ or lock left behind
+
+
+@pytest.mark.parametrize("config, args, start", [
+    # a constructor refusing a value or a missing file: jsonargparse wraps it in its union wording; we print it alone
+    (DIGITS, ["--model.init_args.encoder", "resnet_nope"],
+     "zoo fit: error: byol.BYOL: unknown model 'resnet_nope'. Did you mean resnet50"),
+    (DIGITS, ["--model.init_args.encoder", "timm:nope_net"], "zoo fit: error: byol.BYOL: timm has no model 'nope_net'"),
+    (DIGITS, ["--model.init_args.augment_overrides", "{crop_sampler: x}"],
+     "zoo fit: error: byol.BYOL: crop_sampler='x' is not one of"),
+    (str(ROOT / "configs" / "lm" / "stdlib_distill_tiny.yaml"), ["--model.init_args.teacher_ckpt", "nope/last.ckpt"],
+     "zoo fit: error: lm.Distill: checkpoint 'nope/last.ckpt' does not exist"),
+])
+def test_constructor_refusal_is_one_line_without_the_union_wording(tmp_path, capsys, config, args, start):
+    from zoo.cli import main
+
+    run = tmp_path / "run"
+    code = main(["fit", "--config", config, "--trainer.default_root_dir", str(run), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(start) and len(err.strip().splitlines()) == 1, err
+    assert "Union" not in err and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_a_bug_inside_a_constructor_keeps_its_traceback():
+    from zoo.cli import constructor_error
+
+    def wrapped(inner: BaseException) -> ValueError:
+        try:
+            try:
+                raise inner
+            except BaseException as e:
+                raise ValueError("Does not validate against any of the Union subtypes\nGiven value: "
+                                 "Namespace(class_path='byol.BYOL')") from e
+        except ValueError as outer:
+            return outer
+
+    assert constructor_error(wrapped(FileNotFoundError("no such file x"))) == "byol.BYOL: no such file x"
+    assert constructor_error(wrapped(AttributeError("'NoneType' object has no attribute 'x'"))) is None
+    assert constructor_error(ValueError("a plain error raised while training")) is None

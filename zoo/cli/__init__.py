@@ -188,7 +188,32 @@ def _run_lightning(argv: list[str], name: str) -> int:
             seen.add(id(cause))
             cause = cause.__cause__ or cause.__context__
         if cause is None or id(cause) in seen:
-            raise
+            line = constructor_error(e)
+            if line is None:
+                raise  # not a refusal: a bug keeps its traceback
+            print(f"zoo {name}: error: {line}", file=sys.stderr)
+            return 2
         print(f"zoo {name}: error: {cause}", file=sys.stderr)
         return 2 if isinstance(cause, UsageError) else 1
     return 0
+
+
+# jsonargparse's wording when a class in the config could not be built (its constructor raised)
+_INSTANTIATION_WRAPPER = "Does not validate against any of the Union subtypes"
+
+
+def constructor_error(err: BaseException) -> str | None:
+    """One line for a class's constructor refusing its arguments while LightningCLI builds it (a missing file, a
+    bad value), which jsonargparse wraps in its union-type wording; None for anything else."""
+    if _INSTANTIATION_WRAPPER not in str(err):
+        return None
+    root, seen = err, set()  # the constructor's own exception: the first in the chain that is not the wrapper
+    while root is not None and _INSTANTIATION_WRAPPER in str(root) and id(root) not in seen:
+        seen.add(id(root))
+        root = root.__cause__ or root.__context__
+    if root is None or not isinstance(root, (ValueError, OSError)) or _INSTANTIATION_WRAPPER in str(root):
+        return None  # a TypeError, KeyError, AttributeError... inside a constructor is a bug: keep the traceback
+    import re
+
+    built = re.search(r"class_path='([^']+)'", str(err))
+    return f"{built.group(1)}: {root}" if built else str(root)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from zoo.models.registry import register
+from zoo.models.registry import UnknownModelError, register
 from zoo.models.transformer import Transformer, TransformerConfig
 
 CONFIGS: dict[str, TransformerConfig] = {}
@@ -98,7 +98,7 @@ def get_config(name: str, **overrides) -> TransformerConfig:
 
         close = difflib.get_close_matches(name, list(CONFIGS), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown language model {name!r}.{hint} Known: see zoo.models.lm_configs.CONFIGS")
+        raise UnknownModelError(f"unknown language model {name!r}.{hint} Known: see zoo.models.lm_configs.CONFIGS")
     return CONFIGS[name].replace(**overrides)
 
 

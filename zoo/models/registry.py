@@ -12,6 +12,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+class UnknownModelError(KeyError, ValueError):
+    """A model name the registry does not know. A ``KeyError`` (a failed lookup) and a ``ValueError`` (a bad
+    argument value, which is how the CLI recognises a refusal it prints in one line); prints without quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 # Modules whose import registers model families. Listed by name so zoo never imports byol/lm.
 _FAMILY_MODULES = ("zoo.models.vision", "zoo.models.lm_configs", "zoo.models.multimodal")
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -62,7 +70,7 @@ def create(name: str, device: str | torch.device | None = None, **overrides) -> 
     else:
         close = difflib.get_close_matches(name, available(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise KeyError(f"unknown model {name!r}.{hint} See zoo.available() for every name, or use 'timm:<name>'.")
+        raise UnknownModelError(f"unknown model {name!r}.{hint} See zoo.available() for every name, or use 'timm:<name>'.")
     if device is None:
         return builder(**overrides)
     with torch.device(device):

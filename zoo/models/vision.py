@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from zoo.models.registry import register
+from zoo.models.registry import UnknownModelError, register
 
 # (block, layers) per depth: He et al. 2016 Table 1; ResNet-200 as in BYOL (Table 6, from He et al. 2016b).
 RESNET_DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
@@ -146,7 +146,7 @@ def timm_encoder(model_name: str, **kwargs) -> nn.Module:
     try:
         return timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
     except RuntimeError as err:  # timm raises RuntimeError("Unknown model ...")
-        raise KeyError(f"timm has no model {model_name!r}; list them with timm.list_models()") from err
+        raise UnknownModelError(f"timm has no model {model_name!r}; list them with timm.list_models()") from err
 
 
 def feature_tokens(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
