@@ -121,10 +121,8 @@ def scaling_main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------------ zoo plan
 def plan_parser() -> Any:
     """The ``zoo plan`` parser."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="zoo plan", description="Plan a sharded LM run: per-device memory, FLOPs and step "
-                            "time, from the meta-device model.", exit_on_error=False)
+    parser = tool_parser("zoo plan", "Plan a sharded LM run: per-device memory, FLOPs and step time, from the "
+                         "meta-device model.")
     parser.add_argument("model", type=str, help="registered LM name, e.g. gemma2-27b, chinchilla-70b")
     parser.add_argument("--devices", type=int, required=True, help="devices per node")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (world size = nodes x devices)")
@@ -143,28 +141,13 @@ def plan_parser() -> Any:
     return parser
 
 
-def user_error_line(tool: str, err: Exception) -> str | None:
-    """``zoo <tool>: error: <one line>`` for a user's mistake (bad value, unknown name, parse error), else None."""
-    user_error = isinstance(err, (ValueError, KeyError)) or type(err).__module__.startswith(("jsonargparse",
-                                                                                          "argparse"))
-    if not user_error:
-        return None
-    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    return f"zoo {tool}: error: " + " ".join(part.strip() for part in str(message).splitlines() if part.strip())
-
-
 def plan_main(argv: list[str] | None = None) -> int:
     """Plan a sharded LM run: per-device memory, FLOPs and step time, from the meta-device model.
 
     ``zoo plan <model> --devices D ...`` prints the plan (or one JSON line with ``--json``).
     """
-    try:
-        args = plan_parser().parse_args(argv)
-    except Exception as e:  # a parse error: one line, no traceback
-        line = user_error_line("plan", e)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
+    args = parse_tool_args(plan_parser(), _argv(argv), "plan")
+    if args is None:
         return 2
     from lm.plan import run_plan
 

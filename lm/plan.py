@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_plan(args: Any) -> int:
     """Print the plan for the arguments ``lm.cli.plan_parser`` parsed (a user's mistake: one line, exit 2)."""
-    from lm.cli import user_error_line
+    from zoo.cli.errors import user_error_line
 
     try:
         result = plan(**{k: v for k, v in vars(args).items() if k not in ("json", "__path__")})

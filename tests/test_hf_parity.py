@@ -96,7 +96,7 @@ def test_export_round_trip_loads_in_transformers(saved, tmp_path):
         assert (back(ids).logits - ours(ids)).abs().max().item() <= 1e-4
 
 
-def test_export_hf_cli_from_checkpoint_file(tmp_path):
+def test_export_hf_cli_from_checkpoint_file(tmp_path, capsys):
     import zoo
     from safetensors.torch import save_file
 
@@ -110,8 +110,14 @@ def test_export_hf_cli_from_checkpoint_file(tmp_path):
     ids = torch.randint(3, VOCAB, (1, 90))  # longer than gemma2-tiny's window of 64
     with torch.no_grad():
         assert (back(ids).logits - model(ids)).abs().max().item() <= 1e-4
-    with pytest.raises(ValueError, match="--model"):
-        main([str(ckpt), "--out", str(tmp_path / "x")])
+    capsys.readouterr()
+    # a bare .safetensors file without --model: one line naming the missing flag, exit 2, no traceback
+    assert main([str(ckpt), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo export-hf: error: ") and "--model" in err and len(err.strip().splitlines()) == 1, err
+    # as every tool: an abbreviated flag is refused, not taken as --out
+    assert main([str(ckpt), "--ou", str(tmp_path / "y"), "--model", "gemma2-tiny"]) == 2
+    assert "unknown key ou" in capsys.readouterr().err and not (tmp_path / "y").exists()
     with pytest.raises(ValueError, match="positions"):
         export_hf(zoo.create("gopher-tiny", n_layers=1), tmp_path / "gopher")
 

@@ -162,6 +162,9 @@ def test_cli_table_fits_100_columns_and_json_is_one_line(capsys):
     (["gemma-tiny", "--devices", "2", "--seq_len", "64", "--batch", "8", "--strategy", "zero"], "--strategy='zero'"),
     (["gemma-tiny", "--devices", "2", "--seq_len", "64", "--batch", "8", "--chip", "h300"], "--chip='h300'"),
     (["gemma-tiny", "--devices", "2", "--seq_len", "64"], "batch"),
+    # an abbreviation is refused (as for every tool), not taken as --seq_len
+    (["gemma-tiny", "--devices", "2", "--seq", "64", "--batch", "8"], "unknown key seq (from flag --seq); did you "
+     "mean seq_len?"),
 ])
 def test_bad_input_is_one_clear_line(capsys, argv, message):
     assert main(argv) == 2

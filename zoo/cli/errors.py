@@ -205,3 +205,14 @@ def _all_actions(parser: Any) -> list[Any]:
         for sub in (getattr(action, "choices", None) or {}).values() if hasattr(action, "_name_parser_map") else ():
             actions += _all_actions(sub)
     return actions
+
+
+def user_error_line(tool: str, err: Exception) -> str | None:
+    """``zoo <tool>: error: <one line>`` for a user's mistake (bad value, unknown name, missing file, parse error),
+    else None (a bug keeps its traceback)."""
+    user_error = isinstance(err, (ValueError, KeyError, OSError)) or type(err).__module__.startswith(("jsonargparse",
+                                                                                          "argparse"))
+    if not user_error:
+        return None
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return f"zoo {tool}: error: " + " ".join(part.strip() for part in str(message).splitlines() if part.strip())

@@ -7,10 +7,10 @@ the pre-MLP norm; in Gemma 2 it is a real post-attention norm and the pre-MLP no
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -348,7 +348,7 @@ def main(argv: list[str]) -> int:
     return front(argv)
 
 
-def run_export_hf(args: argparse.Namespace, overrides: dict) -> int:
+def run_export_hf(args: Any, overrides: dict) -> int:
     """Write the folder for the arguments ``zoo.weights.hf_cli`` parsed (``overrides``: the ``--set`` fields)."""
     from zoo.models.tokenizer import load_tokenizer, save_hf_tokenizer
 
