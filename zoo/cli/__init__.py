@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 from zoo.cli.commands import Command, registered_commands
 
@@ -183,11 +185,8 @@ def _run_lightning(argv: list[str], name: str) -> int:
     except (ValueError, RunError) as e:
         # refused before or at the start of training (exit 2), or stopped by an outside condition such as a full
         # disk (exit 1): one line, no traceback. jsonargparse wraps a constructor's error: look down the chain.
-        seen, cause = set(), e
-        while cause is not None and not isinstance(cause, (UsageError, RunError)) and id(cause) not in seen:
-            seen.add(id(cause))
-            cause = cause.__cause__ or cause.__context__
-        if cause is None or id(cause) in seen:
+        cause = next((c for c in exception_chain(e) if isinstance(c, (UsageError, RunError))), None)
+        if cause is None:
             line = constructor_error(e)
             if line is None:
                 raise  # not a refusal: a bug keeps its traceback
@@ -196,6 +195,15 @@ def _run_lightning(argv: list[str], name: str) -> int:
         print(f"zoo {name}: error: {cause}", file=sys.stderr)
         return 2 if isinstance(cause, UsageError) else 1
     return 0
+
+
+def exception_chain(err: BaseException) -> Iterator[BaseException]:
+    """``err``, then what it was raised from or during, and so on down (each exception once)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
 
 # jsonargparse's wording when a class in the config could not be built (its constructor raised)
@@ -207,13 +215,9 @@ def constructor_error(err: BaseException) -> str | None:
     bad value), which jsonargparse wraps in its union-type wording; None for anything else."""
     if _INSTANTIATION_WRAPPER not in str(err):
         return None
-    root, seen = err, set()  # the constructor's own exception: the first in the chain that is not the wrapper
-    while root is not None and _INSTANTIATION_WRAPPER in str(root) and id(root) not in seen:
-        seen.add(id(root))
-        root = root.__cause__ or root.__context__
-    if root is None or not isinstance(root, (ValueError, OSError)) or _INSTANTIATION_WRAPPER in str(root):
+    # the constructor's own exception: the first in the chain that is not the wrapper
+    root = next((c for c in exception_chain(err) if _INSTANTIATION_WRAPPER not in str(c)), None)
+    if not isinstance(root, (ValueError, OSError)):
         return None  # a TypeError, KeyError, AttributeError... inside a constructor is a bug: keep the traceback
-    import re
-
     built = re.search(r"class_path='([^']+)'", str(err))
     return f"{built.group(1)}: {root}" if built else str(root)
