@@ -41,6 +41,25 @@ def test_fit_through_the_cli_writes_last_checkpoint(tmp_path):
     assert (tmp_path / "logs").is_dir() and (tmp_path / "tb").is_dir()  # CSV and TensorBoard loggers
 
 
+def test_validate_runs_through_the_cli_and_every_help_section_title_is_whole():
+    import re
+
+    from zoo.cli import help_cache
+
+    cli = run_cli(["validate", "--config", str(ROOT / "configs/byol/digits.yaml"), "--trainer.limit_val_batches", "1",
+                   "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+                   "--data.init_args.batch_size", "16", "--model.init_args.projector_hidden", "32"])
+    assert "val/online_top1" in cli.trainer.callback_metrics  # ZooTrainer.validate is Lightning's, retitled
+    for name in help_cache.SHIPPED_COMMANDS:
+        text = (help_cache.SHIPPED_DIR / f"{name}.txt").read_text()
+        titles = re.findall(r"^([^ \n].*):$", text, flags=re.M)  # argparse section titles end with ":"
+        assert len(titles) >= 5, titles
+        for title in titles:
+            # whole sentences within 80 columns: no docstring cut at its first line, no bare <class '...'>
+            assert len(title) < 80 and not title.startswith("<class") and title.count("(") == title.count(")"), title
+            assert not title.rstrip(".").endswith((" your", " to", " the", " is")), title
+
+
 def test_print_config_and_unknown_key_via_console_script():
     out = subprocess.run([sys.executable, "-m", "zoo.cli", "fit", "--config", "configs/byol/digits.yaml", "--print_config"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)

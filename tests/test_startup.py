@@ -61,14 +61,18 @@ def test_key_follows_source_configs_width_and_arguments(tmp_path, monkeypatch):
     module.write_text("x = 1\n")
     config = tmp_path / "c.yaml"
     config.write_text("trainer:\n  max_epochs: 1\n")
-    monkeypatch.setenv("COLUMNS", "100")
+    monkeypatch.setenv("COLUMNS", "70")
     argv = ["fit", "--config", str(config), "--help"]
     key = help_cache.help_key(argv, [pkg])
     assert help_cache.help_key(argv, [pkg]) == key  # deterministic
     assert help_cache.help_key(["fit", "--help"], [pkg]) != key
-    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("COLUMNS", "60")
     assert help_cache.help_key(argv, [pkg]) != key
     monkeypatch.setenv("COLUMNS", "100")
+    wide = help_cache.help_key(argv, [pkg])
+    monkeypatch.setenv("COLUMNS", "200")
+    assert help_cache.help_key(argv, [pkg]) == wide != key  # help is at most 80 columns wide: one key above that
+    monkeypatch.setenv("COLUMNS", "70")
     config.write_text("trainer:\n  max_epochs: 2\n")
     assert help_cache.help_key(argv, [pkg]) != key
     config.write_text("trainer:\n  max_epochs: 1\n")
@@ -92,12 +96,12 @@ def test_serve_stores_live_help_and_reprints_it(tmp_path, monkeypatch, capsys):
         print("usage: zoo fit [-h]\n\nlive help")
         raise SystemExit(0)
 
-    assert help_cache.serve(["fit", "--help"], live) == 0
+    assert help_cache.serve(["fit", "--model.help", "X"], live) == 0
     first = capsys.readouterr().out
-    assert help_cache.serve(["fit", "--help"], live) == 0
+    assert help_cache.serve(["fit", "--model.help", "X"], live) == 0
     assert capsys.readouterr().out == first == "usage: zoo fit [-h]\n\nlive help\n" and len(calls) == 1
     monkeypatch.setenv("ZOO_HELP_CACHE", "0")  # turned off: always live
-    assert help_cache.serve(["fit", "--help"], live) == 0 and len(calls) == 2
+    assert help_cache.serve(["fit", "--model.help", "X"], live) == 0 and len(calls) == 2
 
 
 def test_a_failed_help_is_not_cached(tmp_path, monkeypatch, capsys):
@@ -110,19 +114,126 @@ def test_a_failed_help_is_not_cached(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.glob("help/*.txt"))
 
 
-def test_fit_help_second_call_is_the_cached_live_text_without_torch(tmp_path):
-    code = ("import sys; from zoo.cli import main; rc = main(sys.argv[1:]); "
-            "print('torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
-    env = _env(ZOO_CACHE_DIR=str(tmp_path), COLUMNS="100")
-    runs = [subprocess.run([sys.executable, "-c", code, "fit", "--help"], cwd=ROOT, capture_output=True, text=True,
-                           env=env, timeout=600) for _ in range(2)]
-    live, cached = runs
+TORCH_PROBE = ("import sys; from zoo.cli import main; rc = main(sys.argv[1:]); "
+               "print('torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+
+
+def _zoo_in_fresh_python(argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    """``zoo argv`` in a fresh interpreter; its last stderr line says whether torch got imported."""
+    return subprocess.run([sys.executable, "-c", TORCH_PROBE, *argv], cwd=ROOT, capture_output=True, text=True,
+                          env=_env(**env), timeout=600)
+
+
+def test_help_the_shipped_text_does_not_cover_is_cached_after_its_live_rendering(tmp_path):
+    # 70 columns: narrower than the shipped rendering, so the first call renders live
+    env = {"ZOO_CACHE_DIR": str(tmp_path), "COLUMNS": "70"}
+    live, cached = (_zoo_in_fresh_python(["validate", "--help"], **env) for _ in range(2))
     assert live.returncode == 0 and cached.returncode == 0, live.stderr[-2000:]
-    assert "--trainer" in live.stdout and "usage: zoo [options] fit" in live.stdout
+    assert "--trainer" in live.stdout and "usage: zoo [options] validate" in live.stdout
     assert live.stderr.strip().splitlines()[-1] == "True"  # the first call renders it with Lightning
     assert cached.stdout == live.stdout
     assert cached.stderr.strip().splitlines()[-1] == "False"  # the second prints it without importing torch
     assert len(list((tmp_path / "help").glob("*.txt"))) == 1
+    wrapped = [line for line in live.stdout.splitlines() if line.startswith(" " * 20) and line.strip()[:1] != "["]
+    assert max(map(len, wrapped)) <= 70  # argparse wrapped the option texts to the terminal's width
+
+
+def _write_package(root: Path, text: str = "x = 1\n") -> Path:
+    pkg = root / "pkg"
+    pkg.mkdir(exist_ok=True)
+    (pkg / "mod.py").write_text(text)
+    return pkg
+
+
+def _ship_fake(folder: Path, pkg: Path, **manifest_changes) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "fit.txt").write_text("usage: zoo [options] fit\nshipped\n")
+    manifest = {**help_cache.expected_manifest([pkg]), "commands": {"fit": "fit.txt"}, **manifest_changes}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_shipped_help_is_printed_only_for_the_environment_and_source_it_was_rendered_for(tmp_path, monkeypatch):
+    for var in [k for k in os.environ if k.startswith(("JSONARGPARSE", "LIGHTNING"))]:
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(help_cache, "gpu_visible", lambda: False)
+    monkeypatch.setenv("COLUMNS", "120")  # wider terminals get the 80-column text
+    pkg, folder = _write_package(tmp_path), tmp_path / "help"
+    _ship_fake(folder, pkg)
+
+    def shipped(argv=("fit", "--help")):
+        return help_cache.shipped_text(list(argv), folder, [pkg])
+
+    assert shipped() == "usage: zoo [options] fit\nshipped\n" and shipped(("fit", "-h")) == shipped()
+    assert shipped(("fit", "--config", "c.yaml", "--help")) is None  # only the bare request is shipped
+    assert shipped(("test", "--help")) is None  # not in this manifest
+    monkeypatch.setenv("COLUMNS", "79")
+    assert shipped() is None  # narrower than the rendering
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setenv("LIGHTNING_SOMETHING", "1")
+    assert shipped() is None  # an environment variable that can change defaults
+    monkeypatch.delenv("LIGHTNING_SOMETHING")
+    monkeypatch.setattr(help_cache, "gpu_visible", lambda: True)
+    assert shipped() is None  # the Trainer's defaults differ with a GPU
+    monkeypatch.setattr(help_cache, "gpu_visible", lambda: False)
+    (pkg / "mod.py").write_text("x = 2\n")
+    assert shipped() is None  # an edited source
+    (pkg / "mod.py").write_text("x = 1\n")
+    assert shipped() is not None  # contents, not modification times, are compared
+    versions = {**help_cache.environment()["versions"], "lightning": "0.0.1"}
+    _ship_fake(folder, pkg, versions=versions)
+    assert shipped() is None  # another Lightning
+    _ship_fake(folder, pkg, python="2.7")
+    assert shipped() is None
+    (folder / "manifest.json").write_text("{not json")
+    assert shipped() is None
+
+
+def test_gpu_visibility_follows_the_variables_that_hide_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not help_cache.gpu_visible()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert not help_cache.gpu_visible()
+
+
+def test_live_help_is_wrapped_to_at_most_80_columns(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def live() -> int:
+        print(f"usage: width {shutil.get_terminal_size().columns}")
+        return 0
+
+    assert help_cache.serve(["fit", "--model.help", "X"], live) == 0
+    assert capsys.readouterr().out == "usage: width 80\n"
+    assert os.environ["COLUMNS"] == "200"  # restored
+
+
+def test_shipped_help_is_current_and_is_what_lightning_prints(tmp_path):
+    """The shipped texts were rendered from this source tree; in this environment the first `zoo fit --help`
+    prints the shipped text without importing torch, and that text is exactly Lightning's live rendering."""
+    manifest = help_cache.shipped_manifest()
+    assert manifest is not None, f"zoo/cli/help/manifest.json is missing; run {help_cache.REFRESH_COMMAND}"
+    expected = help_cache.expected_manifest()
+    assert manifest["source"] == expected["source"], (
+        f"the shipped help predates an edit to our sources; run {help_cache.REFRESH_COMMAND} and commit zoo/cli/help")
+    assert sorted(manifest["commands"]) == sorted(help_cache.SHIPPED_COMMANDS)
+    env = {"ZOO_CACHE_DIR": str(tmp_path), "COLUMNS": "80", "CUDA_VISIBLE_DEVICES": ""}
+    first = _zoo_in_fresh_python(["fit", "--help"], **env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    shipped = (help_cache.SHIPPED_DIR / manifest["commands"]["fit"]).read_text()
+    same_environment = {k: manifest[k] for k in ("python", "versions")} == {
+        k: expected[k] for k in ("python", "versions")}
+    if same_environment:
+        assert first.stdout == shipped and first.stderr.strip().splitlines()[-1] == "False"
+    else:  # another torch / Lightning / Python: the shipped text is not trusted, the help is rendered live
+        assert first.stderr.strip().splitlines()[-1] == "True"
+    live = _zoo_in_fresh_python(["fit", "--help"], **env, ZOO_HELP_CACHE="0")
+    assert live.returncode == 0 and live.stderr.strip().splitlines()[-1] == "True"
+    assert first.stdout == live.stdout
+    if same_environment:
+        assert live.stdout == shipped
 
 
 def test_lightning_chatter_is_dropped_and_real_messages_stay():

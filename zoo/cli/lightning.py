@@ -13,6 +13,12 @@ from zoo.cli import LIGHTNING_COMMANDS, quiet_lightning
 from zoo.cli.errors import ConfigError, explain_parse_error
 from zoo.train.trainer import RunSummary, ZooTrainer, trainer_defaults
 
+GROUP_TITLES = {
+    "model": "Model: a LightningModule class path, as in configs/ (--model.help CLASS)",
+    "data": "Data: a LightningDataModule class path (--data.help CLASS)",
+}
+
+
 class ZooCLI(LightningCLI):
     """LightningCLI with refused abbreviations and one-line configuration errors.
 
@@ -26,6 +32,13 @@ class ZooCLI(LightningCLI):
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Section titles that say what to pass: Lightning's would be the first line of a docstring (cut mid-sentence
+        for LightningDataModule) or a bare ``<class '...LightningModule'>``."""
+        for key, title in GROUP_TITLES.items():
+            if key in parser.groups:
+                parser.groups[key].title = title
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse ``args`` (never ``sys.argv`` as well); a bad key or value becomes one ``ConfigError`` line."""

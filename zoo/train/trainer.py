@@ -5,6 +5,8 @@ outside the CLI (the probe, the scaling sweep, tests).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import signal
 from pathlib import Path
@@ -370,10 +372,24 @@ def existing_checkpoints(trainer: pl.Trainer) -> list[str]:
     return sorted(p for p in (os.path.join(f, "last.ckpt") for f in folders) if os.path.exists(p))
 
 
+def _titled(method: Any, title: str) -> Any:
+    """Lightning's ``method`` under a first docstring line that ``zoo <subcommand> --help`` prints whole as its
+    section title (Lightning's own first lines stop mid-sentence there); signature and argument docs stay Lightning's."""
+    @functools.wraps(method)
+    def call(self: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
+        return method(self, *args, **kwargs)
+
+    call.__doc__ = f"{title}.\n\n{inspect.cleandoc(method.__doc__ or '')}"
+    return call
+
+
 class ZooTrainer(pl.Trainer):
-    """The shared Trainer: ``fit`` first runs ``preflight_check`` (in the launching process, before DDP starts), then
-    takes the output folder's ``RunLock`` and refuses to start a fresh run over a folder that holds one. SIGTERM is
-    deferred to ``PreemptionCheckpoint`` (``DeferredSignalConnector``)."""
+    """Trainer: Lightning's Trainer with byol-zoo's checks, callbacks and loggers.
+
+    ``fit`` first runs ``preflight_check`` (in the launching process, before DDP starts), then takes the output
+    folder's ``RunLock`` and refuses to start a fresh run over a folder that holds one. SIGTERM is deferred to
+    ``PreemptionCheckpoint`` (``DeferredSignalConnector``). (The first line is the title of ``zoo fit --help``'s
+    trainer section.)"""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # Our callbacks, checkpoint writer and loggers are added here (``complete_trainer_kwargs`` is idempotent), so
@@ -387,9 +403,13 @@ class ZooTrainer(pl.Trainer):
         self._signal_connector = DeferredSignalConnector(self)
         self._zoo_preempted = False
 
+    validate = _titled(pl.Trainer.validate, "Run one evaluation epoch over the validation set")
+    test = _titled(pl.Trainer.test, "Run one evaluation epoch over the test set (kept apart from fit)")
+    predict = _titled(pl.Trainer.predict, "Run inference on the predict set and return the predictions")
+
     def fit(self, model: pl.LightningModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
             datamodule: Any = None, ckpt_path: Any = None, overwrite: bool = False, **kwargs: Any) -> None:
-        """Train the model: preflight checks, the output folder's run lock, then Lightning's fit.
+        """Train: preflight checks, the output folder's run lock, then Lightning's fit.
 
         Args:
             model: the LightningModule to train.
