@@ -108,7 +108,9 @@ class LMModule(L.LightningModule):
     """
 
     # Logged metrics worth a line in the end-of-run summary (read by the trainer's summary printer).
-    summary_metrics: ClassVar[tuple[str, ...]] = ("val/bpb", "perf/tokens_per_s", "perf/mfu")
+    # perf/model_tflops: achieved model FLOP/s, on any device; perf/mfu needs the device's peak (GPU datasheet table
+    # or peak_flops), so a CPU run's summary has no MFU rather than a made-up one
+    summary_metrics: ClassVar[tuple[str, ...]] = ("val/bpb", "perf/tokens_per_s", "perf/model_tflops", "perf/mfu")
     contract_kind: ClassVar[str] = CHECKPOINT_KIND
     # Whether the subclass's training_step goes through train_loss (so loss_chunk_size and compile do something).
     uses_train_loss: ClassVar[bool] = False
@@ -355,6 +357,7 @@ class LMModule(L.LightningModule):
         if self._tok_mark is not None:
             rate = self._tok_count / max(now - self._tok_mark, 1e-9)
             self.log("perf/tokens_per_s", rate)
+            self.log("perf/model_tflops", self._flops_per_token * rate / 1e12)  # training FLOPs (6N + attention)
             peak = self.hparams.peak_flops or peak_flops(self.device)
             util = mfu(self._flops_per_token, rate, peak, self.trainer.world_size)
             if util is not None:

@@ -59,6 +59,9 @@ def eval_parser() -> Any:
 
 def _subcommand_args(parser: Any, argv: list[str], tool: str, dest: str) -> Any:
     """The chosen subcommand's arguments with its name at ``dest``, or None when parsing failed (already said)."""
+    named = [a for a in argv if not a.startswith("-")][:1]
+    if named and named[0] in (parser._subcommands_action.choices if parser._subcommands_action else {}):
+        tool = f"{tool} {named[0]}"  # errors and the --help hint name the subcommand: zoo scaling fit
     parsed = parse_tool_args(parser, argv, tool)
     if parsed is None:
         return None
@@ -93,11 +96,12 @@ def scaling_parser() -> Any:
     sub.add_subcommand("sweep", sw, help="train the sweep's runs not yet in <out_dir>/runs.csv")
     ft = tool_parser("zoo scaling fit", "Fit a scaling law to a runs CSV, print it and write plots.")
     ft.add_argument("csv", help="runs.csv written by `zoo scaling sweep`")
-    ft.add_argument("--approach", type=int, choices=(1, 2, 3), required=True,
+    # choices without a type (int() below): jsonargparse shows a type given with choices as "<function <lambda>..."
+    ft.add_argument("--approach", choices=("1", "2", "3"), required=True,
                     help="1: training-curve envelope, 2: IsoFLOP parabolas, 3: parametric L(N, D)")
-    ft.add_argument("--out", default=None, help="folder for the PNG plots (default: next to the CSV)")
+    ft.add_argument("--out", default=None, help="folder for the PNG plots (null: next to the CSV)")
     ft.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for Approach 3 std errors")
-    ft.add_argument("--curves", default=None, help="training-curve folder for Approach 1 (default: <csv dir>/curves)")
+    ft.add_argument("--curves", default=None, help="training-curve folder for Approach 1 (null: <csv dir>/curves)")
     sub.add_subcommand("fit", ft, help="fit a scaling law to a runs CSV, print it and write plots")
     return ap
 

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from zoo.files import display_path
+
 CITIES = ("Chicago", "Tokyo", "Lagos", "Lima", "Oslo", "Cairo", "Dublin", "Hanoi", "Nairobi", "Quito", "Perth",
           "Seoul", "Vienna", "Havana", "Kyoto", "Denver")
 NEEDLE = "The special magic {city} number is: {number}."
@@ -346,6 +348,13 @@ def _check_positive(args: argparse.Namespace, names: Sequence[str]) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value} must be a positive integer")
 
 
+def _written(paths: dict[str, Path]) -> str:
+    """The line that says where a report went: ``results in runs/needle: needle.md (table), ...``."""
+    what = {"md": "table", "csv": "rows", "png": "heatmap"}
+    folder = display_path(next(iter(paths.values())).parent)
+    return f"results in {folder}: " + ", ".join(f"{p.name} ({what.get(k, k)})" for k, p in paths.items())
+
+
 def _image_needle(model: torch.nn.Module, args: Any, depths: list[float]) -> int:
     """``zoo eval needle --modality image``: the multimodal needle grid over image counts and depths."""
     from lm.needle_image import image_needle_for_model, write_image_needle_report
@@ -364,6 +373,7 @@ def _image_needle(model: torch.nn.Module, args: Any, depths: list[float]) -> int
     rows = image_needle_for_model(model, dm, counts, depths, args.trials, args.seed, args.device)
     paths = write_image_needle_report(rows, args.out, title=f"image needle: {args.model}")
     print(paths["md"].read_text())
+    print(_written(paths))
     print(json.dumps({"eval": "needle", "modality": "image", "model": args.model,
                       "accuracy": float(np.mean([r["accuracy"] for r in rows])), "cells": len(rows),
                       **{k: str(v) for k, v in paths.items()}}))
@@ -423,6 +433,7 @@ def run_eval(args: Any) -> int:
                                       tokenizer_spec=args.tokenizer)
             paths = write_needle_report(rows, args.out, title=f"needle: {args.model}")
             print(paths["md"].read_text())
+            print(_written(paths))
             print(json.dumps({"eval": "needle", "model": args.model, "recall": float(np.mean([r["found"] for r in rows])),
                               "cells": len(rows), **{k: str(v) for k, v in paths.items()}}))
             return 0

@@ -472,7 +472,7 @@ def run_scaling(args: Any) -> int:
             raise ValueError(f"--bootstrap {args.bootstrap}: give 0 (no error bars) or more resamples")
         from lm.scaling_report import fit_and_report
 
-        return fit_and_report(args.csv, args.approach, args.out, n_bootstrap=args.bootstrap, curves=args.curves)
+        return fit_and_report(args.csv, int(args.approach), args.out, n_bootstrap=args.bootstrap, curves=args.curves)
     except (OSError, ValueError) as exc:
         print(f"zoo scaling {args.cmd}: error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ class TinyLM(LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.layer(batch[0]).pow(2).mean()
-        self.log("train/loss", loss)
+        self.log("train/loss", loss, prog_bar=True)
         self.log("train/tokens_per_s", 1234.5)
         return loss
 
@@ -47,6 +47,20 @@ def test_fit_ends_by_naming_every_output_and_the_summary_metrics(tmp_path, capsy
     assert f"tensorboard --logdir {tmp_path / 'tb'}" in tail
     assert "  train/tokens_per_s  1234\n" in tail and "never/logged" not in tail, tail
     assert (tmp_path / "logs" / "version_0" / "metrics.csv").is_file()
+
+
+def test_outputs_of_a_relative_folder_are_named_relative_to_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trainer = build_trainer(default_root_dir="runs/x", accelerator="cpu", max_steps=2, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[RunSummary(["zoo", "fit"])])
+    trainer.fit(TinyLM(), _loader())
+    tail = capsys.readouterr().out.split("run finished at step 2", 1)[1]
+    # the checkpoint callback holds an absolute folder; every line names the outputs as the user did
+    assert "checkpoint          runs/x/checkpoints/last.ckpt\n" in tail, tail
+    assert str(tmp_path) not in tail, tail
+    from zoo.files import display_path
+
+    assert display_path("/elsewhere/a.ckpt") == "/elsewhere/a.ckpt" and display_path(tmp_path / "a") == "a"
 
 
 def test_interruption_prints_the_exact_resume_command(tmp_path, capsys):
@@ -111,6 +125,7 @@ def test_step_bar_ends_its_line_before_lightning_reports_the_stop(tmp_path, caps
                             enable_checkpointing=False, enable_model_summary=False)
     bar = next(c for c in trainer.callbacks if isinstance(c, StepProgressBar))
     bar.refresh_seconds = 0.0  # draw every step, so the last step is drawn before the final line too
+    bar.interactive = True  # as on a terminal: redrawn in place
     trainer.fit(TinyLM(), _loader())
     err = capsys.readouterr().err
     # one final line, ended at the last step's epoch end (Lightning's "`Trainer.fit` stopped" comes after it),
@@ -119,3 +134,27 @@ def test_step_bar_ends_its_line_before_lightning_reports_the_stop(tmp_path, caps
     assert err.rsplit("\r", 1)[-1].startswith("step 3/3  100%"), repr(err)
     # the final line is not written again when the last redraw already shows it (a log file would hold it twice)
     assert err.count("step 3/3  100%") == 1, repr(err)
+
+
+def test_off_a_terminal_every_run_writes_one_progress_line_per_tenth(tmp_path, capsys):
+    # pytest's captured stdout is not a terminal: epoch-bounded runs get the line bar instead of rich's
+    kwargs = complete_trainer_kwargs({"max_epochs": 5})
+    bars = [c for c in kwargs["callbacks"] if isinstance(c, StepProgressBar)]
+    assert len(bars) == 1 and not any(type(c).__name__ == "RichProgressBar" for c in kwargs["callbacks"])
+    trainer = build_trainer(default_root_dir=str(tmp_path), accelerator="cpu", max_epochs=5, logger=False,
+                            enable_checkpointing=False, enable_model_summary=False)
+    bar = next(c for c in trainer.callbacks if isinstance(c, StepProgressBar))
+    bar.interactive = False  # as in a log file (whatever the test runner's stderr is)
+    trainer.fit(TinyLM(), _loader())  # 4 batches x 5 epochs = 20 steps
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]  # not Lightning's INFO lines
+    steps = [int(line.split("step ")[1].split("/")[0]) for line in lines]
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20], lines  # one line per tenth; the last is not repeated
+    assert lines[0].startswith("epoch 1/5  step 2/20   10%") and lines[-1].startswith("epoch 5/5  step 20/20  100%")
+    assert "train/loss" in lines[-1]
+
+
+def test_step_bar_line_without_a_known_total():
+    assert StepProgressBar.line(7, 0, 1.0, 7, {}) == "step 7  7.00 it/s"
+    assert StepProgressBar.line(7, 70, 1.0, 7, {}, epoch=(1, 10)).startswith("epoch 1/10  step 7/70   10%")

@@ -79,6 +79,9 @@ def test_causal_lm_trains_and_logs(tmp_path):
     assert m["val/bpb"].item() == pytest.approx(m["val/loss"].item() / math.log(2) / bpt, rel=1e-4)
     assert m["perf/tokens_per_s"].item() > 0
     assert "perf/mfu" not in m  # CPU: no datasheet peak, so no made-up MFU
+    # but the achieved FLOP/s is: training FLOPs per token (6N + attention) times tokens per second
+    assert m["perf/model_tflops"].item() == pytest.approx(
+        module._flops_per_token * m["perf/tokens_per_s"].item() / 1e12, rel=1e-5)
     assert "train/bpb" in m
 
 

@@ -221,7 +221,7 @@ def test_eval_and_its_subcommands_are_described(capsys):
 
 @pytest.mark.parametrize("tool, argv, line", [
     ("scaling", ["sweep", "--config", "x.yaml", "--limt", "3"],
-     "zoo scaling: error: unknown key limt (from flag --limt); did you mean limit? See zoo scaling --help"),
+     "zoo scaling sweep: error: unknown key limt (from flag --limt); did you mean limit? See zoo scaling sweep --help"),
     ("export", ["x.ckpt", "--out", "y.safetensors", "--wich", "target"],
      "zoo export: error: unknown key wich (from flag --wich); did you mean which? See zoo export --help"),
     ("probe", ["--backbone", "random:resnet18", "--data", "digits", "--epoch", "3"],
@@ -239,7 +239,8 @@ def test_probe_config_file_keys_and_legacy_flags(tmp_path, capsys):
     tool, cfg, recipe = parse(["--backbone", "b", "--data", "digits", "--lr", "0.1", "0.2", "--batch-size", "8",
                                "--no-progress", "--k", "3", "5"])
     assert (cfg.lr_grid, cfg.batch_size, cfg.progress, cfg.knn_k) == ((0.1, 0.2), 8, False, (3, 5))
-    assert cfg.epochs == 30 and recipe == str(DIGITS_PRESET)  # the digits preset, as the end-of-fit report uses
+    # the digits preset, as the end-of-fit report uses, named relative to the working folder (the checkout here)
+    assert cfg.epochs == 30 and recipe == os.path.relpath(DIGITS_PRESET) and not os.path.isabs(recipe)
     (tmp_path / "p.yaml").write_text("epochs: 3\nfeature_norm: batchnorm\n")
     tool, cfg, recipe = parse(["--backbone", "b", "--data", "cifar10:/x", "--config", str(tmp_path / "p.yaml"),
                                "--epochs", "4"])

@@ -150,6 +150,41 @@ def test_bad_dataset_path_is_one_line_and_creates_no_folder(tmp_path, capsys):
     assert not run.exists()  # no logs/, tb/, checkpoints/ or lock left behind
 
 
+LM = str(ROOT / "configs" / "lm" / "stdlib_gemma2_tiny.yaml")
+VLM = str(ROOT / "configs" / "multimodal" / "digits_vlm.yaml")
+
+
+@pytest.mark.parametrize("command, config, args, start", [
+    # every data module checks its inputs before any output folder exists, under fit and under validate / test
+    ("fit", LM, ["--data.init_args.paths", "{tmp}/nope"], "data.paths='{tmp}/nope' cannot be read: text corpus path"),
+    ("fit", LM, ["--data.init_args.paths", "[{tmp}/empty]"], "data.paths=['{tmp}/empty'] cannot be read: text corpus "
+                                                            "is empty"),
+    ("fit", LM, ["--data.init_args.tokenizer", "{tmp}/nope.json"], "data.tokenizer='{tmp}/nope.json' cannot be "
+                                                                   "loaded: tokenizer"),
+    ("fit", LM, ["--data.init_args.paths", "{tmp}/small.py", "--data.init_args.val_fraction", "0"],
+     "data: the train split has 4 tokens, fewer than seq_len + 1"),
+    ("validate", LM, ["--data.init_args.paths", "{tmp}/nope"], "data.paths='{tmp}/nope' cannot be read"),
+    ("fit", VLM, ["--data.init_args.dataset", "imagefolder:{tmp}/nope"],
+     "data.dataset='imagefolder:{tmp}/nope' cannot be read: image folder split not found"),
+    ("fit", VLM, ["--data.init_args.tokenizer", "nosuch"], "data.tokenizer='nosuch' cannot be loaded"),
+    ("test", DIGITS, ["--data.init_args.dataset", "cifar10:{tmp}/nope"], "data.dataset='cifar10:{tmp}/nope' cannot "
+                                                                        "be read: CIFAR-10 not found"),
+])
+def test_every_data_module_refuses_bad_inputs_in_one_line_before_any_folder(tmp_path, capsys, command, config, args,
+                                                                          start):
+    from zoo.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "small.py").write_text("x=1")
+    run = tmp_path / "run"
+    code = main([command, "--config", config, "--trainer.default_root_dir", str(run),
+                 *(a.replace("{tmp}", str(tmp_path)) for a in args)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"zoo {command}: error: " + start.replace("{tmp}", str(tmp_path))), err
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("config, args, start", [
     # a constructor refusing a value or a missing file: jsonargparse wraps it in its union wording; we print it alone
     (DIGITS, ["--model.init_args.encoder", "resnet_nope"],

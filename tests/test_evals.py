@@ -91,8 +91,11 @@ def test_needle_on_a_tiny_transformer_and_cli(tmp_path, capsys):
     code = main(["needle", "--model", "gemma2-tiny", "--lengths", "140", "--depths", "0,1", "--haystack", str(hay),
                  "--out", str(tmp_path / "needle"), "--device", "cpu"])
     assert code == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
     assert result["cells"] == 2 and 0 <= result["recall"] <= 1
+    # the run says where its results went, in words, before the machine-readable line
+    assert lines[-2].startswith("results in ") and "needle.md (table)" in lines[-2] and "needle.png (heatmap)" in lines[-2]
     assert (tmp_path / "needle" / "needle.png").is_file() and (tmp_path / "needle" / "needle.md").is_file()
     assert main(["needle", "--model", str(tmp_path / "nope.ckpt"), "--device", "cpu"]) == 2
     assert "nope.ckpt" in capsys.readouterr().err

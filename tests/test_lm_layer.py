@@ -32,7 +32,7 @@ def test_siblings_share_the_base_and_record_every_hparam():
     assert m.hparams.lr == 3e-3 and m.hparams.warmup_steps == 100 and m.hparams.model_overrides == TINY
     d = Distill(student_overrides=TINY, teacher="gemma2-tiny", teacher_overrides=TINY, top_k=4, weight_decay=0.0)
     assert d.hparams.top_k == 4 and d.hparams.weight_decay == 0.0 and d.hparams.betas == (0.9, 0.95)
-    assert CausalLM.summary_metrics == ("val/bpb", "perf/tokens_per_s", "perf/mfu")
+    assert CausalLM.summary_metrics == ("val/bpb", "perf/tokens_per_s", "perf/model_tflops", "perf/mfu")
 
 
 def test_model_is_built_once_in_configure_model_and_plain_python_works():

@@ -44,6 +44,28 @@ def test_help_of_every_tool_imports_no_torch():
         assert "torch" not in r["heavy"] and "lightning" not in r["heavy"], r
 
 
+def test_no_help_shows_an_object_repr(capsys):
+    """jsonargparse prints a type given together with choices as "<function <lambda> at 0x...>": no tool may."""
+    from zoo.cli import main
+
+    for argv in [*TOOL_HELP[1:], ["scaling", "sweep", "--help"], ["scaling", "fit", "--help"]]:
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+        out = capsys.readouterr().out
+        assert "usage:" in out and not any(bad in out for bad in ("<function", "<locals>", " at 0x")), (argv, out)
+
+
+def test_a_subcommand_error_names_the_subcommand(capsys):
+    from zoo.cli import main
+
+    assert main(["scaling", "fit", "runs.csv", "--approach", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo scaling fit: error: argument --approach: invalid choice: '4'"), err
+    assert err.rstrip().endswith("see zoo scaling fit --help") and len(err.strip().splitlines()) == 1, err
+
+
 def test_help_requests_are_recognised():
     assert help_cache.is_help_request(["fit", "--help"])
     assert help_cache.is_help_request(["fit", "--config", "x.yaml", "-h"])

@@ -65,6 +65,14 @@ CACHE_ENV = "ZOO_CACHE_DIR"
 LEGACY_CACHE_ENV = "ZOO_CACHE"  # the text cache's old name, still read (no warning) when ZOO_CACHE_DIR is unset
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` as a message should show it: relative to the working folder when inside it (``runs/x/last.ckpt``
+    rather than ``/home/me/project/runs/x/last.ckpt``), else as given."""
+    path = os.fspath(path)
+    rel = os.path.relpath(os.path.abspath(path))
+    return path if rel == ".." or rel.startswith(".." + os.sep) else rel
+
+
 def cache_dir(*parts: str) -> Path:
     """byol-zoo's cache folder (``$ZOO_CACHE_DIR``, else the older ``$ZOO_CACHE``, else ``~/.cache/byol-zoo``),
     joined with ``parts`` (e.g. ``cache_dir("features")``). Nothing is created here."""

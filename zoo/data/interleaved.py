@@ -356,6 +356,19 @@ class InterleavedDataModule(pl.LightningDataModule):
                              f"{self.tokens_per_image} but the model's max_seq_len={max_seq_len}; set model_overrides: "
                              f"{{max_seq_len: {self.max_length + 1}}} or lower tokens_per_image / question_images")
 
+    def check_data(self) -> None:
+        """Load the tokenizer and open both image splits now (``ZooTrainer.fit`` calls this before creating any
+        output folder): a missing dataset folder or tokenizer is one ``UsageError`` line naming its key."""
+        try:
+            self.tokenizer
+        except (OSError, ValueError) as err:
+            raise UsageError(f"data.tokenizer={self.tokenizer_spec!r} cannot be loaded: {err}") from None
+        for split in ("train", "val"):
+            try:
+                self._pool(split)
+            except (OSError, ValueError) as err:
+                raise UsageError(f"data.dataset={self.dataset!r} cannot be read: {err}") from None
+
     def _pool(self, split: str) -> tuple[Dataset, list[int], list[str]]:
         if self.dataset == "digits":
             ds = digits_dataset(split, size=self.image_size, seed=self.split_seed)

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from zoo.files import cache_dir as zoo_cache_dir
+from zoo.train.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,24 @@ class TextDataModule(L.LightningDataModule):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
         return out
+
+    def check_data(self) -> None:
+        """Resolve the corpus, load the tokenizer and tokenise into the cache now (``ZooTrainer.fit`` calls this
+        before creating any output folder): a missing path, an empty corpus, an unknown tokenizer or a split shorter
+        than one window is one ``UsageError`` line naming its key."""
+        try:
+            self._files()
+        except (OSError, ValueError) as err:
+            raise UsageError(f"data.paths={self.paths!r} cannot be read: {err}") from None
+        try:
+            if self.tokenizer is None:
+                self.tokenizer = load_tokenizer(self.tokenizer_spec)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"data.tokenizer={self.tokenizer_spec!r} cannot be loaded: {err}") from None
+        try:
+            self.setup()
+        except ValueError as err:
+            raise UsageError(f"data: {err}") from None
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cached token files (tokenising first if needed) and build the window datasets."""

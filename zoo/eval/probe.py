@@ -148,6 +148,10 @@ def _protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_featu
         if not torch.cuda.is_available():
             kwargs["accelerator"] = "cpu"
         trainer = build_trainer(**{**kwargs, **cfg.trainer})
+        if cfg.progress and trainer.is_global_zero:  # which of the grid's runs the progress lines below belong to
+            scored = "held-out training" if tag != "final" else "test"
+            print(f"linear probe: base lr {lr:g}, {len(train_part)} training images, scored on {len(eval_part)} "
+                  f"{scored} images", file=sys.stderr, flush=True)
         train_loader = _loader(train_part, cfg.batch_size, cfg, prepare_train,
                                EpochShuffleSampler(len(train_part), cfg.seed))
         lightning_log = logging.getLogger("lightning.pytorch")
@@ -275,7 +279,7 @@ def print_summary(metrics: dict[str, Any]) -> None:
     c = metrics.get("counts", {})
     table = Table(title=f"probe ({metrics['mode']})", show_header=True)
     table.add_column("field")
-    table.add_column("value", justify="right")
+    table.add_column("value", justify="right", overflow="fold")  # a long path wraps whole, never cut with "..."
     rows = [("backbone", metrics.get("backbone")), ("arch", metrics.get("arch")), ("dataset", metrics.get("dataset")),
             ("top-1 %", f"{metrics['top1']:.2f}"), ("top-5 %", f"{metrics['top5']:.2f}"),
             ("train / test images", f"{c.get('train')} / {c.get('test')}"),

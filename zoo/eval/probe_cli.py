@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from zoo.eval.probe_config import MODE_HELP, MODES, ProbeConfig
+from zoo.files import display_path
 
 # The embedded digits' preset, used when `--data digits` comes without `--config` (in a source checkout).
 DIGITS_PRESET = Path(__file__).resolve().parents[2] / "configs" / "probe" / "digits_linear.yaml"
@@ -40,9 +41,10 @@ def build_parser() -> Any:
                    help="our .ckpt / export .safetensors / .pth / official .pkl / random:<arch>")
     p.add_argument("--data", type=str, required=True,
                    help="digits | cifar10:<dir> | cifar100:<dir> | imagefolder:<dir>")
-    p.add_argument("--mode", type=str, default="fast", choices=MODES, help=MODE_HELP)
+    # choices without a type: jsonargparse shows a type given with choices as "<function <lambda> at 0x...>"
+    p.add_argument("--mode", default="fast", choices=MODES, help=MODE_HELP)
     p.add_argument("--out", type=Optional[str], default=None, help="folder for metrics.json")
-    p.add_argument("--which", type=str, default="online", choices=("online", "target"),
+    p.add_argument("--which", default="online", choices=("online", "target"),
                    help="which network of a BYOL checkpoint to probe")
     p.add_argument("--padding", type=Optional[str], default=None, help="torch or tf_same (official checkpoints)")
     p.add_argument("--arch", type=Optional[str], default=None,
@@ -110,7 +112,7 @@ def parse(argv: list[str]) -> tuple[dict[str, Any], ProbeConfig, str]:
     names = {f.name for f in dataclasses.fields(ProbeConfig)}
     cfg = ProbeConfig(**{k: v for k, v in values.items() if k in names})
     files = [c for c in (getattr(ns, "__path__", None), *(ns.get("config") or [])) if c]
-    recipe = ", ".join(str(getattr(c, "relative", c)) for c in files) if files else "built-in defaults"
+    recipe = ", ".join(display_path(str(getattr(c, "relative", c))) for c in files) if files else "built-in defaults"
     return tool, cfg, recipe
 
 

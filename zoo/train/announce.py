@@ -1,6 +1,6 @@
 """End-of-run announcements: where every output of a run went, the module's headline metrics, and, when a run is
 interrupted, the exact command that resumes it. Also a step-based progress bar for runs bounded by ``max_steps``
-and the model summary printed at the start of fit.
+(and for every run whose output is not a terminal) and the model summary printed at the start of fit.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from zoo.files import display_path
 
 
 def _rank_zero(trainer: pl.Trainer) -> bool:
@@ -107,7 +109,8 @@ class RunSummary(Callback):
         lines = [f"run finished at step {trainer.global_step}; outputs in {trainer.default_root_dir}:"]
         metrics = self.metrics(trainer, pl_module)
         width = max([16, *(len(name) + 2 for name, _ in metrics)])
-        lines += [f"  {what:<{width}}{where}" for what, where in self.outputs(trainer)]
+        lines += [f"  {what:<{width}}{display_path(where) if what.strip() != 'view it with' else where}"
+                  for what, where in self.outputs(trainer)]
         if metrics:
             lines.append("summary:")
             lines += [f"  {name:<{width}}{value}" for name, value in metrics]
@@ -123,19 +126,31 @@ class RunSummary(Callback):
 
 
 class StepProgressBar(ProgressBar):
-    """A one-line progress bar for runs bounded by ``max_steps``: ``step 120/200  60%  3.1 it/s  ETA 0:26``.
+    """A one-line progress bar counted in optimizer steps: ``step 120/200  60%  3.1 it/s  ETA 00:00:26  train/loss
+    2.5``, with ``epoch 3/60`` in front on runs bounded by epochs.
 
-    Lightning's bars count batches per epoch and read ``Epoch 0/-2`` when only ``max_steps`` bounds the run.
-    Written on stderr, redrawn in place at most a few times a second; a final line stays.
+    Used for runs bounded by ``max_steps`` (Lightning's bars count batches per epoch and read ``Epoch 0/-2`` there)
+    and for every run whose output is not a terminal (a log file, a pipe, a scheduler's output file), where Lightning's
+    bar leaves a many-line copy of itself per epoch. On a terminal it redraws in place on stderr at most every
+    ``refresh_seconds``; elsewhere it writes one whole line at every ``1/lines`` of the run. A final line stays.
     """
 
-    def __init__(self, refresh_seconds: float = 0.5) -> None:
+    def __init__(self, refresh_seconds: float = 0.5, interactive: bool | None = None, lines: int = 10) -> None:
+        """
+        Args:
+            refresh_seconds: least time between two redraws on a terminal.
+            interactive: redraw in place (True) or write whole lines (False); None: whether stderr is a terminal.
+            lines: how many lines a non-interactive run writes (one per ``1/lines`` of its steps), plus the last.
+        """
         super().__init__()
         self.refresh_seconds = refresh_seconds
+        self.interactive = interactive
+        self.lines = max(1, int(lines))
         self._enabled = True
         self._start = 0.0
         self._first_step = 0
         self._last_draw = 0.0
+        self._next_line = 0
         self._finished = False
         self._last_drawn = (-1, {})  # (step, metrics) of the line on screen
 
@@ -146,35 +161,71 @@ class StepProgressBar(ProgressBar):
         self._enabled = True
 
     @staticmethod
-    def line(step: int, total: int, seconds: float, steps_done: int, metrics: dict[str, Any]) -> str:
-        """The bar's text for ``step`` of ``total`` after ``steps_done`` steps in ``seconds``."""
+    def line(step: int, total: int, seconds: float, steps_done: int, metrics: dict[str, Any],
+             epoch: tuple[int, int] | None = None) -> str:
+        """The bar's text for ``step`` of ``total`` (0: unknown) after ``steps_done`` steps in ``seconds``; ``epoch``
+        is (current, total) on runs bounded by epochs."""
         rate = steps_done / seconds if seconds > 0 and steps_done > 0 else 0.0
-        eta = (total - step) / rate if rate > 0 else None
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "--:--:--"
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in list(metrics.items())[:3])
-        pct = 100.0 * step / total if total else 0.0
-        return f"step {step}/{total}  {pct:3.0f}%  {rate:.2f} it/s  ETA {eta_text}" + (f"  {shown}" if shown else "")
+        head = f"epoch {epoch[0]}/{epoch[1]}  " if epoch else ""
+        if total > 0:
+            eta = (total - step) / rate if rate > 0 else None
+            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "--:--:--"
+            head += f"step {step}/{total}  {100.0 * step / total:3.0f}%  {rate:.2f} it/s  ETA {eta_text}"
+        else:
+            head += f"step {step}  {rate:.2f} it/s"
+        return head + (f"  {shown}" if shown else "")
+
+    @staticmethod
+    def total_steps(trainer: pl.Trainer) -> int:
+        """The run's optimizer steps: ``max_steps``, else Lightning's estimate from the epochs (0 when unknown)."""
+        if trainer.max_steps and trainer.max_steps > 0:
+            return int(trainer.max_steps)
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - a loader without a length: no total, the bar still counts
+            return 0
+        return int(total) if math.isfinite(total) else 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self._finished = time.perf_counter(), False
         self._first_step = trainer.global_step
+        self._total = self.total_steps(trainer)
+        self._epochs = int(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 and not (
+            trainer.max_steps and trainer.max_steps > 0) else 0
+        if self.interactive is None:
+            self.interactive = sys.stderr.isatty()
+        self._next_line = self._milestone(trainer.global_step)
+
+    def _milestone(self, step: int) -> int:
+        """The first step after ``step`` at which a non-interactive run writes its next line."""
+        if self._total <= 0:
+            return step + 100  # no known total (a loader without a length): a line every 100 steps
+        k = math.floor(step * self.lines / self._total) + 1
+        return max(step + 1, math.ceil(k * self._total / self.lines))
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
         if not (self._enabled and _rank_zero(trainer)):
             return
-        now = time.perf_counter()
-        if not final and now - self._last_draw < self.refresh_seconds:
+        now, step = time.perf_counter(), trainer.global_step
+        if not final and (now - self._last_draw < self.refresh_seconds if self.interactive
+                          else step < self._next_line):
             return
         self._last_draw = now
+        if not self.interactive:
+            self._next_line = self._milestone(step)
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
-        text = self.line(trainer.global_step, int(trainer.max_steps), now - self._start,
-                         trainer.global_step - self._first_step, metrics)
-        # a final line showing the same step and metrics as the one on screen only ends it: redrawing it (with a
-        # rate a few microseconds newer) would repeat it in a log file
-        same = (trainer.global_step, metrics) == self._last_drawn
-        sys.stderr.write(("" if final and same else "\r" + text[:119].ljust(80)) + ("\n" if final else ""))
+        epoch = (min(trainer.current_epoch + 1, self._epochs), self._epochs) if self._epochs else None
+        text = self.line(step, self._total, now - self._start, step - self._first_step, metrics, epoch)
+        # a final line showing the same step and metrics as the last one only ends it: redrawing it (with a rate a
+        # few microseconds newer) would repeat it in a log file
+        same = (step, metrics) == self._last_drawn
+        if self.interactive:
+            sys.stderr.write(("" if final and same else "\r" + text[:119].ljust(80)) + ("\n" if final else ""))
+        elif not (final and same):
+            sys.stderr.write(text + "\n")
         sys.stderr.flush()
-        self._last_drawn = (trainer.global_step, metrics)
+        self._last_drawn = (step, metrics)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -183,7 +234,9 @@ class StepProgressBar(ProgressBar):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the last step's line, with the last validation's metrics, ends here: before Lightning logs
         # "`Trainer.fit` stopped: ..." (which would otherwise land on the bar's unfinished line)
-        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        last_step = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        last_epoch = self._epochs and trainer.current_epoch + 1 >= self._epochs
+        if last_step or last_epoch:
             self._draw(trainer, pl_module, final=True)
             self._finished = True
 

@@ -270,6 +270,14 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
+def _console_is_interactive() -> bool:
+    """Whether the console rich draws its bar on is a terminal or a notebook (stdout, as rich sees it)."""
+    from rich import get_console
+
+    console = get_console()
+    return bool(console.is_terminal or console.is_jupyter)
+
+
 def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Add what every run needs and a user's config may leave out: our callbacks (unless the user gave one of the
     same type), the atomic checkpoint writer, and CSV + TensorBoard loggers under ``default_root_dir``."""
@@ -285,7 +293,9 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     extra = [c for c in default_callbacks()
              if type(c) not in user_types and not (isinstance(c, ModelCheckpoint) and has_ckpt)
              and not (isinstance(c, ProgressBar) and has_bar) and not (isinstance(c, ModelSummary) and has_summary)]
-    if step_based(kwargs):  # Lightning's bars count batches per epoch and read "Epoch 0/-2" on max_steps runs
+    # Lightning's bars count batches per epoch and read "Epoch 0/-2" on max_steps runs; off a terminal (a log file,
+    # a pipe, a scheduler's output) the rich bar leaves a many-line copy of itself per epoch: one line per tenth
+    if step_based(kwargs) or not _console_is_interactive():
         extra = [StepProgressBar() if isinstance(c, RichProgressBar) else c for c in extra]
     if kwargs.get("enable_checkpointing") is False:  # Lightning refuses a ModelCheckpoint then
         extra = [c for c in extra if not isinstance(c, (ModelCheckpoint, PreemptionCheckpoint))]
@@ -373,10 +383,19 @@ def existing_checkpoints(trainer: pl.Trainer) -> list[str]:
 
 
 def _titled(method: Any, title: str) -> Any:
-    """Lightning's ``method`` under a first docstring line that ``zoo <subcommand> --help`` prints whole as its
-    section title (Lightning's own first lines stop mid-sentence there); signature and argument docs stay Lightning's."""
+    """Lightning's ``method`` (validate / test / predict), first checking the data as ``fit`` does (a bad dataset
+    path is one line, not a traceback), under a first docstring line that ``zoo <subcommand> --help`` prints whole as
+    its section title (Lightning's own first lines stop mid-sentence there); signature and argument docs stay
+    Lightning's."""
+    signature = inspect.signature(method)
+
     @functools.wraps(method)
     def call(self: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind_partial(self, *args, **kwargs).arguments
+        dm = bound.get("datamodule") or bound.get("dataloaders")
+        check_data = getattr(dm, "check_data", None) if isinstance(dm, pl.LightningDataModule) else None
+        if callable(check_data):
+            check_data()
         return method(self, *args, **kwargs)
 
     call.__doc__ = f"{title}.\n\n{inspect.cleandoc(method.__doc__ or '')}"
@@ -392,6 +411,11 @@ class ZooTrainer(pl.Trainer):
     trainer section.)"""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from zoo.cli import quiet_lightning
+
+        # every tool that trains (zoo fit, zoo probe --mode protocol, zoo scaling sweep, ...) builds this Trainer:
+        # Lightning's availability lines, tips and warnings about its own internals go (ZOO_VERBOSE=1 keeps them)
+        quiet_lightning()
         # Our callbacks, checkpoint writer and loggers are added here (``complete_trainer_kwargs`` is idempotent), so
         # LightningCLI needs no override of its private ``_instantiate_trainer`` to get them.
         kwargs.update(complete_trainer_kwargs(kwargs))  # in place: jsonargparse still sees Trainer's parameters
