@@ -16,6 +16,7 @@ import json
 import math
 import pickle
 import random
+import re
 import sys
 import sysconfig
 from pathlib import Path
@@ -149,14 +150,24 @@ def needle_in_haystack(model: nn.Module, tokenizer: Any, lengths: Sequence[int],
     return rows
 
 
+def wrap_title(title: str, width: int) -> str:
+    """``title`` in lines of at most ``width`` characters, broken after a space or a ``/`` (a path splits between
+    its folders, never inside a name); a single piece longer than ``width`` keeps its own line whole."""
+    lines, line = [], ""
+    for piece in re.split(r"(?<=[ /])", title):
+        if line and len(line) + len(piece.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    return "\n".join([*lines, line.rstrip()])
+
+
 def write_grid_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, stem: str, md_lines: list[str],
                       grid: np.ndarray, cell_text: Callable[[float], str], xticklabels: list[str],
                       yticklabels: list[str], xlabel: str, ylabel: str, title: str, base_width: float = 1.2
                       ) -> dict[str, Path]:
     """Write ``<stem>.csv`` (every row), ``<stem>.md`` (``md_lines``) and ``<stem>.png`` (``grid`` as a heatmap,
     depth x context, values in [0, 1]) into ``out_dir``, each atomically; the paths by kind."""
-    import textwrap
-
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a display
@@ -184,7 +195,7 @@ def write_grid_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, stem:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     # wrapped to the figure's width (a narrow grid cut a long model path off); ~12 characters an inch at size 9
-    ax.set_title("\n".join(textwrap.wrap(title, max(16, int(fig.get_figwidth() * 12)))), fontsize=9)
+    ax.set_title(wrap_title(title, max(16, int(fig.get_figwidth() * 12))), fontsize=9)
     fig.tight_layout()
     try:  # the figure is drawn before any file is replaced, so a plotting error leaves the old report whole
         with atomic_path(paths["png"]) as tmp:

@@ -228,3 +228,16 @@ def test_needle_report_is_written_atomically(tmp_path, monkeypatch):
         write_needle_report(rows, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old report whole, no temp files left
     assert set(before) == {p.name for p in paths.values()}
+
+
+def test_plot_titles_wrap_between_folders_never_inside_a_name():
+    from lm.evals import wrap_title
+
+    title = "needle: /work/walk/runs/lm/stdlib_gemma2_tiny_routed"
+    for width in (16, 25, 40):
+        lines = wrap_title(title, width).split("\n")
+        assert "".join(lines).replace(" ", "") == title.replace(" ", "")  # nothing lost
+        names = {n for n in title.replace(" ", "/").split("/") if n}
+        assert all(n in {p for line in lines for p in line.replace(" ", "/").split("/")} for n in names), lines
+        assert all(len(line) <= width or "/" not in line.rstrip("/") for line in lines), lines
+    assert wrap_title("needle: gemma2-tiny", 40) == "needle: gemma2-tiny"
