@@ -40,7 +40,7 @@ def test_fit_ends_by_naming_every_output_and_the_summary_metrics(tmp_path, capsy
     assert isinstance(others[-1], RunSummary)
     trainer.fit(TinyLM(), _loader())
     out = capsys.readouterr().out
-    tail = out[out.index("run finished at step 3"):]
+    tail = out[out.index("run finished at step 3 (max_steps=3 reached); outputs in "):]
     assert f"checkpoint          {tmp_path / 'checkpoints' / 'last.ckpt'}" in tail
     assert f"metrics (CSV)       {tmp_path / 'logs' / 'version_0' / 'metrics.csv'}" in tail
     assert f"TensorBoard         {tmp_path / 'tb' / 'version_0'}" in tail
@@ -61,6 +61,13 @@ def test_outputs_of_a_relative_folder_are_named_relative_to_it(tmp_path, capsys,
     from zoo.files import display_path
 
     assert display_path("/elsewhere/a.ckpt") == "/elsewhere/a.ckpt" and display_path(tmp_path / "a") == "a"
+    # an absolute folder keeps absolute paths, whatever the working folder
+    trainer = build_trainer(default_root_dir=str(tmp_path / "abs"), accelerator="cpu", max_epochs=1,
+                            enable_progress_bar=False, enable_model_summary=False, callbacks=[RunSummary(["zoo", "fit"])])
+    trainer.fit(TinyLM(), _loader())
+    out = capsys.readouterr().out
+    assert "run finished at step 4 (max_epochs=1 reached)" in out
+    assert f"checkpoint          {tmp_path / 'abs' / 'checkpoints' / 'last.ckpt'}\n" in out, out
 
 
 def test_interruption_prints_the_exact_resume_command(tmp_path, capsys):

@@ -269,4 +269,5 @@ def test_lightning_chatter_is_dropped_and_real_messages_stay():
     keep = _DropChatter().filter
     assert not keep(record("Trainer already configured with model summary callbacks: [ModelTable]. Skipping"))
     assert not keep(record("GPU available: False, used: False"))
-    assert keep(record("`Trainer.fit` stopped: `max_steps=6` reached."))
+    assert not keep(record("`Trainer.fit` stopped: `max_steps=6` reached."))  # RunSummary says why it stopped
+    assert keep(record("Restoring states from the checkpoint path at runs/x/checkpoints/last.ckpt"))

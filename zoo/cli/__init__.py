@@ -55,7 +55,10 @@ def main_help(commands: dict[str, Command] | None = None) -> str:
 # stay visible. (pytest filters the same warnings in pyproject.toml.)
 QUIET_LOG_PREFIXES = ("\U0001f4a1 Tip:", "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:",
                       "Loading `train_dataloader` to estimate number of stepping batches", "Seed set to",
-                      "Trainer already configured with model summary callbacks")  # ours: zoo.train.announce.ModelTable
+                      "Trainer already configured with model summary callbacks",  # ours: zoo.train.announce.ModelTable
+                      # said by RunSummary's last line ("run finished at step N (max_steps=N reached)"); Lightning's
+                      # lands on a live progress bar, which is still drawn when it is logged
+                      "`Trainer.fit` stopped:")
 QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a deprecated torch API
     r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",

@@ -59,6 +59,17 @@ def command_line() -> list[str] | None:
     return None
 
 
+def stop_reason(trainer: pl.Trainer) -> str | None:
+    """Why ``fit`` ended, in Lightning's words (``max_steps=200 reached``), or None when no limit explains it."""
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return f"max_steps={trainer.max_steps} reached"
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch >= trainer.max_epochs:
+        return f"max_epochs={trainer.max_epochs} reached"
+    if trainer.should_stop:
+        return "stopped early: a callback asked"
+    return None
+
+
 class RunSummary(Callback):
     """At the end of ``fit`` print where everything went (checkpoint, probe report, metrics CSV, TensorBoard folder
     and the command to view it) and the module's ``summary_metrics`` (a tuple of logged metric names, read from
@@ -106,10 +117,14 @@ class RunSummary(Callback):
         if not getattr(self, "_finished", False) or not _rank_zero(trainer) or self._announced:
             return
         self._announced = True
-        lines = [f"run finished at step {trainer.global_step}; outputs in {trainer.default_root_dir}:"]
+        why = stop_reason(trainer)
+        lines = [f"run finished at step {trainer.global_step}{f' ({why})' if why else ''}; outputs in "
+                 f"{trainer.default_root_dir}:"]
         metrics = self.metrics(trainer, pl_module)
         width = max([16, *(len(name) + 2 for name, _ in metrics)])
-        lines += [f"  {what:<{width}}{display_path(where) if what.strip() != 'view it with' else where}"
+        # paths in the form the user named the folder: relative to the working folder for a relative one
+        shown = os.path.abspath if os.path.isabs(str(trainer.default_root_dir)) else display_path
+        lines += [f"  {what:<{width}}{shown(where) if what.strip() != 'view it with' else where}"
                   for what, where in self.outputs(trainer)]
         if metrics:
             lines.append("summary:")
