@@ -111,6 +111,8 @@ class LMModule(L.LightningModule):
     # perf/model_tflops: achieved model FLOP/s, on any device; perf/mfu needs the device's peak (GPU datasheet table
     # or peak_flops), so a CPU run's summary has no MFU rather than a made-up one
     summary_metrics: ClassVar[tuple[str, ...]] = ("val/bpb", "perf/tokens_per_s", "perf/model_tflops", "perf/mfu")
+    summary_missing: ClassVar[dict[str, str]] = {
+        "perf/mfu": "n/a: no peak FLOP/s for this device (set model.init_args.peak_flops)"}
     contract_kind: ClassVar[str] = CHECKPOINT_KIND
     # Whether the subclass's training_step goes through train_loss (so loss_chunk_size and compile do something).
     uses_train_loss: ClassVar[bool] = False
@@ -146,6 +148,7 @@ class LMModule(L.LightningModule):
         self._flops_per_token: float | None = None
         self._tok_count = 0
         self._tok_mark: float | None = None
+        self._val_started = 0.0
         self._val_sum = torch.zeros(())
         self._val_n = torch.zeros(())
 
@@ -373,7 +376,16 @@ class LMModule(L.LightningModule):
         """Reset the token-weighted validation sums."""
         self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         self._val_n = torch.zeros((), device=self.device, dtype=torch.float64)
-        self._tok_mark = None  # validation pauses training: next throughput window starts fresh
+
+    def on_validation_start(self) -> None:
+        """Validation pauses the throughput window (its time is not training time)."""
+        self._val_started = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        """Resume the throughput window where it paused, so a window spanning a validation still counts (with
+        ``val_check_interval <= throughput_every`` no window would otherwise ever close)."""
+        if self._tok_mark is not None:
+            self._tok_mark += time.perf_counter() - self._val_started
 
     def accumulate_val(self, nll: Tensor) -> None:
         """Add a batch's summed NLL and token count (exact token-weighted mean, not a mean of batch means)."""

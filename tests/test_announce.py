@@ -12,7 +12,8 @@ from zoo.train.trainer import build_trainer, complete_trainer_kwargs
 
 
 class TinyLM(LightningModule):
-    summary_metrics = ("train/loss", "train/tokens_per_s", "never/logged")
+    summary_metrics = ("train/loss", "train/tokens_per_s", "never/logged", "explained/missing")
+    summary_missing = {"explained/missing": "n/a: needs a GPU"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -46,6 +47,7 @@ def test_fit_ends_by_naming_every_output_and_the_summary_metrics(tmp_path, capsy
     assert f"TensorBoard         {tmp_path / 'tb' / 'version_0'}" in tail
     assert f"tensorboard --logdir {tmp_path / 'tb'}" in tail
     assert "  train/tokens_per_s  1234\n" in tail and "never/logged" not in tail, tail
+    assert "  explained/missing   n/a: needs a GPU\n" in tail, tail
     assert (tmp_path / "logs" / "version_0" / "metrics.csv").is_file()
 
 

@@ -85,6 +85,16 @@ def test_causal_lm_trains_and_logs(tmp_path):
     assert "train/bpb" in m
 
 
+def test_throughput_is_measured_when_validation_comes_as_often_as_the_window_closes(tmp_path):
+    # validating every 2 steps with a 2-step throughput window: validation pauses the window instead of resetting it
+    dm = tiny_data(tmp_path)
+    module = CausalLM(model_overrides=TINY, warmup_steps=1, throughput_every=2)
+    trainer = quiet_trainer(tmp_path, max_steps=6, val_check_interval=2, limit_val_batches=1)
+    trainer.fit(module, dm)
+    assert trainer.callback_metrics["perf/tokens_per_s"].item() > 0
+    assert trainer.callback_metrics["perf/model_tflops"].item() > 0
+
+
 def test_mfu_logged_with_a_stated_peak(tmp_path):
     dm = tiny_data(tmp_path)
     module = CausalLM(model_overrides=TINY, warmup_steps=1, throughput_every=2, peak_flops=1e12)

@@ -107,8 +107,10 @@ class RunSummary(Callback):
     def metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[tuple[str, str]]:
         """(name, value) of the module's ``summary_metrics`` that were logged."""
         names = getattr(pl_module, "summary_metrics", ()) or ()
+        notes = getattr(pl_module, "summary_missing", {}) or {}  # what to say for a metric the run could not log
         got = trainer.callback_metrics
-        return [(name, _fmt(got[name])) for name in names if name in got]
+        return [(name, _fmt(got[name]) if name in got else notes[name]) for name in names
+                if name in got or name in notes]
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finished = True  # announced in teardown, after the progress bar's last redraw
@@ -224,8 +226,8 @@ class StepProgressBar(ProgressBar):
             return
         now, step = time.perf_counter(), trainer.global_step
         if not final and (now - self._last_draw < self.refresh_seconds if self.interactive
-                          else step < self._next_line):
-            return
+                          else step < self._next_line or 0 < self._total <= step):
+            return  # (off a terminal the last step's line is the final one, written after its validation)
         self._last_draw = now
         if not self.interactive:
             self._next_line = self._milestone(step)
