@@ -185,6 +185,24 @@ def test_every_data_module_refuses_bad_inputs_in_one_line_before_any_folder(tmp_
     assert not run.exists()
 
 
+def test_missing_model_config_or_data_is_one_line_naming_what_to_pass(tmp_path, capsys):
+    from zoo.cli import main
+
+    assert main(["fit"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo fit: error: no model given: pass a config that names one") and "--model CLASS_PATH" in err
+    assert main(["validate", "--config", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"zoo validate: error: --config '{tmp_path / 'nope.yaml'}': no such file; see zoo validate")
+    (tmp_path / "nodata.yaml").write_text("trainer:\n  max_steps: 1\nmodel:\n  class_path: byol.BYOL\n")
+    run = tmp_path / "run"
+    assert main(["fit", "--config", str(tmp_path / "nodata.yaml"), "--seed_everything", "0",
+                 "--trainer.default_root_dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo fit: error: no training data: BYOL needs a data module") and "--data" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not run.exists()
+
+
 @pytest.mark.parametrize("config, args, start", [
     # a constructor refusing a value or a missing file: jsonargparse wraps it in its union wording; we print it alone
     (DIGITS, ["--model.init_args.encoder", "resnet_nope"],

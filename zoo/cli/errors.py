@@ -149,6 +149,14 @@ def explain_parse_error(message: str, argv: list[str]) -> str:
         key = f"{group_name}.init_args.{leaf}" if class_path and group_name else leaf
         return (f"{key} must be {_TYPE_NAMES.get(want, want)}, got {got!r} (from {origin(key, argv)}); "
                 f"{_help_hint(argv, group_name, cls)}")
+    required = re.search(r"the following arguments are required: (?:\w+\.)?(model|data)\b", message)
+    if required:  # `zoo fit` alone, or a config without a model / data section
+        what = {"model": "a LightningModule", "data": "a LightningDataModule"}[required.group(1)]
+        return (f"no {required.group(1)} given: pass a config that names one (--config configs/byol/digits.yaml) "
+                f"or --{required.group(1)} CLASS_PATH ({what}); {_help_hint(argv)}")
+    missing = re.search(r'Parser key "config": File does not exist: (.*)', message)
+    if missing:
+        return f"--config {missing.group(1).strip()}: no such file; {_help_hint(argv)}"
     # anything else: the last meaningful line of jsonargparse's message, still on one line
     lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.strip().startswith(
         ("Given value", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>", "Does not validate"))]

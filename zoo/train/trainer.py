@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import (Callback, LearningRateMonitor, ModelChe
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from zoo.files import atomic_path
 from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, step_based  # noqa: F401 - re-exported
@@ -446,6 +447,10 @@ class ZooTrainer(pl.Trainer):
         """
         dm = datamodule if datamodule is not None else (
             train_dataloaders if isinstance(train_dataloaders, pl.LightningDataModule) else None)
+        if dm is None and train_dataloaders is None and not is_overridden("train_dataloader", model):
+            # e.g. a config without a data section: refused here, before a seed warning and a setup traceback
+            raise UsageError(f"no training data: {type(model).__name__} needs a data module; pass a config with a "
+                             "data section or --data CLASS_PATH (a LightningDataModule, e.g. zoo.data.ImageDataModule)")
         preflight_check(self, model, dm)
         lock = RunLock(self.default_root_dir).acquire() if _is_launching_process() else None
         try:
