@@ -399,9 +399,12 @@ class LMModule(L.LightningModule):
         if float(n) == 0:
             return
         loss = (total / n).float()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss))
-        self.log_bpb("val", loss, prog_bar=True)
+        # every rank holds the same, already summed value, so sync_dist's mean over ranks changes nothing; without it
+        # Lightning warns "It is recommended to use sync_dist=True" for every epoch-level value under DDP / FSDP
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), sync_dist=True)
+        if "val" in self.bytes_per_token:
+            self.log("val/bpb", bits_per_byte(loss, self.bytes_per_token["val"]), prog_bar=True, sync_dist=True)
 
     # -- optimiser -----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:

@@ -297,4 +297,6 @@ class Distill(LMModule):
         out, nll = self.run_model(tokens)
         self.accumulate_val(nll)
         p_t = self._teacher_on_device()(tokens[:, :-1]).float().softmax(-1)
-        self.log("val/kl_teacher", kl_divergence(p_t, out.logits).mean(), prog_bar=True)
+        # averaged over every rank's batches (under DDP / FSDP each rank sees a different part of the split)
+        self.log("val/kl_teacher", kl_divergence(p_t, out.logits).mean(), prog_bar=True, sync_dist=True,
+                 batch_size=tokens.shape[0])

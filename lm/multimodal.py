@@ -178,7 +178,8 @@ class MultimodalLM(LMModule):
         for k, task in enumerate((*TASKS, "all")):
             if counts[2 * k + 1] > 0:
                 name = "val/answer_acc" if task == "all" else f"val/answer_acc_{task}"
-                self.log(name, (counts[2 * k] / counts[2 * k + 1]).float(), prog_bar=task == "all", sync_dist=False)
+                # summed over ranks above: the same on every rank (see LMModule.on_validation_epoch_end)
+                self.log(name, (counts[2 * k] / counts[2 * k + 1]).float(), prog_bar=task == "all", sync_dist=True)
 
     @torch.no_grad()
     def answer_accuracy(self, samples: list, tokenizer: Any) -> dict[str, dict[str, float]]:

@@ -270,4 +270,9 @@ def test_lightning_chatter_is_dropped_and_real_messages_stay():
     assert not keep(record("Trainer already configured with model summary callbacks: [ModelTable]. Skipping"))
     assert not keep(record("GPU available: False, used: False"))
     assert not keep(record("`Trainer.fit` stopped: `max_steps=6` reached."))  # RunSummary says why it stopped
+    # the process-group banner of a DDP / FSDP start, on every rank
+    assert not keep(record("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2"))
+    assert not keep(record("-" * 100 + "\ndistributed_backend=gloo\nAll distributed processes registered."))
+    assert not keep(record("[rank: 1] Seed set to 0"))
+    assert keep(record("[rank: 1] Restoring states from the checkpoint path at x.ckpt"))
     assert keep(record("Restoring states from the checkpoint path at runs/x/checkpoints/last.ckpt"))

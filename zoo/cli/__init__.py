@@ -58,16 +58,24 @@ QUIET_LOG_PREFIXES = ("\U0001f4a1 Tip:", "GPU available:", "TPU available:", "HP
                       "Trainer already configured with model summary callbacks",  # ours: zoo.train.announce.ModelTable
                       # said by RunSummary's last line ("run finished at step N (max_steps=N reached)"); Lightning's
                       # lands on a live progress bar, which is still drawn when it is logged
-                      "`Trainer.fit` stopped:")
+                      "`Trainer.fit` stopped:",
+                      # the process-group banner of every DDP / FSDP start (the run summary names the devices' work)
+                      "Initializing distributed:", "-" * 20,
+                      "`Trainer(limit_")  # "`Trainer(limit_val_batches=1)` was configured so 1 batch will be used."
 QUIET_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a deprecated torch API
+    # FSDP2 on a CPU mesh (gloo): our sharded init is tested equal to one process's (tests/test_fsdp.py)
+    r"DTensor random operators may not have complete support on cpu device mesh",
     r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
 )
 
 
+_RANK_PREFIX = re.compile(r"^\[rank: \d+\] ")  # Lightning's prefix on messages from ranks other than 0
+
+
 class _DropChatter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).startswith(QUIET_LOG_PREFIXES)
+        return not _RANK_PREFIX.sub("", str(record.getMessage())).startswith(QUIET_LOG_PREFIXES)
 
 
 def quiet_lightning() -> None:

@@ -89,7 +89,7 @@ class RunSummary(Callback):
         rows: list[tuple[str, str]] = []
         last = next((os.path.join(c.dirpath, "last.ckpt") for c in trainer.checkpoint_callbacks
                      if isinstance(c, ModelCheckpoint) and c.dirpath), None)
-        if last and os.path.isfile(last):
+        if last and (os.path.isfile(last) or os.path.isdir(last)):  # a sharded (FSDP2) checkpoint is a folder
             rows.append(("checkpoint", last))
         report = os.path.join(trainer.default_root_dir, "probe_report.json")
         if os.path.isfile(report):
