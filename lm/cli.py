@@ -7,6 +7,7 @@ argument error come back at once; torch is imported (through ``lm.evals``, ``lm.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from zoo.cli.errors import parse_tool_args, tool_parser
@@ -182,5 +183,7 @@ def consolidate_main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"zoo consolidate: error: {err}", file=sys.stderr)
         return 2
-    print(path)
+    size = Path(path).stat().st_size / 2**20
+    print(f"wrote {path} ({size:.1f} MiB), one file from the sharded folder {args.folder}; load it with "
+          f"zoo.load_lm({str(path)!r}) or zoo export-hf {path} --out DIR")
     return 0

@@ -212,7 +212,7 @@ def test_a_buffer_without_initialiser_is_refused_not_left_as_garbage():
 
 
 # ---------------------------------------------------------------------------------------------- 2 gloo processes
-def test_fsdp_two_processes_match_one_process_and_checkpoint_consolidates(tmp_path):
+def test_fsdp_two_processes_match_one_process_and_checkpoint_consolidates(tmp_path, capsys):
     """3 steps of FSDP2 on 2 processes (batch B each) == 3 steps of one process (batch 2B) within 1e-5, from the
     same initial weights; the sharded last.ckpt folder consolidates into a file zoo.load_lm reads."""
     import zoo
@@ -240,6 +240,13 @@ def test_fsdp_two_processes_match_one_process_and_checkpoint_consolidates(tmp_pa
     model = zoo.load_lm(str(out))
     for name, value in model.state_dict().items():
         assert torch.equal(value, r0["state"][name]), name
+    # the command line does the same and says where the file went and how to load it
+    from lm.sharding import consolidate_main
+
+    assert consolidate_main([str(folder), "--out", str(tmp_path / "cli.ckpt")]) == 0
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    assert said.startswith(f"wrote {tmp_path / 'cli.ckpt'} (") and "zoo.load_lm(" in said, said
+    assert torch.load(tmp_path / "cli.ckpt", weights_only=True)["global_step"] == STEPS
 
 
 @pytest.mark.slow
