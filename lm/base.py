@@ -339,10 +339,11 @@ class LMModule(L.LightningModule):
         weight = REINFORCE_WEIGHT if hp.reinforce_weight is None else hp.reinforce_weight
         return weight * rl + hp.balance_weight * balance, logs
 
-    def log_bpb(self, stage: str, loss: Tensor, prog_bar: bool = False) -> None:
+    def log_bpb(self, stage: str, loss: Tensor, prog_bar: bool = False, sync_dist: bool = False) -> None:
         """Log {stage}/bpb from a mean NLL when the data module gave its bytes per token."""
         if stage in self.bytes_per_token:
-            self.log(f"{stage}/bpb", bits_per_byte(loss.detach(), self.bytes_per_token[stage]), prog_bar=prog_bar)
+            self.log(f"{stage}/bpb", bits_per_byte(loss.detach(), self.bytes_per_token[stage]), prog_bar=prog_bar,
+                     sync_dist=sync_dist)
 
     # -- throughput ----------------------------------------------------------------------------------------------
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -403,8 +404,7 @@ class LMModule(L.LightningModule):
         # Lightning warns "It is recommended to use sync_dist=True" for every epoch-level value under DDP / FSDP
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", torch.exp(loss), sync_dist=True)
-        if "val" in self.bytes_per_token:
-            self.log("val/bpb", bits_per_byte(loss, self.bytes_per_token["val"]), prog_bar=True, sync_dist=True)
+        self.log_bpb("val", loss, prog_bar=True, sync_dist=True)
 
     # -- optimiser -----------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict:

@@ -38,6 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
+from zoo.cli import HELP_WIDTH  # the widest help we print: zoo --help's
 from zoo.files import atomic_write_text, cache_dir
 
 DISABLE_ENV = "ZOO_HELP_CACHE"
@@ -46,7 +47,6 @@ DISTRIBUTION = "byol-zoo"
 # optional packages that change its output (docstrings per argument, stub-resolved types, --parser_mode choices)
 VERSIONED = ("torch", "lightning", "jsonargparse", "docstring-parser", "typeshed-client", "omegaconf", DISTRIBUTION)
 MAX_ENTRIES = 64  # help texts are ~10-40 KB each; older ones are removed beyond this many
-HELP_WIDTH = 80  # the widest help we print (zoo --help uses the same)
 SHIPPED_DIR = Path(__file__).with_name("help")
 SHIPPED_COMMANDS = ("fit", "validate", "test", "predict")
 REFRESH_COMMAND = "python -m zoo.cli.help_cache --ship"

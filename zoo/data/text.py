@@ -256,6 +256,7 @@ class TextDataModule(L.LightningDataModule):
         self.return_index, self.progress = return_index, progress
         self.cache_root = Path(cache_dir).expanduser() / "text" if cache_dir else zoo_cache_dir("text")
         self.tokenizer: Any = None
+        self._found: list[Path] | None = None  # the corpus's files, once resolved
         self.meta: dict[str, Any] | None = None
         self.data_dir: Path | None = None
         self.train_set: TokenWindows | None = None
@@ -263,11 +264,14 @@ class TextDataModule(L.LightningDataModule):
 
     # -- corpus + cache ---------------------------------------------------------------------------------------
     def _files(self) -> list[Path]:
+        if self._found is not None:  # resolving the stdlib corpus walks ~1,800 files (~1 s): once per module
+            return self._found
         files = find_documents(self.paths, self.pattern)
         if not files:
             where = self.paths if self.paths is not None else str(stdlib_dir())
             raise ValueError(f"text corpus is empty: no files matching {self.pattern!r} under {where!r}; "
                              "pass `paths` naming text files, folders or glob patterns")
+        self._found = files
         return files
 
     def prepare_data(self) -> None:

@@ -35,6 +35,14 @@ def _size(n: float) -> str:
     return f"{n:.1f} PB"  # pragma: no cover
 
 
+def check_datamodule(datamodule: Any) -> None:
+    """Run the datamodule's ``check_data()`` when it has one: a bad dataset path, corpus or tokenizer is refused in
+    one line before any output folder (logs/, tb/) exists."""
+    check_data = getattr(datamodule, "check_data", None)
+    if callable(check_data):
+        check_data()
+
+
 def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datamodule: Any = None) -> None:
     """Refuse a run that cannot work, before any process is launched or any data is read (``UsageError``, one line
     naming the key): gradient accumulation, precision, the per-device batch against the model's minimum
@@ -43,9 +51,7 @@ def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datam
     one (a missing dataset folder), so nothing is created for a run that cannot read its data."""
     if trainer.accumulate_grad_batches < 1:
         raise UsageError(f"trainer.accumulate_grad_batches must be >= 1, got {trainer.accumulate_grad_batches}")
-    check_data = getattr(datamodule, "check_data", None)
-    if callable(check_data):  # a bad dataset path is refused before any output folder (logs/, tb/) exists
-        check_data()
+    check_datamodule(datamodule)
     if model is None:
         return
     if str(trainer.precision).startswith("64") and not getattr(model, "supports_float64", True):

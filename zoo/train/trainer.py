@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from zoo.files import atomic_path
 from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, step_based  # noqa: F401 - re-exported
 from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
-from zoo.train.preflight import available_memory, preflight_check  # noqa: F401 - re-exported
+from zoo.train.preflight import available_memory, check_datamodule, preflight_check  # noqa: F401 - re-exported
 from zoo.train.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
 
@@ -393,10 +393,7 @@ def _titled(method: Any, title: str) -> Any:
     @functools.wraps(method)
     def call(self: pl.Trainer, *args: Any, **kwargs: Any) -> Any:
         bound = signature.bind_partial(self, *args, **kwargs).arguments
-        dm = bound.get("datamodule") or bound.get("dataloaders")
-        check_data = getattr(dm, "check_data", None) if isinstance(dm, pl.LightningDataModule) else None
-        if callable(check_data):
-            check_data()
+        check_datamodule(bound.get("datamodule") or bound.get("dataloaders"))
         return method(self, *args, **kwargs)
 
     call.__doc__ = f"{title}.\n\n{inspect.cleandoc(method.__doc__ or '')}"
