@@ -49,8 +49,11 @@ def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datam
     (``min_batch_per_device``, e.g. 2 for batch norm) and the number of devices, and an input batch larger than the
     memory of the device (``model.input_bytes``); and the data, through the datamodule's ``check_data()`` when it has
     one (a missing dataset folder), so nothing is created for a run that cannot read its data."""
+    from zoo.train.cluster import check_scheduler
+
     if trainer.accumulate_grad_batches < 1:
         raise UsageError(f"trainer.accumulate_grad_batches must be >= 1, got {trainer.accumulate_grad_batches}")
+    check_scheduler(trainer)  # SLURM_NTASKS=4 with --trainer.devices 2: one line, before a launcher hangs
     check_datamodule(datamodule)
     if model is None:
         return

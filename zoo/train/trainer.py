@@ -85,12 +85,16 @@ class DeferredSignalConnector(_SignalConnector):
 
     @property
     def requeue_pending(self) -> bool:
-        """Whether the signal that stopped the run asks for the job to be requeued."""
+        """Whether the signal that stopped this process asks for the job to be requeued."""
         return self.pending_signal in self.requeue_signals
 
-    def exit_code(self) -> int:
-        """128 + the signal that stopped the run (143 for SIGTERM), as a shell reports a process the signal ended."""
-        return 128 + int(self.pending_signal or signal.SIGTERM)
+    def exit_code(self, requeue: bool | None = None) -> int:
+        """128 + the signal that stopped the run (143 for SIGTERM, 138 for SIGUSR1), as a shell reports a process
+        that signal ended; ``requeue`` (decided over all ranks) picks a requeue signal even on a rank that got none."""
+        requeue = self.requeue_pending if requeue is None else requeue
+        if not requeue:
+            return 128 + signal.SIGTERM
+        return 128 + int(self.pending_signal if self.requeue_pending else self.requeue_signals[0])
 
 
 def sigterm_pending(trainer: pl.Trainer) -> bool:
@@ -127,8 +131,21 @@ class PreemptionCheckpoint(Callback):
         if self._saved_step != trainer.global_step:
             trainer.save_checkpoint(self._path(trainer))
             self._saved_step = trainer.global_step
-        trainer._signal_connector.received_sigterm = True  # now Lightning stops, at the end of this batch
+        connector = trainer._signal_connector  # Lightning internal: see DeferredSignalConnector
+        requeue = bool(getattr(connector, "requeue_pending", False))
+        if trainer.world_size > 1:  # a requeue signal on any rank requeues the job (rank 0 asks the scheduler)
+            requeue = bool(trainer.strategy.reduce_boolean_decision(requeue, all=False))
+        trainer._zoo_requeue = requeue
+        connector.received_sigterm = True  # now Lightning stops, at the end of this batch
         trainer._zoo_preempted = True
+
+    @staticmethod
+    def exit_code(trainer: pl.Trainer) -> int:
+        """The exit status of a run stopped by a signal (128 + its number; 143 without a deferred connector)."""
+        connector = trainer._signal_connector  # Lightning internal: see DeferredSignalConnector
+        if not isinstance(connector, DeferredSignalConnector):
+            return 128 + signal.SIGTERM
+        return connector.exit_code(getattr(trainer, "_zoo_requeue", None))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -144,9 +161,7 @@ class PreemptionCheckpoint(Callback):
             return
         if isinstance(exception, SIGTERMException) and exception.code in (None, 0):
             # Lightning exits 0 on SIGTERM: a scheduler would take the preempted run for a finished one.
-            connector = trainer._signal_connector  # Lightning internal: see DeferredSignalConnector
-            exception.code = connector.exit_code() if isinstance(connector, DeferredSignalConnector) \
-                else 128 + signal.SIGTERM
+            exception.code = self.exit_code(trainer)
         if isinstance(exception, SIGTERMException) and self._saved_step == trainer.global_step:
             return  # already saved at this step's batch end; the loop state now would restore less cleanly
         trainer.save_checkpoint(self._path(trainer))
@@ -391,7 +406,7 @@ class ZooTrainer(pl.Trainer):
                 # before ``fit`` resolves ``ckpt_path="last"`` (which happens before any callback's ``setup``)
                 callback.use_root(self)
         self._signal_connector = DeferredSignalConnector(self, signals)
-        self._zoo_preempted = False
+        self._zoo_preempted = self._zoo_requeue = False
 
     validate = _titled(pl.Trainer.validate, "Run one evaluation epoch over the validation set")
     test = _titled(pl.Trainer.test, "Run one evaluation epoch over the test set (kept apart from fit)")
@@ -423,13 +438,13 @@ class ZooTrainer(pl.Trainer):
         lock = _claim_folder(self, ckpt_path, overwrite)
         requeue = False
         try:
-            self._zoo_preempted = False
+            self._zoo_preempted = self._zoo_requeue = False
             out = super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
             if self._zoo_preempted:  # signalled after the last training batch: saved at the end, still exit 128+sig
-                raise SIGTERMException(self._signal_connector.exit_code())
+                raise SIGTERMException(PreemptionCheckpoint.exit_code(self))
             return out
         except SystemExit:
-            requeue = self._zoo_preempted and self._signal_connector.requeue_pending
+            requeue = self._zoo_preempted and bool(getattr(self, "_zoo_requeue", False))
             raise
         finally:
             if lock is not None:
