@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import shutil
 import signal
 import sys
 import time
@@ -30,7 +31,8 @@ from zoo.train.checkpointing import (CHECKPOINT_EVERY_MINUTES, AtomicCheckpointI
                                      remove_checkpoint)
 from zoo.train.cluster import REQUEUE_SIGNALS_DEFAULT, launched_externally, parse_signals, process_rank, requeue_job
 from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
-from zoo.train.preflight import available_memory, check_datamodule, preflight_check  # noqa: F401 - re-exported
+from zoo.train.preflight import (available_memory, check_datamodule, lightning_usage_error,  # noqa: F401
+                                 preflight_check)
 from zoo.train.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
 
@@ -342,6 +344,33 @@ def _refuse_if_rank0_will(trainer: pl.Trainer) -> None:
     raise UsageError(reason)
 
 
+def new_log_folders(trainer: pl.Trainer) -> list[str]:
+    """The log folders (``logs/version_N``, ``tb/version_N``) this start will create, where they do not exist yet."""
+    folders = []
+    for logger in trainer.loggers:
+        try:
+            folder = logger.log_dir
+        except Exception:  # a logger without a local folder
+            continue
+        if folder and not os.path.exists(folder):
+            folders.append(os.fspath(folder))
+    return folders
+
+
+def remove_unused_log_folders(folders: list[str]) -> None:
+    """Remove the log folders a refused start created, when nothing was logged into them (no metrics.csv), and
+    their ``logs`` / ``tb`` parents when that leaves them empty."""
+    if any(os.path.exists(os.path.join(f, "metrics.csv")) for f in folders):
+        return
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+        parent = os.path.dirname(folder)
+        try:
+            os.rmdir(parent)  # only when empty
+        except OSError:
+            pass
+
+
 def resolve_auto_ckpt_path(trainer: pl.Trainer, ckpt_path: Any) -> Any:
     """``--ckpt_path auto``: ``last`` when the run folder holds a checkpoint, else None (a fresh start), so one
     command line serves the first launch and every requeue."""
@@ -400,7 +429,13 @@ class ZooTrainer(pl.Trainer):
         # Our callbacks, checkpoint writer and loggers are added here (``complete_trainer_kwargs`` is idempotent), so
         # LightningCLI needs no override of its private ``_instantiate_trainer`` to get them.
         kwargs.update(complete_trainer_kwargs(kwargs, checkpoint_every_minutes))  # in place: jsonargparse still
-        super().__init__(*args, **kwargs)  # sees Trainer's parameters
+        try:  # sees Trainer's parameters
+            super().__init__(*args, **kwargs)
+        except (ValueError, ImportError, Exception) as e:
+            refusal = lightning_usage_error(e)  # a bad accelerator, devices, strategy...: one line naming the key
+            if refusal is None:
+                raise
+            raise refusal from None
         for callback in self.checkpoint_callbacks:
             if isinstance(callback, RootCheckpoint):
                 # before ``fit`` resolves ``ckpt_path="last"`` (which happens before any callback's ``setup``)
@@ -437,6 +472,7 @@ class ZooTrainer(pl.Trainer):
         ckpt_path = resolve_auto_ckpt_path(self, ckpt_path)
         lock = _claim_folder(self, ckpt_path, overwrite)
         requeue = False
+        fresh = new_log_folders(self) if lock is not None else []
         try:
             self._zoo_preempted = self._zoo_requeue = False
             out = super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
@@ -446,6 +482,13 @@ class ZooTrainer(pl.Trainer):
         except SystemExit:
             requeue = self._zoo_preempted and bool(getattr(self, "_zoo_requeue", False))
             raise
+        except Exception as e:
+            refusal = lightning_usage_error(e)  # e.g. max_epochs below the resumed epoch, found while restoring
+            if refusal is not None or isinstance(e, UsageError):
+                remove_unused_log_folders(fresh)  # a refused start leaves no empty logs/version_N, tb/version_N
+            if refusal is None:
+                raise
+            raise refusal from None
         finally:
             if lock is not None:
                 lock.release()
