@@ -113,8 +113,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class RootCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose default folder is ``<default_root_dir>/checkpoints`` (not a per-version log folder),
     so ``--ckpt_path last`` and ``<root>/checkpoints/last.ckpt`` always name the same file; with ``save_last`` it
-    keeps ``last.ckpt`` current at every epoch end (or validation end, where Lightning saves) and every
-    ``every_minutes`` of training, also with ``save_top_k=0``.
+    keeps ``last.ckpt`` current at the last training batch of every epoch, every ``every_minutes`` of training and at
+    the end of training, also with ``save_top_k=0``.
 
     Lightning's ModelCheckpoint writes "last" only right after a top-k save, so with ``save_top_k=0`` and no
     ``every_n_train_steps`` it wrote ``last.ckpt`` only when training ended: a crash lost the whole run. Its own
@@ -137,6 +137,8 @@ class RootCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._zoo_clock = time.monotonic()
+        # a resumed run starts from a checkpoint of this very step: nothing new to save before a step is taken
+        self._last_global_step_saved = trainer.global_step
 
     def _save_last_if_due(self, trainer: pl.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
@@ -146,30 +148,27 @@ class RootCheckpoint(ModelCheckpoint):
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._zoo_clock = time.monotonic()  # any save of last.ckpt restarts the timer
 
-    def _epoch_due(self, trainer: pl.Trainer) -> bool:
-        n = self._every_n_epochs or 1  # every_n_train_steps alone still keeps last.ckpt current at epoch ends
-        return (trainer.current_epoch + 1) % n == 0
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not self.every_minutes or self._zoo_clock is None:
-            return
-        if trainer.world_size > 1 and trainer.global_step % 16:
-            return  # ranks agree on the clock through a broadcast: ask it every 16 steps, not at every batch
-        due = time.monotonic() - self._zoo_clock >= 60.0 * self.every_minutes
-        if trainer.strategy.broadcast(due):  # rank 0's clock decides for every rank (a save is collective)
+        # The epoch's save is taken at its last batch end, not in on_train_epoch_end: a checkpoint written there
+        # resumes with other data than the straight run's (tested), one written at the last batch end resumes exactly
+        # (the loop state PreemptionCheckpoint saves in). Validation after it does not change the training state.
+        last_batch = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
+        n = self._every_n_epochs or 1  # every_n_train_steps alone still keeps last.ckpt current at epoch ends
+        due = last_batch and (trainer.current_epoch + 1) % n == 0
+        if not due and self.every_minutes and self._zoo_clock is not None:
+            if trainer.world_size == 1 or trainer.global_step % 16 == 0:
+                # rank 0's clock decides for every rank (a save is collective); under DDP the broadcast is made
+                # every 16 steps, not at every batch
+                due = bool(trainer.strategy.broadcast(time.monotonic() - self._zoo_clock >= 60.0 * self.every_minutes))
+        if due:
             self._save_last_if_due(trainer)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer) and self._epoch_due(trainer):
-            self._save_last_if_due(trainer)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer) and self._epoch_due(trainer):
-            self._save_last_if_due(trainer)
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save ``last.ckpt`` at the end of training unless it already holds this step (Lightning's own end save
+        happens only when nothing was saved before)."""
+        self._save_last_if_due(trainer)
 
     def use_root(self, trainer: pl.Trainer) -> None:
         """Point an unset ``dirpath`` at ``<trainer.default_root_dir>/checkpoints``.
@@ -182,5 +181,3 @@ class RootCheckpoint(ModelCheckpoint):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.use_root(trainer)  # a plain Lightning Trainer reaches here without ZooTrainer's __init__
         super().setup(trainer, pl_module, stage)
-
-

@@ -133,6 +133,10 @@ class PreemptionCheckpoint(Callback):
         if self._saved_step != trainer.global_step:
             trainer.save_checkpoint(self._path(trainer))
             self._saved_step = trainer.global_step
+            for callback in trainer.checkpoint_callbacks:  # the periodic save at this batch end would repeat it
+                if isinstance(callback, RootCheckpoint) and callback.save_last and callback.dirpath and \
+                        os.path.join(callback.dirpath, "last.ckpt") == self._path(trainer):
+                    callback._last_global_step_saved = trainer.global_step  # Lightning's attribute, our subclass
         connector = trainer._signal_connector  # Lightning internal: see DeferredSignalConnector
         requeue = bool(getattr(connector, "requeue_pending", False))
         if trainer.world_size > 1:  # a requeue signal on any rank requeues the job (rank 0 asks the scheduler)
