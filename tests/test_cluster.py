@@ -212,3 +212,93 @@ def test_ckpt_path_auto_starts_fresh_then_resumes(tmp_path):
     assert cli.trainer.global_step == 2 and last(tmp_path)["global_step"] == 2
     cli = zoo_fit(tmp_path, "--trainer.max_steps", "4", "--ckpt_path", "auto")  # the same line again: resumes
     assert cli.trainer.global_step == 4 and last(tmp_path)["global_step"] == 4
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--trainer.accelerator", "gpu"], "trainer.accelerator"),
+    (["--trainer.devices", "0"], "trainer.devices"),
+    (["--trainer.strategy", "fsdp"], "trainer.strategy"),
+    (["--trainer.num_nodes", "0"], "trainer.num_nodes"),
+    (["--trainer.max_steps", "-5"], "trainer.max_steps"),
+    (["--trainer.limit_train_batches", "-1"], "trainer.limit_train_batches"),
+    (["--trainer.checkpoint_every_minutes", "-1"], "trainer.checkpoint_every_minutes"),
+    (["--trainer.requeue_signals", "[SIGFOO]"], "trainer.requeue_signals"),
+])
+def test_lightning_refusals_of_a_trainer_flag_are_one_line_naming_the_key(tmp_path, capsys, args, key):
+    from test_resume import zoo_fit
+
+    from zoo.cli import main
+
+    if args[1] == "gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is there: accelerator gpu is valid")
+    zoo_fit(tmp_path / "cfg", "--trainer.max_steps", "0", "--trainer.enable_checkpointing", "false")
+    code = main(["fit", "--config", str(tmp_path / "cfg" / "config0.yaml"), "--trainer.default_root_dir",
+                 str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err.strip()  # (the first run's Lightning log lines come first)
+    assert code == 2 and "Exception" not in err and err.splitlines()[-1].startswith(f"zoo fit: error: {key}"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_max_epochs_below_the_saved_epoch_is_one_line_and_leaves_no_version_folder(tmp_path, capsys):
+    from test_resume import zoo_fit
+
+    from zoo.cli import main
+
+    zoo_fit(tmp_path, "--trainer.max_steps", "-1", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "2")
+    before = sorted(p.name for p in (tmp_path / "logs").iterdir()), sorted(p.name for p in (tmp_path / "tb").iterdir())
+    code = main(["fit", "--config", str(tmp_path / "config0.yaml"), "--trainer.max_steps", "-1",
+                 "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--ckpt_path", "last"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("zoo fit: error: trainer.max_epochs=1 is below the epoch the checkpoint "
+                                            "was saved in"), err
+    after = sorted(p.name for p in (tmp_path / "logs").iterdir()), sorted(p.name for p in (tmp_path / "tb").iterdir())
+    assert after == before  # no empty logs/version_1, tb/version_1
+
+
+def test_overwrite_replaces_a_sharded_run_folder_and_killed_sharded_saves_are_cleaned(tmp_path):
+    from test_faults import TINY
+
+    from byol import BYOL
+    from zoo.data import ImageDataModule
+    from zoo.train.trainer import build_trainer
+
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "last.ckpt").mkdir(parents=True)  # what an fsdp2 run leaves: a folder of shards
+    (ckpts / "last.ckpt" / "__0_0.distcp").write_bytes(b"shard")
+    (ckpts / ".last.ckpt.0123456789ab.tmp").mkdir()  # a sharded save killed before its rename
+    (ckpts / ".last.ckpt.0123456789ab.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    trainer = build_trainer(default_root_dir=str(tmp_path), max_steps=1, enable_progress_bar=False,
+                            limit_val_batches=0, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(BYOL(**TINY), ImageDataModule("digits", batch_size=16, num_workers=0, image_size=16), overwrite=True)
+    assert (ckpts / "last.ckpt").is_file() and not list(ckpts.glob(".last.ckpt.*"))
+
+
+def test_a_sharded_save_killed_between_its_renames_gets_the_previous_checkpoint_back(tmp_path):
+    from zoo.train.checkpointing import restore_interrupted_renames
+
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / ".last.ckpt.0123456789ab.old").mkdir(parents=True)  # last.ckpt moved aside, the new one not yet in
+    (ckpts / ".last.ckpt.0123456789ab.old" / "__0_0.distcp").write_bytes(b"previous")
+    (ckpts / ".last.ckpt.0123456789ab.tmp").mkdir()
+    restore_interrupted_renames(str(ckpts))
+    assert (ckpts / "last.ckpt" / "__0_0.distcp").read_bytes() == b"previous"
+
+
+def test_a_full_disk_during_a_sharded_save_keeps_the_previous_checkpoint_and_says_so(tmp_path):
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from zoo.train.checkpointing import failed_sharded_save
+    from zoo.train.errors import RunError
+
+    tmp = tmp_path / ".last.ckpt.0123456789ab.tmp"
+    tmp.mkdir()
+    (tmp / "__0_0.distcp").write_bytes(b"half")
+    full = CheckpointException("save failed", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
+    err = failed_sharded_save(full, tmp, tmp_path / "last.ckpt", rank0=True)
+    assert isinstance(err, RunError) and str(err).startswith(f"no space left on device writing {tmp_path / 'last.ckpt'}"
+                                                             "; the previous checkpoint is kept")
+    assert not tmp.exists()
+    other = CheckpointException("save failed", {0: (ValueError("a bug"), None)})
+    assert failed_sharded_save(other, tmp, tmp_path / "last.ckpt", rank0=True) is other  # not a disk problem

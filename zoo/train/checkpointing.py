@@ -32,6 +32,22 @@ def _is_disk_full(exc: BaseException) -> bool:
                                               or "No space left" in text)
 
 
+def failed_sharded_save(exc: BaseException, tmp: Path, path: Path, rank0: bool) -> BaseException:
+    """What a sharded save that failed (on any rank) raises: its temporary folder is removed (by rank 0; the previous
+    ``last.ckpt`` was never touched) and a full disk becomes one ``RunError`` line saying the previous one is kept."""
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    # DCP's CheckpointException carries each rank's failure as text: look at the whole chain and its wording
+    if any(_is_disk_full(c) or "No space left" in str(c) or "Disk quota" in str(c) for c in chain):
+        return RunError(f"no space left on device writing {os.fspath(path)}; the previous checkpoint is kept. Free "
+                        "some space and resume with --ckpt_path last")
+    return exc
+
+
 def checkpoint_folders(trainer: pl.Trainer) -> set[str]:
     """The folders the run's checkpoint callbacks write to (``<default_root_dir>/checkpoints`` by default)."""
     return {c.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
@@ -45,12 +61,26 @@ def cleanup_stale_temp_files(trainer: pl.Trainer) -> None:
     for folder in checkpoint_folders(trainer):
         if not os.path.isdir(folder):
             continue
+        restore_interrupted_renames(folder)
         for tmp in [*Path(folder).glob(".*.ckpt.*.tmp"), *Path(folder).glob(".*.ckpt.*.old")]:
             try:
                 if tmp.is_dir() and not tmp.is_symlink():
                     shutil.rmtree(tmp)
                 else:
                     tmp.unlink()
+            except OSError:
+                pass
+
+
+def restore_interrupted_renames(folder: str) -> None:
+    """A sharded save killed between moving ``last.ckpt`` aside (``.last.ckpt.<token>.old``) and renaming the new
+    folder in: put the previous checkpoint back, so the cleanup that follows never deletes the only good one."""
+    for old in Path(folder).glob(".*.ckpt.*.old"):
+        name = old.name[1:].split(".ckpt.", 1)[0] + ".ckpt"
+        target = Path(folder) / name
+        if not os.path.lexists(target):
+            try:
+                old.rename(target)
             except OSError:
                 pass
 
