@@ -17,7 +17,8 @@ T = TypeVar("T")
 
 
 def _rank_zero() -> bool:
-    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "RANK"))
+    # srun tasks carry no RANK: SLURM_PROCID tells them apart (0 in a one-task job, too)
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
 def track(items: Iterable[T], description: str, total: int | None = None, enabled: bool | None = None

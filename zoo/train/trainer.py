@@ -8,10 +8,8 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import shutil
 import signal
 import sys
-import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,7 +27,9 @@ from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, step_bas
 from zoo.train.checkpointing import (CHECKPOINT_EVERY_MINUTES, AtomicCheckpointIO, RootCheckpoint,  # noqa: F401
                                      cleanup_stale_temp_files, existing_checkpoints, first_nonfinite,
                                      remove_checkpoint)
-from zoo.train.cluster import REQUEUE_SIGNALS_DEFAULT, launched_externally, parse_signals, process_rank, requeue_job
+from zoo.train.cluster import REQUEUE_SIGNALS_DEFAULT, parse_signals, process_rank, requeue_job
+from zoo.train.run_folder import (claim_folder, new_log_folders, remove_unused_log_folders,  # noqa: F401
+                                  resolve_auto_ckpt_path)
 from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
 from zoo.train.preflight import (available_memory, check_datamodule, lightning_usage_error,  # noqa: F401
                                  preflight_check)
@@ -298,91 +298,6 @@ def complete_trainer_kwargs(kwargs: dict[str, Any],
     return kwargs
 
 
-def _claim_folder(trainer: pl.Trainer, ckpt_path: Any, overwrite: bool) -> RunLock | None:
-    """In the process that will be global rank 0: take the output folder's lock, remove killed writers' leftovers,
-    and apply the rerun rules (refuse a fresh run over an old one, ``last`` without a checkpoint, ``--overwrite``).
-    In every other process: refuse when rank 0 will be refused (the same rules, read-only), else None."""
-    old = existing_checkpoints(trainer)
-    rank0 = process_rank(trainer) == 0
-    lock = None
-    if rank0:
-        try:
-            lock = RunLock(trainer.default_root_dir).acquire()
-        except LockRefused as e:
-            raise UsageError(str(e)) from None
-    elif launched_externally(trainer):
-        _refuse_if_rank0_will(trainer)
-    try:
-        if old and ckpt_path is None and not overwrite:
-            raise UsageError(f"{trainer.default_root_dir} already holds a run ({old[0]}); resume it with "
-                             "--ckpt_path last, or start a new run with another --trainer.default_root_dir "
-                             "or over this one with --overwrite (--ckpt_path auto resumes when there is a checkpoint "
-                             "and starts fresh otherwise)")
-        if ckpt_path == "last" and not old:
-            folder = os.path.join(trainer.default_root_dir, "checkpoints")
-            raise UsageError(f"--ckpt_path last: there is no checkpoint in {folder} to resume; to start a "
-                             "fresh run leave out --ckpt_path (or check --trainer.default_root_dir)")
-        if lock is not None:
-            cleanup_stale_temp_files(trainer)
-            if old and ckpt_path is None and overwrite:
-                for path in old:
-                    remove_checkpoint(path)
-    except BaseException:
-        if lock is not None:
-            lock.release()
-        raise
-    return lock
-
-
-def _refuse_if_rank0_will(trainer: pl.Trainer) -> None:
-    """A rank > 0 of a job its scheduler started: refuse with rank 0's reason when another live run holds the
-    folder, rather than wait forever for a rank 0 that has exited. Asked three times over a second, so rank 0's
-    own lock, taken a moment before it records this job in the file, is never mistaken for another run."""
-    lock = RunLock(trainer.default_root_dir)
-    for attempt in range(3):
-        reason = lock.held_by_another()
-        if reason is None:
-            return
-        if attempt < 2:
-            time.sleep(0.5)
-    raise UsageError(reason)
-
-
-def new_log_folders(trainer: pl.Trainer) -> list[str]:
-    """The log folders (``logs/version_N``, ``tb/version_N``) this start will create, where they do not exist yet."""
-    folders = []
-    for logger in trainer.loggers:
-        try:
-            folder = logger.log_dir
-        except Exception:  # a logger without a local folder
-            continue
-        if folder and not os.path.exists(folder):
-            folders.append(os.fspath(folder))
-    return folders
-
-
-def remove_unused_log_folders(folders: list[str]) -> None:
-    """Remove the log folders a refused start created, when nothing was logged into them (no metrics.csv), and
-    their ``logs`` / ``tb`` parents when that leaves them empty."""
-    if any(os.path.exists(os.path.join(f, "metrics.csv")) for f in folders):
-        return
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
-        parent = os.path.dirname(folder)
-        try:
-            os.rmdir(parent)  # only when empty
-        except OSError:
-            pass
-
-
-def resolve_auto_ckpt_path(trainer: pl.Trainer, ckpt_path: Any) -> Any:
-    """``--ckpt_path auto``: ``last`` when the run folder holds a checkpoint, else None (a fresh start), so one
-    command line serves the first launch and every requeue."""
-    if ckpt_path != "auto":
-        return ckpt_path
-    return "last" if existing_checkpoints(trainer) else None
-
-
 def _titled(method: Any, title: str) -> Any:
     """Lightning's ``method`` (validate / test / predict), first checking the data as ``fit`` does (a bad dataset
     path is one line, not a traceback), under a first docstring line that ``zoo <subcommand> --help`` prints whole as
@@ -474,7 +389,7 @@ class ZooTrainer(pl.Trainer):
                              "data section or --data CLASS_PATH (a LightningDataModule, e.g. zoo.data.ImageDataModule)")
         preflight_check(self, model, dm)
         ckpt_path = resolve_auto_ckpt_path(self, ckpt_path)
-        lock = _claim_folder(self, ckpt_path, overwrite)
+        lock = claim_folder(self, ckpt_path, overwrite)
         requeue = False
         fresh = new_log_folders(self) if lock is not None else []
         try:
