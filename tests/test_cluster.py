@@ -302,3 +302,19 @@ def test_a_full_disk_during_a_sharded_save_keeps_the_previous_checkpoint_and_say
     assert not tmp.exists()
     other = CheckpointException("save failed", {0: (ValueError("a bug"), None)})
     assert failed_sharded_save(other, tmp, tmp_path / "last.ckpt", rank0=True) is other  # not a disk problem
+
+
+def test_a_requeue_with_another_model_is_one_line_naming_what_differs(tmp_path, capsys):
+    from test_resume import zoo_fit
+
+    from zoo.cli import main
+
+    zoo_fit(tmp_path, "--trainer.max_steps", "2")
+    code = main(["fit", "--config", str(tmp_path / "config0.yaml"), "--model.init_args.projection_dim", "24",
+                 "--ckpt_path", "auto"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.startswith(f"zoo fit: error: the checkpoint {tmp_path / 'checkpoints' / 'last.ckpt'} "
+                                        "holds another model than this config builds: projection_dim=24 "
+                                        "(checkpoint: 16)"), err
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["version_0"]
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -99,3 +99,19 @@ def resolve_auto_ckpt_path(trainer: pl.Trainer, ckpt_path: Any) -> Any:
     if ckpt_path != "auto":
         return ckpt_path
     return "last" if existing_checkpoints(trainer) else None
+
+
+def mismatched_checkpoint(trainer: pl.Trainer, exc: BaseException, ckpt_path: Any) -> UsageError | None:
+    """A resume whose checkpoint holds another model than the config builds (``load_state_dict``'s missing,
+    unexpected or mis-shaped tensors) as one line naming the checkpoint and the hyper-parameters that differ."""
+    if ckpt_path is None or not isinstance(exc, RuntimeError) or "Error(s) in loading state_dict" not in str(exc):
+        return None
+    loaded = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
+    saved = loaded.get("hyper_parameters") or {}
+    now = dict(getattr(trainer.lightning_module, "hparams", {}) or {})
+    differ = [f"{k}={now.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in sorted(set(saved) | set(now))
+              if k in saved and k in now and saved[k] != now[k]]
+    what = "; ".join(differ[:4]) if differ else "its tensors do not match this model's"
+    path = getattr(getattr(trainer, "_checkpoint_connector", None), "_ckpt_path", None) or ckpt_path
+    return UsageError(f"the checkpoint {path} holds another model than this config builds: {what}. Resume with the "
+                      "config the run was started with, or start a new run in another --trainer.default_root_dir")

@@ -28,8 +28,8 @@ from zoo.train.checkpointing import (CHECKPOINT_EVERY_MINUTES, AtomicCheckpointI
                                      cleanup_stale_temp_files, existing_checkpoints, first_nonfinite,
                                      remove_checkpoint)
 from zoo.train.cluster import REQUEUE_SIGNALS_DEFAULT, parse_signals, process_rank, requeue_job
-from zoo.train.run_folder import (claim_folder, new_log_folders, remove_unused_log_folders,  # noqa: F401
-                                  resolve_auto_ckpt_path)
+from zoo.train.run_folder import (claim_folder, mismatched_checkpoint, new_log_folders,  # noqa: F401
+                                  remove_unused_log_folders, resolve_auto_ckpt_path)
 from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
 from zoo.train.preflight import (available_memory, check_datamodule, lightning_usage_error,  # noqa: F401
                                  preflight_check)
@@ -402,7 +402,8 @@ class ZooTrainer(pl.Trainer):
             requeue = self._zoo_preempted and bool(getattr(self, "_zoo_requeue", False))
             raise
         except Exception as e:
-            refusal = lightning_usage_error(e)  # e.g. max_epochs below the resumed epoch, found while restoring
+            # max_epochs below the resumed epoch, or a checkpoint of another model, found while restoring
+            refusal = lightning_usage_error(e) or mismatched_checkpoint(self, e, ckpt_path)
             if refusal is not None or isinstance(e, UsageError):
                 remove_unused_log_folders(fresh)  # a refused start leaves no empty logs/version_N, tb/version_N
             if refusal is None:
