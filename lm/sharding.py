@@ -63,7 +63,14 @@ class FSDP2Strategy(ModelParallelStrategy):
                                      "Lower the learning rate or resume from the kept checkpoint.")
         token = self.broadcast(uuid.uuid4().hex[:12] if self.global_rank == 0 else None)
         tmp = path.parent / f".{path.name}.{token}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+        except BaseException as e:  # DCP's CheckpointException (a BaseException) reaches every rank
+            from zoo.train.checkpointing import failed_sharded_save
+
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise failed_sharded_save(e, tmp, path, self.global_rank == 0) from e
         self.barrier()
         if self.global_rank == 0:
             old = path.parent / f".{path.name}.{token}.old"

@@ -156,3 +156,15 @@ class SigtermIn(pl.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._maybe(trainer, "on_validation_batch_end")
+
+
+class SignalAt(pl.Callback):
+    """Send this process ``signum`` (SIGUSR1: SLURM's pre-timeout signal) at the end of optimizer step ``step``, on
+    rank ``rank`` only (None: every rank, as SLURM signals every task)."""
+
+    def __init__(self, step: int, signum: str = "SIGUSR1", rank: int | None = None) -> None:
+        self.step, self.signum, self.rank = step, signal.Signals[signum], rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
+            os.kill(os.getpid(), self.signum)

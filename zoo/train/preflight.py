@@ -49,8 +49,11 @@ def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datam
     (``min_batch_per_device``, e.g. 2 for batch norm) and the number of devices, and an input batch larger than the
     memory of the device (``model.input_bytes``); and the data, through the datamodule's ``check_data()`` when it has
     one (a missing dataset folder), so nothing is created for a run that cannot read its data."""
+    from zoo.train.cluster import check_scheduler
+
     if trainer.accumulate_grad_batches < 1:
         raise UsageError(f"trainer.accumulate_grad_batches must be >= 1, got {trainer.accumulate_grad_batches}")
+    check_scheduler(trainer)  # SLURM_NTASKS=4 with --trainer.devices 2: one line, before a launcher hangs
     check_datamodule(datamodule)
     if model is None:
         return
@@ -73,3 +76,40 @@ def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datam
         if have is not None and need_bytes > have[0]:
             raise UsageError(f"one batch does not fit in memory: {_size(need_bytes)} ({what}) but the {have[1]} is "
                              f"{_size(have[0])}; lower model.image_size or data.batch_size")
+
+
+def _trainer_keys() -> list[str]:
+    import inspect
+
+    return [k for k in inspect.signature(pl.Trainer.__init__).parameters if k not in ("self", "args", "kwargs")]
+
+
+# Lightning messages that name no Trainer argument: the key they are about, by a word they contain
+_KEY_BY_WORD = (("torch_xla", "accelerator"), ("backend", "accelerator"), ("Accelerator", "accelerator"),
+                ("DeepSpeed", "strategy"), ("Strategy", "strategy"), ("precision", "precision"))
+
+
+def lightning_usage_error(exc: BaseException) -> UsageError | None:
+    """Lightning's refusal of a Trainer setting (``MisconfigurationException``, its ``ValueError``s, a missing
+    optional package) as one ``UsageError`` line naming the ``trainer.<key>``; None for anything else."""
+    import re
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(exc, UsageError) or not isinstance(exc, (MisconfigurationException, ValueError, ImportError)):
+        return None
+    text = " ".join(str(exc).split())
+    restored = re.search(r"restored a checkpoint with current_epoch=(\d+), but you have set Trainer\(max_epochs=(-?\d+)\)",
+                         text)
+    if restored:
+        return UsageError(f"trainer.max_epochs={restored.group(2)} is below the epoch the checkpoint was saved in "
+                          f"({restored.group(1)}); resume with --trainer.max_epochs {restored.group(1)} or more, or "
+                          "start a new run in another --trainer.default_root_dir")
+    hits = [(m.start(), key) for key in _trainer_keys() for m in [re.search(rf"\b{key}\b", text)] if m]
+    key = min(hits)[1] if hits else next((k for word, k in _KEY_BY_WORD if word in text), None)
+    if key is None:
+        return None
+    hint = ""
+    if key == "strategy" and re.search(r"\bfsdp\b", text, re.IGNORECASE):
+        hint = " (language models shard with --trainer.strategy fsdp2, which also runs on CPU)"
+    return UsageError(f"trainer.{key}: {text}{hint}")

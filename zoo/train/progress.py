@@ -26,7 +26,8 @@ LINES = 10
 
 
 def _rank_zero() -> bool:
-    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "RANK"))
+    # srun tasks carry no RANK: SLURM_PROCID tells them apart (0 in a one-task job, too)
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
 class LinePacer:

@@ -9,7 +9,7 @@ import functools
 import inspect
 import os
 import signal
-from pathlib import Path
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,107 +18,28 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import (Callback, LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar,
                                          RichProgressBar)
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
-from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from zoo.files import atomic_path
+from zoo.files import LOCK_NAME, LockRefused, RunLock  # noqa: F401 - re-exported
 from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, step_based  # noqa: F401 - re-exported
+from zoo.train.checkpointing import (CHECKPOINT_EVERY_MINUTES, AtomicCheckpointIO, RootCheckpoint,  # noqa: F401
+                                     cleanup_stale_temp_files, existing_checkpoints, first_nonfinite,
+                                     remove_checkpoint)
+from zoo.train.cluster import REQUEUE_SIGNALS_DEFAULT, parse_signals, process_rank, requeue_job
+from zoo.train.run_folder import (claim_folder, mismatched_checkpoint, new_log_folders,  # noqa: F401
+                                  remove_unused_log_folders, resolve_auto_ckpt_path)
 from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
-from zoo.train.preflight import available_memory, check_datamodule, preflight_check  # noqa: F401 - re-exported
+from zoo.train.preflight import (available_memory, check_datamodule, lightning_usage_error,  # noqa: F401
+                                 preflight_check)
 from zoo.train.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
 
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC, or torch's zip writer failing to write (``[enforce fail at inline_container.cc] ... file write
-    failed``), which is what a full disk looks like through ``torch.save``."""
-    import errno
-
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text
-                                              or "No space left" in text)
-
-
-def cleanup_stale_temp_files(trainer: pl.Trainer) -> None:
-    """Remove ``.<name>.ckpt.*.tmp`` files that a writer killed mid-write left in the checkpoint folders (only
-    called while this run holds the folder's ``RunLock``, so no live writer owns them)."""
-    folders = {c.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
-               for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)}
-    for folder in folders:
-        for tmp in Path(folder).glob(".*.ckpt.*.tmp") if os.path.isdir(folder) else ():
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-
-
-def first_nonfinite(state_dict: dict[str, Any]) -> str | None:
-    """Name of the first floating-point tensor in ``state_dict`` holding a NaN or Inf, else None."""
-    for name, t in state_dict.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same folder, fsync, then rename: a kill mid-write never truncates last.ckpt.
-
-    Checkpoints whose weights hold NaN/Inf are refused, so a numerical fault never replaces the last good file.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        bad = first_nonfinite(checkpoint.get("state_dict", {}))
-        if bad is not None:
-            # A NaN/Inf weight would make this file useless; refusing keeps the previous good one in place.
-            raise FloatingPointError(f"refusing to write checkpoint {os.fspath(path)!r}: weight {bad!r} is NaN/Inf "
-                                     f"(step {checkpoint.get('global_step')}); the previous checkpoint is kept. "
-                                     "Lower the learning rate or resume from the kept checkpoint.")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-        except BaseException as e:
-            if _is_disk_full(e):
-                raise RunError(f"no space left on device writing {os.fspath(path)}; the previous checkpoint is kept. "
-                               "Free some space and resume with --ckpt_path last") from None
-            raise
-
-    def load_checkpoint(self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """Load with ``weights_only=True`` whatever the caller asks: a pickle that would run code raises
-        ``UnsafeFileError`` naming what it tried to import, and nothing is executed."""
-        from zoo.weights.safe_load import safe_torch_load
-
-        return safe_torch_load(path, map_location=map_location or "cpu")
-
-
-class RootCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose default folder is ``<default_root_dir>/checkpoints`` (not a per-version log folder),
-    so ``--ckpt_path last`` and ``<root>/checkpoints/last.ckpt`` always name the same file."""
-
-    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
-        # No last-v1.ckpt: a resumed run (whose last.ckpt was written by the preemption save) keeps writing last.ckpt.
-        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
-
-    def use_root(self, trainer: pl.Trainer) -> None:
-        """Point an unset ``dirpath`` at ``<trainer.default_root_dir>/checkpoints``.
-
-        ``ZooTrainer`` calls this when it is built: ``ckpt_path="last"`` is resolved before any callback's ``setup``,
-        and with no folder yet it would look in a new log-version folder and silently start from scratch."""
-        if self.dirpath is None:
-            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.use_root(trainer)  # a plain Lightning Trainer reaches here without ZooTrainer's __init__
-        super().setup(trainer, pl_module, stage)
-
-
 class DeferredSignalConnector(_SignalConnector):
-    """Lightning's signal connector, except that SIGTERM only records that it came (``sigterm_pending``).
+    """Lightning's signal connector, except that SIGTERM and the requeue signals (``trainer.requeue_signals``,
+    SIGUSR1 by default: what ``sbatch --signal=USR1@90`` sends before the time limit) only record that they came
+    (``sigterm_pending``; ``pending_signal`` says which).
 
     This is the one Lightning internal zoo still relies on (Lightning has no public hook to defer SIGTERM or to set
     ``received_sigterm``); pyproject.toml bounds lightning's version and tests/test_lightning_internals.py fails,
@@ -129,20 +50,53 @@ class DeferredSignalConnector(_SignalConnector):
     state; a checkpoint saved then does not resume exactly. Here ``PreemptionCheckpoint`` writes the checkpoint at
     one well-defined point -- its training batch end, or the end of training -- and only then hands the signal on to
     Lightning, which stops at that batch's end. The signal is still forwarded to DDP workers the launcher started.
+
+    Lightning's SLURM handler (on SIGUSR1: write ``hpc_ckpt_N.ckpt`` at once, mid-step, and requeue) is never
+    installed: a requeue signal takes the deferred path above, and the job is requeued (``scontrol requeue``) by
+    ``ZooTrainer.fit`` once the checkpoint is written. No ``hpc_ckpt_*.ckpt`` is ever written.
     """
 
     sigterm_pending = False
+    pending_signal: int | None = None
+
+    def __init__(self, trainer: pl.Trainer, requeue_signals: tuple[signal.Signals, ...] = ()) -> None:
+        super().__init__(trainer)
+        self.requeue_signals = tuple(requeue_signals)
 
     def register_signal_handlers(self) -> None:
+        """SIGTERM and every requeue signal go to the deferring notifier (a SIGTERM handler already there is kept)."""
+        self.received_sigterm = False
         self.sigterm_pending = False
-        super().register_signal_handlers()
+        self.pending_signal = None
+        self._original_handlers = self._get_current_signal_handlers()
+        handlers: list[Any] = [self._sigterm_notifier_fn]
+        if self._has_already_handler(signal.SIGTERM):
+            handlers.append(signal.getsignal(signal.SIGTERM))
+        self._register_signal(signal.SIGTERM, _HandlersCompose(handlers))
+        for signum in self.requeue_signals:
+            self._register_signal(signum, self._sigterm_notifier_fn)
 
     def _sigterm_notifier_fn(self, signum: Any, _: Any) -> None:
         if not self.sigterm_pending:
             launcher = self.trainer.strategy.launcher
             if launcher is not None:
                 launcher.kill(signum)
+        if self.pending_signal is None or signum in self.requeue_signals:
+            self.pending_signal = int(signum)  # a requeue signal wins: the job is to come back
         self.sigterm_pending = True
+
+    @property
+    def requeue_pending(self) -> bool:
+        """Whether the signal that stopped this process asks for the job to be requeued."""
+        return self.pending_signal in self.requeue_signals
+
+    def exit_code(self, requeue: bool | None = None) -> int:
+        """128 + the signal that stopped the run (143 for SIGTERM, 138 for SIGUSR1), as a shell reports a process
+        that signal ended; ``requeue`` (decided over all ranks) picks a requeue signal even on a rank that got none."""
+        requeue = self.requeue_pending if requeue is None else requeue
+        if not requeue:
+            return 128 + signal.SIGTERM
+        return 128 + int(self.pending_signal if self.requeue_pending else self.requeue_signals[0])
 
 
 def sigterm_pending(trainer: pl.Trainer) -> bool:
@@ -179,8 +133,25 @@ class PreemptionCheckpoint(Callback):
         if self._saved_step != trainer.global_step:
             trainer.save_checkpoint(self._path(trainer))
             self._saved_step = trainer.global_step
-        trainer._signal_connector.received_sigterm = True  # now Lightning stops, at the end of this batch
+            for callback in trainer.checkpoint_callbacks:  # the periodic save at this batch end would repeat it
+                if isinstance(callback, RootCheckpoint) and callback.save_last and callback.dirpath and \
+                        os.path.join(callback.dirpath, "last.ckpt") == self._path(trainer):
+                    callback._last_global_step_saved = trainer.global_step  # Lightning's attribute, our subclass
+        connector = trainer._signal_connector  # Lightning internal: see DeferredSignalConnector
+        requeue = bool(getattr(connector, "requeue_pending", False))
+        if trainer.world_size > 1:  # a requeue signal on any rank requeues the job (rank 0 asks the scheduler)
+            requeue = bool(trainer.strategy.reduce_boolean_decision(requeue, all=False))
+        trainer._zoo_requeue = requeue
+        connector.received_sigterm = True  # now Lightning stops, at the end of this batch
         trainer._zoo_preempted = True
+
+    @staticmethod
+    def exit_code(trainer: pl.Trainer) -> int:
+        """The exit status of a run stopped by a signal (128 + its number; 143 without a deferred connector)."""
+        connector = trainer._signal_connector  # Lightning internal: see DeferredSignalConnector
+        if not isinstance(connector, DeferredSignalConnector):
+            return 128 + signal.SIGTERM
+        return connector.exit_code(getattr(trainer, "_zoo_requeue", None))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -196,7 +167,7 @@ class PreemptionCheckpoint(Callback):
             return
         if isinstance(exception, SIGTERMException) and exception.code in (None, 0):
             # Lightning exits 0 on SIGTERM: a scheduler would take the preempted run for a finished one.
-            exception.code = 128 + signal.SIGTERM
+            exception.code = self.exit_code(trainer)
         if isinstance(exception, SIGTERMException) and self._saved_step == trainer.global_step:
             return  # already saved at this step's batch end; the loop state now would restore less cleanly
         trainer.save_checkpoint(self._path(trainer))
@@ -246,10 +217,13 @@ class ResumeGuard(Callback):
             "start a new run in another folder")
 
 
-def default_callbacks(every_n_train_steps: int | None = None) -> list[Callback]:
-    """Checkpointing (last.ckpt), preemption save, lr monitor, the rich progress bar and the model table."""
+def default_callbacks(every_n_train_steps: int | None = None,
+                      every_minutes: float | None = CHECKPOINT_EVERY_MINUTES) -> list[Callback]:
+    """Checkpointing (last.ckpt at every epoch end and every ``every_minutes``), preemption save, lr monitor, the rich
+    progress bar and the model table."""
     return [
-        RootCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps),
+        RootCheckpoint(save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
+                       every_minutes=every_minutes),
         PreemptionCheckpoint(),
         LearningRateMonitor(logging_interval="step"),
         RichProgressBar(leave=True),
@@ -279,7 +253,8 @@ def _console_is_interactive() -> bool:
     return bool(console.is_terminal or console.is_jupyter)
 
 
-def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+def complete_trainer_kwargs(kwargs: dict[str, Any],
+                            every_minutes: float | None = CHECKPOINT_EVERY_MINUTES) -> dict[str, Any]:
     """Add what every run needs and a user's config may leave out: our callbacks (unless the user gave one of the
     same type), the atomic checkpoint writer, and CSV + TensorBoard loggers under ``default_root_dir``."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -291,7 +266,7 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     has_ckpt = any(isinstance(c, ModelCheckpoint) for c in user)
     has_bar = any(isinstance(c, ProgressBar) for c in user)
     has_summary = any(isinstance(c, ModelSummary) for c in user)
-    extra = [c for c in default_callbacks()
+    extra = [c for c in default_callbacks(every_minutes=every_minutes)
              if type(c) not in user_types and not (isinstance(c, ModelCheckpoint) and has_ckpt)
              and not (isinstance(c, ProgressBar) and has_bar) and not (isinstance(c, ModelSummary) and has_summary)]
     # Lightning's bars count batches per epoch and read "Epoch 0/-2" on max_steps runs; off a terminal (a log file,
@@ -323,66 +298,6 @@ def complete_trainer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-LOCK_NAME = ".zoo-run.lock"
-
-
-class RunLock:
-    """An exclusive lock on an output folder for a live run: ``<folder>/.zoo-run.lock`` holds the pid and an
-    ``flock``. The kernel drops the flock when its process dies, so the lock of a killed run is simply taken over."""
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.path = os.path.join(os.fspath(folder), LOCK_NAME)
-        self.fd: int | None = None
-
-    def acquire(self) -> "RunLock":
-        import fcntl
-
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                folder = os.path.dirname(self.path)
-                raise UsageError(f"another run (pid {pid}) is writing to {folder}; wait for it to end or give this "
-                                 "run another --trainer.default_root_dir") from None
-            try:  # the file may have been removed by the previous holder between our open and our lock: retry
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
-
-
-def _is_launching_process() -> bool:
-    """True in the process a user started (not in a DDP worker that Lightning or torchrun started for rank > 0)."""
-    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "RANK"))
-
-
-def existing_checkpoints(trainer: pl.Trainer) -> list[str]:
-    """``last.ckpt`` files of the checkpoint callbacks (a finished or interrupted run in this folder)."""
-    folders = {c.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
-               for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)}
-    # exists, not isfile: the last.ckpt of a sharded (fsdp2) run is a folder
-    return sorted(p for p in (os.path.join(f, "last.ckpt") for f in folders) if os.path.exists(p))
-
-
 def _titled(method: Any, title: str) -> Any:
     """Lightning's ``method`` (validate / test / predict), first checking the data as ``fit`` does (a bad dataset
     path is one line, not a traceback), under a first docstring line that ``zoo <subcommand> --help`` prints whole as
@@ -408,22 +323,44 @@ class ZooTrainer(pl.Trainer):
     ``PreemptionCheckpoint`` (``DeferredSignalConnector``). (The first line is the title of ``zoo fit --help``'s
     trainer section.)"""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, checkpoint_every_minutes: float | None = CHECKPOINT_EVERY_MINUTES,
+                 requeue_signals: list[str] | None = list(REQUEUE_SIGNALS_DEFAULT), **kwargs: Any) -> None:
+        """Lightning's Trainer arguments, and:
+
+        Args:
+            checkpoint_every_minutes: minutes of training between two periodic saves of
+                ``<default_root_dir>/checkpoints/last.ckpt`` (it is also saved at every epoch end); 0 saves only at
+                epoch ends.
+            requeue_signals: signals that save at the next batch end like SIGTERM, then requeue the SLURM job
+                (``scontrol requeue $SLURM_JOB_ID``, when both exist) and exit with 128 + the signal number; the
+                default SIGUSR1 is what ``sbatch --signal=USR1@90`` sends 90 s before the time limit.
+        """
         from zoo.cli import quiet_lightning
+
+        if checkpoint_every_minutes is not None and not checkpoint_every_minutes >= 0:
+            raise UsageError(f"trainer.checkpoint_every_minutes must be >= 0 (0: only at epoch ends), got "
+                             f"{checkpoint_every_minutes}")
+        signals = parse_signals(requeue_signals)
 
         # every tool that trains (zoo fit, zoo probe --mode protocol, zoo scaling sweep, ...) builds this Trainer:
         # Lightning's availability lines, tips and warnings about its own internals go (ZOO_VERBOSE=1 keeps them)
         quiet_lightning()
         # Our callbacks, checkpoint writer and loggers are added here (``complete_trainer_kwargs`` is idempotent), so
         # LightningCLI needs no override of its private ``_instantiate_trainer`` to get them.
-        kwargs.update(complete_trainer_kwargs(kwargs))  # in place: jsonargparse still sees Trainer's parameters
-        super().__init__(*args, **kwargs)
+        kwargs.update(complete_trainer_kwargs(kwargs, checkpoint_every_minutes))  # in place: jsonargparse still
+        try:  # sees Trainer's parameters
+            super().__init__(*args, **kwargs)
+        except (ValueError, ImportError, Exception) as e:
+            refusal = lightning_usage_error(e)  # a bad accelerator, devices, strategy...: one line naming the key
+            if refusal is None:
+                raise
+            raise refusal from None
         for callback in self.checkpoint_callbacks:
             if isinstance(callback, RootCheckpoint):
                 # before ``fit`` resolves ``ckpt_path="last"`` (which happens before any callback's ``setup``)
                 callback.use_root(self)
-        self._signal_connector = DeferredSignalConnector(self)
-        self._zoo_preempted = False
+        self._signal_connector = DeferredSignalConnector(self, signals)
+        self._zoo_preempted = self._zoo_requeue = False
 
     validate = _titled(pl.Trainer.validate, "Run one evaluation epoch over the validation set")
     test = _titled(pl.Trainer.test, "Run one evaluation epoch over the test set (kept apart from fit)")
@@ -438,7 +375,9 @@ class ZooTrainer(pl.Trainer):
             train_dataloaders: training data (a DataLoader or a LightningDataModule), if no ``datamodule``.
             val_dataloaders: validation data, if no ``datamodule``.
             datamodule: the LightningDataModule that provides the data.
-            ckpt_path: checkpoint to resume from; ``last`` resumes the output folder's ``checkpoints/last.ckpt``.
+            ckpt_path: checkpoint to resume from; ``last`` resumes the output folder's ``checkpoints/last.ckpt``;
+                ``auto`` resumes it when it exists and starts fresh otherwise (one command for a first launch and
+                every requeue).
             overwrite: start a fresh run in a folder that holds a finished or interrupted one, deleting its
                 checkpoints (without it such a run is refused: resume with ``--ckpt_path last`` or use a new folder).
         """
@@ -449,30 +388,32 @@ class ZooTrainer(pl.Trainer):
             raise UsageError(f"no training data: {type(model).__name__} needs a data module; pass a config with a "
                              "data section or --data CLASS_PATH (a LightningDataModule, e.g. zoo.data.ImageDataModule)")
         preflight_check(self, model, dm)
-        lock = RunLock(self.default_root_dir).acquire() if _is_launching_process() else None
+        ckpt_path = resolve_auto_ckpt_path(self, ckpt_path)
+        lock = claim_folder(self, ckpt_path, overwrite)
+        requeue = False
+        fresh = new_log_folders(self) if lock is not None else []
         try:
-            if lock is not None:
-                cleanup_stale_temp_files(self)
-                old = existing_checkpoints(self)
-                if old and ckpt_path is None and not overwrite:
-                    raise UsageError(f"{self.default_root_dir} already holds a run ({old[0]}); resume it with "
-                                     "--ckpt_path last, or start a new run with another --trainer.default_root_dir "
-                                     "or over this one with --overwrite")
-                if ckpt_path == "last" and not old:
-                    folder = os.path.join(self.default_root_dir, "checkpoints")
-                    raise UsageError(f"--ckpt_path last: there is no checkpoint in {folder} to resume; to start a "
-                                     "fresh run leave out --ckpt_path (or check --trainer.default_root_dir)")
-                if old and ckpt_path is None and overwrite:
-                    for path in old:
-                        os.unlink(path)
-            self._zoo_preempted = False
+            self._zoo_preempted = self._zoo_requeue = False
             out = super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, **kwargs)
-            if self._zoo_preempted:  # signalled after the last training batch: saved at the end, still exit 143
-                raise SIGTERMException(128 + signal.SIGTERM)
+            if self._zoo_preempted:  # signalled after the last training batch: saved at the end, still exit 128+sig
+                raise SIGTERMException(PreemptionCheckpoint.exit_code(self))
             return out
+        except SystemExit:
+            requeue = self._zoo_preempted and bool(getattr(self, "_zoo_requeue", False))
+            raise
+        except Exception as e:
+            # max_epochs below the resumed epoch, or a checkpoint of another model, found while restoring
+            refusal = lightning_usage_error(e) or mismatched_checkpoint(self, e, ckpt_path)
+            if refusal is not None or isinstance(e, UsageError):
+                remove_unused_log_folders(fresh)  # a refused start leaves no empty logs/version_N, tb/version_N
+            if refusal is None:
+                raise
+            raise refusal from None
         finally:
             if lock is not None:
                 lock.release()
+            if requeue and process_rank(self) == 0:  # after the save and the lock's release: the job may go now
+                print(f"zoo fit: {requeue_job()}", file=sys.stderr, flush=True)
 
 
 def build_trainer(**overrides: Any) -> pl.Trainer:
