@@ -7,7 +7,8 @@ failure names the internal and the zoo code that uses it.
   and ``received_sigterm``): ``zoo.train.trainer.DeferredSignalConnector`` defers SIGTERM to a well-defined batch
   end (Lightning has no public hook to defer the signal or to set ``received_sigterm``).
 - ``trainer.fit_loop.epoch_progress.current.processed`` / ``.started`` and
-  ``fit_loop.epoch_loop.batch_progress.current.processed``: ``zoo.data.loaders.fit_progress`` / ``fit_position`` (the data position a mid-epoch checkpoint stores; the public
+  ``fit_loop.epoch_loop.batch_progress.current.processed``: ``zoo.data.loaders.fit_progress`` / ``fit_position``
+  (where a training loader starts, and the data position a mid-epoch checkpoint stores; the public
   ``trainer.current_epoch`` / ``global_step`` count completed epochs / optimizer steps, not batches trained on).
 """
 from __future__ import annotations
