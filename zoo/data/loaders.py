@@ -209,24 +209,30 @@ class ResumableLoader(DataLoader):
         return _PositionedIterator(self)
 
     def _positioned_iter(self) -> Iterator:
-        from zoo.train.resume import saved_samples, take_epoch_skip
+        from zoo.train.resume import saved_samples, take_epoch_skip, take_saved_position
 
         sampler, pending, self._pending = self.sampler, self._pending, None
         if self.trainer is None:  # not a training loader: the sampler's epoch (or a handed-back one), from its start
             epoch = int(pending["epoch"]) if pending else int(getattr(sampler, "epoch", 0))
             samples = saved_samples(pending, self.global_batch) if pending else 0
         else:
+            # The checkpoint's position, handed back by Lightning or (when Lightning built the loader before the
+            # restore, and so never hands it back) kept by ResumeGuard; else where the fit loop stands.
+            kept = take_saved_position(self.trainer)
+            pending = pending if pending is not None else kept
             epoch, batches = fit_position(self.trainer)
             samples = batches * self.global_batch
-            if take_epoch_skip(self.trainer, epoch):
-                samples = len(self.dataset)  # resumed with another global batch: the rest of this epoch is skipped
-            elif pending is not None and batches and int(pending.get("epoch", epoch)) == epoch \
-                    and saved_samples(pending, self.global_batch) != samples:
-                raise UsageError(
-                    f"cannot continue epoch {epoch} exactly: the checkpoint's data position is "
-                    f"{saved_samples(pending, self.global_batch)} samples at a global batch of "
-                    f"{pending.get('global_batch', '?')}, this run's global batch is {self.global_batch} "
-                    "(data.batch_size x devices x nodes); resume with the checkpoint's global batch")
+            if pending is not None:
+                epoch, samples = int(pending.get("epoch", epoch)), saved_samples(pending, self.global_batch)
+                saved_global = int(pending.get("global_batch") or self.global_batch)
+                if samples and saved_global != self.global_batch:
+                    if not take_epoch_skip(self.trainer, epoch):
+                        raise UsageError(
+                            f"cannot continue epoch {epoch} exactly: the checkpoint's data position is {samples} "
+                            f"samples at a global batch of {saved_global}, this run's global batch is "
+                            f"{self.global_batch} (data.batch_size x devices x nodes); resume with the checkpoint's "
+                            "global batch")
+                    samples = len(self.dataset)  # the rest of this epoch is skipped (ResumeGuard said so)
         if isinstance(sampler, EpochShuffleSampler):
             sampler.set_epoch(epoch)
             sampler.skip_samples(samples)

@@ -24,6 +24,9 @@ NEXT_EPOCH_ENV = "ZOO_RESUME_AT_NEXT_EPOCH"
 
 # trainer -> the epoch whose remaining samples its training loader skips (set by ResumeGuard, taken by the loader)
 _EPOCH_SKIPS: "weakref.WeakKeyDictionary[pl.Trainer, int]" = weakref.WeakKeyDictionary()
+# trainer -> the checkpoint's loader position: Lightning hands it to the loader only when it builds the loader after
+# the restore (not for an epoch-based schedule, whose length it counts on the loader before restoring)
+_SAVED_POSITIONS: "weakref.WeakKeyDictionary[pl.Trainer, dict[str, Any]]" = weakref.WeakKeyDictionary()
 
 
 def skip_rest_of_epoch(trainer: pl.Trainer, epoch: int) -> None:
@@ -37,6 +40,16 @@ def take_epoch_skip(trainer: pl.Trainer, epoch: int) -> bool:
         return False
     del _EPOCH_SKIPS[trainer]
     return True
+
+
+def keep_saved_position(trainer: pl.Trainer, state: dict[str, Any]) -> None:
+    """Keep the checkpoint's training-loader position for ``trainer``'s next training iteration."""
+    _SAVED_POSITIONS[trainer] = dict(state)
+
+
+def take_saved_position(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The kept position (once: it is removed), or None."""
+    return _SAVED_POSITIONS.pop(trainer, None)
 
 
 def saved_samples(state: dict[str, Any], global_batch: int) -> int:
@@ -99,7 +112,10 @@ class ResumeGuard(Callback):
                 state["samples"] = saved_samples(state, old_global)
                 state["global_batch"] = old_global
                 del state["batches"]
-        position = next((s for s in loader_states(checkpoint) if s.get("samples")), None)
+        states = loader_states(checkpoint)
+        if len(states) == 1:
+            keep_saved_position(trainer, states[0])
+        position = next((s for s in states if s.get("samples")), None)
         if position is None or now is None:
             return  # at an epoch boundary the position means the same images whatever the batch
         old_global = int(position.get("global_batch") or old_global)
