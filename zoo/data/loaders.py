@@ -4,9 +4,9 @@ Resuming in the middle of an epoch replays exactly the batches the interrupted r
 of an epoch depends only on (seed, epoch); each global batch (``data.batch_size`` x devices x nodes) is a block of
 that order, split between the ranks, so the position inside an epoch is a count of GLOBAL samples that means the
 same images on any device count with the same global batch. The training loader applies the position when its
-first batch is requested, read from the fit loop's counters that Lightning restored from the checkpoint, so it holds
-whatever order Lightning builds the loader and restores the state in (an epoch-based schedule builds it before the
-restore, to count ``estimated_stepping_batches``).
+first batch is requested, by when the checkpoint has been restored whatever order Lightning builds the loader and
+restores the state in (an epoch-based schedule makes it build the loader before the restore, to count
+``estimated_stepping_batches``, and then it never hands the loader its saved position: ``ResumeGuard`` keeps it).
 """
 from __future__ import annotations
 
@@ -176,9 +176,11 @@ class _PositionedIterator(Iterator):
 class ResumableLoader(DataLoader):
     """A DataLoader whose position (epoch, GLOBAL samples already trained on) goes into the checkpoint.
 
-    A training loader (``trainer`` given) starts every iteration where the fit loop stands (``fit_position``: the
-    counters Lightning restores from the checkpoint), at the first batch requested, skipping the trained-on samples
-    of the epoch's order by index, without loading them. The position it saves, ``{"epoch", "samples",
+    A training loader (``trainer`` given) positions every iteration at the first batch requested, skipping the
+    trained-on samples of the epoch's order by index, without loading them: after a restore at the checkpoint's
+    position (handed back by Lightning through ``load_state_dict``, or, when Lightning built the loader before
+    restoring and so never hands it back, kept by ``ResumeGuard``), otherwise where the fit loop stands
+    (``fit_position``). The position it saves, ``{"epoch", "samples",
     "global_batch"}``, counts samples of the whole global batch, so it names the same images on any device count
     with the same global batch; ``zoo.train.resume.ResumeGuard`` checks it against the resumed run's global batch
     (and converts checkpoints that kept per-device ``batches``).
@@ -202,7 +204,7 @@ class ResumableLoader(DataLoader):
         return {"epoch": int(epoch), "samples": int(batches) * self.global_batch, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Keep ``state`` to check the next iteration's position against."""
+        """Make the next iteration start at ``state`` (applied at its first batch)."""
         self._pending = dict(state)
 
     def __iter__(self) -> _PositionedIterator:  # type: ignore[override]
