@@ -76,7 +76,9 @@ class ResumeGuard(Callback):
     """Check a mid-epoch checkpoint's data position against this run's global batch.
 
     The checkpoint records the per-device batch size and device count (``KEY``); positions that counted per-device
-    batches are converted to global samples with them (in place, before Lightning restores the loops). At the same
+    batches are converted to global samples with them (in place, before Lightning restores the loops), and the
+    position is kept for the training loader, which Lightning never hands it when it built the loader before the
+    restore (an epoch-based schedule: ``estimated_stepping_batches``). At the same
     global batch the resume goes ahead on any device count or per-device batch, and continues from the next global
     sample; at an epoch boundary it always does. With another global batch it is refused in one line naming the new
     and the saved values, unless ``next_epoch`` (or ``ZOO_RESUME_AT_NEXT_EPOCH=1``): then the rest of that epoch is
