@@ -7,6 +7,8 @@ import signal
 import lightning.pytorch as pl
 import torch
 
+from zoo.data import ImageDataModule
+
 
 class SigtermAt(pl.Callback):
     """Send this process SIGTERM (what a preemptible VM gets) at the end of optimizer step ``step``."""
@@ -127,7 +129,8 @@ class SigtermIn(pl.Callback):
     ``on_before_optimizer_step``), at its end from a callback that runs after ``PreemptionCheckpoint``."""
 
     HOOKS = ("on_train_start", "on_train_batch_start", "on_before_backward", "on_before_optimizer_step",
-             "on_train_batch_end", "on_validation_batch_end")
+             "on_train_batch_end", "on_validation_batch_end", "on_train_epoch_start", "on_train_epoch_end",
+             "on_save_checkpoint", "on_validation_start", "on_validation_end")
 
     def __init__(self, hook: str, step: int) -> None:
         if hook not in self.HOOKS:
@@ -156,6 +159,67 @@ class SigtermIn(pl.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._maybe(trainer, "on_validation_batch_end")
+
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._maybe(trainer, "on_train_epoch_start")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._maybe(trainer, "on_train_epoch_end")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):  # while a checkpoint is being written
+        self._maybe(trainer, "on_save_checkpoint")
+
+    def on_validation_start(self, trainer, pl_module):
+        self._maybe(trainer, "on_validation_start")
+
+    def on_validation_end(self, trainer, pl_module):
+        self._maybe(trainer, "on_validation_end")
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """A dataset whose items carry their index as a third field (collated into the batch's ``path``)."""
+
+    def __init__(self, ds) -> None:
+        self.ds, self.classes = ds, ds.classes
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        image, label = self.ds[i][:2]
+        return image, label, str(i)
+
+
+class IndexedDigits(ImageDataModule):
+    """``ImageDataModule`` whose batches name the index of every image (``batch["path"]``)."""
+
+    def _build(self, split: str):
+        return _Indexed(super()._build(split))
+
+
+class SeenSamples(pl.Callback):
+    """Record the sample indices of every training batch as ``[global step (1-based), [indices]]`` and write them
+    to ``folder/seen_rank<r>.json`` at the end of training (or of an interrupted fit)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.seen = folder, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen.append([trainer.global_step + 1, [int(p) for p in batch["path"]]])
+
+    def _dump(self, trainer) -> None:
+        import json
+
+        os.makedirs(self.folder, exist_ok=True)
+        with open(os.path.join(self.folder, f"seen_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(self.seen, f)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._dump(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._dump(trainer)
 
 
 class SignalAt(pl.Callback):

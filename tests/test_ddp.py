@@ -93,7 +93,7 @@ def test_ddp_resume_mid_epoch_is_exact_on_every_rank(tmp_path):
     _run(tmp_path / "ref", callbacks=[periodic], **common)
     ckpt = tmp_path / "ref" / "checkpoints" / "step=5.ckpt"
     assert torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
-        {"epoch": 1, "batches": 1}]
+        {"epoch": 1, "samples": 2 * B, "global_batch": 2 * B}]
     _run(tmp_path / "resumed", ckpt_path=str(ckpt), **common)
     for rank in (0, 1):
         ref, got = (torch.load(tmp_path / d / f"rank{rank}.pt", weights_only=True) for d in ("ref", "resumed"))
@@ -161,3 +161,93 @@ def test_lightning_keeps_our_sampler_under_ddp(tmp_path):
     connector = _DataConnector(trainer)
     assert connector._requires_distributed_sampler(DataLoader(range(10), sampler=RandomSampler(range(10))))
     assert not connector._requires_distributed_sampler(DataLoader(range(10), sampler=EpochShuffleSampler(10)))
+
+
+def test_each_global_step_is_the_same_block_of_the_order_on_any_world_size():
+    """Step k of any (world W, per-device batch b) with W*b = G sees exactly order[k*G:(k+1)*G] (ranks in order), and
+    skipping S global samples continues every rank at global sample S: the position a checkpoint keeps."""
+    n, G = 103, 8
+    single = EpochShuffleSampler(n, seed=2, batch_size=G, drop_last=True)
+    single.set_epoch(1)
+    order = single.global_order()
+    for world in (1, 2, 4, 8):
+        b = G // world
+        shards = [EpochShuffleSampler(n, seed=2, num_replicas=world, rank=r, batch_size=b, drop_last=True)
+                  for r in range(world)]
+        for s in shards:
+            s.set_epoch(1)
+        parts = [list(s) for s in shards]
+        assert all(len(p) == n // G * b == len(s) for p, s in zip(parts, shards))  # the same steps on every world
+        for k in range(n // G):
+            assert [i for p in parts for i in p[k * b:(k + 1) * b]] == order[k * G:(k + 1) * G]
+        for s in shards:
+            s.skip_samples(5 * G)
+        assert sorted(i for s in shards for i in s) == sorted(order[5 * G:n // G * G])
+        with pytest.raises(ValueError, match="not a whole number of global batches"):
+            shards[0].skip_samples(G + 1)
+    # without drop_last the partial last global batch is split evenly (padded by wrapping, at most world - 1 repeats)
+    tail = [EpochShuffleSampler(n, seed=2, num_replicas=2, rank=r, batch_size=4) for r in range(2)]
+    for s in tail:
+        s.set_epoch(1)
+    got = [i for s in tail for i in s]
+    assert sorted(set(got)) == sorted(order) and len(got) == n + 1
+
+
+def _elastic_run(folder: Path, devices: int, steps_folder: Path, ckpt_path=None) -> None:
+    from fault_callbacks import IndexedDigits, SeenSamples
+    from zoo.train.trainer import RootCheckpoint
+
+    pl.seed_everything(0)
+    trainer = build_trainer(default_root_dir=str(folder), accelerator="cpu", devices=devices,
+                            strategy="ddp_spawn" if devices > 1 else "auto", max_epochs=2, logger=False,
+                            limit_train_batches=4, limit_val_batches=0, enable_progress_bar=False,
+                            enable_model_summary=False,
+                            callbacks=[SeenSamples(str(steps_folder)),
+                                       RootCheckpoint(every_n_train_steps=5, save_top_k=-1, filename="{step}")])
+    trainer.fit(BYOL(**TINY),
+                IndexedDigits("digits", batch_size=2 * B // devices, num_workers=0, image_size=16),
+                ckpt_path=ckpt_path)
+
+
+def _steps(folder: Path) -> dict[int, list[int]]:
+    """global step -> the sample indices all ranks trained on at that step, in rank order."""
+    import json
+
+    out: dict[int, list[int]] = {}
+    for f in sorted(folder.glob("seen_rank*.json")):
+        for step, ids in json.loads(f.read_text()):
+            out.setdefault(step, []).extend(ids)
+    return out
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_mid_epoch_checkpoint_resumes_on_another_device_count_from_the_same_global_sample(tmp_path, before, after):
+    """An epoch-based run saved after step 5 (global batch 16, 4 steps an epoch: 1 step into epoch 1) on ``before``
+    processes resumes on ``after`` with the same global batch, and each of its steps trains on exactly the global
+    samples the uninterrupted run trains on at that step: none skipped, none seen twice."""
+    from zoo.data.loaders import EpochShuffleSampler
+
+    G = 2 * B
+    _elastic_run(tmp_path / "ref", before, tmp_path / "ref_seen")
+    _elastic_run(tmp_path / "resumed", after, tmp_path / "resumed_seen",
+                 ckpt_path=str(tmp_path / "ref" / "checkpoints" / "step=5.ckpt"))
+    ref, resumed = _steps(tmp_path / "ref_seen"), _steps(tmp_path / "resumed_seen")
+    n = len(_train_set())
+    order = EpochShuffleSampler(n, seed=0, batch_size=G, drop_last=True)
+    for step in range(1, 9):
+        epoch, k = divmod(step - 1, 4)
+        order.set_epoch(epoch)
+        assert ref[step] == order.global_order()[k * G:(k + 1) * G], step  # the global batch, in rank order
+    assert sorted(resumed) == [6, 7, 8]
+    assert all(resumed[s] == ref[s] for s in resumed)
+    epoch1 = [i for s in range(5, 9) for i in (ref[5] if s == 5 else resumed[s])]
+    assert len(set(epoch1)) == len(epoch1) == 4 * G  # no sample of epoch 1 twice
+
+
+def _train_set():
+    """The digits training split (the sampler permutes its indices)."""
+    from fault_callbacks import IndexedDigits
+
+    dm = IndexedDigits("digits", batch_size=B, num_workers=0, image_size=16)
+    dm.check_data()
+    return dm.train_set

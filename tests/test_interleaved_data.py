@@ -172,7 +172,7 @@ def test_lightning_checkpoint_resume_replays_the_remaining_batches(tmp_path):
 
     ref = fit(tmp_path / "ref")
     saved = torch.load(tmp_path / "ref" / "step=4.ckpt", weights_only=True)
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "samples": 8, "global_batch": 8}]
     resumed = fit(tmp_path / "resumed", ckpt=str(tmp_path / "ref" / "step=4.ckpt"))
     assert len(ref.seen) == 6 and resumed.seen == ref.seen[4:]
 

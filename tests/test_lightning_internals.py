@@ -6,8 +6,9 @@ failure names the internal and the zoo code that uses it.
 - ``Trainer._signal_connector`` (a ``_SignalConnector`` with ``register_signal_handlers``, ``_sigterm_notifier_fn``
   and ``received_sigterm``): ``zoo.train.trainer.DeferredSignalConnector`` defers SIGTERM to a well-defined batch
   end (Lightning has no public hook to defer the signal or to set ``received_sigterm``).
-- ``trainer.fit_loop.epoch_progress.current.processed`` and ``fit_loop.epoch_loop.batch_progress.current.processed``:
-  ``zoo.data.loaders.fit_progress`` (the data position a mid-epoch checkpoint stores; the public
+- ``trainer.fit_loop.epoch_progress.current.processed`` / ``.started`` and
+  ``fit_loop.epoch_loop.batch_progress.current.processed``: ``zoo.data.loaders.fit_progress`` / ``fit_position``
+  (where a training loader starts, and the data position a mid-epoch checkpoint stores; the public
   ``trainer.current_epoch`` / ``global_step`` count completed epochs / optimizer steps, not batches trained on).
 """
 from __future__ import annotations
@@ -60,7 +61,8 @@ def test_fit_loop_progress_counters_are_as_zoo_expects():
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                       enable_checkpointing=False)
     loop = trainer.fit_loop
-    for path in ("epoch_progress.current.processed", "epoch_loop.batch_progress.current.processed"):
+    for path in ("epoch_progress.current.processed", "epoch_progress.current.started",
+                 "epoch_loop.batch_progress.current.processed"):
         node = loop
         for part in path.split("."):
             _need(hasattr(node, part), f"trainer.fit_loop.{path}", "zoo.data.loaders.fit_progress")

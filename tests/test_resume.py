@@ -110,7 +110,7 @@ def test_sigterm_mid_epoch_then_ckpt_path_last_is_bit_exact(reference, tmp_path)
     saved = last(root)
     assert saved["global_step"] == 5
     # step 5 is batch 1 of epoch 1: the loader state says so, and the resume must skip exactly that batch
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "samples": 16, "global_batch": 16}]
     cli = zoo_fit(root, "--ckpt_path", "last")
     check_same_as_reference(reference, cli, root)
 
@@ -119,7 +119,7 @@ def test_sigterm_on_last_batch_of_an_epoch_resumes_at_next_epoch(reference, tmp_
     root = tmp_path / "preempted_at_epoch_end"
     with pytest.raises(SystemExit):
         zoo_fit(root, callbacks=[{"class_path": "fault_callbacks.SigtermAt", "init_args": {"step": PER_EPOCH}}])
-    assert last(root)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 0}]
+    assert last(root)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "samples": 0, "global_batch": 16}]
     check_same_as_reference(reference, zoo_fit(root, "--ckpt_path", "last"), root)
 
 
@@ -136,7 +136,7 @@ def test_periodic_checkpoint_then_hard_crash_resumes_exactly(reference, tmp_path
         zoo_fit(root, callbacks=[{"class_path": "fault_callbacks.CrashAt", "init_args": {"step": 7}}, periodic])
     saved = last(root)
     assert saved["global_step"] == 6
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "samples": 32, "global_batch": 16}]
     cli = zoo_fit(root, "--ckpt_path", "last", callbacks=[periodic])
     state, ckpt, trace = reference
     assert_same_tree(state, cli.model.state_dict(), "model")
@@ -196,9 +196,12 @@ def test_sigterm_after_the_last_step_is_saved_at_the_end_of_training(reference, 
 
 
 # ---------------------------------------------------------------------------------------------------- lm.CausalLM
-def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("budget", [{"max_steps": STEPS}, {"max_epochs": 3, "max_steps": -1}], ids=["steps", "epochs"])
+def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path, budget):
     """Same guarantee for ``lm.CausalLM`` (AdamW state, warmup + cosine position, REINFORCE baseline buffers),
-    through ``TextDataModule``'s shared resumable loader."""
+    through ``TextDataModule``'s shared resumable loader, with a step budget (the LM configs) and an epoch-based one
+    (whose schedule length makes Lightning build the loader before the checkpoint is restored)."""
+    total = budget.get("max_epochs", 0) * PER_EPOCH or STEPS
     lm_testutil = pytest.importorskip("lm_testutil")
     from lm.causal_lm import CausalLM
     from zoo.data.text import TextDataModule
@@ -214,7 +217,7 @@ def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path):
         data = TextDataModule(paths=str(corpus), seq_len=32, batch_size=8, val_fraction=0.25,
                              cache_dir=str(tmp_path / "cache"), progress=False)
         module = CausalLM(model_overrides=lm_testutil.TINY, lr=3e-3, warmup_steps=2, throughput_every=100)
-        trainer = build_trainer(default_root_dir=str(root), accelerator="cpu", max_steps=STEPS,
+        trainer = build_trainer(default_root_dir=str(root), accelerator="cpu", **budget,
                                 limit_train_batches=PER_EPOCH, limit_val_batches=0, log_every_n_steps=1,
                                 enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
         trainer.fit(module, data, ckpt_path=ckpt_path)
@@ -224,9 +227,10 @@ def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path):
     ref_ckpt = last(tmp_path / "ref")
     with pytest.raises(SystemExit):
         fit(tmp_path / "cut", callbacks=[fault_callbacks.SigtermAt(5)])
-    assert last(tmp_path / "cut")["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 1}]
+    assert last(tmp_path / "cut")["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "samples": 8, "global_batch": 8}]
     resumed, trainer = fit(tmp_path / "cut", ckpt_path="last")
-    assert trainer.global_step == STEPS
+    assert trainer.global_step == total
     assert_same_tree(ref.state_dict(), resumed.state_dict(), "model")
     got = last(tmp_path / "cut")
     for key in ("state_dict", "optimizer_states", "lr_schedulers"):
@@ -236,7 +240,7 @@ def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path):
         rows = [r for f in sorted((root / "logs").glob("version_*/metrics.csv")) for r in csv.DictReader(f.open())]
         return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
-    assert losses(tmp_path / "cut") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == STEPS
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref") and len(losses(tmp_path / "ref")) == total
 
 
 # ---------------------------------------------------------------------------------------------------- changed geometry
@@ -271,3 +275,143 @@ def test_resume_with_another_device_count_is_refused(tmp_path):
         ResumeGuard().on_load_checkpoint(T(), None, ckpt)
     ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{"epoch": 2, "batches": 0}]
     ResumeGuard().on_load_checkpoint(T(), None, ckpt)  # at an epoch boundary: allowed
+
+
+# ---------------------------------------------------------------------------------------------------- shipped configs
+# The shipped digits configs AS THEY ARE (epoch-based: max_epochs, warmup in epochs), cut only through flags that keep
+# the schedule kind: 2 epochs of 4 steps, 16 px, batch 16, validation every epoch (2 batches). The end-of-fit probe
+# report is left out: it reads the trained weights after training and changes nothing in them (it takes ~30 s).
+# An epoch-based schedule makes Lightning build the training loader (estimated_stepping_batches) BEFORE it restores
+# the checkpoint's loop state: the case where the saved position used to be ignored (issue 27, item 7).
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_FLAGS = ("--trainer.max_epochs", "2", "--trainer.limit_train_batches", str(PER_EPOCH),
+                 "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "2",
+                 "--data.init_args.image_size", "16", "--model.init_args.image_size", "16",
+                 "--data.init_args.batch_size", "16", "--trainer.enable_progress_bar", "false",
+                 "--trainer.enable_model_summary", "false")
+STEP_BUDGET = ("--trainer.max_epochs", "-1", "--trainer.max_steps", str(2 * PER_EPOCH))  # warmup stays in epochs
+
+
+def shipped_fit(config: str, root: Path, *extra: str, callbacks=()):
+    """``zoo fit --config configs/<config>`` with ``SHIPPED_FLAGS`` (the config's callbacks replaced by ``callbacks``)."""
+    import json
+
+    return run_cli(["fit", "--config", str(ROOT / "configs" / config), "--trainer.default_root_dir", str(root),
+                    *SHIPPED_FLAGS, "--trainer.callbacks", json.dumps(list(callbacks)), *extra])
+
+
+def live_state(cli) -> dict:
+    """Everything training carries on: weights and buffers, optimizer state, lr-scheduler state, step and epoch."""
+    t = cli.trainer
+    return {"model": {k: v.detach().clone() for k, v in cli.model.state_dict().items()},
+            "optimizers": [o.state_dict() for o in t.optimizers],
+            "schedulers": [c.scheduler.state_dict() for c in t.lr_scheduler_configs],
+            "step": t.global_step, "epoch": t.current_epoch}
+
+
+@pytest.fixture(scope="module")
+def shipped_refs(tmp_path_factory):
+    """Uninterrupted runs, one per (config, schedule kind), made on first use."""
+    cache: dict = {}
+
+    def get(config: str, *extra: str) -> dict:
+        key = (config, extra)
+        if key not in cache:
+            cli = shipped_fit(config, tmp_path_factory.mktemp("ref"), *extra)
+            assert cli.trainer.global_step == 2 * PER_EPOCH
+            cache[key] = live_state(cli)
+        return cache[key]
+    return get
+
+
+SIGTERM_AT = "fault_callbacks.SigtermAt"
+PLACEMENTS = [  # (callbacks of the preempted run, the step its checkpoint is saved at)
+    ([{"class_path": SIGTERM_AT, "init_args": {"step": 6}}], 6),  # the issue's case: mid-epoch
+    ([{"class_path": SIGTERM_AT, "init_args": {"step": 5}}], 5),  # first batch of an epoch
+    ([{"class_path": SIGTERM_AT, "init_args": {"step": 4}}], 4),  # last batch of an epoch
+    ([{"class_path": "fault_callbacks.SigtermIn", "init_args": {"hook": "on_train_epoch_start", "step": 4}}], 5),
+    ([{"class_path": "fault_callbacks.SigtermIn", "init_args": {"hook": "on_train_epoch_end", "step": 4}}], 5),
+    ([{"class_path": "fault_callbacks.SigtermIn", "init_args": {"hook": "on_validation_batch_end", "step": 4}}], 5),
+    ([{"class_path": "fault_callbacks.SigtermIn", "init_args": {"hook": "on_before_backward", "step": 5}}], 6),
+    ([{"class_path": "fault_callbacks.SigtermIn", "init_args": {"hook": "on_save_checkpoint", "step": 3}},  # mid-save
+      {"class_path": "zoo.train.trainer.RootCheckpoint", "init_args": {"save_last": True, "save_top_k": 0,
+                                                                       "every_n_train_steps": 3}}], 4),
+    ([{"class_path": "fault_callbacks.SigtermIn", "init_args": {"hook": "on_train_batch_end", "step": 8}}], 8),
+]
+
+
+@pytest.mark.parametrize("callbacks, saved_at", PLACEMENTS,
+                         ids=["mid_epoch", "first_batch", "last_batch", "epoch_start", "epoch_end", "validation",
+                              "inside_step", "during_checkpointing", "after_last_step"])
+def test_shipped_byol_digits_config_resumes_bit_exact_wherever_sigterm_lands(shipped_refs, tmp_path, callbacks,
+                                                                             saved_at):
+    root = tmp_path / "cut"
+    with pytest.raises(SystemExit) as exit_info:
+        shipped_fit("byol/digits.yaml", root, callbacks=callbacks)
+    assert exit_info.value.code == 143
+    saved = last(root)
+    assert saved["global_step"] == saved_at
+    epoch, batches = divmod(saved_at, PER_EPOCH)
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": epoch, "samples": batches * 16, "global_batch": 16}]
+    cli = shipped_fit("byol/digits.yaml", root, "--ckpt_path", "last")
+    assert cli.trainer.max_epochs == 2 and cli.trainer.max_steps == -1 and cli.model.hparams.warmup_epochs == 3
+    assert_same_tree(shipped_refs("byol/digits.yaml"), live_state(cli), "resumed")
+
+
+@pytest.mark.parametrize("config, extra", [("simsiam/digits.yaml", ()), ("byol/digits.yaml", STEP_BUDGET)],
+                         ids=["simsiam_epochs", "byol_step_budget_warmup_epochs"])
+def test_shipped_configs_resume_mid_epoch_bit_exact_for_every_schedule_kind(shipped_refs, tmp_path, config, extra):
+    root = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        shipped_fit(config, root, *extra, callbacks=[{"class_path": SIGTERM_AT, "init_args": {"step": 6}}])
+    assert last(root)["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "samples": 32, "global_batch": 16}]
+    cli = shipped_fit(config, root, *extra, "--ckpt_path", "last")
+    assert_same_tree(shipped_refs(config, *extra), live_state(cli), "resumed")
+
+
+def test_checkpoint_with_per_device_batch_position_still_resumes_exactly(shipped_refs, tmp_path):
+    """A checkpoint written before positions counted global samples (``{"epoch", "batches"}``) is converted."""
+    root = tmp_path / "cut"
+    with pytest.raises(SystemExit):
+        shipped_fit("byol/digits.yaml", root, callbacks=[{"class_path": SIGTERM_AT, "init_args": {"step": 6}}])
+    ckpt = last(root)
+    ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [{"epoch": 1, "batches": 2}]
+    ckpt["zoo_data_geometry"] = {"batch_size": 16, "world_size": 1}
+    torch.save(ckpt, root / "checkpoints" / "last.ckpt")
+    cli = shipped_fit("byol/digits.yaml", root, "--ckpt_path", "last")
+    assert_same_tree(shipped_refs("byol/digits.yaml"), live_state(cli), "resumed")
+
+
+def test_another_global_batch_skips_to_the_next_epoch_only_when_asked(tmp_path, monkeypatch, capsys):
+    """Another global batch cannot continue the epoch: refused in one line; with ZOO_RESUME_AT_NEXT_EPOCH=1 the rest
+    of the epoch is skipped (said in one line) and training goes on from the first global batch of the next one."""
+    import json
+
+    from zoo.cli import main
+    from zoo.data.loaders import EpochShuffleSampler
+
+    root = tmp_path / "cut"
+    data = ("--data", "fault_callbacks.IndexedDigits", "--trainer.max_epochs", "3")
+    with pytest.raises(SystemExit):
+        shipped_fit("byol/digits.yaml", root, *data, callbacks=[{"class_path": SIGTERM_AT, "init_args": {"step": 6}}])
+    seen = {"class_path": "fault_callbacks.SeenSamples", "init_args": {"folder": str(tmp_path / "seen")}}
+    argv = ["fit", "--config", str(ROOT / "configs" / "byol/digits.yaml"), "--trainer.default_root_dir", str(root),
+            *SHIPPED_FLAGS, *data, "--trainer.callbacks", json.dumps([seen]), "--data.init_args.batch_size", "8",
+            "--ckpt_path", "last"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume in the middle of epoch 1: data.batch_size is 8 but the checkpoint was saved with 16" in err
+    assert "ZOO_RESUME_AT_NEXT_EPOCH=1" in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setenv("ZOO_RESUME_AT_NEXT_EPOCH", "1")
+    with pytest.warns(UserWarning, match=r"epoch 1 cannot continue exactly.*start of epoch 2"):
+        cli = run_cli(argv)
+    assert cli.trainer.global_step == 6 + PER_EPOCH and cli.trainer.current_epoch == 3
+    steps = json.loads((tmp_path / "seen" / "seen_rank0.json").read_text())
+    order = EpochShuffleSampler(len(cli.datamodule.train_set), seed=0)
+    order.set_epoch(2)
+    expected = order.global_order()
+    assert [s for s, _ in steps] == list(range(7, 7 + PER_EPOCH))
+    assert [i for _, ids in steps for i in ids] == expected[:PER_EPOCH * 8]

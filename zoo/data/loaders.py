@@ -1,13 +1,17 @@
 """The image DataModule: datasets from ``zoo.data.images``, reproducible order, uint8 batches for on-device augmentation.
 
-Resuming in the middle of an epoch replays exactly the batches the interrupted run had not trained on yet:
-the order depends only on (seed, epoch), the shard only on (rank, world size), and the training loader is
-``state_dict``-able (Lightning stores its position in the checkpoint and hands it back on ``--ckpt_path``).
+Resuming in the middle of an epoch replays exactly the batches the interrupted run had not trained on yet. The order
+of an epoch depends only on (seed, epoch); each global batch (``data.batch_size`` x devices x nodes) is a block of
+that order, split between the ranks, so the position inside an epoch is a count of GLOBAL samples that means the
+same images on any device count with the same global batch. The training loader applies the position when its
+first batch is requested, by when the checkpoint has been restored whatever order Lightning builds the loader and
+restores the state in (an epoch-based schedule makes it build the loader before the restore, to count
+``estimated_stepping_batches``, and then it never hands the loader its saved position: ``ResumeGuard`` keeps it).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -15,14 +19,17 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.data.images import build_dataset, collate_images
-from zoo.train.trainer import UsageError
+from zoo.train.errors import UsageError
 
 
 class EpochShuffleSampler(DistributedSampler):
     """This rank's share of a permutation that depends only on (seed, epoch), so a resumed run replays the same order.
 
-    Rank ``r`` of ``world`` takes ``perm[r::world]`` (the permutation padded by wrapping to a multiple of ``world``),
-    so at every step the ranks together see the same images as one process with a ``world`` times larger batch.
+    Global step ``k`` takes the block ``order[k*G:(k+1)*G]`` of the epoch's order, ``G = batch_size x world``, and
+    rank ``r`` the sub-block ``[k*G + r*batch_size, k*G + (r+1)*batch_size)``: the ranks of step ``k`` together see
+    exactly the images one process with a ``world`` times larger batch sees at step ``k``, in rank order, whatever the
+    world size. ``drop_last`` drops the last partial global batch; otherwise it is split evenly between the ranks,
+    padded by wrapping (at most ``world - 1`` repeats). With ``batch_size=1`` this is ``order[r::world]``.
     It is a ``DistributedSampler`` so that Lightning neither wraps nor reshuffles it under DDP (its wrapper would
     reshuffle with its own seed and never forward ``set_epoch``); Lightning calls ``set_epoch`` at each epoch start.
     ``num_replicas`` / ``rank`` left as None are read from ``torch.distributed`` when the sampler is used, so a
@@ -30,11 +37,13 @@ class EpochShuffleSampler(DistributedSampler):
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int | None = None,
-                 rank: int | None = None) -> None:
+                 rank: int | None = None, batch_size: int = 1, drop_last: bool = False) -> None:
         # DistributedSampler.__init__ would query torch.distributed now; the shard is resolved at use instead.
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
         self._replicas, self._rank = num_replicas, rank
-        self.drop_last = False
+        self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
         self.dataset = range(n)
         self._start = 0
 
@@ -55,13 +64,23 @@ class EpochShuffleSampler(DistributedSampler):
         return rank
 
     @property
+    def global_batch(self) -> int:
+        """Samples of one step across all ranks (``batch_size x world``)."""
+        return self.batch_size * self.num_replicas
+
+    def _tail(self) -> int:
+        """Indices per rank of the last, partial global batch (0 when dropped or absent)."""
+        rest = 0 if self.drop_last else self.n % self.global_batch
+        return math.ceil(rest / self.num_replicas)
+
+    @property
     def num_samples(self) -> int:  # type: ignore[override]
         """Indices this rank yields per epoch."""
-        return math.ceil(self.n / self.num_replicas)
+        return self.n // self.global_batch * self.batch_size + self._tail()
 
     @property
     def total_size(self) -> int:  # type: ignore[override]
-        """Length of the padded global permutation."""
+        """Indices all ranks yield per epoch (the epoch's order, cut or padded)."""
         return self.num_samples * self.num_replicas
 
     def set_epoch(self, epoch: int) -> None:
@@ -72,70 +91,44 @@ class EpochShuffleSampler(DistributedSampler):
         """Make the next iteration start at this rank's ``count``-th index (resume inside an epoch)."""
         self._start = max(0, int(count))
 
+    def skip_samples(self, samples: int) -> None:
+        """Make the next iteration start after the first ``samples`` GLOBAL samples of the epoch's order (a whole
+        number of global batches: the position a checkpoint keeps), on this rank's share."""
+        if samples >= self.n:  # the whole epoch
+            self.skip_next(self.num_samples)
+            return
+        steps, partial = divmod(int(samples), self.global_batch)
+        if partial:
+            raise ValueError(f"{samples} samples is not a whole number of global batches of {self.global_batch}")
+        self.skip_next(steps * self.batch_size)
+
     def global_order(self) -> list[int]:
-        """The permutation of the current epoch across all ranks (padded to a multiple of the world size)."""
+        """The permutation of the current epoch across all ranks (unpadded)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        pad = self.total_size - len(order)
-        return order + (order * math.ceil(pad / max(len(order), 1)))[:pad]
+            return torch.randperm(self.n, generator=g).tolist()
+        return list(range(self.n))
+
+    def rank_indices(self) -> list[int]:
+        """This rank's indices of the current epoch, step after step."""
+        order, world, b, r = self.global_order(), self.num_replicas, self.batch_size, self.rank
+        full = self.n // self.global_batch
+        mine = torch.tensor(order[:full * self.global_batch], dtype=torch.long).view(full, world, b)[:, r].flatten()
+        out = mine.tolist()
+        tail = self._tail()
+        if tail:
+            rest = order[full * self.global_batch:]
+            pad = tail * world - len(rest)
+            rest = rest + (order * math.ceil(pad / max(len(order), 1)))[:pad]  # wrap, as DistributedSampler pads
+            out += rest[r * tail:(r + 1) * tail]
+        return out
 
     def __iter__(self) -> Iterator[int]:
         start, self._start = self._start, 0
-        return iter(self.global_order()[self.rank::self.num_replicas][start:])
+        return iter(self.rank_indices()[start:])
 
     def __len__(self) -> int:
         return self.num_samples
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader whose position (epoch, batches already trained on) goes into the checkpoint.
-
-    ``progress`` reports the fit loop's (finished epochs, batches trained on in this epoch, batches per epoch): the
-    loader cannot count that itself, because Lightning fetches ahead of training. On ``load_state_dict`` the next
-    iteration selects the saved epoch's permutation and skips the consumed batches by index, without loading them.
-    """
-
-    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int, int | float]] | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.progress = progress
-        self._resume: tuple[int, int] | None = None
-        self._iter_epoch = 0  # the epoch whose batches the current iterator yields
-
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batches"}``: where training stands in the data."""
-        epoch, batches = self._iter_epoch, 0
-        if self.progress is not None:
-            finished, batches, per_epoch = self.progress()
-            if finished > epoch:  # the epoch's loop has ended (exhausted, max_steps, should_stop): resume at the next
-                epoch, batches = finished, 0
-            elif batches >= per_epoch:  # saved after the epoch's last batch, before the loop noticed the end
-                epoch, batches = epoch + 1, 0
-        return {"epoch": int(epoch), "batches": int(batches)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Make the next iteration continue from ``state``."""
-        self._resume = (int(state["epoch"]), int(state["batches"]))
-
-    def __iter__(self):
-        sampler = self.sampler
-        if self._resume is not None:
-            epoch, batches = self._resume
-            self._resume = None
-            if not isinstance(sampler, EpochShuffleSampler):
-                raise TypeError(f"cannot resume inside an epoch with a {type(sampler).__name__}; "
-                                "use zoo.data.loaders.EpochShuffleSampler")
-            # Lightning creates the resumed iterator before it calls set_epoch, so the epoch is set here.
-            sampler.set_epoch(epoch)
-            sampler.skip_next(batches * (self.batch_size or 1))
-        elif self.progress is not None and hasattr(sampler, "set_epoch"):
-            # Same reason, for a checkpoint without loader state: at least start the right epoch's order.
-            sampler.set_epoch(max(self.progress()[0], int(getattr(sampler, "epoch", 0))))
-        self._iter_epoch = int(getattr(sampler, "epoch", 0))
-        return super().__iter__()
 
 
 def fit_progress(trainer: pl.Trainer) -> tuple[int, int, int | float]:
@@ -145,15 +138,130 @@ def fit_progress(trainer: pl.Trainer) -> tuple[int, int, int | float]:
         trainer.num_training_batches
 
 
+def fit_position(trainer: pl.Trainer) -> tuple[int, int]:
+    """(epoch, batches of it trained on) where the fit loop stands; an epoch whose batches are all trained on, or
+    whose loop has ended (``max_steps``, ``should_stop``), reads as (the next epoch, 0).
+
+    These are the counters Lightning saves in every checkpoint and restores before the first training batch, so a
+    position read here at the first batch is the resumed one, in whatever order Lightning built the loader."""
+    finished, batches, per_epoch = fit_progress(trainer)
+    in_epoch = trainer.fit_loop.epoch_progress.current.started > finished
+    if not in_epoch:
+        return finished, 0
+    if batches >= per_epoch:  # after the epoch's last batch, before the loop noticed the end
+        return finished + 1, 0
+    return finished, batches
+
+
+class _PositionedIterator(Iterator):
+    """A ``ResumableLoader``'s iterator: the sampler is positioned, and the real iterator created, when the first
+    batch is requested. Lightning creates the training iterator while it builds the loader, which an epoch-based
+    schedule makes it do before the checkpoint's loop state is restored; by the first batch it is."""
+
+    def __init__(self, loader: "ResumableLoader") -> None:
+        self.loader, self.iterator = loader, None
+
+    def __iter__(self) -> "_PositionedIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self.iterator is None:
+            self.iterator = self.loader._positioned_iter()
+        return next(self.iterator)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position (epoch, GLOBAL samples already trained on) goes into the checkpoint.
+
+    A training loader (``trainer`` given) positions every iteration at the first batch requested, skipping the
+    trained-on samples of the epoch's order by index, without loading them: after a restore at the checkpoint's
+    position (handed back by Lightning through ``load_state_dict``, or, when Lightning built the loader before
+    restoring and so never hands it back, kept by ``ResumeGuard``), otherwise where the fit loop stands
+    (``fit_position``). The position it saves, ``{"epoch", "samples",
+    "global_batch"}``, counts samples of the whole global batch, so it names the same images on any device count
+    with the same global batch; ``zoo.train.resume.ResumeGuard`` checks it against the resumed run's global batch
+    (and converts checkpoints that kept per-device ``batches``).
+    """
+
+    def __init__(self, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trainer = trainer
+        self._pending: dict[str, int] | None = None  # a position Lightning handed back (load_state_dict)
+        self._epoch = 0  # the epoch the current iteration yields
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per training step across every rank."""
+        world = self.sampler.num_replicas if isinstance(self.sampler, EpochShuffleSampler) else 1
+        return (self.batch_size or 1) * world
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "samples", "global_batch"}``: where training stands in the data, in global samples."""
+        epoch, batches = fit_position(self.trainer) if self.trainer is not None else (self._epoch, 0)
+        return {"epoch": int(epoch), "samples": int(batches) * self.global_batch, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next iteration start at ``state`` (applied at its first batch)."""
+        self._pending = dict(state)
+
+    def __iter__(self) -> _PositionedIterator:  # type: ignore[override]
+        return _PositionedIterator(self)
+
+    def _positioned_iter(self) -> Iterator:
+        from zoo.train.resume import saved_samples, take_epoch_skip, take_saved_position
+
+        sampler, pending, self._pending = self.sampler, self._pending, None
+        if self.trainer is None:  # not a training loader: the sampler's epoch (or a handed-back one), from its start
+            epoch = int(pending["epoch"]) if pending else int(getattr(sampler, "epoch", 0))
+            samples = saved_samples(pending, self.global_batch) if pending else 0
+        else:
+            # The checkpoint's position, handed back by Lightning or (when Lightning built the loader before the
+            # restore, and so never hands it back) kept by ResumeGuard; else where the fit loop stands.
+            kept = take_saved_position(self.trainer)
+            pending = pending if pending is not None else kept
+            epoch, batches = fit_position(self.trainer)
+            samples = batches * self.global_batch
+            if pending is not None:
+                epoch, samples = int(pending.get("epoch", epoch)), saved_samples(pending, self.global_batch)
+                saved_global = int(pending.get("global_batch") or self.global_batch)
+                if samples and saved_global != self.global_batch:
+                    if not take_epoch_skip(self.trainer, epoch):
+                        raise UsageError(
+                            f"cannot continue epoch {epoch} exactly: the checkpoint's data position is {samples} "
+                            f"samples at a global batch of {saved_global}, this run's global batch is "
+                            f"{self.global_batch} (data.batch_size x devices x nodes); resume with the checkpoint's "
+                            "global batch")
+                    samples = len(self.dataset)  # the rest of this epoch is skipped (ResumeGuard said so)
+        if isinstance(sampler, EpochShuffleSampler):
+            sampler.set_epoch(epoch)
+            sampler.skip_samples(samples)
+        elif samples:
+            raise TypeError(f"cannot resume inside an epoch with a {type(sampler).__name__}; "
+                            "use zoo.data.loaders.EpochShuffleSampler")
+        elif hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        self._epoch = epoch
+        return super().__iter__()
+
+
 def resumable_loader(datamodule: pl.LightningDataModule, dataset: Dataset, batch_size: int, train: bool,
-                     seed: int = 0, **loader_kwargs: Any) -> DataLoader:
-    """The loader every DataModule should return: order from (seed, epoch), this rank's shard, and (for training)
-    a position that goes into the checkpoint, so ``--ckpt_path last`` continues mid-epoch with the next batch."""
+                     seed: int = 0, drop_last: bool = False, **loader_kwargs: Any) -> DataLoader:
+    """The loader every DataModule should return: order from (seed, epoch), global batches split between the ranks,
+    and (for training) a position in global samples that goes into the checkpoint, so ``--ckpt_path last``
+    continues mid-epoch with the next batch, also on another device count at the same global batch.
+
+    ``drop_last`` drops the last partial GLOBAL batch (when there is a full one), so every rank runs the same number
+    of steps, ``len(dataset) // global batch``, whatever the device count."""
     trainer = datamodule.trainer
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    sampler = EpochShuffleSampler(len(dataset), seed, shuffle=train, num_replicas=world, rank=rank)
-    progress = (lambda: fit_progress(trainer)) if (train and trainer is not None) else None
-    return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, progress=progress, **loader_kwargs)
+    drop_last = drop_last and len(dataset) >= batch_size * world
+    sampler = EpochShuffleSampler(len(dataset), seed, shuffle=train, num_replicas=world, rank=rank,
+                                  batch_size=batch_size, drop_last=drop_last)
+    return ResumableLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                           trainer=trainer if train else None, **loader_kwargs)
 
 
 def collate_with_paths(batch: list[tuple]) -> dict[str, Any]:

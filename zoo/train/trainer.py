@@ -33,6 +33,7 @@ from zoo.train.run_folder import (claim_folder, mismatched_checkpoint, new_log_f
 from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
 from zoo.train.preflight import (available_memory, check_datamodule, lightning_usage_error,  # noqa: F401
                                  preflight_check)
+from zoo.train.resume import ResumeGuard  # noqa: F401 - re-exported
 from zoo.train.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
 
@@ -171,50 +172,6 @@ class PreemptionCheckpoint(Callback):
         if isinstance(exception, SIGTERMException) and self._saved_step == trainer.global_step:
             return  # already saved at this step's batch end; the loop state now would restore less cleanly
         trainer.save_checkpoint(self._path(trainer))
-
-
-class ResumeGuard(Callback):
-    """Refuse to resume in the middle of an epoch with another per-device batch size or device count.
-
-    The saved data position (``ResumableLoader``: batches into the epoch) and Lightning's loop counters are counts of
-    batches; with another batch or device count the same count names other images, so the resumed run would skip or
-    replay data. The checkpoint records both values; a mismatch is refused naming the new and the saved one. At an
-    epoch boundary nothing is skipped or replayed, and the resume goes ahead.
-    """
-
-    KEY = "zoo_data_geometry"
-
-    @staticmethod
-    def _geometry(trainer: pl.Trainer) -> dict[str, int] | None:
-        batch = getattr(trainer.datamodule, "batch_size", None)
-        return None if batch is None else {"batch_size": int(batch), "world_size": int(trainer.world_size)}
-
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        geometry = self._geometry(trainer)
-        if geometry is not None:
-            checkpoint[self.KEY] = geometry
-
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        saved, now = checkpoint.get(self.KEY), self._geometry(trainer)
-        if not saved or now is None or saved == now:
-            return
-        loader = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader") or []
-        position = next((s for s in loader if isinstance(s, dict) and s.get("batches")), None)
-        if position is None:
-            return  # saved at an epoch boundary: the position means the same images whatever the batch
-        changed = []
-        if saved["batch_size"] != now["batch_size"]:
-            changed.append(f"data.batch_size is {now['batch_size']} but the checkpoint was saved with "
-                           f"{saved['batch_size']}")
-        if saved["world_size"] != now["world_size"]:
-            changed.append(f"this run has {now['world_size']} device(s) but the checkpoint was saved with "
-                           f"{saved['world_size']}")
-        b = position["batches"]
-        raise UsageError(
-            f"cannot resume in the middle of epoch {position.get('epoch')}: {'; '.join(changed)}. Its position is {b} "
-            f"batches of {saved['batch_size']} images on {saved['world_size']} device(s), which this run would skip "
-            f"or replay; resume with data.batch_size={saved['batch_size']} on {saved['world_size']} device(s), or "
-            "start a new run in another folder")
 
 
 def default_callbacks(every_n_train_steps: int | None = None,
