@@ -35,10 +35,14 @@ class LMCheckpoint:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> str:
-    """A .ckpt file as given, or the one a run folder holds: its last.ckpt, else the newest *.ckpt inside."""
+    """A .ckpt file (or sharded checkpoint folder) as given, or the one a run folder holds: its last.ckpt, else the
+    newest *.ckpt inside."""
+    from zoo.weights.safe_dcp import is_sharded_checkpoint
+
     path = str(path)
-    if os.path.isdir(path):
-        found = sorted(Path(path).rglob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime))
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
+        found = sorted((p for p in Path(path).rglob("*.ckpt") if p.is_file() or is_sharded_checkpoint(p)),
+                       key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime))
         if not found:
             raise FileNotFoundError(f"no .ckpt file under {path!r}; train the model first "
                                     "(e.g. `zoo fit --config configs/lm/stdlib_gemma2_tiny.yaml`)")
@@ -49,14 +53,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
 def read_lm_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LMCheckpoint:
     """Read a language-model checkpoint (file or run folder) through the safe loader: contract first, old layout next."""
     from zoo.weights.checkpoint import checkpoint_contract, read_checkpoint
+    from zoo.weights.safe_dcp import is_sharded_checkpoint, read_sharded_checkpoint
 
     spec = resolve_checkpoint(path)
-    if not os.path.isfile(spec):
+    if is_sharded_checkpoint(spec):  # a sharded (FSDP2) run's folder, read through the safe DCP reader
+        ckpt = read_sharded_checkpoint(spec)
+    elif not os.path.isfile(spec):
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist; train one with `zoo fit --config ...` "
                                 "or pass a model name from zoo.available()")
-    # The project's one reader of Lightning checkpoints (safe loader): truncated, empty and hostile files give one
-    # clear error naming the file.
-    ckpt = read_checkpoint(spec, map_location)
+    else:
+        # The project's one reader of Lightning checkpoints (safe loader): truncated, empty and hostile files give
+        # one clear error naming the file.
+        ckpt = read_checkpoint(spec, map_location)
     contract = checkpoint_contract(ckpt, source=f"checkpoint {spec!r}")
     if contract is not None and contract["kind"] == CHECKPOINT_KIND:
         name, overrides, prefix = contract["model"], contract.get("overrides"), contract.get("prefix", "model.")

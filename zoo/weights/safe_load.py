@@ -4,6 +4,7 @@ Every module that reads a checkpoint goes through here, so "never unpickle untru
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -14,9 +15,14 @@ from typing import Any, Iterable
 
 import torch
 
+from zoo.train.errors import UsageError
+
 __all__ = [
+    "UnreadableFileError",
     "UnsafeFileError",
     "safe_torch_load",
+    "safe_torch_load_bytes",
+    "explain_load_error",
     "read_safetensors",
     "write_safetensors",
     "load_state_dict_file",
@@ -27,7 +33,12 @@ __all__ = [
 ZOO_METADATA_KEY = "zoo"
 
 
-class UnsafeFileError(ValueError):
+class UnreadableFileError(UsageError):
+    """A weight file that cannot be read (empty, truncated, corrupt, another format): ``zoo`` commands print the one
+    line and exit 2, like any refused input."""
+
+
+class UnsafeFileError(UnreadableFileError):
     """A weight file asked to import or call something outside the safe allow-list; it was not executed."""
 
 
@@ -66,32 +77,47 @@ def safe_torch_load(
     """
     p = _as_path(path)
     if p.stat().st_size == 0:
-        raise ValueError(f"{str(p)!r} is empty (0 bytes); the download or save was interrupted: fetch or save it again.")
+        raise UnreadableFileError(f"{str(p)!r} is empty (0 bytes); the download or save was interrupted: fetch or "
+                                  "save it again.")
+    return _weights_only_load(p, repr(str(p)), map_location, extra_globals)
+
+
+def safe_torch_load_bytes(data: io.BytesIO, label: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` of an in-memory item with ``weights_only=True``; errors name ``label`` (e.g. file and key)."""
+    return _weights_only_load(data, label, map_location, ())
+
+
+def _weights_only_load(source: Path | io.BytesIO, label: str, map_location: str | torch.device,
+                       extra_globals: Iterable[Any]) -> Any:
     try:
         with torch.serialization.safe_globals(list(extra_globals)):
-            return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        text = str(err)
+            return torch.load(source, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, MemoryError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+            TypeError, KeyError, AttributeError) as err:
+        raise explain_load_error(err, label) from None
+
+
+def explain_load_error(err: BaseException, label: str) -> UnreadableFileError:
+    """The one-line refusal for an error of ``torch.load(weights_only=True)`` on ``label``: the forbidden global it
+    named (``UnsafeFileError``), too much memory, or unreadable bytes."""
+    text = str(err)
+    if isinstance(err, MemoryError):
+        return UnsafeFileError(f"{label}: refused: the file asks for more memory than this machine has (too large "
+                               "or hostile); it was not loaded.")
+    if isinstance(err, pickle.UnpicklingError):
         found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"[Uu]nsupported global[s]?:? [`']?([\w.]+)", text)
         if found is None:  # not a forbidden import: torch's unpickler stopped on bytes it cannot parse
             detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
             first = (detail.group(1) if detail else text).strip().splitlines()[0]
-            raise ValueError(f"could not read {str(p)!r} as a torch file ({first}); is it truncated, corrupt or in "
-                             "another format?") from None
-        what = found.group(1)
-        raise UnsafeFileError(
-            f"{str(p)!r} is a pickle that references {what}, which is not allowed (loading uses weights_only=True so "
-            "pickled code is never executed). If you trust this file, re-save its tensors with "
-            "safetensors or torch.save(state_dict); if it is an official BYOL .pkl, give it a .pkl name."
-        ) from None
-    except MemoryError:
-        raise UnsafeFileError(f"{str(p)!r}: refused: the file asks for more memory than this machine has (too large "
-                              "or hostile); it was not loaded.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError,
-            AttributeError) as err:
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(f"could not read {str(p)!r} as a torch file ({type(err).__name__}: {first}); "
-                         "is it truncated or in another format?") from None
+            return UnreadableFileError(f"could not read {label} as a torch file ({first}); is it truncated, corrupt "
+                                       "or in another format?")
+        return UnsafeFileError(
+            f"{label} is a pickle that references {found.group(1)}, which is not allowed (loading uses "
+            "weights_only=True so pickled code is never executed). If you trust this file, re-save its tensors with "
+            "safetensors or torch.save(state_dict); if it is an official BYOL .pkl, give it a .pkl name.")
+    first = text.splitlines()[0] if text else ""
+    return UnreadableFileError(f"could not read {label} as a torch file ({type(err).__name__}: {first}); "
+                               "is it truncated or in another format?")
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
