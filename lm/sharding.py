@@ -288,8 +288,8 @@ def consolidate(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     folder, out = Path(folder), Path(out)
     if not is_sharded_checkpoint(folder):
-        raise ValueError(f"{os.fspath(folder)!r} is not a sharded checkpoint folder (no {META_FILE} and {METADATA_FILE} "
-                         "inside); pass the last.ckpt folder a `--trainer.strategy fsdp2` run wrote")
+        raise ValueError(f"{os.fspath(folder)!r} is not a sharded checkpoint folder (no {META_FILE} and "
+                         f"{METADATA_FILE} inside); pass the last.ckpt folder a `--trainer.strategy fsdp2` run wrote")
     inside = folder.resolve()
     if out.resolve() == inside or inside in out.resolve().parents:
         raise ValueError(f"--out {os.fspath(out)!r} is inside the input folder {os.fspath(folder)!r}; write the "

@@ -35,7 +35,8 @@ class RunsCode:
 
 def payloads(marker: Path) -> dict[str, RunsCode]:
     """Pickled objects that each create ``marker`` when unpickled by an unrestricted unpickler."""
-    return {"os.system": RunsCode(os.system, f"touch {marker}"), "builtins.open": RunsCode(builtins.open, str(marker), "w"),
+    return {"os.system": RunsCode(os.system, f"touch {marker}"),
+            "builtins.open": RunsCode(builtins.open, str(marker), "w"),
             "builtins.exec": RunsCode(builtins.exec, f"open({str(marker)!r}, 'w')")}
 
 

@@ -51,7 +51,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
 
 
 def read_lm_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LMCheckpoint:
-    """Read a language-model checkpoint (file or run folder) through the safe loader: contract first, old layout next."""
+    """Read a language-model checkpoint (file, sharded folder or run folder) through the safe loaders: contract
+    first, old layout next."""
     from zoo.weights.checkpoint import checkpoint_contract, read_checkpoint
     from zoo.weights.safe_dcp import is_sharded_checkpoint, read_sharded_checkpoint
 
@@ -104,10 +105,21 @@ def load_lm(spec: str | os.PathLike, map_location: str | torch.device = "cpu") -
 
         return from_hf(spec, device=map_location).eval()
     ckpt = read_lm_checkpoint(spec, map_location)
-    model = zoo.create(ckpt.model, **ckpt.overrides)
+    return build_from_checkpoint(ckpt).eval()
+
+
+def build_from_checkpoint(ckpt: LMCheckpoint, overrides: dict[str, Any] | None = None) -> nn.Module:
+    """The checkpoint's model (its registry name and overrides, updated by ``overrides``) with its weights; NaN/Inf
+    or integer weights where the model holds floating ones are refused, naming the file and tensor."""
+    import zoo
+    from zoo.weights.safe_load import check_weights
+
+    overrides = {**ckpt.overrides, **(overrides or {})}
+    model = zoo.create(ckpt.model, **overrides)
+    check_weights(ckpt.state_dict, f"checkpoint {ckpt.path!r}", model.state_dict())
     try:
         model.load_state_dict(ckpt.state_dict)
     except RuntimeError as err:
         raise ValueError(f"checkpoint {ckpt.path!r} does not match model {ckpt.model!r} with overrides "
-                         f"{ckpt.overrides}: {str(err).splitlines()[0]}") from err
-    return model.eval()
+                         f"{overrides}: {str(err).splitlines()[0]}") from None
+    return model

@@ -80,7 +80,8 @@ def _read_metadata(folder: Path) -> Metadata:
     label = repr(str(path))
     if not path.is_file():
         raise UnreadableFileError(f"{str(folder)!r} has no {METADATA_FILE} file: not a complete distributed "
-                                  "checkpoint (was the save interrupted?); pass the last.ckpt folder of a finished save")
+                                  "checkpoint (was the save interrupted?); pass the last.ckpt folder of a finished "
+                                  "save")
     data = path.read_bytes()
     try:
         md = _MetadataUnpickler(io.BytesIO(data), label).load()

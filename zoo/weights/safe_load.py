@@ -23,6 +23,7 @@ __all__ = [
     "safe_torch_load",
     "safe_torch_load_bytes",
     "explain_load_error",
+    "check_weights",
     "read_safetensors",
     "write_safetensors",
     "load_state_dict_file",
@@ -155,6 +156,25 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     with atomic_path(p) as tmp:
         save_file(flat, str(tmp), metadata=meta)
     return p
+
+
+def check_weights(tensors: dict[str, torch.Tensor], source: str,
+                  expected: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse, in one line naming ``source`` and the tensor, a floating tensor holding NaN/Inf, or an integer/bool
+    tensor where ``expected`` (the model's state dict) holds a floating one (loading would cast it silently)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise UnreadableFileError(f"{source}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        want = None if expected is None else expected.get(name)
+        if want is not None and want.is_floating_point() and not t.is_floating_point():
+            raise UnreadableFileError(f"{source}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')} but the "
+                                      f"model holds {str(want.dtype).removeprefix('torch.')} weights there; the file "
+                                      "is corrupt or not this model's: re-export it with floating-point weights")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UnreadableFileError(f"{source}: tensor {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}; the "
+                                      "file is corrupt (e.g. saved after training diverged): use an earlier, healthy "
+                                      "checkpoint")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
