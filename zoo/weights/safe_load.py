@@ -39,6 +39,14 @@ class UnreadableFileError(UsageError):
     line and exit 2, like any refused input."""
 
 
+class MissingFileError(UnreadableFileError, FileNotFoundError):
+    """A weight path that does not exist: a FileNotFoundError for callers, one line and exit 2 for ``zoo``."""
+
+
+class FolderNotFileError(UnreadableFileError, IsADirectoryError):
+    """A folder given where a weight file is expected."""
+
+
 class UnsafeFileError(UnreadableFileError):
     """A weight file asked to import or call something outside the safe allow-list; it was not executed."""
 
@@ -46,9 +54,9 @@ class UnsafeFileError(UnreadableFileError):
 def _as_path(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"weight file {str(p)!r} does not exist; check the path (looked at {p.resolve()}).")
+        raise MissingFileError(f"weight file {str(p)!r} does not exist; check the path (looked at {p.resolve()}).")
     if p.is_dir():
-        raise IsADirectoryError(f"{str(p)!r} is a folder; pass the weight file inside it (.ckpt, .pth, .safetensors).")
+        raise FolderNotFileError(f"{str(p)!r} is a folder; pass the weight file inside it (.ckpt, .pth, .safetensors).")
     return p
 
 
