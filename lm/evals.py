@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from zoo.files import display_path
+from zoo.files import check_folder_path, display_path
 from zoo.train.progress import track
 
 CITIES = ("Chicago", "Tokyo", "Lagos", "Lima", "Oslo", "Cairo", "Dublin", "Hanoi", "Nairobi", "Quito", "Perth",
@@ -330,8 +330,18 @@ def _floats(text: str) -> list[float]:
     return _numbers("--depths", text, float)
 
 
-def _ints(text: str) -> list[int]:
-    return _numbers("--lengths", text, int)
+def _ints(text: str, flag: str = "--lengths") -> list[int]:
+    return _numbers(flag, text, int)
+
+
+def _image_counts(args: Any) -> list[int]:
+    """``--images`` as positive integers and ``--trials`` >= 1, checked before any model is loaded."""
+    counts = _ints(args.images, "--images")
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--images {args.images!r} must be a comma-separated list of positive image counts K")
+    if args.trials < 1:
+        raise ValueError(f"--trials must be >= 1, got {args.trials}")
+    return counts
 
 
 def _check_device(device: str) -> str:
@@ -377,9 +387,7 @@ def _image_needle(model: torch.nn.Module, args: Any, depths: list[float]) -> int
     if not hasattr(model, "tokens_per_image"):
         raise ValueError(f"--model {args.model!r} is a text-only language model; --modality image needs a multimodal "
                          "one (an lm.MultimodalLM checkpoint or a vlm-* name)")
-    if args.trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {args.trials}")
-    counts = _ints(args.images)
+    counts = _image_counts(args)
     dm = InterleavedDataModule(dataset=args.dataset, tokens_per_image=model.tokens_per_image,
                                image_size=model.image_size, train_size=1, batch_size=1, val_size=max(counts) * args.trials,
                                seed=args.seed)
@@ -416,6 +424,8 @@ def run_eval(args: Any) -> int:
         _check_model_spec(args.model)
         if args.eval == "needle":
             lengths, depths = check_needle_grid(_ints(args.lengths), _floats(args.depths))
+            if args.modality == "image":
+                _image_counts(args)
             out = Path(args.out)
             if out.exists() and not out.is_dir():
                 raise ValueError(f"--out {args.out!r} is a file; the needle report needs a folder")
@@ -429,6 +439,8 @@ def run_eval(args: Any) -> int:
                     raise ValueError(f"--haystack {args.haystack!r} holds no text; pass a text file to repeat")
         else:
             _check_positive(args, ("seq_len", "max_bytes", "batch_size", "max_batches"))
+            if args.cache_dir:
+                check_folder_path(Path(args.cache_dir).expanduser(), f"--cache-dir {args.cache_dir!r}")
             data = _data_args_from_config(args.config)
         try:
             model = load_lm(args.model, map_location="cpu")

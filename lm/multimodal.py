@@ -86,22 +86,31 @@ class MultimodalLM(LMModule):
         self.load_encoder_weights(encoder)
         return {"encoder": encoder}
 
+    def read_encoder_weights(self, path: str, encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The state dict of ``encoder_weights``, checked against ``encoder`` (this model's): a missing file, a
+        language-model checkpoint or an encoder of another width or shape is one UsageError line naming it."""
+        try:
+            loaded = zoo.load_backbone(path, which=self.hparams.encoder_which)
+        except (OSError, ValueError, KeyError) as err:
+            raise UsageError(f"model.encoder_weights {path!r} cannot be used: {str(err).strip()}") from None
+        if getattr(loaded, "num_features", None) != encoder.num_features:
+            raise UsageError(f"encoder_weights {path!r} hold a {getattr(loaded, 'zoo_arch', '?')} encoder with "
+                             f"{getattr(loaded, 'num_features', '?')}-wide features but the projector of "
+                             f"{self.model_name!r} takes {encoder.num_features} ({self.layout['encoder']}); set "
+                             f"model_overrides: {{encoder: {getattr(loaded, 'zoo_arch', '<its arch>')}}}")
+        state, want = loaded.state_dict(), encoder.state_dict()
+        bad = sorted(set(state) ^ set(want)) or [k for k in want if tuple(state[k].shape) != tuple(want[k].shape)]
+        if bad:
+            raise UsageError(f"encoder_weights {path!r} ({getattr(loaded, 'zoo_arch', '?')}) do not fit the model's "
+                             f"encoder {self.layout['encoder']}: tensor {bad[0]!r} is missing, extra or of another "
+                             "shape")
+        return state
+
     def load_encoder_weights(self, enc: torch.nn.Module) -> None:
         """Load ``encoder_weights`` (if set) into ``enc``, an encoder of this model's architecture."""
         path = self.hparams.encoder_weights
-        if path is None:
-            return
-        loaded = zoo.load_backbone(path, which=self.hparams.encoder_which)
-        if getattr(loaded, "num_features", None) != enc.num_features:
-            raise UsageError(f"encoder_weights {path!r} hold a {getattr(loaded, 'zoo_arch', '?')} encoder with "
-                             f"{getattr(loaded, 'num_features', '?')}-wide features but the projector of "
-                             f"{self.model_name!r} takes {enc.num_features} ({self.layout['encoder']}); set "
-                             f"model_overrides: {{encoder: {getattr(loaded, 'zoo_arch', '<its arch>')}}}")
-        try:
-            enc.load_state_dict(loaded.state_dict())
-        except RuntimeError as err:
-            raise UsageError(f"encoder_weights {path!r} ({getattr(loaded, 'zoo_arch', '?')}) do not fit the model's "
-                             f"encoder {self.layout['encoder']}: {str(err).splitlines()[0]}") from err
+        if path is not None:
+            enc.load_state_dict(self.read_encoder_weights(path, enc))
 
     # -- data checks ---------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

@@ -1,6 +1,7 @@
 """Optimiser pieces for language models: AdamW parameter groups and the warmup + cosine learning-rate schedule."""
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -54,15 +55,24 @@ def make_adamw(params: Iterable | list[dict], lr: float, betas: tuple[float, flo
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_optim_args(hp: Any) -> None:
-    """Refuse impossible optimiser settings before training, naming the key (``model.<key>`` in a config)."""
-    if not hp.lr > 0:
-        raise ValueError(f"model.lr must be positive, got {hp.lr}")
-    if hp.weight_decay < 0:
-        raise ValueError(f"model.weight_decay must be >= 0, got {hp.weight_decay}")
-    if hp.warmup_steps < 0:
+    """Refuse impossible optimiser settings before training, naming the key (``model.<key>`` in a config): NaN and
+    Inf are refused everywhere (an Inf weight decay or lr turns every weight into NaN at the first step)."""
+    if not (_finite(hp.lr) and hp.lr > 0):
+        raise ValueError(f"model.lr must be a positive finite number, got {hp.lr}")
+    if not (_finite(hp.weight_decay) and hp.weight_decay >= 0):
+        raise ValueError(f"model.weight_decay must be a finite number >= 0, got {hp.weight_decay}")
+    if not (_finite(hp.warmup_steps) and hp.warmup_steps >= 0):
         raise ValueError(f"model.warmup_steps must be >= 0, got {hp.warmup_steps}")
-    if not 0.0 <= hp.min_lr_ratio <= 1.0:
+    if hp.get("total_steps") is not None and not (_finite(hp.total_steps) and hp.total_steps > 0):
+        raise ValueError(f"model.total_steps must be a positive integer or null, got {hp.total_steps}")
+    if not (_finite(hp.min_lr_ratio) and 0.0 <= hp.min_lr_ratio <= 1.0):
         raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {hp.min_lr_ratio}")
-    if len(hp.betas) != 2 or not all(0.0 <= b < 1.0 for b in hp.betas):
+    if len(hp.betas) != 2 or not all(_finite(b) and 0.0 <= b < 1.0 for b in hp.betas):
         raise ValueError(f"model.betas must be two numbers in [0, 1), got {hp.betas}")
+    if "eps" in hp and not (_finite(hp.eps) and hp.eps > 0):
+        raise ValueError(f"model.eps must be a positive finite number, got {hp.eps}")

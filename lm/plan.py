@@ -241,6 +241,12 @@ def plan(model: str, devices: int, seq_len: int, batch: int, nodes: int = 1, str
     config = getattr(net, "config", None)
     if config is None or not hasattr(config, "max_seq_len"):
         raise ValueError(f"model {model!r} is not a zoo language model; pick a Transformer name from zoo.available()")
+    if not hasattr(net, "layers"):
+        # A multimodal model adds an image encoder (its own FSDP unit) and image-token activations this memory model
+        # does not count; a plan without them would understate memory, so none is given.
+        raise ValueError(f"model {model!r} is a multimodal model ({type(net).__name__}: image encoder + decoder); "
+                         "zoo plan sizes decoder-only language models: plan its decoder by its Transformer name and "
+                         "add the encoder's memory")
     if seq_len > config.max_seq_len:
         raise ValueError(f"--seq_len={seq_len} exceeds the max_seq_len={config.max_seq_len} of model {model!r}; "
                          "use a shorter sequence")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,10 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
+from zoo.weights.safe_dcp import (META_FILE, METADATA_FILE, is_sharded_checkpoint, load_dcp_into,
+                                   read_sharded_checkpoint)
+
 STRATEGY_NAME = "fsdp2"
-META_FILE = "meta.pt"  # Lightning's name for the non-tensor part of a distributed checkpoint
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -82,6 +83,38 @@ class FSDP2Strategy(ModelParallelStrategy):
             elif old.exists():
                 old.unlink()
         self.barrier()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loader, except that a sharded folder is read through ``zoo.weights.safe_dcp`` (no pickle
+        runs) and a one-file checkpoint always with ``weights_only=True``."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only=True)
+        assert self.lightning_module is not None
+        return load_sharded(path, self.model, self.optimizers, strict=self.lightning_module.strict_loading)
+
+
+def load_sharded(path: Path, module: nn.Module, optimizers: list[Any], strict: bool = True) -> dict[str, Any]:
+    """Load a sharded checkpoint folder into ``module`` (FSDP2, DTensor parameters) and ``optimizers`` in place, as
+    Lightning's ``ModelParallelStrategy`` does but through the safe reader; returns the rest (``meta.pt``)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_optimizer_state_dict)
+
+    from zoo.weights.safe_dcp import check_dcp_folder
+    from zoo.weights.safe_load import safe_torch_load
+
+    check_dcp_folder(path)  # refuse a hostile or truncated folder before touching the model's weights
+    meta = safe_torch_load(path / META_FILE, map_location="cpu")
+    module_state = {"state_dict": get_model_state_dict(module)}
+    load_dcp_into(module_state, path)
+    module.load_state_dict(module_state["state_dict"], strict=strict)
+    for i, optimizer in enumerate(optimizers):
+        key = f"optimizer_{i}"
+        optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+        load_dcp_into(optimizer_state, path)
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key],
+                                 options=StateDictOptions(cpu_offload=True))
+    return meta
 
 
 def _first_nonfinite_shard(state_dict: dict[str, Any]) -> str | None:
@@ -252,35 +285,26 @@ def build_sharded(name: str, overrides: dict[str, Any], mesh: Any, activation_ch
 # ----------------------------------------------------------------------------------------------------------------
 # Sharded checkpoint -> one file
 # ----------------------------------------------------------------------------------------------------------------
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a folder written by a sharded (FSDP2) run: DCP shards plus Lightning's meta.pt."""
-    p = Path(path)
-    return p.is_dir() and (p / META_FILE).is_file() and (p / ".metadata").is_file()
-
-
 def consolidate(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Gather a sharded checkpoint folder into one ``torch.save`` file (weights, optimizer state, loop state,
-    checkpoint contract) that ``zoo.load_lm``, ``zoo export-hf`` and a single-device resume read. Returns ``out``."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    checkpoint contract) that ``zoo.load_lm``, ``zoo export-hf`` and a single-device resume read. Returns ``out``.
 
+    The folder is read through the safe reader (``zoo.weights.safe_dcp``); ``out`` may not be a folder nor lie
+    inside the input folder, so the shards are never overwritten."""
     from zoo.files import atomic_path
-    from zoo.weights.safe_load import safe_torch_load
 
     folder, out = Path(folder), Path(out)
     if not is_sharded_checkpoint(folder):
-        raise ValueError(f"{os.fspath(folder)!r} is not a sharded checkpoint folder (no {META_FILE} and .metadata "
-                         "inside); pass the last.ckpt folder a `--trainer.strategy fsdp2` run wrote")
-    if out.resolve() == folder.resolve():
-        raise ValueError(f"--out {os.fspath(out)!r} is the input folder; pass another file name")
-    checkpoint = safe_torch_load(folder / META_FILE, map_location="cpu")
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp:
-        tensors_file = Path(tmp) / "tensors.pt"
-        dcp_to_torch_save(folder, tensors_file)
-        tensors = torch.load(tensors_file, map_location="cpu", weights_only=True)
-    checkpoint["state_dict"] = tensors.pop("state_dict")
-    # Lightning stores optimizers as optimizer_0, optimizer_1, ... in the folder and as a list in one file.
-    n_opt = sum(1 for k in tensors if k.startswith("optimizer_"))
-    checkpoint["optimizer_states"] = [tensors.pop(f"optimizer_{i}") for i in range(n_opt)]
+        raise ValueError(f"{os.fspath(folder)!r} is not a sharded checkpoint folder (no {META_FILE} and "
+                         f"{METADATA_FILE} inside); pass the last.ckpt folder a `--trainer.strategy fsdp2` run wrote")
+    inside = folder.resolve()
+    if out.resolve() == inside or inside in out.resolve().parents:
+        raise ValueError(f"--out {os.fspath(out)!r} is inside the input folder {os.fspath(folder)!r}; write the "
+                         "file elsewhere (e.g. next to the folder) so the shards are never overwritten")
+    if out.is_dir():
+        raise ValueError(f"--out {os.fspath(out)!r} is an existing folder; pass a file name (e.g. "
+                         f"{os.fspath(out / 'consolidated.ckpt')!r})")
+    checkpoint = read_sharded_checkpoint(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp_out, open(tmp_out, "wb") as f:
         torch.save(checkpoint, f)

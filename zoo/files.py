@@ -75,9 +75,26 @@ def display_path(path: str | os.PathLike) -> str:
 
 def cache_dir(*parts: str) -> Path:
     """byol-zoo's cache folder (``$ZOO_CACHE_DIR``, else the older ``$ZOO_CACHE``, else ``~/.cache/byol-zoo``),
-    joined with ``parts`` (e.g. ``cache_dir("features")``). Nothing is created here."""
-    root = os.environ.get(CACHE_ENV) or os.environ.get(LEGACY_CACHE_ENV) or os.path.join("~", ".cache", "byol-zoo")
-    return Path(root).expanduser().joinpath(*parts)
+    joined with ``parts`` (e.g. ``cache_dir("features")``). Nothing is created here; a path that cannot become a
+    folder (it, or a folder above it, is a file) is refused naming the variable."""
+    env = CACHE_ENV if os.environ.get(CACHE_ENV) else LEGACY_CACHE_ENV if os.environ.get(LEGACY_CACHE_ENV) else None
+    root = os.environ[env] if env else os.path.join("~", ".cache", "byol-zoo")
+    path = Path(root).expanduser().joinpath(*parts)
+    check_folder_path(path, f"${env}={root!r}" if env else "the cache folder")
+    return path
+
+
+def check_folder_path(path: str | os.PathLike, what: str) -> None:
+    """Raise ``NotADirectoryError`` naming ``what`` when ``path`` cannot be (or become) a folder: it, or the nearest
+    existing path above it, is a file."""
+    here = Path(path)
+    for candidate in (here, *here.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is a file" if candidate == here else f"lies under {str(candidate)!r}, which is a file"
+                raise NotADirectoryError(f"{what}: {str(here)!r} {where}, not a folder; point it at a folder "
+                                         "(or leave it unset for the default)")
+            return
 
 
 # ---------------------------------------------------------------------------------------------------- run lock

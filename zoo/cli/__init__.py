@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``zoo <subcommand> ...``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = registered_commands()
+    tool_help = bool(argv) and argv[0] in commands and any(a in ("-h", "--help") for a in argv)
+    if argv and argv[0] not in ("-h", "--help") and not tool_help and not _cwd_exists():
+        return _without_cwd(argv, commands)  # a tool's --help needs no folder (nor torch) and still prints
     if not argv or argv[0] in ("-h", "--help"):
         print(main_help(commands), end="", file=sys.stdout if argv else sys.stderr)
         if not argv:
@@ -217,25 +220,62 @@ def main(argv: list[str] | None = None) -> int:
     return _run_lightning(argv, name)
 
 
+def _cwd_exists() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _without_cwd(argv: list[str], commands: dict[str, Command]) -> int:
+    """``zoo`` run from a folder that was deleted: the shipped help of ``zoo fit --help`` (and the like) still
+    prints; anything else is one line (relative paths, output folders and torch itself cannot work there)."""
+    from zoo.cli import help_cache
+
+    text = help_cache.shipped_text(argv) if help_cache.shipped_command(argv) else None
+    if text:
+        sys.stdout.write(text)
+        return 0
+    word = _first_word(argv)
+    name = argv[0] if argv[0] in commands else word if word in LIGHTNING_COMMANDS else "fit"
+    print(f"zoo {name}: error: the current folder no longer exists (it was deleted or "
+          "moved); cd into an existing folder and run the command again", file=sys.stderr)
+    return 2
+
+
 def _run_lightning(argv: list[str], name: str) -> int:
     """Run ``zoo fit|validate|test|predict``; a refusal or outside stop is one line on stderr. The exit status."""
     from zoo.train.errors import RunError, UsageError
 
     try:
         run_cli(argv)
-    except (ValueError, RunError) as e:
+    except Exception as e:  # noqa: BLE001 - re-raised below unless it is a refusal
         # refused before or at the start of training (exit 2), or stopped by an outside condition such as a full
         # disk (exit 1): one line, no traceback. jsonargparse wraps a constructor's error: look down the chain.
-        cause = next((c for c in exception_chain(e) if isinstance(c, (UsageError, RunError))), None)
+        # Lightning's MisconfigurationException is its refusal of a Trainer argument (max_steps -5, ...).
+        chain = list(exception_chain(e))
+        cause = next((c for c in chain if isinstance(c, (UsageError, RunError))
+                      or type(c).__name__ == "MisconfigurationException"), None)
         if cause is None:
-            line = constructor_error(e)
+            line = constructor_error(e) if isinstance(e, ValueError) else None
             if line is None:
                 raise  # not a refusal: a bug keeps its traceback
             print(f"zoo {name}: error: {line}", file=sys.stderr)
             return 2
-        print(f"zoo {name}: error: {cause}", file=sys.stderr)
-        return 2 if isinstance(cause, UsageError) else 1
+        print(f"zoo {name}: error: {one_line(cause)}", file=sys.stderr)
+        return 1 if isinstance(cause, RunError) else 2
     return 0
+
+
+def one_line(err: BaseException) -> str:
+    """``err``'s message on one line; a DataLoader worker's re-raised error (its message embeds the worker's
+    traceback) gives the original message, its last line."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if re.match(r"^[\w.]+: ", last) else last
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def exception_chain(err: BaseException) -> Iterator[BaseException]:

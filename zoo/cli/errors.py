@@ -179,6 +179,8 @@ def explain_tool_error(tool: str, message: str, argv: list[str], keys: list[str]
     typed = re.search(r'[Kk]ey "([^"]+)":\s*Expected a (<class \'\w+\'>)\. Got value: (.*)', message)
     if typed:
         key, want, got = typed.group(1), typed.group(2), typed.group(3).strip()
+        # the option as the user spells it (--max-bytes), not the parser's destination name (max_bytes)
+        key = next((k for k in keys if k != key and k.replace("-", "_") == key), key)
         return f"{key} must be {_TYPE_NAMES.get(want, want)}, got {got!r} (from {origin(key, argv)}); {hint}"
     lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.strip().startswith("Given value")]
     return f"{' '.join(lines) or message.strip()}; {hint}"

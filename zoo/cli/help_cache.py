@@ -230,7 +230,10 @@ def serve(argv: list[str], live: Callable[[], int]) -> int:
     rendered against this environment, else by calling ``live`` (which prints it and exits, as argparse does) and
     storing what it printed. Returns the exit status."""
     key = help_key(argv) if enabled() else None
-    folder = cache_dir("help")
+    try:
+        folder = cache_dir("help")
+    except OSError:  # the cache folder is a file: the help is printed, just not stored
+        key = None
     if key is not None:
         try:
             text = (folder / f"{key}.txt").read_text(encoding="utf-8")

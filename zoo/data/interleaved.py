@@ -32,6 +32,7 @@ loader, so a run resumed mid-epoch replays exactly the batches it had not traine
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable, Sequence
@@ -149,8 +150,8 @@ def fit_image(image: Tensor, size: int, resize: bool, where: str) -> Tensor:
     """``image`` as uint8 [3, size, size]: shorter side resized to ``size`` then centre-cropped, or refused."""
     if tuple(image.shape[-2:]) == (size, size):
         return image
-    if not resize:
-        raise ValueError(f"image {where} is {image.shape[-2]}x{image.shape[-1]} but the encoder takes {size}x{size}; "
+    if not resize:  # a UsageError: zoo fit prints the one line (also when a loader worker raised it)
+        raise UsageError(f"image {where} is {image.shape[-2]}x{image.shape[-1]} but the encoder takes {size}x{size}; "
                          "set data.resize=true or data.image_size to the images' size")
     h, w = image.shape[-2:]
     scale = size / min(h, w)
@@ -365,9 +366,19 @@ class InterleavedDataModule(pl.LightningDataModule):
             raise UsageError(f"data.tokenizer={self.tokenizer_spec!r} cannot be loaded: {err}") from None
         for split in ("train", "val"):
             try:
-                self._pool(split)
+                classes = self._pool(split)[2]
             except (OSError, ValueError) as err:
                 raise UsageError(f"data.dataset={self.dataset!r} cannot be read: {err}") from None
+            self._check_classes(classes)
+
+    def _check_classes(self, classes: Sequence[str]) -> None:
+        # ASCII digits only: str.isdigit() also accepts '²' or '٣', which int() refuses or the answer would not spell
+        if "sum" in self.mix:
+            words = [c for c in classes if not re.fullmatch(r"-?[0-9]+", c)]
+            if words:
+                raise UsageError(f"task 'sum' needs integer class names but {self.dataset!r} has class {words[0]!r} "
+                                 "(ASCII digits such as 7 or -2 only); drop 'sum' from data.tasks or name the class "
+                                 "folders by number")
 
     def _pool(self, split: str) -> tuple[Dataset, list[int], list[str]]:
         if self.dataset == "digits":
@@ -379,11 +390,7 @@ class InterleavedDataModule(pl.LightningDataModule):
 
     def _build(self, split: str, size: int) -> InterleavedDataset:
         pool, labels, classes = self._pool(split)
-        if "sum" in self.mix:
-            words = [c for c in classes if not c.lstrip("-").isdigit()]
-            if words:
-                raise UsageError(f"task 'sum' needs integer class names but {self.dataset!r} has class {words[0]!r}; "
-                                 "drop 'sum' from data.tasks or name the class folders by number")
+        self._check_classes(classes)
         plan = plan_sequences(size, self.mix, len(pool), self.question_images, self.seed, split)
         return InterleavedDataset(pool, labels, classes, plan, self.tokenizer, self.image_tokens,
                                   self.tokens_per_image, self.image_size, self.resize)

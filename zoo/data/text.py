@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from zoo.files import cache_dir as zoo_cache_dir
+from zoo.files import check_folder_path
 from zoo.train.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,8 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size, self.val_fraction, self.max_bytes = batch_size, val_fraction, max_bytes
         self.pattern, self.num_workers, self.seed = pattern, num_workers, seed
         self.return_index, self.progress = return_index, progress
+        if cache_dir:
+            check_folder_path(Path(cache_dir).expanduser(), f"cache_dir={cache_dir!r}")
         self.cache_root = Path(cache_dir).expanduser() / "text" if cache_dir else zoo_cache_dir("text")
         self.tokenizer: Any = None
         self._found: list[Path] | None = None  # the corpus's files, once resolved

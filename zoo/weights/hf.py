@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from zoo.files import atomic_path, atomic_write_text
 from zoo.models.transformer import Transformer, TransformerConfig
 
 SUPPORTED = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
@@ -56,6 +58,18 @@ def check_config(cfg: object, source: str = "config.json") -> dict:
             raise ValueError(f"{source}: {field}={v!r} must be a positive number (or null); fix config.json")
     if "tie_word_embeddings" in cfg and not isinstance(cfg["tie_word_embeddings"], bool):
         raise ValueError(f"{source}: tie_word_embeddings={cfg['tie_word_embeddings']!r} must be true or false")
+    rope = cfg.get("rope_parameters")
+    if rope is not None:
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: rope_parameters={rope!r:.80} must be an object such as "
+                             '{"rope_type": "default", "rope_theta": 10000.0} (or null); fix config.json')
+        if not isinstance(rope.get("rope_type", "default"), str):
+            raise ValueError(f"{source}: rope_parameters.rope_type={rope['rope_type']!r:.80} must be a string")
+        theta = rope.get("rope_theta")
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0
+                                  or not math.isfinite(theta)):
+            raise ValueError(f"{source}: rope_parameters.rope_theta={theta!r:.80} must be a positive number; fix "
+                             "config.json")
     types = cfg.get("layer_types")
     if types is not None and (not isinstance(types, list) or len(types) != cfg["num_hidden_layers"]
                               or not all(isinstance(t, str) for t in types)):
@@ -209,11 +223,26 @@ def _fields_of(hf_name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- load / save
+def float_dtype(dtype: torch.dtype | str, what: str = "--dtype") -> torch.dtype:
+    """A floating-point torch dtype from a dtype or its name ('bfloat16', 'torch.float16'); anything else (an
+    unknown name, an integer dtype) is refused in one line naming ``what``."""
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else None
+    found = getattr(torch, name, None) if name else None
+    from zoo.weights.hf_cli import FLOAT_DTYPES
+
+    if not isinstance(found, torch.dtype) or not found.is_floating_point or name not in FLOAT_DTYPES:
+        raise ValueError(f"{what} {dtype!r} is not a floating-point dtype; use one of {', '.join(FLOAT_DTYPES)}")
+    return found
+
+
 def from_hf(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
             **overrides) -> Transformer:
     """Load a local Hugging Face Gemma / Gemma 2 folder as a zoo Transformer (overrides: e.g. attn_backend)."""
     from safetensors import safe_open
 
+    from zoo.weights.safe_load import check_weights
+
+    dtype = float_dtype(dtype, "dtype")
     folder = Path(path).expanduser()
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
@@ -225,7 +254,6 @@ def from_hf(path: str | Path, dtype: torch.dtype | str = torch.float32, device: 
     config = config_from_hf(raw, str(cfg_file))
     if overrides:
         config = config.replace(**overrides)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     gemma2 = raw["model_type"] == "gemma2"
     with torch.device("meta"):
         model = Transformer(config)
@@ -259,7 +287,12 @@ def from_hf(path: str | Path, dtype: torch.dtype | str = torch.float32, device: 
                 if tuple(t.shape) != want:
                     raise ValueError(f"{file.name}: tensor {hf!r} has shape {tuple(t.shape)} but {cfg_file.name} "
                                      f"implies {want} (fields {_fields_of(hf)}); the config and weights do not match")
-                state[ours] = t.to(dtype)
+                check_weights({hf: t}, str(file), {hf: expected[ours]})
+                cast = t.to(dtype)
+                if not bool(torch.isfinite(cast).all()):
+                    raise ValueError(f"{file}: tensor {hf!r} overflows {str(dtype).removeprefix('torch.')} (values "
+                                     f"up to {float(t.abs().max()):.3g}); load with a wider dtype (float32)")
+                state[ours] = cast
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
@@ -278,9 +311,36 @@ def export_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = 
     if dtype is not None:
         hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    atomic_write_text(folder / "config.json", json.dumps(hf_cfg, indent=2) + "\n")
+    remove_superseded_weights(folder)
     return folder
+
+
+# Weight files of an earlier export that the new model.safetensors supersedes: loaders (ours, transformers) prefer a
+# safetensors index over model.safetensors, so a stale index would load the OLD model.
+_SUPERSEDED = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)|pytorch_model\.bin|"
+                         r"(model\.safetensors|pytorch_model\.bin)\.index\.json")
+
+
+def remove_superseded_weights(folder: Path) -> list[Path]:
+    """Delete the sharded / .bin weight files (and their indexes) of an earlier export in ``folder``; the index goes
+    first, so a reader never sees an index whose shards are gone. Returns what was removed."""
+    removed = []
+    index = folder / "model.safetensors.index.json"
+    named: set[str] = set()
+    if index.is_file():
+        try:
+            named = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            named = set()
+    for path in sorted(folder.iterdir(), key=lambda p: not p.name.endswith(".index.json")):
+        stale_shard = path.name in named and path.suffix == ".safetensors" and path.name != "model.safetensors"
+        if path.is_file() and (_SUPERSEDED.fullmatch(path.name) or stale_shard):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def load_hf_tokenizer(path: str | Path):
@@ -307,19 +367,15 @@ def _load_model(spec: str, model_name: str | None, overrides: dict) -> tuple[Tra
     if model_name is None and path.suffix != ".safetensors":
         from zoo.weights.lm import read_lm_checkpoint
 
+        from zoo.weights.lm import build_from_checkpoint
+
         # The checkpoint (or run folder) records its architecture: no --model needed.
         ckpt = read_lm_checkpoint(path)
-        model = zoo.create(ckpt.model, **{**ckpt.overrides, **overrides})
-        try:
-            model.load_state_dict(ckpt.state_dict, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{ckpt.path} does not match model {ckpt.model!r} with overrides "
-                             f"{ {**ckpt.overrides, **overrides} }: {str(err).splitlines()[0]}") from err
-        return model, ckpt.tokenizer
+        return build_from_checkpoint(ckpt, overrides), ckpt.tokenizer
     if model_name is None:
         raise ValueError(f"{path} is a bare safetensors file: pass --model NAME (the registry entry it was trained as)")
     from zoo.weights.checkpoint import load_torch_file
-    from zoo.weights.safe_load import read_safetensors
+    from zoo.weights.safe_load import check_weights, read_safetensors
 
     if path.suffix == ".safetensors":
         sd, _ = read_safetensors(path)
@@ -334,6 +390,7 @@ def _load_model(spec: str, model_name: str | None, overrides: dict) -> tuple[Tra
         raise ValueError(f"{path}: no 'embed.weight' tensor found; is this a zoo language-model checkpoint?")
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     model = zoo.create(model_name, **overrides)
+    check_weights(sd, str(path), model.state_dict())
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as err:
@@ -353,7 +410,7 @@ def run_export_hf(args: Any, overrides: dict) -> int:
     from zoo.models.tokenizer import load_tokenizer, save_hf_tokenizer
 
     model, recorded = _load_model(args.source, args.model, overrides)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = float_dtype(args.dtype) if args.dtype else None
     out = export_hf(model, args.out, dtype=dtype)
     print(f"wrote {out}/config.json and model.safetensors ({model.num_params():,} parameters)")
     spec = args.tokenizer or recorded

@@ -11,6 +11,8 @@ from typing import Any
 
 from zoo.cli.errors import parse_tool_args, tool_parser, user_error_line
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # what --dtype accepts (weights stay floating point)
+
 
 def parser() -> Any:
     """The ``zoo export-hf`` parser."""
@@ -25,7 +27,8 @@ def parser() -> Any:
                     "tokenizer.json, a SentencePiece .model, or a folder); default: the one the checkpoint records")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a TransformerConfig field (value parsed as JSON, else a string)")
-    ap.add_argument("--dtype", default=None, help="cast weights, e.g. bfloat16")
+    ap.add_argument("--dtype", default=None, help=f"cast weights to one of {', '.join(FLOAT_DTYPES)} (default: "
+                    "as trained)")
     return ap
 
 
@@ -36,6 +39,10 @@ def main(argv: list[str]) -> int:
     """
     args = parse_tool_args(parser(), list(argv), "export-hf")
     if args is None:
+        return 2
+    if args.dtype is not None and args.dtype.removeprefix("torch.") not in FLOAT_DTYPES:
+        print(f"zoo export-hf: error: --dtype {args.dtype!r} is not a floating-point dtype; use one of "
+              f"{', '.join(FLOAT_DTYPES)}", file=sys.stderr)
         return 2
     overrides = {}
     for item in args.set:

@@ -35,10 +35,14 @@ class LMCheckpoint:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> str:
-    """A .ckpt file as given, or the one a run folder holds: its last.ckpt, else the newest *.ckpt inside."""
+    """A .ckpt file (or sharded checkpoint folder) as given, or the one a run folder holds: its last.ckpt, else the
+    newest *.ckpt inside."""
+    from zoo.weights.safe_dcp import is_sharded_checkpoint
+
     path = str(path)
-    if os.path.isdir(path):
-        found = sorted(Path(path).rglob("*.ckpt"), key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime))
+    if os.path.isdir(path) and not is_sharded_checkpoint(path):
+        found = sorted((p for p in Path(path).rglob("*.ckpt") if p.is_file() or is_sharded_checkpoint(p)),
+                       key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime))
         if not found:
             raise FileNotFoundError(f"no .ckpt file under {path!r}; train the model first "
                                     "(e.g. `zoo fit --config configs/lm/stdlib_gemma2_tiny.yaml`)")
@@ -47,16 +51,21 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
 
 
 def read_lm_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LMCheckpoint:
-    """Read a language-model checkpoint (file or run folder) through the safe loader: contract first, old layout next."""
+    """Read a language-model checkpoint (file, sharded folder or run folder) through the safe loaders: contract
+    first, old layout next."""
     from zoo.weights.checkpoint import checkpoint_contract, read_checkpoint
+    from zoo.weights.safe_dcp import is_sharded_checkpoint, read_sharded_checkpoint
 
     spec = resolve_checkpoint(path)
-    if not os.path.isfile(spec):
+    if is_sharded_checkpoint(spec):  # a sharded (FSDP2) run's folder, read through the safe DCP reader
+        ckpt = read_sharded_checkpoint(spec)
+    elif not os.path.isfile(spec):
         raise FileNotFoundError(f"checkpoint {spec!r} does not exist; train one with `zoo fit --config ...` "
                                 "or pass a model name from zoo.available()")
-    # The project's one reader of Lightning checkpoints (safe loader): truncated, empty and hostile files give one
-    # clear error naming the file.
-    ckpt = read_checkpoint(spec, map_location)
+    else:
+        # The project's one reader of Lightning checkpoints (safe loader): truncated, empty and hostile files give
+        # one clear error naming the file.
+        ckpt = read_checkpoint(spec, map_location)
     contract = checkpoint_contract(ckpt, source=f"checkpoint {spec!r}")
     if contract is not None and contract["kind"] == CHECKPOINT_KIND:
         name, overrides, prefix = contract["model"], contract.get("overrides"), contract.get("prefix", "model.")
@@ -96,10 +105,21 @@ def load_lm(spec: str | os.PathLike, map_location: str | torch.device = "cpu") -
 
         return from_hf(spec, device=map_location).eval()
     ckpt = read_lm_checkpoint(spec, map_location)
-    model = zoo.create(ckpt.model, **ckpt.overrides)
+    return build_from_checkpoint(ckpt).eval()
+
+
+def build_from_checkpoint(ckpt: LMCheckpoint, overrides: dict[str, Any] | None = None) -> nn.Module:
+    """The checkpoint's model (its registry name and overrides, updated by ``overrides``) with its weights; NaN/Inf
+    or integer weights where the model holds floating ones are refused, naming the file and tensor."""
+    import zoo
+    from zoo.weights.safe_load import check_weights
+
+    overrides = {**ckpt.overrides, **(overrides or {})}
+    model = zoo.create(ckpt.model, **overrides)
+    check_weights(ckpt.state_dict, f"checkpoint {ckpt.path!r}", model.state_dict())
     try:
         model.load_state_dict(ckpt.state_dict)
     except RuntimeError as err:
         raise ValueError(f"checkpoint {ckpt.path!r} does not match model {ckpt.model!r} with overrides "
-                         f"{ckpt.overrides}: {str(err).splitlines()[0]}") from err
-    return model.eval()
+                         f"{overrides}: {str(err).splitlines()[0]}") from None
+    return model

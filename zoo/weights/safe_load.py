@@ -4,6 +4,7 @@ Every module that reads a checkpoint goes through here, so "never unpickle untru
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -14,9 +15,15 @@ from typing import Any, Iterable
 
 import torch
 
+from zoo.train.errors import UsageError
+
 __all__ = [
+    "UnreadableFileError",
     "UnsafeFileError",
     "safe_torch_load",
+    "safe_torch_load_bytes",
+    "explain_load_error",
+    "check_weights",
     "read_safetensors",
     "write_safetensors",
     "load_state_dict_file",
@@ -27,16 +34,29 @@ __all__ = [
 ZOO_METADATA_KEY = "zoo"
 
 
-class UnsafeFileError(ValueError):
+class UnreadableFileError(UsageError):
+    """A weight file that cannot be read (empty, truncated, corrupt, another format): ``zoo`` commands print the one
+    line and exit 2, like any refused input."""
+
+
+class MissingFileError(UnreadableFileError, FileNotFoundError):
+    """A weight path that does not exist: a FileNotFoundError for callers, one line and exit 2 for ``zoo``."""
+
+
+class FolderNotFileError(UnreadableFileError, IsADirectoryError):
+    """A folder given where a weight file is expected."""
+
+
+class UnsafeFileError(UnreadableFileError):
     """A weight file asked to import or call something outside the safe allow-list; it was not executed."""
 
 
 def _as_path(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"weight file {str(p)!r} does not exist; check the path (looked at {p.resolve()}).")
+        raise MissingFileError(f"weight file {str(p)!r} does not exist; check the path (looked at {p.resolve()}).")
     if p.is_dir():
-        raise IsADirectoryError(f"{str(p)!r} is a folder; pass the weight file inside it (.ckpt, .pth, .safetensors).")
+        raise FolderNotFileError(f"{str(p)!r} is a folder; pass the weight file inside it (.ckpt, .pth, .safetensors).")
     return p
 
 
@@ -66,32 +86,47 @@ def safe_torch_load(
     """
     p = _as_path(path)
     if p.stat().st_size == 0:
-        raise ValueError(f"{str(p)!r} is empty (0 bytes); the download or save was interrupted: fetch or save it again.")
+        raise UnreadableFileError(f"{str(p)!r} is empty (0 bytes); the download or save was interrupted: fetch or "
+                                  "save it again.")
+    return _weights_only_load(p, repr(str(p)), map_location, extra_globals)
+
+
+def safe_torch_load_bytes(data: io.BytesIO, label: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` of an in-memory item with ``weights_only=True``; errors name ``label`` (e.g. file and key)."""
+    return _weights_only_load(data, label, map_location, ())
+
+
+def _weights_only_load(source: Path | io.BytesIO, label: str, map_location: str | torch.device,
+                       extra_globals: Iterable[Any]) -> Any:
     try:
         with torch.serialization.safe_globals(list(extra_globals)):
-            return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        text = str(err)
+            return torch.load(source, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, MemoryError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
+            TypeError, KeyError, AttributeError) as err:
+        raise explain_load_error(err, label) from None
+
+
+def explain_load_error(err: BaseException, label: str) -> UnreadableFileError:
+    """The one-line refusal for an error of ``torch.load(weights_only=True)`` on ``label``: the forbidden global it
+    named (``UnsafeFileError``), too much memory, or unreadable bytes."""
+    text = str(err)
+    if isinstance(err, MemoryError):
+        return UnsafeFileError(f"{label}: refused: the file asks for more memory than this machine has (too large "
+                               "or hostile); it was not loaded.")
+    if isinstance(err, pickle.UnpicklingError):
         found = re.search(r"GLOBAL ([\w.]+)", text) or re.search(r"[Uu]nsupported global[s]?:? [`']?([\w.]+)", text)
         if found is None:  # not a forbidden import: torch's unpickler stopped on bytes it cannot parse
             detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
             first = (detail.group(1) if detail else text).strip().splitlines()[0]
-            raise ValueError(f"could not read {str(p)!r} as a torch file ({first}); is it truncated, corrupt or in "
-                             "another format?") from None
-        what = found.group(1)
-        raise UnsafeFileError(
-            f"{str(p)!r} is a pickle that references {what}, which is not allowed (loading uses weights_only=True so "
-            "pickled code is never executed). If you trust this file, re-save its tensors with "
-            "safetensors or torch.save(state_dict); if it is an official BYOL .pkl, give it a .pkl name."
-        ) from None
-    except MemoryError:
-        raise UnsafeFileError(f"{str(p)!r}: refused: the file asks for more memory than this machine has (too large "
-                              "or hostile); it was not loaded.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, KeyError,
-            AttributeError) as err:
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise ValueError(f"could not read {str(p)!r} as a torch file ({type(err).__name__}: {first}); "
-                         "is it truncated or in another format?") from None
+            return UnreadableFileError(f"could not read {label} as a torch file ({first}); is it truncated, corrupt "
+                                       "or in another format?")
+        return UnsafeFileError(
+            f"{label} is a pickle that references {found.group(1)}, which is not allowed (loading uses "
+            "weights_only=True so pickled code is never executed). If you trust this file, re-save its tensors with "
+            "safetensors or torch.save(state_dict); if it is an official BYOL .pkl, give it a .pkl name.")
+    first = text.splitlines()[0] if text else ""
+    return UnreadableFileError(f"could not read {label} as a torch file ({type(err).__name__}: {first}); "
+                               "is it truncated or in another format?")
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -129,6 +164,25 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     with atomic_path(p) as tmp:
         save_file(flat, str(tmp), metadata=meta)
     return p
+
+
+def check_weights(tensors: dict[str, torch.Tensor], source: str,
+                  expected: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse, in one line naming ``source`` and the tensor, a floating tensor holding NaN/Inf, or an integer/bool
+    tensor where ``expected`` (the model's state dict) holds a floating one (loading would cast it silently)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise UnreadableFileError(f"{source}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        want = None if expected is None else expected.get(name)
+        if want is not None and want.is_floating_point() and not t.is_floating_point():
+            raise UnreadableFileError(f"{source}: tensor {name!r} is {str(t.dtype).removeprefix('torch.')} but the "
+                                      f"model holds {str(want.dtype).removeprefix('torch.')} weights there; the file "
+                                      "is corrupt or not this model's: re-export it with floating-point weights")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UnreadableFileError(f"{source}: tensor {name!r} holds {bad} NaN/Inf value(s) of {t.numel()}; the "
+                                      "file is corrupt (e.g. saved after training diverged): use an earlier, healthy "
+                                      "checkpoint")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
