@@ -13,7 +13,8 @@ data. Routing:
   sink the batch;
 * other JPEGs (CMYK/YCCK, grayscale) and PNGs (also when saved as .JPEG) -> ``torchvision.io.decode_image`` on CPU
   with RGB conversion, then PIL as the last resort (PIL converts CMYK with the Adobe inversion); every other format
-  (GIF, WebP, TIFF, BMP) -> PIL, which decodes only the first frame (torchvision would decode every GIF frame);
+  (GIF, WebP, TIFF, BMP; PIL opens nothing else) -> PIL, which decodes only the first frame (torchvision would
+  decode every GIF frame);
 * zero-byte, unknown or truncated data (a JPEG without its end-of-image marker is checked strictly with PIL, since
   libjpeg would silently fill the missing part with grey) -> reported in ``bad``. A complete file whose entropy-coded
   data is damaged but still decodable gives libjpeg's best effort (it prints "Corrupt JPEG data" to stderr), as PIL
@@ -128,15 +129,24 @@ def max_image_pixels() -> int:
     return value
 
 
+# What PIL may open: the formats ImageFolder lists. Never EPS/PDF and the like (PIL runs Ghostscript for EPS).
+_PIL_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP")
+
+
 def _pil_open(data: torch.Tensor, limit: int):
-    """PIL image opened lazily (header only); PIL's own bomb check is raised to ``limit`` so one setting rules."""
+    """PIL image opened lazily (header only), with PIL's own bomb check set to ``limit`` while it opens: some
+    plugins (WebP) allocate their canvas while opening, after checking only PIL's limit."""
     from PIL import Image
 
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
-        Image.MAX_IMAGE_PIXELS = limit  # ours is checked first; PIL's would refuse between its limit and ours
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(io.BytesIO(data.numpy().tobytes()))
+    Image.init()  # registers every plugin once (TIFF is not preloaded); open() then sticks to _PIL_FORMATS
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = -(-limit // 2)  # PIL refuses above twice its setting: i.e. above ours
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data.numpy().tobytes()), formats=_PIL_FORMATS)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def _header_size(data: torch.Tensor) -> tuple[int, int, bool] | None:
@@ -152,17 +162,21 @@ def _header_size(data: torch.Tensor) -> tuple[int, int, bool] | None:
         head = data[8:24].numpy().tobytes()
         if head[:8] == b"\x00\x00\x00\rIHDR":  # IHDR is always the first chunk; libpng and PIL read it first
             return int.from_bytes(head[8:12], "big"), int.from_bytes(head[12:16], "big"), True
+    from PIL import Image
+
     try:  # any other format (and a JPEG/PNG header we could not parse): PIL's lazy open, then PIL decodes it
         with _pil_open(data, max_image_pixels()) as im:
             return im.size[0], im.size[1], False
-    except Exception:  # noqa: BLE001 - PIL cannot identify it (or calls it a bomb): unknown size
+    except Image.DecompressionBombError:
+        return -1, -1, False  # over the limit; PIL does not say by how much
+    except Exception:  # noqa: BLE001 - PIL cannot identify it: unknown size
         return None
 
 
 def image_size(data: torch.Tensor | bytes) -> tuple[int, int] | None:
     """(width, height) from the file's header, without decoding any pixel; None when it cannot be read."""
     found = _header_size(_as_bytes_tensor(data))
-    return None if found is None else found[:2]
+    return None if found is None or found[0] < 0 else found[:2]
 
 
 class _OverLimit(ValueError):
@@ -303,9 +317,9 @@ def decode_batch(byte_tensors: Sequence[torch.Tensor | bytes], device: torch.dev
         size = _header_size(data)  # the pixel limit is checked here, before any decoder allocates anything
         if size is None:
             bad.append(i)
-        elif size[0] * size[1] > limit:
+        elif size[0] < 0 or size[0] * size[1] > limit:
             bad.append(i)
-            over.append(f"{i}: {size[0]}x{size[1]}")
+            over.append(f"{i}: {size[0]}x{size[1]}" if size[0] >= 0 else f"{i}")
         elif size[2] and sniff(data) == "jpeg" and jpeg_components(data) == 3 and _complete_jpeg(data):
             fast.append(i)
         else:
