@@ -319,7 +319,7 @@ def decode_batch(byte_tensors: Sequence[torch.Tensor | bytes], device: torch.dev
             bad.append(i)
         elif size[0] < 0 or size[0] * size[1] > limit:
             bad.append(i)
-            over.append(f"{i}: {size[0]}x{size[1]}" if size[0] >= 0 else f"{i}")
+            over.append(f"{i}: {size[0]}x{size[1]}" if size[0] >= 0 else f"{i}: over it by PIL's header check")
         elif size[2] and sniff(data) == "jpeg" and jpeg_components(data) == 3 and _complete_jpeg(data):
             fast.append(i)
         else:

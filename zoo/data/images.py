@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from zoo.weights.safe_load import UnsafeFileError
-from zoo.weights.safe_pickle import GuardedUnpickler, brief, one_line
+from zoo.weights.safe_pickle import GuardedUnpickler, brief, describe_failure, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
@@ -82,6 +82,8 @@ def _cifar_text(x: Any) -> Any:
 def read_cifar_batch(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, Any]:
     """One CIFAR python batch file read with the restricted unpickler; ``keys`` must be present. One-line errors."""
     p = Path(path)
+    if p.is_file() and p.stat().st_size == 0:
+        raise CifarFileError(f"CIFAR batch file {str(p)!r} is empty (0 bytes); download the python version again.")
     try:
         size = p.stat().st_size
         with open(p, "rb") as f:
@@ -92,8 +94,8 @@ def read_cifar_batch(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, 
         raise CifarFileError(f"refusing to load CIFAR batch file {str(p)!r}: it asks for more memory than this "
                              "machine has") from None
     except Exception as err:  # noqa: BLE001 - truncated, empty or foreign: name the file, no traceback
-        raise CifarFileError(f"could not read CIFAR batch file {str(p)!r} ({type(err).__name__}: "
-                             f"{one_line(err, 200)}); is it truncated? Download the python version again.") from None
+        raise CifarFileError(f"could not read CIFAR batch file {str(p)!r} ({describe_failure(err)}); is it "
+                             "truncated? Download the python version again.") from None
     if not isinstance(obj, dict):
         raise CifarFileError(f"CIFAR batch file {str(p)!r} holds a {type(obj).__name__}, not a dict; download the "
                              "python version again.")
@@ -215,6 +217,9 @@ class ImageFolderDataset(Dataset):
         if decode not in ("worker", "device"):
             raise ValueError(f"decode must be 'worker' or 'device', got {decode!r}")
         self.decode = decode
+        from augment.decode import max_image_pixels
+
+        max_image_pixels()  # a malformed ZOO_MAX_IMAGE_PIXELS is one line now, not an error in every loader worker
         train_dir, split_dir = self.root / "train", self.root / split
         if not split_dir.is_dir():
             raise FileNotFoundError(

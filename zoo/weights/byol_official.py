@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.weights.safe_load import UnsafeFileError
-from zoo.weights.safe_pickle import (NDARRAY, BoundedReader, Guarded, GuardedUnpickler, TooLargeError, brief, one_line,
-                                     plain_walk)
+from zoo.weights.safe_pickle import (BoundedReader, Guarded, GuardedUnpickler, TooLargeError, brief, describe_failure,
+                                     one_line, plain_walk)
 
 __all__ = [
     "read_official_pickle",
@@ -248,6 +248,8 @@ def read_official_pickle(path: str | os.PathLike) -> dict[str, Any]:
     if p.is_dir():
         raise IsADirectoryError(f"{str(p)!r} is a folder; pass the official BYOL .pkl file itself.")
     size = p.stat().st_size
+    if size == 0:
+        raise ValueError(f"{str(p)!r} is empty (0 bytes); the download was interrupted: fetch the release file again.")
     try:
         with open(p, "rb") as f:  # streamed: the ResNet-200 (2x) file is 4.6 GB
             raw = _to_plain(_RestrictedUnpickler(BoundedReader(f, size), size).load())
@@ -259,8 +261,8 @@ def read_official_pickle(path: str | os.PathLike) -> dict[str, Any]:
         raise TooLargeError(f"{str(p)!r}: refused: the pickle asks for more memory than this machine has (a memory "
                             "bomb, not a checkpoint); it was not loaded.") from None
     except Exception as err:  # noqa: BLE001 - any malformed pickle: name the file, no deep trace
-        raise ValueError(f"could not read {str(p)!r} as an official BYOL pickle ({type(err).__name__}: "
-                         f"{one_line(err, 300)}); is the file truncated?") from None
+        raise ValueError(f"could not read {str(p)!r} as an official BYOL pickle ({describe_failure(err)}); is the "
+                         "file truncated?") from None
     if not isinstance(raw, dict) or "experiment_state" not in raw or not isinstance(raw["experiment_state"], dict):
         keys = brief(sorted((k for k in raw if isinstance(k, str)))) if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{str(p)!r} is not an official BYOL checkpoint: expected a dict with 'experiment_state', "

@@ -35,11 +35,13 @@ import numpy as np
 from zoo.weights.safe_load import UnsafeFileError
 
 __all__ = ["GuardedUnpickler", "TooLargeError", "BoundedReader", "Guarded", "NDARRAY", "brief", "one_line",
-           "plain_walk", "MAX_DEPTH", "check_dtype"]
+           "plain_walk", "MAX_DEPTH", "check_dtype",
+           "describe_failure"]
 
 # Real containers (a BYOL release: dict -> state -> params -> module -> array) are < 20 levels deep.
 MAX_DEPTH = 100
-_KEY_NODES = 256  # a dict key / set member may be a tuple of at most this many leaves (hashing recurses)
+_KEY_NODES = 256
+_SMALL_READ = 4096  # a read this short past the end is a truncated (or foreign) file, not a memory bomb  # a dict key / set member may be a tuple of at most this many leaves (hashing recurses)
 
 _brief = reprlib.Repr()
 _brief.maxlevel, _brief.maxtuple, _brief.maxlist, _brief.maxdict, _brief.maxstring, _brief.maxother = 3, 4, 4, 4, 60, 60
@@ -81,7 +83,7 @@ class BoundedReader:
 
     def check(self, n: int, what: str = "a string/bytes record") -> None:
         """Refuse a record of ``n`` bytes that the rest of the file cannot hold (memory bomb or truncation)."""
-        if n > self.size:
+        if n > self.size and n > _SMALL_READ:
             raise _too_large(what, n, self.size)
         if n > self.remaining:
             raise ValueError(f"{what} of {n:,} bytes starts {self.remaining:,} bytes before the end of the file: "
@@ -152,15 +154,14 @@ def _dims(shape: Any) -> tuple[int, ...]:
 
 
 def _nbytes(dims: tuple[int, ...], itemsize: int, cap: int) -> int:
-    """prod(dims) * itemsize, stopping as soon as it passes ``cap`` (no huge intermediate products)."""
-    if 0 in dims:
-        return 0
+    """prod(dims) * itemsize, stopping as soon as it passes ``cap`` (no huge intermediate products). Zero dims are
+    left out of the product: NumPy checks the other dims for overflow even in an empty array, so a huge one counts."""
     total = itemsize
     for d in dims:
-        total *= d
+        total *= max(d, 1)
         if total > cap:
             return total
-    return total
+    return 0 if 0 in dims else total
 
 
 class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # pure-Python: each opcode can be checked
@@ -501,6 +502,13 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # pure
         for t in (bytes, bytearray):
             out[("builtins", t.__name__)] = Guarded(f"builtins.{t.__name__}", binary(t), t)
         return out
+
+
+def describe_failure(err: BaseException) -> str:
+    """``Type: message`` of an unpickling failure in one bounded line (an unknown opcode is named as such)."""
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], int):
+        return f"invalid pickle opcode {err.args[0]:#04x}: not a pickle, or a corrupt one"
+    return f"{type(err).__name__}: {one_line(err, 300)}"
 
 
 def plain_walk(obj: Any, convert: Callable[[Any, Callable[[Any], Any]], Any], what: str = "the pickle") -> Any:
