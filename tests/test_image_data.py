@@ -181,3 +181,49 @@ def test_data_knobs_that_would_do_nothing_are_refused(kwargs, key):
     # the same knobs where they act are accepted
     ImageDataModule("digits", image_size=16)
     ImageDataModule("imagefolder:/data/imagenet", decode="device")
+
+
+def _py2_batch(n: int, rng: np.random.Generator) -> tuple[bytes, np.ndarray]:
+    """A batch as Python 2's cPickle (protocol 2) wrote CIFAR: array data and texts as BINSTRING (read as latin1)."""
+    import struct
+
+    data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+
+    def s(b: bytes) -> bytes:
+        return b"T" + struct.pack("<i", len(b)) + b
+
+    dtype = b"cnumpy\ndtype\n(" + s(b"u1") + b"K\x00K\x01tR(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    arr = (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00t" + s(b"b") + b"tR(K\x01(J"
+           + struct.pack("<i", n) + b"M\x00\x0ct" + dtype + b"\x89" + s(data.tobytes()) + b"tb")
+    labels = b"(" + b"".join(b"K" + bytes([i % 10]) for i in range(n)) + b"l"
+    body = b"}(" + s(b"data") + arr + s(b"labels") + labels + s(b"batch_label") + s(b"testing batch 1 of 1") + b"u"
+    return b"\x80\x02" + body + b".", data
+
+
+def test_cifar_python2_layout_and_bad_batches_are_one_line(tmp_path):
+    """The original (Python 2) CIFAR-10 files load; wrong shapes, labels, dtypes or class lists name the file."""
+    folder = tmp_path / "cifar-10-batches-py"
+    _write_cifar(folder)
+    raw, data = _py2_batch(20, np.random.default_rng(1))
+    (folder / "test_batch").write_bytes(raw)
+    ds = build_dataset(f"cifar10:{tmp_path}", "val")
+    assert len(ds) == 20 and torch.equal(ds.images[3].reshape(-1), torch.from_numpy(data[3]))
+    bad = {
+        "data_shape": {"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4},
+        "data_dtype": {"data": np.zeros((4, 3072), np.float32), "labels": [0] * 4},
+        "label_range": {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]},
+        "label_count": {"data": np.zeros((2, 3072), np.uint8), "labels": [0]},
+        "labels_text": {"data": np.zeros((2, 3072), np.uint8), "labels": ["a", "b"]},
+        "no_labels": {"data": np.zeros((2, 3072), np.uint8)},
+        "not_dict": [1, 2],
+    }
+    for name, obj in bad.items():
+        with open(folder / "test_batch", "wb") as f:
+            pickle.dump(obj, f, protocol=2)
+        with pytest.raises(ValueError) as err:
+            build_dataset(f"cifar10:{tmp_path}", "val")
+        assert "test_batch" in str(err.value) and "\n" not in str(err.value), name
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["only", "three", "names"]}, f, protocol=2)
+    with pytest.raises(ValueError, match="batches.meta"):
+        build_dataset(f"cifar10:{tmp_path}", "val")

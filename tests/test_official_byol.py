@@ -550,3 +550,31 @@ def test_lookalike_experiment_state_names_missing_key(tmp_path, official_modules
         with pytest.raises(ValueError, match="online_params|target_params") as err:
             load_backbone(path)
         assert str(path) in str(err.value) and not isinstance(err.value, KeyError)
+
+
+def test_big_endian_and_fortran_leaves_load_like_native(tmp_path, official_modules):
+    """Arrays stored big-endian or in Fortran order are legitimate NumPy pickles: they load to the same weights."""
+    online = _random_resnet50(5)
+    data = _release_data(online, online)
+    params = data["experiment_state"].online_params
+    for k, v in list(params.items()):
+        params[k] = {n: (np.asfortranarray(a) if i % 2 else a.astype(a.dtype.newbyteorder(">")))
+                     for i, (n, a) in enumerate(v.items())}
+    path = tmp_path / "variants.pkl"
+    with open(path, "wb") as f:
+        dill.dump(data, f, protocol=2)
+    m = load_backbone(path, padding="torch", arch=_resnet50_features())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), _features_only(copy.deepcopy(online))(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("leaf, match", [([[1.0, 2.0]], "not a NumPy array"), ("text", "not a NumPy array")])
+def test_non_array_leaves_are_named(tmp_path, official_modules, leaf, match):
+    params = {"res_net50/~/initial_conv": {"w": leaf}}
+    path = tmp_path / "leaf.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"experiment_state": _ByolExperimentState(params, params, {}, {}, ()), "step": 0}, f, protocol=2)
+    with pytest.raises(ValueError, match=match) as err:
+        load_backbone(path, arch="resnet50")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)

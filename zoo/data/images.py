@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from zoo.weights.safe_load import UnsafeFileError
+from zoo.weights.safe_pickle import GuardedUnpickler, brief, describe_failure, one_line
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
 
@@ -56,16 +59,73 @@ def digits_dataset(split: str, size: int = 32, val_fraction: float = 0.2, seed: 
     return TensorImageDataset(x[keep], y[keep], [str(c) for c in range(10)])
 
 
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """CIFAR's python batches are pickles; allow only the numpy reconstruction they need, never arbitrary code."""
+class CifarFileError(UnsafeFileError, pickle.UnpicklingError):
+    """A CIFAR batch file that is not one (foreign, truncated, hostile); the message is one line naming it."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file: not a plain array")
+class _CifarUnpickler(GuardedUnpickler):
+    """CIFAR's python batches are pickles of dicts, lists, text and uint8/int arrays; nothing else is built."""
+
+    dtype_kinds = "ui"
+
+    def build_allowed_map(self) -> dict[tuple[str, str], Any]:
+        return {k: v for k, v in super().build_allowed_map().items() if k[1] != "scalar"}
+
+    def refusal_hint(self) -> str:
+        return "a CIFAR batch holds only dicts, lists, text and uint8/int arrays (nothing in the file is executed)"
+
+
+def _cifar_text(x: Any) -> Any:
+    return x.decode("latin1") if isinstance(x, bytes) else x
+
+
+def read_cifar_batch(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, Any]:
+    """One CIFAR python batch file read with the restricted unpickler; ``keys`` must be present. One-line errors."""
+    p = Path(path)
+    if p.is_file() and p.stat().st_size == 0:
+        raise CifarFileError(f"CIFAR batch file {str(p)!r} is empty (0 bytes); download the python version again.")
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            obj = _CifarUnpickler(f, size, encoding="latin1").load()
+    except UnsafeFileError as err:
+        raise CifarFileError(f"refusing to load CIFAR batch file {str(p)!r}: {one_line(err)}") from None
+    except MemoryError:
+        raise CifarFileError(f"refusing to load CIFAR batch file {str(p)!r}: it asks for more memory than this "
+                             "machine has") from None
+    except Exception as err:  # noqa: BLE001 - truncated, empty or foreign: name the file, no traceback
+        raise CifarFileError(f"could not read CIFAR batch file {str(p)!r} ({describe_failure(err)}); is it "
+                             "truncated? Download the python version again.") from None
+    if not isinstance(obj, dict):
+        raise CifarFileError(f"CIFAR batch file {str(p)!r} holds a {type(obj).__name__}, not a dict; download the "
+                             "python version again.")
+    obj = {_cifar_text(k): v for k, v in obj.items()}  # Python 3 re-saves may use bytes keys
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise CifarFileError(f"CIFAR batch file {str(p)!r} has no {missing[0]!r} entry (found "
+                             f"{brief(sorted(k for k in obj if isinstance(k, str)))}); download the python version "
+                             "again.")
+    return obj
+
+
+def _cifar_arrays(path: Path, batch: dict[str, Any], label_key: str, num_classes: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's images [N, 3072] uint8 and labels [N] int64, checked against each other and the class count."""
+    data, labels = batch["data"], batch[label_key]
+    if type(data) is not np.ndarray or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        what = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise CifarFileError(f"CIFAR batch file {str(path)!r}: 'data' is a {what}, expected uint8 [N, 3072]")
+    if type(labels) is np.ndarray and labels.dtype.kind in "ui" and labels.ndim == 1:
+        y = labels.astype(np.int64)
+    elif isinstance(labels, list) and all(type(v) is int for v in labels):
+        y = np.asarray(labels, dtype=np.int64) if labels else np.zeros(0, np.int64)
+    else:
+        raise CifarFileError(f"CIFAR batch file {str(path)!r}: {label_key!r} is not a list of integer labels")
+    if len(y) != len(data) or (len(y) and (y.min() < 0 or y.max() >= num_classes)):
+        raise CifarFileError(f"CIFAR batch file {str(path)!r}: {len(y)} labels in [{y.min() if len(y) else 0}, "
+                             f"{y.max() if len(y) else 0}] for {len(data)} images; expected one label in "
+                             f"[0, {num_classes}) per image")
+    return data, y
 
 
 def cifar_dataset(root: str | os.PathLike, split: str, num_classes: int = 10) -> TensorImageDataset:
@@ -86,15 +146,17 @@ def cifar_dataset(root: str | os.PathLike, split: str, num_classes: int = 10) ->
             f"(e.g. torchvision.datasets.CIFAR{num_classes}(root={str(base)!r}, download=True) on a machine with "
             f"internet) and pass its folder as 'cifar{num_classes}:{base}'.")
 
-    def read(name: str) -> dict:
-        with open(folder / name, "rb") as f:
-            return _ArrayOnlyUnpickler(f, encoding="latin1").load()
-
-    batches = [read(f) for f in files]
-    x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
-    y = np.concatenate([b[label_key] for b in batches])
-    classes = read(meta_file)[names_key]
-    return TensorImageDataset(torch.from_numpy(x), torch.from_numpy(np.asarray(y)).long(), classes)
+    meta = read_cifar_batch(folder / meta_file, [names_key])
+    classes = meta[names_key]
+    if not isinstance(classes, list) or len(classes) != num_classes \
+            or not all(isinstance(c, (str, bytes)) for c in classes):
+        raise CifarFileError(f"CIFAR batch file {str(folder / meta_file)!r}: {names_key!r} is not a list of "
+                             f"{num_classes} class names")
+    parts = [_cifar_arrays(folder / f, read_cifar_batch(folder / f, ["data", label_key]), label_key, num_classes)
+             for f in files]
+    x = np.concatenate([d for d, _ in parts]).reshape(-1, 3, 32, 32)
+    y = np.concatenate([lab for _, lab in parts])
+    return TensorImageDataset(torch.from_numpy(x), torch.from_numpy(y), [_cifar_text(c) for c in classes])
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -155,6 +217,9 @@ class ImageFolderDataset(Dataset):
         if decode not in ("worker", "device"):
             raise ValueError(f"decode must be 'worker' or 'device', got {decode!r}")
         self.decode = decode
+        from augment.decode import max_image_pixels
+
+        max_image_pixels()  # a malformed ZOO_MAX_IMAGE_PIXELS is one line now, not an error in every loader worker
         train_dir, split_dir = self.root / "train", self.root / split
         if not split_dir.is_dir():
             raise FileNotFoundError(

@@ -1,21 +1,17 @@
 """The official BYOL release (``pretrain_res50x1.pkl``, ``pretrain_res200x2.pkl``, ablations) -> torchvision ResNet.
 
 The files are dill pickles (protocol 2) of ``{'experiment_state': _ByolExperimentState(...), 'step', 'rng'}`` whose
-leaves are NumPy arrays. They reference classes from ``byol``/``optax``/``haiku``; a restricted unpickler turns those
-references into inert stand-ins and refuses every other global, so nothing in the file can run code. dill's NumPy
-encoding (``_create_array``; ``_get_attr(_import_module('numpy.core._multiarray_umath'), '_reconstruct')`` before
-0.3.6) and JAX arrays (``jax._src.array._reconstruct_array``) are re-implemented here for NumPy only: neither dill nor
-jax is imported. Every allocation the file asks for is bounded by the file's size (memory bombs are refused).
-Haiku uses TF 'SAME' padding (asymmetric for stride-2 layers); ``apply_tf_same_padding`` reproduces it exactly.
+leaves are NumPy arrays. They reference classes from ``byol``/``optax``/``haiku``; a restricted unpickler
+(``zoo.weights.safe_pickle``: nothing runs, numeric dtypes only, memory bounded by the file's size, no recursion
+errors) turns those references into inert stand-ins and refuses every other global. dill's NumPy encoding
+(``_create_array``; ``_get_attr(_import_module('numpy.core._multiarray_umath'), '_reconstruct')`` before 0.3.6) and
+JAX arrays (``jax._src.array._reconstruct_array``) are re-implemented here for NumPy only: neither dill nor jax is
+imported. Haiku uses TF 'SAME' padding (asymmetric for stride-2 layers); ``apply_tf_same_padding`` reproduces it.
 """
 from __future__ import annotations
 
-import math
 import os
-import pickle
 import re
-import types
-from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.weights.safe_load import UnsafeFileError
+from zoo.weights.safe_pickle import (BoundedReader, Guarded, GuardedUnpickler, TooLargeError, brief, describe_failure,
+                                     one_line, plain_walk)
 
 __all__ = [
     "read_official_pickle",
@@ -46,41 +44,16 @@ EXPERIMENT_STATE_FIELDS = ("online_params", "target_params", "online_state", "ta
 # Modules whose class references become inert stand-ins (the containers of the release); nothing else is imported.
 _STUB_MODULE_PREFIXES = ("byol.", "optax.", "haiku.")
 
-
-def _numpy_core(name: str) -> Any:
-    core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed numpy.core to numpy._core
-    return getattr(core.multiarray, name)
-
-
-def _codecs_encode(text: str, encoding: str = "latin1") -> bytes:
-    # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1'); only text encoding happens here.
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
-        raise UnsafeFileError(f"refused _codecs.encode({type(text).__name__}, {encoding!r}): only text -> bytes")
-    return text.encode(encoding)
-
-
-class TooLargeError(UnsafeFileError):
-    """The file asks for more memory than it could honestly hold (a memory bomb); nothing was allocated."""
-
-
-def _ndarray_ref(*args: Any, **kwargs: Any) -> Any:
-    # Stands for the class numpy.ndarray inside a pickle: only ever the first argument of _reconstruct. Calling it
-    # directly (ndarray(shape, dtype, buffer, offset, strides)) could make huge zero-stride views: refused.
-    raise UnsafeFileError("refused to call numpy.ndarray(...) directly (NumPy's own pickles never do)")
-
-
-def _check_bytes(what: str, n: int, limit: int) -> None:
-    if n > limit:
-        raise TooLargeError(f"refused: {what} asks for {n:,} bytes, more than the whole file ({limit:,} bytes) "
-                            "could hold (a memory bomb, not a checkpoint)")
-
-
 _NUMPY_CORE_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray", "numpy.core._multiarray_umath",
                        "numpy._core._multiarray_umath")
+
+_BoundedReader = BoundedReader  # the name the tests and older callers use
 
 
 class _ModuleRef:
     """What ``dill._dill._import_module`` returns here: an inert token naming an allow-listed module."""
+
+    __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -122,9 +95,9 @@ def _stub_type(qualname: str) -> type:
     return _STUB_TYPES[qualname]
 
 
-def _dill_create_namedtuple(name: str, fieldnames: Any, modulename: str, *rest: Any) -> type:
+def _dill_create_namedtuple(name: Any, fieldnames: Any, modulename: Any, *rest: Any) -> type:
     # dill may pickle a NamedTuple class by value; we only need a stand-in type of that name.
-    if not all(isinstance(s, str) for s in (name, modulename)):
+    if not all(isinstance(s, str) and len(s) < 200 for s in (name, modulename)):
         raise UnsafeFileError("refused dill._dill._create_namedtuple with non-text names")
     return _stub_type(f"{modulename}.{name}")
 
@@ -134,60 +107,75 @@ def _dill_create_dtypemeta(scalar_type: Any) -> type:
     if scalar_type is None:
         return np.dtype
     if not _is_numeric_scalar_type(scalar_type):
-        raise UnsafeFileError(f"refused dill._dill._create_dtypemeta({scalar_type!r}): only NumPy numeric types")
+        raise UnsafeFileError(f"refused dill._dill._create_dtypemeta({brief(scalar_type)}): only NumPy numeric types")
     return type(np.dtype(scalar_type))
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler whose ``find_class`` returns stand-ins for byol/optax/haiku and refuses everything else.
+class _RestrictedUnpickler(GuardedUnpickler):
+    """``GuardedUnpickler`` that also reads dill's and JAX's NumPy encodings and stubs byol/optax/haiku classes.
 
-    Besides plain pickles it reads what ``dill.dump`` (every version since 0.3.1) writes for NumPy arrays, scalars
-    and dtypes, by re-implementing the handful of dill helpers involved, restricted to NumPy, without importing dill.
-    ``limit`` (the file's size) bounds every allocation the file can request.
+    Stand-in classes may be created (REDUCE, NEWOBJ) and given a state (BUILD); they only keep their arguments.
     """
 
     def __init__(self, file: Any, limit: int) -> None:
-        super().__init__(file)
-        self.limit = limit
+        super().__init__(file, limit)
+
+    def refusal_hint(self) -> str:
+        return ("the official-BYOL reader only accepts NumPy arrays and the byol/optax/haiku containers (nothing in "
+                "the file is executed). Is this really a BYOL release file?")
 
     def find_class(self, module: str, name: str) -> Any:
-        module = {"copy_reg": "copyreg", "__builtin__": "builtins"}.get(module, module)  # Python 2 names
-        allowed = self._allowed()
-        if (module, name) in allowed:
-            return allowed[(module, name)]()
-        if module == "numpy" and _is_numeric_scalar_type(getattr(np, name, None)):
-            return getattr(np, name)  # e.g. the argument of dill's _create_dtypemeta
-        if module == "numpy.dtypes" and isinstance(getattr(np, "dtypes", None), types.ModuleType):
-            cls = getattr(np.dtypes, name, None)
+        mod = {"copy_reg": "copyreg", "__builtin__": "builtins"}.get(module, module)
+        if mod == "numpy" and _is_numeric_scalar_type(getattr(np, name, None)):
+            return getattr(np, name)  # data only: e.g. the argument of dill's _create_dtypemeta
+        if mod == "numpy.dtypes" and not name.startswith("_"):
+            cls = getattr(getattr(np, "dtypes", None), name, None)
             if isinstance(cls, type) and issubclass(cls, np.dtype) and _is_numeric_scalar_type(getattr(cls, "type", 0)):
-                return cls
-        if any((module + ".").startswith(p) for p in _STUB_MODULE_PREFIXES):
-            return _stub_type(f"{module}.{name}")
-        raise UnsafeFileError(
-            f"refused to load global {module}.{name}: the official-BYOL reader only accepts NumPy arrays and the "
-            "byol/optax/haiku containers (nothing in the file is executed). Is this really a BYOL release file?"
-        )
+                return cls  # data only (a dtype class is never called)
+        if (mod, name) not in self.allowed() and any((mod + ".").startswith(p) for p in _STUB_MODULE_PREFIXES):
+            return _stub_type(f"{one_line(mod, 120)}.{one_line(name, 120)}")
+        return super().find_class(module, name)
 
-    # -- NumPy, guarded -------------------------------------------------------------------------------------------
-    def _reconstruct(self, subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-        if subtype is not _ndarray_ref and subtype is not np.ndarray:
-            raise UnsafeFileError(f"refused numpy _reconstruct of {subtype!r}: only plain numpy.ndarray")
-        dims = (shape,) if isinstance(shape, int) else tuple(shape)
-        if not all(isinstance(d, int) and d >= 0 for d in dims):
-            raise UnsafeFileError(f"refused numpy _reconstruct with shape {shape!r}")
-        _check_bytes(f"an array of shape {dims}", math.prod(dims) * max(np.dtype(dtype).itemsize, 1), self.limit)
-        return _numpy_core("_reconstruct")(np.ndarray, dims, dtype)
+    def build_allowed_map(self) -> dict[tuple[str, str], Any]:
+        allowed = super().build_allowed_map()
+        allowed.update(self.builtin_constructors())
+        allowed[("copyreg", "_reconstructor")] = Guarded("copyreg._reconstructor", _stub_reconstructor)
+        for mod in ("dill._dill", "dill.dill"):
+            allowed[(mod, "_create_array")] = Guarded(f"{mod}._create_array", self._dill_create_array)
+            allowed[(mod, "_get_attr")] = Guarded(f"{mod}._get_attr", self._dill_get_attr)
+            allowed[(mod, "_import_module")] = Guarded(f"{mod}._import_module", self._dill_import_module)
+            allowed[(mod, "_create_namedtuple")] = Guarded(f"{mod}._create_namedtuple", _dill_create_namedtuple)
+            allowed[(mod, "_create_dtypemeta")] = Guarded(f"{mod}._create_dtypemeta", _dill_create_dtypemeta)
+        allowed[("jax._src.array", "_reconstruct_array")] = Guarded("jax._src.array._reconstruct_array",
+                                                                    self._jax_reconstruct_array)
+        return allowed
 
+    # Stand-ins: the only classes the file may instantiate or give a state.
+    def call(self, func: Any, args: tuple, kwargs: dict | None = None) -> Any:
+        if isinstance(func, type) and issubclass(func, PickledStub):
+            return func(*args, **(kwargs or {}))
+        return super().call(func, args, kwargs)
+
+    def new_object(self, cls: Any, args: tuple, kwargs: dict) -> Any:
+        if isinstance(cls, type) and issubclass(cls, PickledStub):
+            return cls.__new__(cls, *args, **kwargs)
+        return super().new_object(cls, args, kwargs)
+
+    def build(self, inst: Any, state: Any) -> None:
+        if isinstance(inst, PickledStub):
+            inst.state = state
+            return
+        super().build(inst, state)
+
+    def key_allowed(self, key: Any) -> bool:
+        return isinstance(key, PickledStub)  # hashed by identity
+
+    # -- dill / jax NumPy encodings ----------------------------------------------------------------------------
     def _array_from_state(self, f: Any, args: Any, state: Any, what: str) -> np.ndarray:
-        if f != self._reconstruct or not isinstance(args, tuple):
-            raise UnsafeFileError(f"refused {what} with constructor {f!r}: only numpy's _reconstruct")
+        if not isinstance(f, Guarded) or f.fn != self.reconstruct or not isinstance(args, tuple):
+            raise UnsafeFileError(f"refused {what} with constructor {brief(f)}: only numpy's _reconstruct")
         arr = f(*args)
-        if isinstance(state, tuple) and len(state) >= 4:
-            dims = state[1] if isinstance(state[1], tuple) else (state[1],)
-            dtype = state[2] if isinstance(state[2], np.dtype) else np.dtype("u1")
-            if all(isinstance(d, int) and d >= 0 for d in dims):
-                _check_bytes(f"an array of shape {dims}", math.prod(dims) * max(dtype.itemsize, 1), self.limit)
-        arr.__setstate__(state)
+        self.set_array_state(arr, state)
         return arr
 
     def _dill_create_array(self, f: Any, args: Any, state: Any, npdict: Any = None) -> np.ndarray:
@@ -200,103 +188,55 @@ class _RestrictedUnpickler(pickle.Unpickler):
                                ) -> np.ndarray:
         # jax._src.array._reconstruct_array(fun, args, arr_state, aval_state): a NumPy array plus abstract-value
         # metadata (weak_type, ...); we keep the NumPy array and never import jax (the backbone never needs it).
-        if isinstance(arr_state, np.ndarray):
+        if type(arr_state) is np.ndarray:
             return arr_state
         return self._array_from_state(fun, args, arr_state, "jax._src.array._reconstruct_array")
 
-    def _guarded_builtin(self, t: type) -> Any:
-        def build(*args: Any) -> Any:
-            if args and isinstance(args[0], int):  # bytes(n) / bytearray(n) allocate n zero bytes
-                _check_bytes(f"builtins.{t.__name__}({args[0]})", args[0], self.limit)
-            return t(*args)
-        build.__name__ = t.__name__
-        return build
-
-    # -- dill helpers, restricted -----------------------------------------------------------------------------------
     def _dill_import_module(self, import_name: Any, safe: bool = False) -> _ModuleRef:
         if import_name in _NUMPY_CORE_MODULES or import_name in ("numpy", "_codecs"):
             return _ModuleRef(import_name)
-        raise UnsafeFileError(f"refused to load global dill._dill._import_module({import_name!r}): the official-BYOL "
-                              "reader only imports NumPy (nothing in the file is executed)")
+        raise UnsafeFileError(f"refused to load global dill._dill._import_module({brief(import_name)}): the "
+                              "official-BYOL reader only imports NumPy (nothing in the file is executed)")
 
     def _dill_get_attr(self, obj: Any, name: Any) -> Any:
         if isinstance(obj, _ModuleRef) and isinstance(name, str):
             module = obj.name.replace("._multiarray_umath", ".multiarray")
-            if (module, name) in self._allowed():
-                return self._allowed()[(module, name)]()
-            raise UnsafeFileError(f"refused to load global {obj.name}.{name} (via dill._dill._get_attr): not a "
-                                  "NumPy array/scalar/dtype constructor")
-        raise UnsafeFileError(f"refused dill._dill._get_attr({type(obj).__name__}, {name!r})")
-
-    def _allowed(self) -> dict[tuple[str, str], Any]:
-        if not hasattr(self, "_allowed_map"):
-            allowed: dict[tuple[str, str], Any] = {
-                ("numpy", "ndarray"): lambda: _ndarray_ref,
-                ("numpy", "dtype"): lambda: np.dtype,
-                ("_codecs", "encode"): lambda: _codecs_encode,
-                ("collections", "OrderedDict"): lambda: OrderedDict,
-                ("copyreg", "_reconstructor"): lambda: _stub_reconstructor,
-            }
-            for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-                allowed[(mod, "_reconstruct")] = lambda: self._reconstruct
-                allowed[(mod, "scalar")] = lambda: _numpy_core("scalar")
-            for mod in ("dill._dill", "dill.dill"):
-                allowed[(mod, "_create_array")] = lambda: self._dill_create_array
-                allowed[(mod, "_get_attr")] = lambda: self._dill_get_attr
-                allowed[(mod, "_import_module")] = lambda: self._dill_import_module
-                allowed[(mod, "_create_namedtuple")] = lambda: _dill_create_namedtuple
-                allowed[(mod, "_create_dtypemeta")] = lambda: _dill_create_dtypemeta
-            allowed[("jax._src.array", "_reconstruct_array")] = lambda: self._jax_reconstruct_array
-            # Plain data constructors (older protocols name them as globals); building them runs no user code.
-            for t in (object, tuple, list, dict, set, frozenset, int, float, complex, bool, str, bytes, bytearray):
-                allowed[("builtins", t.__name__)] = (
-                    lambda t: lambda: self._guarded_builtin(t) if t in (bytes, bytearray) else t)(t)
-            self._allowed_map = allowed
-        return self._allowed_map
+            if (module, name) in self.allowed():
+                return self.allowed()[(module, name)]
+            raise UnsafeFileError(f"refused to load global {obj.name}.{one_line(name, 120)} (via dill._dill._get_attr):"
+                                  " not a NumPy array/scalar/dtype constructor")
+        raise UnsafeFileError(f"refused dill._dill._get_attr({type(obj).__name__}, {brief(name)})")
 
 
-class _BoundedReader:
-    """File wrapper for the unpickler: a read longer than the whole file is a memory bomb, refused before reading."""
-
-    def __init__(self, f: Any, size: int) -> None:
-        self._f, self._size = f, size
-
-    def read(self, n: int = -1) -> bytes:
-        if n is not None and n > self._size:
-            _check_bytes("a string/bytes record", n, self._size)
-        return self._f.read(n)
-
-    def readinto(self, buf: Any) -> int:
-        _check_bytes("a string/bytes record", memoryview(buf).nbytes, self._size)
-        return self._f.readinto(buf)
-
-    def readline(self, *args: Any) -> bytes:
-        return self._f.readline(*args)
-
-
-def _stub_reconstructor(cls: type, base: type, state: Any) -> Any:
+def _stub_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     # copyreg._reconstructor (protocols 0/1); only ever builds stand-ins or plain builtins.
+    cls, base = (c.target if isinstance(c, Guarded) else c for c in (cls, base))
     if isinstance(cls, type) and issubclass(cls, PickledStub):
         return cls.__new__(cls) if state is None else cls.__new__(cls, state)
-    if cls in (object, tuple, list, dict, set, frozenset) and base is cls:
-        return cls() if state is None else cls(state)
-    raise UnsafeFileError(f"refused to reconstruct {cls!r} from base {base!r}")
+    if cls is object and base is object and state is None:
+        return object()
+    raise UnsafeFileError(f"refused to reconstruct {brief(cls)} from base {brief(base)}")
+
+
+def _convert(obj: Any, recurse: Any) -> Any:
+    if isinstance(obj, PickledStub):
+        if obj.pickled_class.endswith("_ByolExperimentState"):
+            return {f: recurse(v) for f, v in zip(EXPERIMENT_STATE_FIELDS, obj.args)}
+        # Mapping containers (e.g. haiku's FlatMapping) pickle as cls(dict) or with a dict state.
+        if len(obj.args) == 1 and isinstance(obj.args[0], Mapping):
+            return recurse(obj.args[0])
+        return {"__class__": obj.pickled_class, "args": recurse(obj.args), "state": recurse(obj.state)}
+    if isinstance(obj, Mapping):
+        return {k: recurse(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [recurse(v) for v in obj]
+        return items if type(obj) is list else tuple(items)
+    return obj
 
 
 def _to_plain(obj: Any) -> Any:
-    """Turn stand-ins into dicts/tuples recursively so callers only see builtins and NumPy arrays."""
-    if isinstance(obj, PickledStub):
-        if obj.pickled_class.endswith("_ByolExperimentState"):
-            return {f: _to_plain(v) for f, v in zip(EXPERIMENT_STATE_FIELDS, obj.args)}
-        # Mapping containers (e.g. haiku's FlatMapping) pickle as cls(dict) or with a dict state.
-        if len(obj.args) == 1 and isinstance(obj.args[0], Mapping):
-            return _to_plain(obj.args[0])
-        return {"__class__": obj.pickled_class, "args": _to_plain(obj.args), "state": _to_plain(obj.state)}
-    if isinstance(obj, Mapping):
-        return {k: _to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_plain(v) for v in obj) if not hasattr(obj, "_fields") else tuple(_to_plain(v) for v in obj)
-    return obj
+    """Stand-ins -> dicts/tuples so callers only see builtins and NumPy arrays (cycles and deep nests refused)."""
+    return plain_walk(obj, _convert, "the pickle")
 
 
 def read_official_pickle(path: str | os.PathLike) -> dict[str, Any]:
@@ -305,34 +245,46 @@ def read_official_pickle(path: str | os.PathLike) -> dict[str, Any]:
     if not p.exists():
         raise FileNotFoundError(f"official BYOL checkpoint {str(p)!r} does not exist; download e.g. "
                                 "pretrain_res50x1.pkl from the BYOL release and pass its path.")
+    if p.is_dir():
+        raise IsADirectoryError(f"{str(p)!r} is a folder; pass the official BYOL .pkl file itself.")
     size = p.stat().st_size
+    if size == 0:
+        raise ValueError(f"{str(p)!r} is empty (0 bytes); the download was interrupted: fetch the release file again.")
     try:
         with open(p, "rb") as f:  # streamed: the ResNet-200 (2x) file is 4.6 GB
-            raw = _RestrictedUnpickler(_BoundedReader(f, size), size).load()
+            raw = _to_plain(_RestrictedUnpickler(BoundedReader(f, size), size).load())
     except TooLargeError as err:
-        raise TooLargeError(f"{str(p)!r}: {err}; it was not loaded.") from None
+        raise TooLargeError(f"{str(p)!r}: {one_line(err)}; it was not loaded.") from None
     except UnsafeFileError as err:
-        raise UnsafeFileError(f"{str(p)!r}: {err}") from None
+        raise UnsafeFileError(f"{str(p)!r}: {one_line(err)}") from None
     except MemoryError:
         raise TooLargeError(f"{str(p)!r}: refused: the pickle asks for more memory than this machine has (a memory "
                             "bomb, not a checkpoint); it was not loaded.") from None
-    except Exception as err:  # noqa: BLE001 - any malformed pickle: name the file instead of a deep trace
-        raise ValueError(f"could not read {str(p)!r} as an official BYOL pickle ({type(err).__name__}: {err}); "
-                         "is the file truncated?") from None
-    raw = _to_plain(raw)
+    except Exception as err:  # noqa: BLE001 - any malformed pickle: name the file, no deep trace
+        raise ValueError(f"could not read {str(p)!r} as an official BYOL pickle ({describe_failure(err)}); is the "
+                         "file truncated?") from None
     if not isinstance(raw, dict) or "experiment_state" not in raw or not isinstance(raw["experiment_state"], dict):
-        keys = sorted(raw, key=str) if isinstance(raw, dict) else type(raw).__name__
+        keys = brief(sorted((k for k in raw if isinstance(k, str)))) if isinstance(raw, dict) else type(raw).__name__
         raise ValueError(f"{str(p)!r} is not an official BYOL checkpoint: expected a dict with 'experiment_state', "
                          f"found {keys}.")
     es = raw["experiment_state"]
     for field in EXPERIMENT_STATE_FIELDS[:4]:
         if not isinstance(es.get(field), Mapping):
-            found = sorted(k for k in es if isinstance(k, str))[:8]
+            found = brief(sorted(k for k in es if isinstance(k, str))[:8])
             raise ValueError(f"{str(p)!r}: experiment_state has no {field!r} dict (found {found}); it is not an "
                              "official BYOL _ByolExperimentState. Download the release file again.")
     out = dict(raw["experiment_state"])
     out["step"] = raw.get("step")
     return out
+
+
+def _leaf(x: Any, what: str) -> np.ndarray:
+    """A checkpoint leaf as a native-byte-order NumPy array; anything else (nested lists, stand-ins) is refused."""
+    if isinstance(x, np.generic):
+        x = np.asarray(x)
+    if type(x) is not np.ndarray:
+        raise ValueError(f"{what} is a {type(x).__name__}, not a NumPy array")
+    return x if x.dtype.isnative else x.astype(x.dtype.newbyteorder("="))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -387,23 +339,27 @@ def haiku_to_torchvision(params: Mapping[str, Mapping[str, Any]], state: Mapping
             raise ValueError(f"Haiku module {key!r} has no {need or 'parameter'} array (found "
                              f"{sorted(leaves) if isinstance(leaves, Mapping) else type(leaves).__name__}).")
         if kind == "conv":
-            hwio = np.asarray(leaves["w"])
+            hwio = _leaf(leaves["w"], f"{key}/w")
+            if hwio.ndim != 4:
+                raise ValueError(f"{key}/w has shape {hwio.shape}; a Haiku conv kernel is 4-D (HWIO)")
             out[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(hwio.transpose(3, 2, 0, 1)))  # -> OIHW
             if "b" in leaves:
-                out[f"{name}.bias"] = torch.from_numpy(np.asarray(leaves["b"]).reshape(-1).copy())
+                out[f"{name}.bias"] = torch.from_numpy(_leaf(leaves["b"], f"{key}/b").reshape(-1).copy())
             continue
         if "scale" in leaves:
-            out[f"{name}.weight"] = torch.from_numpy(np.asarray(leaves["scale"]).reshape(-1).copy())
+            out[f"{name}.weight"] = torch.from_numpy(_leaf(leaves["scale"], f"{key}/scale").reshape(-1).copy())
         if "offset" in leaves:
-            out[f"{name}.bias"] = torch.from_numpy(np.asarray(leaves["offset"]).reshape(-1).copy())
+            out[f"{name}.bias"] = torch.from_numpy(_leaf(leaves["offset"], f"{key}/offset").reshape(-1).copy())
         for ema, buf in (("mean_ema", "running_mean"), ("var_ema", "running_var")):
             st = state.get(f"{key}/~/{ema}")
             if not isinstance(st, Mapping) or "average" not in st:
                 raise ValueError(f"batch-norm statistics {key}/~/{ema} are missing from the checkpoint state; "
                                  "use the matching online/target state.")
-            out[f"{name}.{buf}"] = torch.from_numpy(np.asarray(st["average"], dtype=np.float32).reshape(-1).copy())
-        counter = state.get(f"{key}/~/mean_ema", {}).get("counter", 0)
-        out[f"{name}.num_batches_tracked"] = torch.tensor(int(np.asarray(counter).reshape(-1)[0]), dtype=torch.long)
+            avg = _leaf(st["average"], f"{key}/~/{ema}")
+            out[f"{name}.{buf}"] = torch.from_numpy(avg.astype(np.float32).reshape(-1))
+        counter = _leaf(state[f"{key}/~/mean_ema"].get("counter", np.zeros(1, np.int64)), f"{key}/~/mean_ema/counter")
+        out[f"{name}.num_batches_tracked"] = torch.tensor(int(counter.reshape(-1)[0]) if counter.size else 0,
+                                                          dtype=torch.long)
     if unknown:
         raise ValueError(f"unrecognised Haiku modules in the ResNet torso: {unknown[:5]}; this converter knows "
                          "initial_conv/initial_batchnorm/block_group_g/~/block_b/~/{conv_i,batchnorm_i,shortcut_*}.")
@@ -416,8 +372,12 @@ def haiku_classifier(params: Mapping[str, Mapping[str, Any]]) -> dict[str, torch
     if not keys:
         raise ValueError("this checkpoint's parameters have no 'classifier' module; load it without head=True.")
     leaves = params[keys[0]]
-    w = np.asarray(leaves["w"])
-    b = np.asarray(leaves["b"]) if "b" in leaves else np.zeros(w.shape[1], dtype=w.dtype)
+    if not isinstance(leaves, Mapping) or "w" not in leaves:
+        raise ValueError(f"the classifier module {keys[0]!r} has no 'w' array.")
+    w = _leaf(leaves["w"], f"{keys[0]}/w")
+    if w.ndim != 2:
+        raise ValueError(f"{keys[0]}/w has shape {w.shape}; a Haiku linear weight is 2-D [D, C]")
+    b = _leaf(leaves["b"], f"{keys[0]}/b") if "b" in leaves else np.zeros(w.shape[1], dtype=w.dtype)
     return {"weight": torch.from_numpy(np.ascontiguousarray(w.T)), "bias": torch.from_numpy(b.reshape(-1).copy())}
 
 
@@ -437,7 +397,10 @@ def infer_arch(params: Mapping[str, Mapping[str, Any]]) -> str:
     depth = _DEPTHS.get(counts)
     if depth is None:
         raise ValueError(f"cannot name a ResNet with {counts} blocks per group; pass arch=<registry name>.")
-    stem = np.asarray(params[f"{prefix}/~/initial_conv"]["w"])
+    stem_module = params.get(f"{prefix}/~/initial_conv")
+    if not isinstance(stem_module, Mapping) or "w" not in stem_module:
+        raise ValueError(f"{prefix}/~/initial_conv has no 'w' array; pass arch=<registry name>.")
+    stem = _leaf(stem_module["w"], f"{prefix}/~/initial_conv/w")
     width = stem.shape[-1] // 64
     return f"resnet{depth}" + (f"x{width}" if width > 1 else "")
 
