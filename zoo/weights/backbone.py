@@ -184,13 +184,13 @@ def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module |
         found = sorted({k.split(".", 1)[0] for k in ckpt["state_dict"]})
         raise ValueError(f"{source}: no '{prefix}*' weights in the checkpoint (top-level modules: {found}); "
                          "is it an image-pretraining checkpoint?")
-    model = load_into(_build(name, overrides), sd, source)
     lin = None
-    if head:
+    if head:  # checked before building the encoder: asking is cheap (zoo export asks every checkpoint)
         sdict, cls = ckpt["state_dict"], contract.get("classifier")
         if not cls or f"{cls}weight" not in sdict:
             raise ValueError(f"{source}: no online classifier in the checkpoint; load it without head=True.")
         lin = _linear(sdict[f"{cls}weight"], sdict.get(f"{cls}bias"))
+    model = load_into(_build(name, overrides), sd, source)
     return model, name, overrides, lin
 
 
@@ -276,12 +276,12 @@ def load_backbone(source: str | os.PathLike, which: str = "online", padding: str
         tensors, meta = read_safetensors(path)
         zmeta = meta.get("zoo") if isinstance(meta.get("zoo"), dict) else None
         if zmeta and zmeta.get("format") == EXPORT_FORMAT:
+            if head:
+                raise ValueError(f"{src} is an encoder-only export with no classifier; load it without head=True.")
             name = arch if arch is not None else zmeta["arch"]
             ov = dict(zmeta.get("arch_overrides") or {}) if arch is None else {}
             model = load_into(_build(name, ov), tensors, src)
             lin = None
-            if head:
-                raise ValueError(f"{src} is an encoder-only export; it has no classifier head.")
             return _finish(model, name, ov, padding or zmeta.get("padding", "torch"), src,
                            zmeta.get("which", which), lin)
         return _plain(tensors, src, arch, padding, head)
