@@ -98,7 +98,10 @@ def load_folder(folder: Path, source: str, which: str, arch: str | nn.Module | N
     elif card.get("arch"):
         name, overrides = card["arch"], dict(card.get("arch_overrides") or {})
     else:
-        name, overrides = f"timm:{cfg['architecture']}", dict(cfg.get("model_args") or {})
+        # model_args may repeat the classifier size; the encoder is built features-only (num_classes=0)
+        overrides = {k: v for k, v in dict(cfg.get("model_args") or {}).items() if k not in ("num_classes",
+                                                                                              "pretrained")}
+        name = f"timm:{cfg['architecture']}"
     try:
         model = _build(name, overrides)
     except (UnknownModelError, TypeError) as err:
