@@ -239,10 +239,13 @@ def _download(url: str, dest: Path, sha256: str | None, progress: bool | None) -
                 raise _timed_out(url, timeout, part) from None
             raise DownloadError(f"{url}: could not connect ({err.reason}); check the network, or set ZOO_OFFLINE=1 "
                                 "to use only cached files.") from None
-        except (ConnectionError, OSError) as err:
-            if isinstance(err, PermissionError):
-                raise
+        except ConnectionError:
             pass  # a connection reset mid-body: resumable like an early close
+        except PermissionError:
+            raise
+        except OSError as err:  # e.g. the disk is full: the partial file stays for a later resume
+            raise DownloadError(f"{url}: {err.strerror or err} while writing {part}; the partial download is kept "
+                                "and resumes on the next try.") from None
         now = part.stat().st_size if part.exists() else 0
         stalls = 0 if now > before else stalls + 1
         if stalls >= _MAX_RESUMES:
