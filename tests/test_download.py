@@ -182,6 +182,13 @@ def test_file_urls_and_unwritable_cache(cache, tmp_path, monkeypatch):
     assert local.exists()
     with pytest.raises(DownloadError, match="no such file"):
         fetch((tmp_path / "missing.bin").as_uri())
+    if os.geteuid() != 0:  # permission bits bind everyone but root
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        monkeypatch.setenv("ZOO_CACHE_DIR", str(locked))
+        with pytest.raises(DownloadError, match="cache folder .* is not writable.*ZOO_CACHE_DIR"):
+            fetch("http://127.0.0.1:9/w.bin")
+        locked.chmod(0o700)
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")  # a cache "folder" that is a file cannot be written by anyone, root included
     monkeypatch.setenv("ZOO_CACHE_DIR", str(blocker))

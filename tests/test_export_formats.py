@@ -152,6 +152,10 @@ def test_no_classifier_gives_a_zero_head_the_stock_constructors_load(tmp_path):
     assert card["classifier"]["zeros"] is True and "zeros" in card["classifier"]["from"]
     with pytest.raises(ValueError, match="no trained classifier"):
         load_backbone(out, head=True)
+    (out / "config.json").unlink()  # the torchvision half alone (model.pth + model_card.json) loads back too
+    (out / "model.safetensors").unlink()
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(out)(x), ours, **TOL)
 
 
 def test_exports_refuse_what_the_other_library_cannot_build(tmp_path, capsys):

@@ -158,8 +158,11 @@ def _total_size(resp, offset: int) -> int | None:
 
 
 def _looks_like_html(content_type: str, head: bytes) -> bool:
-    start = head.lstrip()[:15].lower()
-    return "text/html" in content_type.lower() or start.startswith((b"<!doctype html", b"<html"))
+    """An HTML page (by its first bytes, or labelled text/html and not starting like a pickle, zip or safetensors)."""
+    if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+        return True
+    binary = head[:1] == b"\x80" or head.startswith(b"PK\x03\x04") or head[8:9] == b"{"
+    return "text/html" in content_type.lower() and not binary
 
 
 def _attempt(url: str, part: Path, digest: dict, progress_on: bool | None, label: str, timeout: float) -> bool:

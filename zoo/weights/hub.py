@@ -64,6 +64,14 @@ def resolve_hub(spec: str) -> Path:
 
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
+    card_path = folder / "model_card.json"
+    if not path.is_file() and card_path.is_file():  # a `zoo export --format torchvision` folder
+        try:
+            card = json.loads(card_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{card_path}: not valid JSON ({err}).") from None
+        if isinstance(card, dict) and isinstance(card.get("arch"), str):
+            return {"architecture": card["arch"], "pretrained_cfg": {"classifier": "fc"}, "zoo": card}
     if not path.is_file():
         raise ValueError(f"{folder}: a weights folder needs config.json (timm's layout: architecture, "
                          "pretrained_cfg) beside model.safetensors.")
