@@ -17,7 +17,7 @@ from typing import Any
 from zoo.weights.pretrained_table import PRETRAINED
 
 __all__ = ["list_pretrained", "pretrained_entry", "pretrained_file", "pretrained_for_arch", "is_trusted",
-           "UnknownPretrainedError", "UnverifiedWeightsError", "TRUST_ENV", "read_model_card"]
+           "UnknownPretrainedError", "UnverifiedWeightsError", "TRUST_ENV", "read_model_card", "format_card"]
 
 TRUST_ENV = "ZOO_TRUST_UNVERIFIED"
 
