@@ -1,5 +1,5 @@
 """byol-zoo's model zoo: named architectures, their weights, and what every method shares."""
-__all__ = ["available", "create", "register", "load_backbone", "from_hf", "load_lm"]
+__all__ = ["available", "create", "register", "load_backbone", "list_pretrained", "from_hf", "load_lm"]
 
 
 def __getattr__(name: str):
@@ -12,6 +12,10 @@ def __getattr__(name: str):
         from zoo.weights import load_backbone
 
         return load_backbone
+    if name == "list_pretrained":  # no torch: the table is data
+        from zoo.weights.pretrained import list_pretrained
+
+        return list_pretrained
     if name == "from_hf":
         from zoo.weights.hf import from_hf
 

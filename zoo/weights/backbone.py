@@ -8,11 +8,18 @@ Sources, auto-detected:
 - our export (``zoo export CKPT --out x.safetensors``): architecture read from the file's JSON metadata;
 - torchvision / timm state dicts (``.pth``/``.pt``/``.bin``/``.safetensors``) for a named ``arch``;
 - the official BYOL release (``.pkl``): restricted unpickler, Haiku -> torchvision names, TF-SAME padding;
-- ``random:<arch>``: a randomly initialised encoder, seed 0 (the usual sanity baseline for a probe).
+- ``random:<arch>``: a randomly initialised encoder, seed 0 (the usual sanity baseline for a probe);
+- a pretrained name (``zoo.list_pretrained()``, e.g. ``byol-r50-official``), downloaded into the cache once;
+- an ``https://``, ``http://`` or ``file://`` URL (``sha256=`` pins it), downloaded into the cache once
+  (``zoo.weights.download``);
+- a folder in timm's layout (``config.json`` + ``model.safetensors``: ``zoo export --format timm`` or a timm repo),
+  or ``hf-hub:ORG/REPO[@REVISION]`` (``zoo.weights.hub``).
 """
 from __future__ import annotations
 
+import difflib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -177,13 +184,13 @@ def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module |
         found = sorted({k.split(".", 1)[0] for k in ckpt["state_dict"]})
         raise ValueError(f"{source}: no '{prefix}*' weights in the checkpoint (top-level modules: {found}); "
                          "is it an image-pretraining checkpoint?")
-    model = load_into(_build(name, overrides), sd, source)
     lin = None
-    if head:
+    if head:  # checked before building the encoder: asking is cheap (zoo export asks every checkpoint)
         sdict, cls = ckpt["state_dict"], contract.get("classifier")
         if not cls or f"{cls}weight" not in sdict:
             raise ValueError(f"{source}: no online classifier in the checkpoint; load it without head=True.")
         lin = _linear(sdict[f"{cls}weight"], sdict.get(f"{cls}bias"))
+    model = load_into(_build(name, overrides), sd, source)
     return model, name, overrides, lin
 
 
@@ -207,13 +214,44 @@ def _from_official(path: Path, which: str, arch: str | nn.Module | None, head: b
     return model, name, {}, lin
 
 
+def _locate(src: str, sha256: str | None, trust: bool | None) -> Path:
+    """The local file or folder behind ``src``: a pretrained name or URL is fetched into the cache first."""
+    from zoo.weights.download import fetch, is_url, recorded_sha256, sha256_file
+    from zoo.weights.hub import HF_PREFIX, resolve_hub
+    from zoo.weights.pretrained_table import PRETRAINED
+
+    if src in PRETRAINED:
+        from zoo.weights.pretrained import pretrained_file
+
+        return pretrained_file(src, trust)
+    if src.startswith(HF_PREFIX):
+        return resolve_hub(src)
+    if is_url(src):
+        path = fetch(src, sha256=sha256)
+        if sha256 is None and not src.lower().startswith("file://"):
+            print(f"note: {src} is not pinned; its sha256 is {recorded_sha256(path)} (pass sha256=... to verify it "
+                  "on every load)", file=sys.stderr, flush=True)
+        return path
+    path = Path(src).expanduser()
+    if not path.exists():
+        near = difflib.get_close_matches(src, list(PRETRAINED), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(near)} (zoo.list_pretrained())?" if near else ""
+        raise FileNotFoundError(f"backbone {src!r} does not exist; pass a .ckpt, .safetensors, .pth or official .pkl "
+                                f"file, a folder, a URL, a pretrained name or random:<arch>.{hint}")
+    if sha256 is not None and path.is_file() and sha256_file(path).lower() != sha256.lower():
+        raise ValueError(f"{src}: sha256 mismatch (the file's is {sha256_file(path)}, expected {sha256}).")
+    return path
+
+
 def load_backbone(source: str | os.PathLike, which: str = "online", padding: str | None = None,
-                  arch: str | nn.Module | None = None, head: bool = False) -> nn.Module:
+                  arch: str | nn.Module | None = None, head: bool = False, sha256: str | None = None,
+                  trust: bool | None = None) -> nn.Module:
     """Load an encoder (features [B, D], eval mode) from any supported source; see the module docstring.
 
     ``padding``: "torch" or "tf_same"; default "tf_same" for the official BYOL release (exact Haiku semantics for
     stride-2 layers), the file's recorded padding for our exports, "torch" otherwise. ``head=True`` returns
-    encoder + saved linear classifier (a method's online classifier) as one module giving logits.
+    encoder + saved linear classifier (a method's online classifier) as one module giving logits. ``sha256`` pins a
+    URL or file; ``trust=True`` accepts a pretrained entry whose sha256 is not yet verified (zoo.list_pretrained()).
     """
     if which not in ("online", "target"):
         raise ValueError(f"which={which!r}: choose 'online' or 'target'.")
@@ -224,10 +262,11 @@ def load_backbone(source: str | os.PathLike, which: str = "online", padding: str
             torch.manual_seed(0)
             model = _build(name)
         return _finish(model, name, {}, padding or "torch", src, "random")
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"backbone {src!r} does not exist; pass a .ckpt, .safetensors, .pth or official .pkl "
-                                "file, or random:<arch>.")
+    path = _locate(src, sha256, trust)
+    if path.is_dir():
+        from zoo.weights.hub import load_folder
+
+        return load_folder(path, src, which, arch, padding, head)
     fmt = sniff_format(path)
     # Plain pickles (not torch's zip container) are only ever read by the restricted official-BYOL unpickler.
     if fmt == "pickle" and path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
@@ -237,12 +276,12 @@ def load_backbone(source: str | os.PathLike, which: str = "online", padding: str
         tensors, meta = read_safetensors(path)
         zmeta = meta.get("zoo") if isinstance(meta.get("zoo"), dict) else None
         if zmeta and zmeta.get("format") == EXPORT_FORMAT:
+            if head:
+                raise ValueError(f"{src} is an encoder-only export with no classifier; load it without head=True.")
             name = arch if arch is not None else zmeta["arch"]
             ov = dict(zmeta.get("arch_overrides") or {}) if arch is None else {}
             model = load_into(_build(name, ov), tensors, src)
             lin = None
-            if head:
-                raise ValueError(f"{src} is an encoder-only export; it has no classifier head.")
             return _finish(model, name, ov, padding or zmeta.get("padding", "torch"), src,
                            zmeta.get("which", which), lin)
         return _plain(tensors, src, arch, padding, head)
