@@ -52,7 +52,7 @@ def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
 @torch.no_grad()
 def knn_evaluate_store(train: Any, test: Any, num_classes: int, ks: Sequence[int] = (20, 200),
-                       temperature: float = 0.07, device: torch.device | str = "cpu", bank_chunk: int = 16384,
+                       temperature: float = 0.07, device: torch.device | str = "cpu", bank_chunk: int | None = None,
                        query_chunk: int = 4096) -> dict[str, dict[str, float]]:
     """``knn_evaluate`` over ``Features`` (memory-mapped is fine) on ``device``: the bank is read once, ``bank_chunk``
     rows at a time, each chunk's similarities to every query (``query_chunk`` queries per matmul) merged into a
@@ -66,7 +66,7 @@ def knn_evaluate_store(train: Any, test: Any, num_classes: int, ks: Sequence[int
     train_labels = train.labels.to(device)
     top_sim = torch.full((len(queries), 0), float("-inf"), device=device)
     top_idx = torch.zeros((len(queries), 0), dtype=torch.long, device=device)
-    for pos, x in train.chunks(bank_chunk):
+    for pos, x in train.chunks(bank_chunk):  # default ~16 MiB of the bank at a time
         bank = F.normalize(x.to(device), dim=1)
         for q0 in range(0, len(queries), query_chunk):
             sim = queries[q0:q0 + query_chunk] @ bank.T

@@ -81,7 +81,7 @@ def _resident(train: Any, device: torch.device) -> torch.Tensor | None:
     if need > torch.cuda.mem_get_info(device)[0] // 2:
         return None
     out = torch.empty(len(train), train.dim, dtype=train.feats.dtype, device=device)
-    for pos in torch.arange(len(train)).split(65536):  # never the whole set on the host at once
+    for pos in torch.arange(len(train)).split(train.chunk_rows()):  # never the whole set on the host at once
         out[pos.to(device)] = train.feats[train.rows[pos]].to(device)
     return out
 
@@ -129,8 +129,9 @@ def train_heads(train: Any, num_classes: int, base_lrs: Sequence[float], epochs:
 
 
 @torch.no_grad()
-def evaluate_heads(heads: Sequence[nn.Module], feats: Any, chunk: int = 65536) -> list[dict[int, float]]:
-    """Top-1 / top-5 accuracy (percent) of each trained head on ``Features``, read ``chunk`` rows at a time."""
+def evaluate_heads(heads: Sequence[nn.Module], feats: Any, chunk: int | None = None) -> list[dict[int, float]]:
+    """Top-1 / top-5 accuracy (percent) of each trained head on ``Features``, read ``chunk`` rows (default ~16 MiB)
+    at a time."""
     hits = torch.zeros(len(heads), 2, dtype=torch.float64)
     labels = feats.labels
     for pos, x in feats.chunks(chunk):

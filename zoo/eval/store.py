@@ -71,8 +71,14 @@ class Features:
         """float32 features of the ``positions``-th rows read, on ``device`` (reads only those rows)."""
         return self.feats[self.rows[positions].cpu()].to(device).float()
 
-    def chunks(self, size: int):
-        """(positions, float32 features) of the rows read, ``size`` rows at a time."""
+    def chunk_rows(self, nbytes: int = 16 << 20) -> int:
+        """Rows of about ``nbytes`` of float32 features (what ``chunks`` reads at a time by default: a few of these
+        transient copies stay small beside the mapped features)."""
+        return max(1, nbytes // (4 * max(self.dim, 1)))
+
+    def chunks(self, size: int | None = None):
+        """(positions, float32 features) of the rows read, ``size`` rows (default: ~16 MiB) at a time."""
+        size = size or self.chunk_rows()
         for start in range(0, len(self.rows), size):
             pos = torch.arange(start, min(start + size, len(self.rows)))
             yield pos, self.gather(pos)
