@@ -17,7 +17,7 @@ from torch import nn
 
 from zoo.train.schedules import warmup_cosine
 
-__all__ = ["scaled_lr", "cosine_factor", "make_optimizer", "ProbeHead", "train_heads", "evaluate_heads",
+__all__ = ["scaled_lr", "cosine_factor", "make_optimizer", "ProbeHead", "train_heads", "train_linear", "evaluate_heads",
            "LinearProbeModule", "divergence", "divergence_advice"]
 
 
@@ -126,6 +126,16 @@ def train_heads(train: Any, num_classes: int, base_lrs: Sequence[float], epochs:
     for head, loss in zip(heads, losses):
         head.last_loss = float(loss)  # read by ``divergence``: the probe table flags a diverged lr
     return [h.cpu().eval() for h in heads]
+
+
+def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, base_lr: float, epochs: int,
+                 batch_size: int, seed: int = 0, device: str | torch.device = "cpu", feature_norm: str = "none"
+                 ) -> ProbeHead:
+    """One head on in-memory features [N, D] (``train_heads`` with a single lr)."""
+    from zoo.eval.store import Features
+
+    train = Features(feats, labels, torch.arange(len(labels)))
+    return train_heads(train, num_classes, [base_lr], epochs, batch_size, seed, device, feature_norm)[0]
 
 
 @torch.no_grad()
