@@ -41,7 +41,7 @@ class ProbeConfig:
     extract_batch_size: int = 256
     # features on disk: "auto" = float16 on a GPU, float32 on a CPU; or float32 / float16 / bfloat16
     feature_dtype: str = "auto"
-    shard_rows: int = 0  # rows per feature shard (the unit of resume); 0: ~256 MiB of features
+    shard_rows: int = 0  # rows per feature shard (the unit of resume); 0: ~64 MiB of features
     cache_dir: str | None = "default"  # "default" -> $ZOO_CACHE_DIR or ~/.cache/byol-zoo/features; null: no cache
     seed: int = 0
     max_train: int | None = None  # use only the first N training images (quick looks)
@@ -69,6 +69,6 @@ class ProbeConfig:
         if self.feature_norm not in ("none", "batchnorm"):
             raise ValueError(f"feature_norm={self.feature_norm!r}: choose none or batchnorm")
         if self.shard_rows < 0:
-            raise ValueError(f"shard_rows={self.shard_rows}: must be >= 0 (0: ~256 MiB shards)")
+            raise ValueError(f"shard_rows={self.shard_rows}: must be >= 0 (0: ~64 MiB shards)")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1")
