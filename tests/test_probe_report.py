@@ -24,3 +24,12 @@ def test_table_prints_after_the_progress_bar_stops_and_fits_80_columns(capsys):
     assert max(len(line) for line in out.splitlines()) <= 80
     report.teardown(trainer, None, "fit")  # printed once
     assert capsys.readouterr().out == ""
+
+
+def test_the_evaluators_notices_print_under_the_table_not_under_the_bar(capsys):
+    report = ProbeReport()
+    note = "random_init: the best base lr 0.1 is at the bottom of lr_grid [0.1, 0.4, 1.6]"
+    report.result, report._pending = {**RESULT, "notices": [note]}, True
+    report.teardown(types.SimpleNamespace(progress_bar_callback=Bar()), None, "fit")
+    out = capsys.readouterr().out
+    assert out.index("gain (points)") < out.index(f"probe: {note}")
