@@ -120,7 +120,6 @@ def print_report(r: dict[str, Any]) -> None:
     """Print the report table to the terminal."""
     from rich.console import Console
 
-    console = Console(width=REPORT_WIDTH)
-    console.print(report_table(r))
+    Console(width=REPORT_WIDTH).print(report_table(r))
     for line in r.get("notices") or []:
-        console.print(f"probe: {line}", highlight=False, markup=False)
+        print(f"probe: {line}", flush=True)  # whole lines (a log viewer wraps them), never cut at the table's width
