@@ -210,3 +210,12 @@ print((peak - base) * 1024 / (2 * 4000 * 4096 * 4))
     ratio = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                  timeout=600).stdout.split()[-1])
     assert ratio < 1.6, ratio
+
+
+@pytest.mark.parametrize("flag,value,named", [("--feature_dtype", "int8", "feature_dtype='int8'"),
+                                              ("--grid_extensions", "-1", "grid_extensions=-1"),
+                                              ("--shard_rows", "-3", "shard_rows=-3")])
+def test_new_probe_settings_are_checked_in_one_line(flag, value, named, capsys):
+    assert main(["--backbone", "random:convnet_tiny", "--data", "digits", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err

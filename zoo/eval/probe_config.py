@@ -68,6 +68,9 @@ class ProbeConfig:
             raise ValueError(f"feature_dtype={self.feature_dtype!r}: choose auto, float32, float16 or bfloat16")
         if self.feature_norm not in ("none", "batchnorm"):
             raise ValueError(f"feature_norm={self.feature_norm!r}: choose none or batchnorm")
+        if self.grid_extensions < 0:
+            raise ValueError(f"grid_extensions={self.grid_extensions}: must be >= 0 (0: only say when the best lr "
+                             "is at an edge of lr_grid)")
         if self.shard_rows < 0:
             raise ValueError(f"shard_rows={self.shard_rows}: must be >= 0 (0: ~64 MiB shards)")
         if self.epochs < 1 or self.batch_size < 1:
