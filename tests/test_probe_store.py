@@ -219,3 +219,18 @@ def test_new_probe_settings_are_checked_in_one_line(flag, value, named, capsys):
     assert main(["--backbone", "random:convnet_tiny", "--data", "digits", flag, value]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err
+
+
+def test_a_best_lr_at_the_grid_edge_extends_the_grid_or_says_so(tmp_path):
+    train, test = digits_dataset("train", 16), Subset(digits_dataset("val", 16), range(100))
+    enc = zoo.create("convnet_tiny", widths=[8, 16, 16, 32])
+    cfg = _cfg(tmp_path, lr_grid=(0.1, 0.4, 1.6), heldout=0.1, epochs=3, batch_size=256, feature_norm="batchnorm")
+    said = evaluate(enc, train, test, "fast", cfg)
+    grid = {float(k): v for k, v in said["heldout_top1"].items()}
+    best = said["base_lr"]
+    assert best in (0.1, 1.6), grid  # this setting puts the optimum at an edge (random features, short cosine)
+    assert any("edge" in n or "at the top" in n or "at the bottom" in n for n in said["notices"])
+    ext = evaluate(enc, train, test, "fast", _cfg(tmp_path, **{**cfg.__dict__, "grid_extensions": 2}))
+    assert ext["grid_extended"] and ext["grid_extended"][0] == best * (2.0 if best == 1.6 else 0.5)
+    assert set(ext["heldout_top1"]) == {str(x) for x in (0.1, 0.4, 1.6, *ext["grid_extended"])}
+    assert any("extended it with" in n for n in ext["notices"])
