@@ -26,6 +26,26 @@ def test_table_prints_after_the_progress_bar_stops_and_fits_80_columns(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_the_band_a_config_quotes_is_printed_with_inside_or_outside(capsys):
+    import pytest
+
+    from zoo.train.probe_report import band_lines, print_report
+
+    inside = dict(RESULT, expected={"source": "README: seeds 0-2", "gain_knn_points": {"band": [3.0, 9.0], "inside": True}})
+    print_report(inside)
+    out = capsys.readouterr().out
+    assert "gain_knn_points 3..9: this run 7.52, inside" in out and "README: seeds 0-2" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    outside = dict(RESULT, expected={"trained_knn_top1": {"band": [97.0, 99.0], "inside": False}})
+    assert any("OUTSIDE" in line for line in band_lines(outside))
+    assert any("check the install" in line for line in band_lines(outside))
+    assert band_lines(RESULT) == []  # a config without a band prints nothing more
+    with pytest.raises(ValueError, match="expected.gain=.*give \\[low, high\\]"):
+        ProbeReport(expected={"gain": [1, 2]})
+    with pytest.raises(ValueError, match="expected.gain_knn_points"):
+        ProbeReport(expected={"gain_knn_points": [5, 2]})
+
+
 def test_the_evaluators_notices_print_under_the_table_not_under_the_bar(capsys):
     report = ProbeReport()
     note = "random_init: the best base lr 0.1 is at the bottom of lr_grid [0.1, 0.4, 1.6]"

@@ -18,6 +18,8 @@ from zoo.eval.probe import ProbeConfig, evaluate
 
 __all__ = ["ProbeReport", "REPORT_WIDTH"]
 
+BAND_KEYS = ("trained_knn_top1", "trained_linear_top1", "random_init_knn_top1", "random_init_linear_top1",
+             "gain_knn_points", "gain_linear_points")
 REPORT_WIDTH = 80  # the table fits a standard terminal and a log file viewed without wrapping
 
 
@@ -33,10 +35,21 @@ class ProbeReport(pl.Callback):
     Args:
         epochs: epochs of the linear classifier on cached features.
         lr_grid: base learning rates tried (selected on a held-out part of train).
+        expected: the band a config's README figures span, by report key (e.g. ``gain_knn_points: [3.5, 8.5]``):
+            printed under the table with whether this run falls inside, so a user can tell another CPU model or
+            thread count (inside) from a broken install (outside).
+        expected_source: where the band comes from (seeds, CPU models, thread counts), printed with it.
     """
 
-    def __init__(self, epochs: int = 100, lr_grid: tuple[float, ...] = (0.1, 0.4, 1.6)) -> None:
+    def __init__(self, epochs: int = 100, lr_grid: tuple[float, ...] = (0.1, 0.4, 1.6),
+                 expected: dict[str, tuple[float, float]] | None = None, expected_source: str = "") -> None:
         self.epochs, self.lr_grid = epochs, tuple(lr_grid)
+        self.expected = {str(k): (float(v[0]), float(v[1])) for k, v in (expected or {}).items()}
+        for key, (lo, hi) in self.expected.items():
+            if key not in BAND_KEYS or not lo <= hi:
+                raise ValueError(f"ProbeReport expected.{key}={[lo, hi]}: give [low, high] for one of "
+                                 f"{', '.join(BAND_KEYS)}")
+        self.expected_source = expected_source
         self.initial = None
         self.result: dict[str, Any] | None = None
         self._pending = False
@@ -76,6 +89,9 @@ class ProbeReport(pl.Callback):
                        "recipe": recipe(knn, linear), **scores, "gain_knn_points": scores["trained_knn_top1"] - scores["random_init_knn_top1"],
                        "gain_linear_points": scores["trained_linear_top1"] - scores["random_init_linear_top1"],
                        "notices": notices}
+        if self.expected:
+            self.result["expected"] = {"source": self.expected_source, **{
+                k: {"band": [lo, hi], "inside": lo <= self.result[k] <= hi} for k, (lo, hi) in self.expected.items()}}
         os.makedirs(trainer.default_root_dir, exist_ok=True)
         with open(os.path.join(trainer.default_root_dir, "probe_report.json"), "w") as f:
             json.dump(self.result, f, indent=2)
@@ -120,6 +136,27 @@ def print_report(r: dict[str, Any]) -> None:
     """Print the report table to the terminal."""
     from rich.console import Console
 
-    Console(width=REPORT_WIDTH).print(report_table(r))
+    console = Console(width=REPORT_WIDTH)
+    console.print(report_table(r))
+    for line in band_lines(r):
+        console.print(line, highlight=False, markup=False)
     for line in r.get("notices") or []:
         print(f"probe: {line}", flush=True)  # whole lines (a log viewer wraps them), never cut at the table's width
+
+
+def band_lines(r: dict[str, Any]) -> list[str]:
+    """Lines comparing the run with the band its config quotes (none when the config quotes none)."""
+    expected = dict(r.get("expected") or {})
+    source = expected.pop("source", "")
+    if not expected:
+        return []
+    lines = [f"expected for this config{f' ({source})' if source else ''}:"]
+    for key, e in expected.items():
+        lo, hi = e["band"]
+        lines.append(f"  {key} {lo:g}..{hi:g}: this run {r[key]:.2f}, {'inside' if e['inside'] else 'OUTSIDE'}")
+    if all(e["inside"] for e in expected.values()):
+        lines.append("  inside the band: another CPU model or thread count moves the figures within it")
+    else:
+        lines.append("  outside the band: check the install (pytest) and that the config is unchanged; the band "
+                     "covers seeds, CPU models and thread counts, not other settings")
+    return lines
