@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from zoo.files import display_path
+from zoo.train.progress import track
 
 CITIES = ("Chicago", "Tokyo", "Lagos", "Lima", "Oslo", "Cairo", "Dublin", "Hanoi", "Nairobi", "Quito", "Perth",
           "Seoul", "Vienna", "Havana", "Kyoto", "Denver")
@@ -143,7 +144,7 @@ def needle_in_haystack(model: nn.Module, tokenizer: Any, lengths: Sequence[int],
             cells.append((length, depth, city, number, new, prompt, pos))
     model = model.to(device).eval()
     rows = []
-    for length, depth, city, number, new, prompt, pos in cells:
+    for length, depth, city, number, new, prompt, pos in track(cells, "needle cells"):
         answer = tokenizer.decode(greedy_continue(model, prompt, new, device))
         rows.append({"length": length, "depth": depth, "city": city, "number": number, "needle_token": pos,
                      "answer": answer, "found": int(str(number) in answer)})
@@ -245,7 +246,9 @@ def evaluate_perplexity(model: nn.Module, datamodule: Any, max_batches: int | No
                     datamodule.tokenizer_spec)
     model = model.to(device).eval()
     total, n = 0.0, 0
-    for i, batch in enumerate(datamodule.val_dataloader()):
+    loader = datamodule.val_dataloader()
+    count = min(len(loader), max_batches) if max_batches is not None else len(loader)
+    for i, batch in enumerate(track(loader, "perplexity batches", total=count)):
         if max_batches is not None and i >= max_batches:
             break
         tokens = split_batch(batch)[1].to(device)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from zoo.data.interleaved import IMAGE_MARKER, encode_interleaved, fit_image
+from zoo.train.progress import track
 
 __all__ = ["needle_prompt", "image_needle", "image_needle_for_model", "write_image_needle_report"]
 
@@ -60,7 +61,7 @@ def image_needle(generate: Callable[[Tensor, Tensor, int], Tensor], dm: Any, cou
                                  f"model's max_seq_len={max_seq_len}; use image counts up to the model's length")
             cells.append((k, depth, j, length, batch))
     rows = []
-    for k, depth, j, length, batch in cells:
+    for k, depth, j, length, batch in track(cells, "image needle cells"):
         n_prompt = batch[0][1]
         prompts = torch.tensor([ids[:n_prompt] for ids, _, _ in batch], dtype=torch.long)
         images = torch.stack([fit_image(pool[i][0], dm.image_size, dm.resize, f"{i} of the pool")

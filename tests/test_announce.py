@@ -94,7 +94,7 @@ def test_step_based_runs_get_a_step_bar_with_eta():
     assert not step_based({"max_steps": 200, "max_epochs": 3}) and not step_based({"max_epochs": 3})
     bars = [c for c in complete_trainer_kwargs({"max_steps": 200})["callbacks"] if isinstance(c, StepProgressBar)]
     assert len(bars) == 1
-    line = StepProgressBar.line(50, 200, 10.0, 50, {"train/loss": 2.5})
+    line = StepProgressBar.line(50, 200, 5.0, {"train/loss": 2.5})
     assert line == "step 50/200   25%  5.00 it/s  ETA 00:00:30  train/loss 2.5", line
 
 
@@ -145,7 +145,7 @@ def test_step_bar_ends_its_line_before_lightning_reports_the_stop(tmp_path, caps
     assert err.count("step 3/3  100%") == 1, repr(err)
 
 
-def test_off_a_terminal_every_run_writes_one_progress_line_per_tenth(tmp_path, capsys):
+def test_off_a_terminal_every_run_writes_a_first_line_then_one_per_tenth(tmp_path, capsys):
     # pytest's captured stdout is not a terminal: epoch-bounded runs get the line bar instead of rich's
     kwargs = complete_trainer_kwargs({"max_epochs": 5})
     bars = [c for c in kwargs["callbacks"] if isinstance(c, StepProgressBar)]
@@ -159,11 +159,15 @@ def test_off_a_terminal_every_run_writes_one_progress_line_per_tenth(tmp_path, c
     assert "\r" not in err
     lines = [line for line in err.splitlines() if line.startswith("epoch ")]  # not Lightning's INFO lines
     steps = [int(line.split("step ")[1].split("/")[0]) for line in lines]
-    assert steps == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20], lines  # one line per tenth; the last is not repeated
-    assert lines[0].startswith("epoch 1/5  step 2/20   10%") and lines[-1].startswith("epoch 5/5  step 20/20  100%")
+    # a first line after the first step (a log shows at once that training started), then one per tenth; the last
+    # is not repeated
+    assert steps == [1, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20], lines
+    assert lines[0].startswith("epoch 1/5  step 1/20    5%") and "ETA --:--:--" in lines[0] and lines[-1].startswith("epoch 5/5  step 20/20  100%")
     assert "train/loss" in lines[-1]
 
 
 def test_step_bar_line_without_a_known_total():
-    assert StepProgressBar.line(7, 0, 1.0, 7, {}) == "step 7  7.00 it/s"
-    assert StepProgressBar.line(7, 70, 1.0, 7, {}, epoch=(1, 10)).startswith("epoch 1/10  step 7/70   10%")
+    assert StepProgressBar.line(7, 0, 7.0, {}) == "step 7  7.00 it/s"
+    assert StepProgressBar.line(7, 70, 7.0, {}, epoch=(1, 10)).startswith("epoch 1/10  step 7/70   10%")
+    # the rate is not known before a second step: no ETA yet rather than one skewed by the first step's start-up
+    assert "ETA --:--:--" in StepProgressBar.line(1, 70, 0.0, {})

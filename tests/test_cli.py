@@ -277,3 +277,20 @@ def test_probe_table_flags_a_diverged_learning_rate(capsys):
     row = next(line for line in out.splitlines() if "@ base lr 100.0" in line)
     assert "DIVERGED (loss nan)" in row and "DIVERGED" not in next(l for l in out.splitlines() if "@ base lr 0.1" in l)
     assert "configs/probe/digits_linear.yaml" in out
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_names_the_package_torch_cuda_and_lightning(flag, capsys):
+    from importlib.metadata import version
+
+    import lightning
+    import torch
+
+    assert main([flag]) == 0
+    out = capsys.readouterr().out
+    rows = dict(line.split(None, 1) for line in out.splitlines())
+    assert rows["byol-zoo"] == version("byol-zoo") and rows["lightning"] == lightning.__version__
+    assert rows["torch"].startswith(torch.__version__ + " (")
+    cuda = "CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+    assert cuda in rows["torch"]
+    assert flag in main_help()

@@ -126,20 +126,41 @@ def _steps(module: CausalLM, batches: list[torch.Tensor]) -> list[float]:
     return [float(x) for x in losses]
 
 
+def _max_abs_diff(a: CausalLM, b: CausalLM) -> tuple[float, str]:
+    worst = max(((p.double() - q.double()).abs().max().item(), n)
+                for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()))
+    return worst
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_compiled_training_loss_equals_eager_over_two_steps():
-    """compile=True (forward, chunked loss and backward as one fullgraph graph) trains to the same numbers."""
+    """compile=True (forward, chunked loss and backward as one fullgraph graph) trains to the same numbers.
+
+    "The same" is judged against a float64 run of the same steps, not by a fixed tolerance: the compiled graph sums
+    in another order than eager, and AdamW divides each gradient by its own running magnitude, so a weight whose
+    gradient is at fp32 rounding level can move by up to ~lr under either order (1.1e-5 was measured on one CPU, 1e-9
+    on another). The compiled run must be as close to float64 as the eager fp32 run is, within a factor that
+    allows for a different summation order (x8) plus a floor of a few fp32 ulps of the weights' scale.
+    """
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 259, (2, 17), generator=g) for _ in range(2)]
     eager = _module("gemma2-tiny", dict(window=8), loss_chunk_size=12)
-    compiled = copy.deepcopy(eager)
+    compiled, exact = copy.deepcopy(eager), copy.deepcopy(eager)
     compiled.hparams.compile = True
-    want, got = _steps(eager, batches), _steps(compiled, batches)
+    exact.model.double()
+    want, got, truth = _steps(eager, batches), _steps(compiled, batches), _steps(exact, batches)
     assert compiled._compiled_train_loss is not None
-    assert max(abs(a - b) for a, b in zip(want, got)) < TOL
-    for (n, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
-        assert (p - q).abs().max().item() < TOL, n
+    floor = 8 * torch.finfo(torch.float32).eps * max(p.abs().max().item() for p in exact.model.parameters())
+    eager_err, _ = _max_abs_diff(eager, exact)
+    compiled_err, worst = _max_abs_diff(compiled, exact)
+    assert compiled_err <= 8 * eager_err + floor, (
+        f"compiled weights are {compiled_err:.3g} from float64 ({worst}); eager fp32 is {eager_err:.3g} from it")
+    loss_eager_err = max(abs(a - t) for a, t in zip(want, truth))
+    loss_compiled_err = max(abs(b - t) for b, t in zip(got, truth))
+    loss_floor = 8 * torch.finfo(torch.float32).eps * max(abs(t) for t in truth)
+    assert loss_compiled_err <= 8 * loss_eager_err + loss_floor, (
+        f"losses: compiled {got} eager {want} float64 {truth}")
 
 
 @pytest.mark.slow

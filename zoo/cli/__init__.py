@@ -48,7 +48,8 @@ def main_help(commands: dict[str, Command] | None = None) -> str:
     about = textwrap.fill("byol-zoo: self-supervised pretraining, a zoo of vision and language models, their "
                           "evaluation and export.", HELP_WIDTH)
     return (f"{usage}\n\n{about}\n\nsubcommands (zoo <subcommand> --help shows its options):\n{body}\n\n"
-            "options:\n  -h, --help  show this help message and exit\n")
+            "options:\n  -h, --help     show this help message and exit\n"
+            "  -V, --version  print byol-zoo, Python, torch (with CUDA), Lightning versions\n")
 
 
 # Lightning's chatter that says nothing about the user's run: silenced in `zoo` unless ZOO_VERBOSE=1. Real warnings
@@ -136,6 +137,32 @@ def check_weight_file(tool: str, args: list[str]) -> str | None:
     return None
 
 
+def version_text() -> str:
+    """What ``zoo --version`` prints: the package, Python, torch with its CUDA build and the GPUs it sees, Lightning."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    import torch  # the CUDA build and the visible GPUs are only known to torch itself
+
+    if torch.version.cuda is None:
+        cuda = "CPU-only build"
+    elif torch.cuda.is_available():
+        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        cuda = f"CUDA {torch.version.cuda}, {torch.cuda.device_count()} GPU(s): {', '.join(names)}"
+    else:
+        cuda = f"CUDA {torch.version.cuda} build, no GPU visible"
+    rows = [("byol-zoo", installed("byol-zoo")), ("python", platform.python_version()),
+            ("torch", f"{torch.__version__} ({cuda})"), ("lightning", installed("lightning")),
+            ("torchvision", installed("torchvision")), ("timm", installed("timm"))]
+    return "".join(f"{name:<12}{value}\n" for name, value in rows)
+
+
 def run_cli(args: list[str] | None = None, run: bool = True) -> "ZooCLI":  # noqa: F821 - zoo.cli.lightning
     """Build (and by default run) the Lightning part of ``zoo`` on ``args`` (default: ``sys.argv[1:]``)."""
     from zoo.cli.lightning import run_cli as lightning_run_cli
@@ -169,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         if not argv:
             print("zoo: error: choose a subcommand", file=sys.stderr)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(version_text(), end="")
+        return 0
     if argv[0] in commands:
         return run_command(argv[0], commands[argv[0]], argv[1:])
     if not argv[0].startswith("-") and argv[0] not in LIGHTNING_COMMANDS:

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo.files import display_path
+from zoo.train.progress import LINE_SECONDS, LINES, LinePacer, RateClock, clock
 
 
 def _rank_zero(trainer: pl.Trainer) -> bool:
@@ -149,25 +150,30 @@ class StepProgressBar(ProgressBar):
     Used for runs bounded by ``max_steps`` (Lightning's bars count batches per epoch and read ``Epoch 0/-2`` there)
     and for every run whose output is not a terminal (a log file, a pipe, a scheduler's output file), where Lightning's
     bar leaves a many-line copy of itself per epoch. On a terminal it redraws in place on stderr at most every
-    ``refresh_seconds``; elsewhere it writes one whole line at every ``1/lines`` of the run. A final line stays.
+    ``refresh_seconds``; elsewhere it writes whole lines: after the first step, then every ``line_seconds`` or every
+    ``1/lines`` of the run, whichever comes first (``zoo.train.progress.LinePacer``). A final line stays. The rate
+    and ETA leave out the first step (workers starting, kernels compiling), so the first line shows no ETA yet.
     """
 
-    def __init__(self, refresh_seconds: float = 0.5, interactive: bool | None = None, lines: int = 10) -> None:
+    def __init__(self, refresh_seconds: float = 0.5, interactive: bool | None = None, lines: int = LINES,
+                 line_seconds: float = LINE_SECONDS) -> None:
         """
         Args:
             refresh_seconds: least time between two redraws on a terminal.
             interactive: redraw in place (True) or write whole lines (False); None: whether stderr is a terminal.
-            lines: how many lines a non-interactive run writes (one per ``1/lines`` of its steps), plus the last.
+            lines: off a terminal, at least one line per ``1/lines`` of the run's steps, plus the first and the last.
+            line_seconds: off a terminal, at most this many seconds between two lines.
         """
         super().__init__()
         self.refresh_seconds = refresh_seconds
         self.interactive = interactive
         self.lines = max(1, int(lines))
+        self.line_seconds = float(line_seconds)
         self._enabled = True
-        self._start = 0.0
+        self._clock = RateClock()
+        self._pacer = LinePacer(0)
         self._first_step = 0
         self._last_draw = 0.0
-        self._next_line = 0
         self._finished = False
         self._last_drawn = (-1, {})  # (step, metrics) of the line on screen
 
@@ -178,17 +184,14 @@ class StepProgressBar(ProgressBar):
         self._enabled = True
 
     @staticmethod
-    def line(step: int, total: int, seconds: float, steps_done: int, metrics: dict[str, Any],
-             epoch: tuple[int, int] | None = None) -> str:
-        """The bar's text for ``step`` of ``total`` (0: unknown) after ``steps_done`` steps in ``seconds``; ``epoch``
+    def line(step: int, total: int, rate: float, metrics: dict[str, Any], epoch: tuple[int, int] | None = None) -> str:
+        """The bar's text for ``step`` of ``total`` (0: unknown) at ``rate`` steps/s (0: not known yet); ``epoch``
         is (current, total) on runs bounded by epochs."""
-        rate = steps_done / seconds if seconds > 0 and steps_done > 0 else 0.0
         shown = "  ".join(f"{k} {_fmt(v)}" for k, v in list(metrics.items())[:3])
         head = f"epoch {epoch[0]}/{epoch[1]}  " if epoch else ""
         if total > 0:
             eta = (total - step) / rate if rate > 0 else None
-            eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta is not None else "--:--:--"
-            head += f"step {step}/{total}  {100.0 * step / total:3.0f}%  {rate:.2f} it/s  ETA {eta_text}"
+            head += f"step {step}/{total}  {100.0 * step / total:3.0f}%  {rate:.2f} it/s  ETA {clock(eta)}"
         else:
             head += f"step {step}  {rate:.2f} it/s"
         return head + (f"  {shown}" if shown else "")
@@ -205,35 +208,31 @@ class StepProgressBar(ProgressBar):
         return int(total) if math.isfinite(total) else 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._finished = time.perf_counter(), False
+        self._finished = False
         self._first_step = trainer.global_step
         self._total = self.total_steps(trainer)
         self._epochs = int(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 and not (
             trainer.max_steps and trainer.max_steps > 0) else 0
         if self.interactive is None:
             self.interactive = sys.stderr.isatty()
-        self._next_line = self._milestone(trainer.global_step)
-
-    def _milestone(self, step: int) -> int:
-        """The first step after ``step`` at which a non-interactive run writes its next line."""
-        if self._total <= 0:
-            return step + 100  # no known total (a loader without a length): a line every 100 steps
-        k = math.floor(step * self.lines / self._total) + 1
-        return max(step + 1, math.ceil(k * self._total / self.lines))
+        self._clock = RateClock(trainer.global_step)
+        self._pacer = LinePacer(self._total, trainer.global_step, self.lines, self.line_seconds)
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
         if not (self._enabled and _rank_zero(trainer)):
             return
         now, step = time.perf_counter(), trainer.global_step
-        if not final and (now - self._last_draw < self.refresh_seconds if self.interactive
-                          else step < self._next_line or 0 < self._total <= step):
-            return  # (off a terminal the last step's line is the final one, written after its validation)
+        self._clock.tick(step, now)
+        if not final:
+            if self.interactive:
+                if now - self._last_draw < self.refresh_seconds:
+                    return
+            elif 0 < self._total <= step or not self._pacer.due(step, now):
+                return  # (off a terminal the last step's line is the final one, written after its validation)
         self._last_draw = now
-        if not self.interactive:
-            self._next_line = self._milestone(step)
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
         epoch = (min(trainer.current_epoch + 1, self._epochs), self._epochs) if self._epochs else None
-        text = self.line(step, self._total, now - self._start, step - self._first_step, metrics, epoch)
+        text = self.line(step, self._total, self._clock.rate(step, now), metrics, epoch)
         # a final line showing the same step and metrics as the last one only ends it: redrawing it (with a rate a
         # few microseconds newer) would repeat it in a log file
         same = (step, metrics) == self._last_drawn
