@@ -2,7 +2,8 @@
 
 Every op is a pure batched function of float images ``[B, C, H, W]`` in ``[0, 1]`` and per-sample parameter
 tensors; randomness lives elsewhere (``sample_crop_boxes`` and ``augment.params``). Semantics follow the BYOL
-authors' TensorFlow pipeline (see shared/reference/byol.md, "Augmentations"):
+authors' TensorFlow pipeline (Grill et al. 2020, Appendix B; byol/utils/augmentations.py of their
+google-deepmind/deepmind-research repository):
 
 * brightness is ADDITIVE (``tf.image.adjust_brightness``); torchvision's and kornia's ``ColorJitter`` multiply;
 * contrast blends towards the per-CHANNEL spatial mean (``tf.image.adjust_contrast``); torchvision blends towards the

@@ -1,7 +1,7 @@
 """Augmentation presets as data: BYOL's two views and the linear-evaluation train/test pipelines.
 
-Numbers: BYOL paper (Grill et al. 2020), Appendix B Table 6 / shared/reference/byol.md "Augmentations" and
-"Linear evaluation protocol".
+Numbers: BYOL paper (Grill et al. 2020), Appendix B Table 6 ("Augmentations") and the appendix "Linear evaluation
+protocol"; the authors' code: google-deepmind/deepmind-research, byol/utils/.
 
 Scaling to other image sizes (``size`` argument; e.g. 32 px CIFAR/digits, 64 px, 96 px):
 * crop scale/ratio, probabilities and colour strengths do not depend on size;
@@ -13,7 +13,7 @@ Scaling to other image sizes (``size`` argument; e.g. 32 px CIFAR/digits, 64 px,
   224 px, the same fraction at every size) and resizes it to ``size``; ``"resize_then_crop"`` resizes the short side
   to ``resize_to`` (256 at 224, 37 at 32) and centre-crops ``size`` (torchvision's usual order).
 
-Faithfulness switches (defaults = the authors' TF pipeline, shared/reference/byol.md):
+Faithfulness switches (defaults = the authors' TF pipeline, byol/utils/dataset.py):
 * ``crop_sampler``: ``"official"`` one draw, no retries, sides clamped to the image (``_decode_and_random_crop``);
   ``"torchvision"`` 10 tries then a centre-crop fallback (``RandomResizedCrop``);
 * ``resize_kernel``: ``"tf_bicubic"`` TF2 ``tf.image.resize(BICUBIC)`` (Keys a = -0.5, taps outside the image get

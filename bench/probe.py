@@ -6,6 +6,12 @@ feature cache), so its time includes the one feature-extraction pass.
 
     OMP_NUM_THREADS=1 python bench/probe.py                       # embedded digits, random convnet_tiny, CPU
     python bench/probe.py --data imagefolder:/data/imagenet100 --backbone ckpt.ckpt --image-size 224 --resize 256
+
+``--scale N`` measures the probe at scale on N synthetic images instead: extraction img/s into the memory-mapped
+store, the fast probe's peak RSS against the bytes of its features, and the wall time of a k-lr grid of heads trained
+in one pass (one read of each batch, shared by every head) against k separate passes.
+
+    python bench/probe.py --scale 20000 --backbone random:resnet18 --image-size 32 --resize 32 --lr 0.1 0.2 0.4 0.8
 """
 from __future__ import annotations
 
@@ -41,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-workers", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="also write the JSON line to this file")
+    ap.add_argument("--scale", type=int, default=0, help="measure the probe at scale on this many synthetic images")
     a = ap.parse_args(argv)
+    if a.scale:
+        return scale(a)
 
     from zoo.data.images import build_dataset
     from zoo.eval.probe import ProbeConfig, evaluate
@@ -77,6 +86,79 @@ def main(argv: list[str] | None = None) -> int:
                          "lr_grid": a.lr, "device": device, "fast_s": round(t_fast, 3), "protocol_s": round(t_proto, 3),
                          "fast_top1": fast["top1"], "protocol_top1": proto["top1"], "top1_diff": diff,
                          "ratio": round(t_proto / t_fast, 2)}, a.out)
+    return 0
+
+
+class _Synthetic(torch.utils.data.Dataset):
+    """``n`` deterministic random uint8 images of 10 classes (content derived from the index: no RAM held)."""
+
+    def __init__(self, n: int, size: int, seed: int) -> None:
+        self.n, self.size, self.seed, self.classes = n, size, seed, list(range(10))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        g = torch.Generator().manual_seed(self.seed * 10_000_019 + i)
+        return torch.randint(0, 256, (3, self.size, self.size), dtype=torch.uint8, generator=g), i % 10
+
+
+def scale(a: argparse.Namespace) -> int:
+    """Extraction rate, peak RSS / feature bytes and one-pass vs k-pass grid time on ``a.scale`` synthetic images."""
+    import resource
+
+    from zoo.eval.linear import train_heads
+    from zoo.eval.probe import ProbeConfig, evaluate
+    from zoo.eval.store import FeatureStore
+    from zoo.weights import load_backbone
+
+    enc = load_backbone(a.backbone)
+    n_test = max(a.scale // 5, 10)
+    train, test = _Synthetic(a.scale, a.image_size, 0), _Synthetic(n_test, a.image_size, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ProbeConfig(epochs=a.epochs, batch_size=a.batch_size, lr_grid=tuple(a.lr), image_size=a.image_size,
+                          resize=a.resize, num_workers=a.num_workers, cache_dir=None, progress=False,
+                          device=a.device, feature_dtype="float32")
+        small = ProbeConfig(**{**cfg.__dict__, "epochs": 1})
+        evaluate(enc, _Synthetic(64, a.image_size, 2), _Synthetic(16, a.image_size, 3), "fast", small,
+                 out=f"{tmp}/warm")  # imports and allocator warm-up, outside the peak
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        res = evaluate(enc, train, test, "fast", cfg, out=f"{tmp}/run")
+        t_fast = time.perf_counter() - t0
+        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+        store = FeatureStore(f"{tmp}/run/features/train", {}, a.scale)
+        feats = FeatureStore(store.root, __import__("json").loads((store.root / "key.json").read_text())["key"],
+                             a.scale).load()
+        dim = feats.dim
+        feat_mib = (a.scale + n_test) * dim * 4 / 2**20
+        t0 = time.perf_counter()
+        train_heads(feats, 10, list(a.lr), a.epochs, a.batch_size)
+        t_one = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for lr in a.lr:
+            train_heads(feats, 10, [lr], a.epochs, a.batch_size)
+        t_sep = time.perf_counter() - t0
+        del feats
+    from common import machine, report
+
+    device = machine(_device_name(a.device))
+    extract_rate = (a.scale + n_test) / res["seconds"]["features"]
+    title = (f"probe at scale: {a.backbone}, {a.scale} + {n_test} synthetic {a.image_size}px images, {dim}-d float32 "
+             f"features, {a.epochs} epochs, batch {a.batch_size}, {len(a.lr)}-lr grid, {device}")
+    rows = [("extraction (1 process): images / s", extract_rate, "img/s"),
+            ("fast probe wall time (extraction + grid + final head)", t_fast, "s"),
+            ("fast probe peak RSS over baseline", peak_mib, "MiB"),
+            ("features on disk (train + test, float32)", feat_mib, "MiB"),
+            (f"{len(a.lr)}-lr grid of heads, one pass", t_one, "s"),
+            (f"{len(a.lr)}-lr grid of heads, {len(a.lr)} passes", t_sep, "s"),
+            ("peak RSS / feature bytes", peak_mib / feat_mib, "x"),
+            ("k passes / one pass", t_sep / t_one, "x")]
+    report(title, rows, {"bench": "probe_scale", "backbone": a.backbone, "n": a.scale, "dim": dim,
+                         "device": device, "extract_img_s": round(extract_rate, 1), "fast_s": round(t_fast, 2),
+                         "peak_rss_mib": round(peak_mib, 1), "feature_mib": round(feat_mib, 1),
+                         "grid_one_pass_s": round(t_one, 2), "grid_k_passes_s": round(t_sep, 2),
+                         "rss_over_features": round(peak_mib / feat_mib, 2), "ratio": round(t_sep / t_one, 2)}, a.out)
     return 0
 
 

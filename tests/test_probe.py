@@ -236,3 +236,54 @@ def test_probe_configs_load():
     assert digits.image_size == 32 and digits.heldout < 1
     with pytest.raises(ValueError, match="unknown probe config keys"):
         load_config(None, learning_rate=0.1)
+
+
+def test_small_data_caps_workers_batch_and_heldout_and_says_so(tmp_path, monkeypatch, capsys):
+    import zoo.eval.probe as probe
+
+    monkeypatch.setattr(probe, "cpu_count", lambda: 1)
+    train, test = Subset(digits_dataset("train", 16), range(40)), Subset(digits_dataset("val", 16), range(20))
+    cfg = _cfg(tmp_path, num_workers=4, batch_size=1024, heldout=10000, lr_grid=(0.1, 0.4), epochs=2)
+    res = evaluate(zoo.create("convnet_tiny", **TINY), train, test, "fast", cfg)
+    err = capsys.readouterr().err
+    for line in ("num_workers: 4 -> 1 (this process may use 1 CPUs)", "heldout: 10000 -> 20 (at most half of the 40",
+                 "batch_size: 1024 -> 20 (only 20 training images besides the held-out ones"):
+        assert f"probe: {line}" in err and any(n.startswith(line) for n in res["notices"]), line
+    assert res["effective"] == {"batch_size": 20, "num_workers": 1} and res["counts"]["heldout"] == 20
+
+
+def test_divergence_is_reported_with_its_likely_cause_and_the_flag(tmp_path, capsys):
+    from zoo.eval.linear import divergence_advice
+
+    train, test = Subset(digits_dataset("train", 16), range(128)), Subset(digits_dataset("val", 16), range(32))
+    cfg = _cfg(tmp_path, feature_norm="none", lr_grid=(1e4, 1e5), epochs=2)
+    res = evaluate(zoo.create("convnet_tiny", **TINY), train, test, "fast", cfg)
+    assert set(res["diverged"]) == {"10000.0", "100000.0", "final"}
+    assert "every lr of the grid and the final run diverged" in res["advice"]
+    assert "--feature_norm batchnorm" in res["advice"] and "--lr_grid [" in res["advice"]
+    assert f"probe: {res['advice']}" in capsys.readouterr().err
+    bn = divergence_advice({"0.8": "loss 9 > 2 ln(4)"}, (0.1, 0.8), "batchnorm", 30)
+    assert bn.startswith("base lr 0.8 diverged") and "--feature_norm" not in bn and "raise --epochs" in bn
+    assert divergence_advice({}, (0.1,), "none", 5) is None
+
+
+def test_skipped_files_are_named_not_batch_indices_and_progress_lines_off_a_terminal(tiny_imagefolder, tmp_path,
+                                                                                      capfd):
+    garbage, cut = _corrupt(tiny_imagefolder)
+    assert main(["--backbone", "random:convnet_tiny", "--data", f"imagefolder:{tiny_imagefolder}", "--image_size",
+                 "32", "--resize", "36", "--num_workers", "0", "--cache_dir", "null", "--epochs", "2",
+                 "--lr_grid", "[0.1,0.4]"]) == 0
+    err = capfd.readouterr().err
+    assert f"train features: skipped 1 undecodable images: {garbage}" in err
+    assert f"test features: skipped 1 undecodable images: {cut}" in err and "batch indices" not in err
+    # stderr is not a terminal here: whole progress lines with done/total and an ETA, for extraction and training
+    assert "train features  1/1  100%" in err and "linear heads, base lr 0.1/0.4" in err and "ETA" in err
+
+
+def test_no_file_of_the_product_refers_outside_the_repository():
+    import subprocess
+
+    hits = subprocess.run(["git", "grep", "-n", "-E", r"\.\./shared|/work/|shared/reference", "--", "configs",
+                           "zoo", "augment", "byol", "simsiam", "README.md", "ARCHITECTURE.md", "bench/*.py"],
+                          cwd=REPO, capture_output=True, text=True).stdout
+    assert hits == "", hits

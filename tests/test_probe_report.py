@@ -44,3 +44,12 @@ def test_the_band_a_config_quotes_is_printed_with_inside_or_outside(capsys):
         ProbeReport(expected={"gain": [1, 2]})
     with pytest.raises(ValueError, match="expected.gain_knn_points"):
         ProbeReport(expected={"gain_knn_points": [5, 2]})
+
+
+def test_the_evaluators_notices_print_under_the_table_not_under_the_bar(capsys):
+    report = ProbeReport()
+    note = "random_init: the best base lr 0.1 is at the bottom of lr_grid [0.1, 0.4, 1.6]"
+    report.result, report._pending = {**RESULT, "notices": [note]}, True
+    report.teardown(types.SimpleNamespace(progress_bar_callback=Bar()), None, "fit")
+    out = capsys.readouterr().out
+    assert out.index("gain (points)") < out.index(f"probe: {note}")

@@ -8,40 +8,23 @@ every learning rate of a sweep reuse one pass over the data.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-from dataclasses import dataclass, field
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from zoo.weights.safe_load import read_safetensors, write_safetensors
+from zoo.eval.store import Features, FeatureStore
 
 __all__ = ["Features", "IndexedDataset", "collate_indexed", "collate_tokens", "ImagePrepare", "MeanPooledLM",
            "TokenPrepare",
-           "extract_features", "weights_fingerprint", "default_cache_dir", "cached_features"]
+           "extract_features", "extract_to_store", "weights_fingerprint", "default_cache_dir", "skipped_line",
+           "quiet_decode_log"]
 
 Prepare = Callable[[dict[str, Any], torch.Generator | None], torch.Tensor]
-
-
-@dataclass
-class Features:
-    """Features of one split: ``feats`` [N, D] float32, ``labels`` [N], dataset ``index`` [N], skipped file paths."""
-
-    feats: torch.Tensor
-    labels: torch.Tensor
-    index: torch.Tensor
-    skipped: list[str] = field(default_factory=list)
-
-    def subset(self, rows: torch.Tensor) -> "Features":
-        """The rows ``rows`` (positions, not dataset indices)."""
-        return Features(self.feats[rows], self.labels[rows], self.index[rows], [])
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 class IndexedDataset(Dataset):
@@ -155,14 +138,6 @@ def default_cache_dir() -> Path:
     return cache_dir("features")
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    prog = Progress(TextColumn(desc), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not enabled,
-                    transient=True)
-    return prog, prog.add_task(desc, total=total)
-
-
 def _to_device(v: Any, device: torch.device) -> Any:
     if torch.is_tensor(v):
         return v.to(device, non_blocking=True)
@@ -171,58 +146,133 @@ def _to_device(v: Any, device: torch.device) -> Any:
     return v
 
 
+class _QuietDecode(logging.Filter):
+    """Drops augment.decode's per-batch "skipped ... at batch indices" lines: the probe names the files instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("decode_batch: skipped")
+
+
+@contextmanager
+def quiet_decode_log() -> Iterator[None]:
+    """While extracting, name skipped files (``skipped_line``) instead of logging batch indices (workers fork with
+    the filter in place)."""
+    log, filt = logging.getLogger("augment.decode"), _QuietDecode()
+    log.addFilter(filt)
+    try:
+        yield
+    finally:
+        log.removeFilter(filt)
+
+
+def skipped_line(where: str, paths: list[str]) -> str:
+    """The line ``zoo fit`` writes for undecodable images (first ten paths named), for one split of the probe."""
+    shown = ", ".join(paths[:10])
+    return f"{where}: skipped {len(paths)} undecodable images: {shown}" + (" ..." if len(paths) > 10 else "")
+
+
+def _batches(encoder: nn.Module, loader: DataLoader, prepare: Prepare, device: torch.device, desc: str,
+             progress: bool, autocast: bool) -> Iterator[tuple[int, dict[str, Any], torch.Tensor | None]]:
+    """(number of samples in the batch, batch, features or None) for each batch, encoder frozen in eval mode."""
+    from zoo.train.progress import track
+
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with quiet_decode_log():
+            for batch in track(loader, desc, total=len(loader), enabled=progress):
+                size = len(batch["label"]) + len(batch.get("skipped", []))
+                if not len(batch["label"]):
+                    yield size, batch, None
+                    continue
+                moved = {k: _to_device(v, device) for k, v in batch.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    f = encoder(prepare(moved, None))
+                yield size, batch, f.float().cpu()
+    finally:
+        encoder.train(was_training)
+
+
 @torch.no_grad()
 def extract_features(encoder: nn.Module, loader: DataLoader, prepare: Prepare, device: torch.device | str = "cpu",
                      desc: str = "features", progress: bool = True, autocast: bool = False) -> Features:
-    """One pass of a frozen encoder (eval mode) over ``loader``; counts and names the skipped samples."""
+    """One pass of a frozen encoder (eval mode) over ``loader``, in memory (the pretraining kNN monitor's small sets;
+    the probe writes to a ``FeatureStore`` with ``extract_to_store``); counts and names the skipped samples."""
     device = torch.device(device)
-    was_training = encoder.training
-    encoder.eval()
     total = len(loader.dataset)  # type: ignore[arg-type]
-    feats: torch.Tensor | None = None  # preallocated on the first batch: ImageNet x 2048-d is 10 GB, never twice
-    labels = torch.empty(total, dtype=torch.long)
-    index = torch.empty(total, dtype=torch.long)
+    feats: torch.Tensor | None = None  # preallocated on the first batch, never twice
+    labels = torch.full((total,), -1, dtype=torch.long)
+    read = torch.zeros(total, dtype=torch.bool)
     skipped: list[str] = []
-    n = 0
-    prog, task = _progress(len(loader), desc, progress)
-    try:
-        with prog:
-            for batch in loader:
-                skipped += list(batch.get("skipped", []))
-                if len(batch["label"]):
-                    batch = {k: _to_device(v, device) for k, v in batch.items()}
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        f = encoder(prepare(batch, None))
-                    if feats is None:
-                        feats = torch.empty(total, f.shape[1], dtype=torch.float32)
-                    b = len(f)
-                    feats[n:n + b] = f.float().cpu()
-                    labels[n:n + b] = batch["label"].cpu()
-                    index[n:n + b] = batch["index"].cpu()
-                    n += b
-                prog.advance(task)
-    finally:
-        encoder.train(was_training)
+    for _, batch, f in _batches(encoder, loader, prepare, device, desc, progress, autocast):
+        skipped += list(batch.get("skipped", []))
+        if f is None:
+            continue
+        if feats is None:
+            feats = torch.zeros(total, f.shape[1], dtype=torch.float32)
+        idx = batch["index"]
+        feats[idx], labels[idx], read[idx] = f, batch["label"], True
     if feats is None:
         raise ValueError(f"{desc}: no sample could be read ({len(skipped)} skipped, e.g. {skipped[:3]}).")
-    return Features(feats[:n], labels[:n], index[:n], skipped)
+    return Features(feats, labels, torch.nonzero(read).flatten(), skipped)
 
 
-def cached_features(key: dict[str, Any], cache_dir: str | os.PathLike | None, compute: Callable[[], Features]
-                    ) -> tuple[Features, bool]:
-    """Return cached features for ``key`` (a JSON-able description) or compute and store them; (features, hit)."""
-    if cache_dir is None:
-        return compute(), False
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    path = Path(cache_dir).expanduser() / f"{digest}.safetensors"
-    if path.exists():
-        try:
-            t, meta = read_safetensors(path)
-            skipped = list((meta.get("zoo") or {}).get("skipped", []))
-            return Features(t["feats"], t["labels"], t["index"], skipped), True
-        except (ValueError, KeyError):
-            pass  # a damaged cache entry is recomputed and overwritten
-    feats = compute()
-    write_safetensors(path, {"feats": feats.feats, "labels": feats.labels, "index": feats.index},
-                      {"key": key, "skipped": feats.skipped})  # atomic: a concurrent reader never sees half a file
-    return feats, False
+@torch.no_grad()
+def extract_to_store(encoder: nn.Module, ds: Dataset, make_loader: Callable[[Dataset], DataLoader],
+                     prepare: Prepare, device: torch.device, store: FeatureStore, desc: str, progress: bool = True,
+                     autocast: bool = False, rank: int = 0, world: int = 1) -> int:
+    """Extract the shards of ``store`` not yet written (this rank's: shard i goes to rank i % world), shard by shard;
+    returns how many shards were already there. ``make_loader`` builds the (sequential) loader of a dataset."""
+    if not store.exists:
+        store.create(_feature_dim(encoder, ds, prepare, device))
+    done = set(store.done())
+    pending = [i for i in range(store.num_shards()) if i not in done and i % world == rank]
+    positions = [r for i in pending for r in range(*store.shard_range(i))]
+    if not positions:
+        return len(done)
+    open_shards: dict[int, dict[str, Any]] = {}
+    pos = 0  # samples of ``positions`` consumed: the loader is sequential, so batch b covers the next ``size`` ones
+    loader = make_loader(Subset(ds, positions))
+    for size, batch, f in _batches(encoder, loader, prepare, device, desc, progress, autocast):
+        kept = {int(j): k for k, j in enumerate(batch["index"].tolist())}  # subset position -> row of the batch
+        names = iter(batch.get("skipped", []))
+        for j in range(pos, pos + size):
+            row = positions[j]
+            i = row // store.shard_rows
+            start, end = store.shard_range(i)
+            sh = open_shards.get(i)
+            if sh is None:
+                sh = open_shards[i] = {"feats": torch.zeros(end - start, store.dim), "left": end - start,
+                                       "labels": torch.full((end - start,), -1, dtype=torch.long),
+                                       "read": torch.zeros(end - start, dtype=torch.bool), "skipped": []}
+            if j in kept:
+                sh["feats"][row - start] = f[kept[j]]
+                sh["labels"][row - start] = int(batch["label"][kept[j]])
+                sh["read"][row - start] = True
+            else:
+                sh["skipped"].append(next(names, f"#{row}"))
+            sh["left"] -= 1
+            if not sh["left"]:
+                store.write_shard(i, sh["feats"], sh["labels"], sh["read"], sh["skipped"])
+                del open_shards[i]
+        pos += size
+    return len(done)
+
+
+def _feature_dim(encoder: nn.Module, ds: Dataset, prepare: Prepare, device: torch.device) -> int:
+    """The encoder's feature size: ``num_features`` or one forward of the first readable sample."""
+    d = getattr(encoder, "num_features", None)
+    if d:
+        return int(d)
+    collate = getattr(prepare, "collate", collate_indexed)
+    was = encoder.training
+    encoder.eval()
+    try:
+        for i in range(len(ds)):  # type: ignore[arg-type]
+            batch = collate([IndexedDataset(ds)[i]])
+            if len(batch["label"]):
+                with torch.no_grad():
+                    return int(encoder(prepare({k: _to_device(v, device) for k, v in batch.items()}, None)).shape[1])
+    finally:
+        encoder.train(was)
+    raise ValueError(f"no sample of the {len(ds)} could be read")  # type: ignore[arg-type]

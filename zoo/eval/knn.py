@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-__all__ = ["knn_scores", "topk_accuracy", "knn_evaluate", "KNNProbeCallback"]
+__all__ = ["knn_scores", "topk_accuracy", "knn_evaluate", "knn_evaluate_store", "KNNProbeCallback"]
 
 
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
@@ -46,6 +46,45 @@ def knn_evaluate(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     res = {}
     for k in ks:
         acc = topk_accuracy(knn_scores(train_feats, train_labels, test_feats, num_classes, k, temperature), test_labels)
+        res[str(k)] = {"top1": acc[1], "top5": acc[5]}
+    return res
+
+
+@torch.no_grad()
+def knn_evaluate_store(train: Any, test: Any, num_classes: int, ks: Sequence[int] = (20, 200),
+                       temperature: float = 0.07, device: torch.device | str = "cpu", bank_chunk: int | None = None,
+                       query_chunk: int = 4096) -> dict[str, dict[str, float]]:
+    """``knn_evaluate`` over ``Features`` (memory-mapped is fine) on ``device``: the bank is read once, ``bank_chunk``
+    rows at a time, each chunk's similarities to every query (``query_chunk`` queries per matmul) merged into a
+    running top-max(k); every k of ``ks`` is scored from that one pass."""
+    if len(train) == 0:
+        raise ValueError("kNN needs at least one training feature")
+    device = torch.device(device)
+    kmax = min(max(ks), len(train))
+    queries = torch.cat([F.normalize(x, dim=1) for _, x in test.chunks(query_chunk)]).to(device) if len(test) \
+        else torch.zeros(0, train.dim, device=device)
+    train_labels = train.labels.to(device)
+    top_sim = torch.full((len(queries), 0), float("-inf"), device=device)
+    top_idx = torch.zeros((len(queries), 0), dtype=torch.long, device=device)
+    for pos, x in train.chunks(bank_chunk):  # default ~16 MiB of the bank at a time
+        bank = F.normalize(x.to(device), dim=1)
+        for q0 in range(0, len(queries), query_chunk):
+            sim = queries[q0:q0 + query_chunk] @ bank.T
+            cand_sim = torch.cat([top_sim[q0:q0 + query_chunk], sim], 1)
+            cand_idx = torch.cat([top_idx[q0:q0 + query_chunk], pos.to(device).expand(len(sim), -1)], 1)
+            v, j = cand_sim.topk(min(kmax, cand_sim.shape[1]), dim=1)
+            if q0 == 0:
+                new_sim = torch.empty(len(queries), v.shape[1], device=device)
+                new_idx = torch.empty(len(queries), v.shape[1], dtype=torch.long, device=device)
+            new_sim[q0:q0 + query_chunk], new_idx[q0:q0 + query_chunk] = v, cand_idx.gather(1, j)
+        if len(queries):
+            top_sim, top_idx = new_sim, new_idx
+    res = {}
+    for k in ks:
+        kk = min(k, kmax)  # topk is sorted: the first kk of the top-kmax are the top-kk
+        votes = torch.zeros(len(queries), num_classes, device=device)
+        votes.scatter_add_(1, train_labels[top_idx[:, :kk]], (top_sim[:, :kk] / temperature).exp())
+        acc = topk_accuracy(votes, test.labels.to(device))
         res[str(k)] = {"top1": acc[1], "top5": acc[5]}
     return res
 
@@ -123,7 +162,7 @@ class KNNProbeCallback(pl.Callback):
         f = extract_features(encoder, loader, prepare, pl_module.device,
                              desc="knn features", progress=False)
         if world == 1:
-            return f.feats, f.labels
+            return f.feats[f.rows], f.labels
         if len(f.labels) != per:
             raise ValueError("KNNProbeCallback with several devices needs a dataset without undecodable images")
         feats = pl_module.all_gather(f.feats.to(pl_module.device)).reshape(world * per, -1)[:n]

@@ -1,14 +1,14 @@
 """The linear classifier of the probe, trained two ways with one recipe (BYOL's linear evaluation):
 SGD Nesterov 0.9, no weight decay, lr = base x batch / 256, per-step cosine to 0, zero-initialised layer.
 
-- ``train_linear``: on cached features (fast mode);
+- ``train_heads``: on extracted features (fast mode), every lr of the grid in one pass;
 - ``LinearProbeModule``: a LightningModule over images with the frozen encoder in inference mode (protocol mode).
 Both draw batches from ``EpochShuffleSampler(n, seed)``, so on a centre-crop-only probe they see the same batches.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -17,8 +17,8 @@ from torch import nn
 
 from zoo.train.schedules import warmup_cosine
 
-__all__ = ["scaled_lr", "cosine_factor", "make_optimizer", "ProbeHead", "train_linear", "evaluate_linear",
-           "LinearProbeModule"]
+__all__ = ["scaled_lr", "cosine_factor", "make_optimizer", "ProbeHead", "train_heads", "train_linear", "evaluate_heads",
+           "LinearProbeModule", "divergence", "divergence_advice"]
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:
@@ -72,41 +72,87 @@ class ProbeHead(nn.Module):
         return self.linear(x)
 
 
-def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, base_lr: float, epochs: int,
-                 batch_size: int, seed: int = 0, device: str | torch.device = "cpu", feature_norm: str = "none"
-                 ) -> ProbeHead:
-    """Fit the linear probe on precomputed features with the protocol's optimiser, schedule and batch order."""
+def _resident(train: Any, device: torch.device) -> torch.Tensor | None:
+    """The rows read, copied to a GPU chunk by chunk in their stored dtype when they fit in half its free memory
+    (batches are then gathered on the device); None on a CPU, where batches are gathered from the memory map."""
+    if device.type != "cuda":
+        return None
+    need = len(train) * train.dim * train.feats.element_size()
+    if need > torch.cuda.mem_get_info(device)[0] // 2:
+        return None
+    out = torch.empty(len(train), train.dim, dtype=train.feats.dtype, device=device)
+    for pos in torch.arange(len(train)).split(train.chunk_rows()):  # never the whole set on the host at once
+        out[pos.to(device)] = train.feats[train.rows[pos]].to(device)
+    return out
+
+
+def train_heads(train: Any, num_classes: int, base_lrs: Sequence[float], epochs: int, batch_size: int,
+                seed: int = 0, device: str | torch.device = "cpu", feature_norm: str = "none",
+                progress: bool = False, desc: str = "linear heads") -> list[ProbeHead]:
+    """Fit one probe head per base lr on ``train`` (``Features``, memory-mapped is fine) in one pass: each batch is
+    read once and shared by every head; each head has its own optimiser and schedule (the protocol's SGD Nesterov,
+    cosine, batch order), so each equals a run of its lr alone: the ops a head sees do not depend on the others."""
     from zoo.data.loaders import EpochShuffleSampler
+    from zoo.train.progress import track
 
     device = torch.device(device)
-    x, y = feats.to(device).float(), labels.to(device)
-    n = len(y)
+    n = len(train)
     if n == 0:
         raise ValueError("no training features to fit the linear probe on")
-    lin = ProbeHead(x.shape[1], num_classes, feature_norm).to(device).train()
+    y = train.labels.to(device)
+    resident = _resident(train, device)
+    heads = [ProbeHead(train.dim, num_classes, feature_norm).to(device).train() for _ in base_lrs]
     steps = math.ceil(n / batch_size)
-    opt, sched = make_optimizer(lin.parameters(), base_lr, batch_size, epochs * steps)
+    opts = [make_optimizer(h.parameters(), lr, batch_size, epochs * steps) for h, lr in zip(heads, base_lrs)]
     sampler = EpochShuffleSampler(n, seed)
-    for epoch in range(epochs):
-        sampler.set_epoch(epoch)
-        order = torch.tensor(list(iter(sampler)), device=device)
-        for i in range(steps):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(lin(x[idx]), y[idx])
+    losses: list[torch.Tensor] = [torch.zeros(())] * len(heads)
+
+    def batches():
+        for epoch in range(epochs):
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(iter(sampler)))
+            yield from order.split(batch_size)
+
+    for idx in track(batches(), desc, total=epochs * steps, enabled=progress):
+        x = resident[idx.to(device)].float() if resident is not None else train.gather(idx, device)
+        target = y[idx.to(device)]
+        for i, (head, (opt, sched)) in enumerate(zip(heads, opts)):
+            loss = F.cross_entropy(head(x), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-    lin.last_loss = float(loss.detach())  # read by ``divergence``: the probe table flags a diverged lr
-    return lin.cpu().eval()
+            losses[i] = loss.detach()
+    for head, loss in zip(heads, losses):
+        head.last_loss = float(loss)  # read by ``divergence``: the probe table flags a diverged lr
+    return [h.cpu().eval() for h in heads]
+
+
+def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, base_lr: float, epochs: int,
+                 batch_size: int, seed: int = 0, device: str | torch.device = "cpu", feature_norm: str = "none"
+                 ) -> ProbeHead:
+    """One head on in-memory features [N, D] (``train_heads`` with a single lr)."""
+    from zoo.eval.store import Features
+
+    train = Features(feats, labels, torch.arange(len(labels)))
+    return train_heads(train, num_classes, [base_lr], epochs, batch_size, seed, device, feature_norm)[0]
 
 
 @torch.no_grad()
-def evaluate_linear(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> dict[int, float]:
-    """Top-1 / top-5 accuracy (percent) of a trained probe head on features."""
-    from zoo.eval.knn import topk_accuracy
-
-    return topk_accuracy(head.eval()(feats.float()), labels)
+def evaluate_heads(heads: Sequence[nn.Module], feats: Any, chunk: int | None = None) -> list[dict[int, float]]:
+    """Top-1 / top-5 accuracy (percent) of each trained head on ``Features``, read ``chunk`` rows (default ~16 MiB)
+    at a time."""
+    hits = torch.zeros(len(heads), 2, dtype=torch.float64)
+    labels = feats.labels
+    for pos, x in feats.chunks(chunk):
+        y = labels[pos]
+        for i, head in enumerate(heads):
+            logits = head.eval()(x)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+            hits[i, 0] += top[:, :1].any(1).sum()
+            hits[i, 1] += top.any(1).sum()
+    n = max(len(feats), 1)
+    return [{1: 100.0 * float(h[0]) / n, 5: 100.0 * float(h[1]) / n} for h in hits]
 
 
 class LinearProbeModule(pl.LightningModule):
@@ -205,3 +251,25 @@ def divergence(head: nn.Module, last_loss: Any, num_classes: int) -> str | None:
     if loss > 2 * math.log(max(num_classes, 2)):
         return f"loss {loss:.3g} > 2 ln({num_classes})"
     return None
+
+
+def divergence_advice(diverged: dict[str, str], lr_grid: Sequence[float], feature_norm: str, steps: int) -> str | None:
+    """One line for the diverged runs of a probe (``diverged``: base lr or "final" -> why): which, the likely cause
+    and the flag to change; None when nothing diverged."""
+    if not diverged:
+        return None
+    lrs = [k for k in diverged if k != "final"]
+    which = ("every lr of the grid" if len(lrs) == len(lr_grid) > 1 else
+             f"base lr {', '.join(lrs)}" if lrs else "the final run")
+    if lrs and "final" in diverged:
+        which += " and the final run"
+    lowest = min(float(x) for x in lr_grid)
+    lower = f"--lr_grid [{lowest / 100:g},{lowest / 30:g},{lowest / 10:g}]"
+    if feature_norm == "none":
+        cause, fix = ("a learning rate too high for these un-normalised features (their scale sets the step size)",
+                      f"pass --feature_norm batchnorm (scale-free), or a lower grid such as {lower}")
+    else:
+        cause, fix = "a learning rate too high", f"pass a lower grid such as {lower}"
+    if steps < 100:  # a short cosine ends before the loss settles from the first large steps
+        fix += f", or more steps (only {steps}: raise --epochs)"
+    return f"{which} diverged ({next(iter(diverged.values()))}); likely cause: {cause}; {fix}"

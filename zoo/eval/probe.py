@@ -3,21 +3,25 @@
 - protocol: the paper's linear evaluation through the shared Lightning trainer: frozen encoder (BN in inference
   mode), one linear layer, SGD Nesterov 0.9, no weight decay, lr = base x batch / 256 with the base picked on a
   held-out split of train, per-step cosine; train view = random resized crop + flip, test = resize 256 + crop 224.
-- fast: features extracted once (cached on disk), the same linear recipe trained on them.
-- knn: k in {20, 200}, cosine similarity, votes weighted exp(sim / 0.07).
+- fast: features extracted once into a memory-mapped store on disk (``zoo.eval.store``; cached by content), the same
+  linear recipe trained on them, every lr of the grid in one pass (``train_heads``).
+- knn: k in {20, 200}, cosine similarity, votes weighted exp(sim / 0.07), every k in one pass over the bank.
 
 Encoders are any module mapping a prepared batch to [B, D] (images here; ``MeanPooledLM`` + ``TokenPrepare`` for
 language models). Command line: ``zoo probe --backbone SOURCE --data SPEC --mode fast|protocol|knn [--out DIR]``.
+Whatever the probe changes of a configured value to fit the data or the machine (loader workers, batch size,
+held-out count, the lr grid's range) it says in one ``probe:`` line on stderr and lists in ``notices``.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import logging
+import math
 import os
 import sys
+import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,15 +29,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from zoo.eval.features import (Features, ImagePrepare, IndexedDataset, MeanPooledLM, TokenPrepare, cached_features,
-                                collate_indexed, default_cache_dir, extract_features, weights_fingerprint)
-from zoo.eval.knn import KNNProbeCallback, knn_evaluate
-from zoo.eval.linear import LinearProbeModule, divergence, evaluate_linear, train_linear
+from zoo.eval.features import (ImagePrepare, IndexedDataset, MeanPooledLM, TokenPrepare, collate_indexed,
+                                default_cache_dir, extract_to_store, quiet_decode_log, skipped_line,
+                                _feature_dim)
+from zoo.eval.knn import KNNProbeCallback, knn_evaluate_store
+from zoo.eval.linear import divergence, divergence_advice, evaluate_heads, train_heads
 from zoo.eval.probe_config import MODES, ProbeConfig
+from zoo.eval.rundir import IDENTITY_IGNORED, GridPoints, claim, identity, markdown_report
+from zoo.eval.store import Features, FeatureStore, dataset_fingerprint, feature_dtype, weights_sha256
+import zoo.weights  # noqa: E402,F401 - `zoo.weights.load_backbone` stays reachable once the probe is imported
 
 __all__ = ["ProbeConfig", "evaluate", "heldout_split", "load_config", "run_probe", "main", "KNNProbeCallback",
            "MeanPooledLM", "TokenPrepare", "ImagePrepare", "MODES"]
 
+GRID_EXTENSIONS = 3  # at most this many lrs are added beyond an edge of the grid that scored best (fast mode)
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> ProbeConfig:
@@ -54,13 +63,18 @@ def load_config(path: str | Path | None, **overrides: Any) -> ProbeConfig:
     return ProbeConfig(**values)
 
 
-def heldout_split(n: int, heldout: float | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train indices, held-out indices) of ``range(n)``: a seeded random ``heldout`` images (count or fraction;
-    None: 10,000 when n >= 100,000, else 10 %)."""
+def heldout_count(n: int, heldout: float | None) -> tuple[int, int]:
+    """(images asked for, images held out) of ``n``: ``heldout`` is a count (>= 1) or a fraction; None: 10,000 when
+    n >= 100,000, else 10 %; never more than half (the lr would be chosen on another problem), never none."""
     if heldout is None:
         heldout = 10000 if n >= 100_000 else 0.1
-    h = int(round(heldout * n)) if heldout < 1 else int(heldout)
-    h = max(1, min(h, n // 2))  # never hold out more than half: the lr would be chosen on a different problem
+    asked = int(round(heldout * n)) if heldout < 1 else int(heldout)
+    return asked, max(1, min(asked, n // 2))
+
+
+def heldout_split(n: int, heldout: float | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, held-out indices) of ``range(n)``: a seeded random ``heldout_count(n, heldout)`` images."""
+    h = heldout_count(n, heldout)[1]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 12345))
     return perm[h:].sort().values, perm[:h].sort().values
 
@@ -79,157 +93,32 @@ def _num_classes(train: Dataset, labels: torch.Tensor | None) -> int:
     return int(torch.as_tensor(labels).max().item()) + 1
 
 
-def _loader(ds: Dataset, batch_size: int, cfg: ProbeConfig, prepare: Any, sampler=None) -> DataLoader:
-    # the prepare object knows its batch layout (images or tokens)
-    return DataLoader(IndexedDataset(ds), batch_size=batch_size, sampler=sampler, shuffle=False,
-                      num_workers=cfg.num_workers, collate_fn=getattr(prepare, "collate", collate_indexed))
+class _Notices:
+    """The probe's one-line announcements (a configured value changed, a resume, advice), printed once on rank 0."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._keys: set[str] = set()
+
+    def say(self, line: str, key: str | None = None) -> None:
+        if (key or line) in self._keys:
+            return
+        self._keys.add(key or line)
+        self.lines.append(line)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"probe: {line}", file=sys.stderr, flush=True)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or taskset's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _cap(ds: Dataset, n: int | None) -> Dataset:
     return Subset(ds, range(min(n, len(ds)))) if n is not None and n < len(ds) else ds  # type: ignore[arg-type]
-
-
-def _features(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, cfg: ProbeConfig, data_id: str
-              ) -> tuple[Features, bool]:
-    cache = None if cfg.cache_dir in (None, "none", "") else (default_cache_dir() if cfg.cache_dir == "default"
-                                                                else cfg.cache_dir)
-    key = {"encoder": weights_fingerprint(encoder), "data": data_id, "split": split, "n": len(ds),
-           "precision": cfg.precision,
-           "prepare": prepare.describe() if hasattr(prepare, "describe") else repr(prepare), "v": 1}
-    dev = _device(cfg.device)
-    return cached_features(key, cache, lambda: extract_features(
-        encoder.to(dev), _loader(ds, cfg.extract_batch_size, cfg, prepare), prepare, dev, f"{split} features",
-        cfg.progress, autocast=cfg.precision.startswith("bf16") and dev.type == "cuda"))
-
-
-def _fast(train: Features, test: Features, num_classes: int, cfg: ProbeConfig, n_train: int) -> dict[str, Any]:
-    dev = _device(cfg.device)
-    grid: dict[str, float] = {}
-    diverged: dict[str, str] = {}
-    if len(cfg.lr_grid) > 1:
-        # split on dataset indices (not feature rows) so protocol mode holds out exactly the same images
-        held_mask = torch.isin(train.index, heldout_split(n_train, cfg.heldout, cfg.seed)[1])
-        fit, held = train.subset(torch.nonzero(~held_mask).flatten()), train.subset(torch.nonzero(held_mask).flatten())
-        for lr in cfg.lr_grid:
-            lin = train_linear(fit.feats, fit.labels, num_classes, lr, cfg.epochs, cfg.batch_size, cfg.seed, dev,
-                               cfg.feature_norm)
-            grid[str(lr)] = evaluate_linear(lin, held.feats, held.labels)[1]
-            why = divergence(lin, getattr(lin, "last_loss", None), num_classes)
-            if why:
-                diverged[str(lr)] = why
-    # a diverged lr is never picked (unless every lr diverged)
-    best = max(cfg.lr_grid, key=lambda lr: (str(lr) not in diverged, grid.get(str(lr), 0.0)))
-    lin = train_linear(train.feats, train.labels, num_classes, best, cfg.epochs, cfg.batch_size, cfg.seed, dev,
-                       cfg.feature_norm)
-    why = divergence(lin, getattr(lin, "last_loss", None), num_classes)
-    if why:
-        diverged["final"] = why
-    acc = evaluate_linear(lin, test.feats, test.labels)
-    return {"top1": acc[1], "top5": acc[5], "base_lr": best, "heldout_top1": grid, "diverged": diverged}
-
-
-def _protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_features: int, num_classes: int,
-              cfg: ProbeConfig, prepare_train: Callable, prepare_test: Callable, out: Path | None) -> dict[str, Any]:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from zoo.data.loaders import EpochShuffleSampler
-    from zoo.train.trainer import build_trainer
-
-    def fit(train_part: Dataset, eval_part: Dataset, lr: float, tag: str) -> dict[str, Any]:
-        module = LinearProbeModule(encoder, num_features, num_classes, lr, cfg.batch_size, cfg.epochs,
-                                   prepare_train, prepare_test, cfg.seed, cfg.feature_norm)
-        kwargs: dict[str, Any] = dict(max_epochs=cfg.epochs, logger=False, num_sanity_val_steps=0,
-                                      precision=cfg.precision,
-                                      check_val_every_n_epoch=cfg.epochs, enable_progress_bar=cfg.progress,
-                                      enable_model_summary=False,
-                                      # a checkpoint that never writes: the probe's weights are one linear layer
-                                      callbacks=[ModelCheckpoint(save_top_k=0, save_last=False)],
-                                      default_root_dir=str((out or Path("runs/probe")) / f"protocol_{tag}"))
-        if not torch.cuda.is_available():
-            kwargs["accelerator"] = "cpu"
-        trainer = build_trainer(**{**kwargs, **cfg.trainer})
-        if cfg.progress and trainer.is_global_zero:  # which of the grid's runs the progress lines below belong to
-            scored = "held-out training" if tag != "final" else "test"
-            print(f"linear probe: base lr {lr:g}, {len(train_part)} training images, scored on {len(eval_part)} "
-                  f"{scored} images", file=sys.stderr, flush=True)
-        train_loader = _loader(train_part, cfg.batch_size, cfg, prepare_train,
-                               EpochShuffleSampler(len(train_part), cfg.seed))
-        lightning_log = logging.getLogger("lightning.pytorch")
-        level = lightning_log.level
-        lightning_log.setLevel(logging.WARNING)  # no device banner / "fit stopped" lines for every learning rate
-        try:
-            with warnings.catch_warnings():
-                # the frozen encoder is in eval mode on purpose (BN in inference mode); Lightning warns about it
-                warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
-                trainer.fit(module, train_loader, _loader(eval_part, cfg.extract_batch_size, cfg, prepare_test))
-        finally:
-            lightning_log.setLevel(level)
-        return {**module.result, "skipped": module.skipped,
-                "diverged": divergence(module.head, getattr(module, "last_loss", None), num_classes)}
-
-    grid: dict[str, float] = {}
-    diverged: dict[str, str] = {}
-    if len(cfg.lr_grid) > 1:
-        tr_idx, ho_idx = heldout_split(len(train_ds), cfg.heldout, cfg.seed)
-        for lr in cfg.lr_grid:
-            res = fit(Subset(train_ds, tr_idx.tolist()), Subset(train_ds, ho_idx.tolist()), lr, f"lr{lr}")
-            grid[str(lr)] = res["top1"]
-            if res["diverged"]:
-                diverged[str(lr)] = res["diverged"]
-    best = max(cfg.lr_grid, key=lambda lr: (str(lr) not in diverged, grid.get(str(lr), 0.0)))
-    res = fit(train_ds, test_ds, best, "final")
-    if res["diverged"]:
-        diverged["final"] = res["diverged"]
-    return {"top1": res["top1"], "top5": res["top5"], "base_lr": best, "heldout_top1": grid, "skipped": res["skipped"],
-            "diverged": diverged}
-
-
-def evaluate(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, mode: str = "fast",
-             cfg: ProbeConfig | None = None, prepare_train: Callable | None = None,
-             prepare_test: Callable | None = None, data_id: str = "dataset", out: str | Path | None = None
-             ) -> dict[str, Any]:
-    """Evaluate ``encoder`` on (train, test) datasets; returns top1/top5 (percent), counts and timings.
-
-    ``prepare_*`` map a batch dict to the encoder's input; default: the linear-eval image views of ``cfg``.
-    """
-    cfg = cfg or ProbeConfig()
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
-    t0 = time.perf_counter()
-    train_ds, test_ds = _cap(train_ds, cfg.max_train), _cap(test_ds, cfg.max_test)
-    views = dict(eval_crop=cfg.eval_crop, resize_kernel=cfg.resize_kernel, crop_sampler=cfg.crop_sampler)
-    prepare_test = prepare_test or ImagePrepare(cfg.image_size, cfg.resize, **views)
-    counts: dict[str, Any] = {"train": len(train_ds), "test": len(test_ds)}
-    if mode == "protocol":
-        if prepare_train is None:
-            prepare_train = (prepare_test if cfg.train_augment == "center_crop"
-                             else ImagePrepare(cfg.image_size, cfg.resize, train=True, **views))
-        num_features = getattr(encoder, "num_features", None) or _probe_dim(encoder, test_ds, prepare_test)
-        num_classes = _num_classes(_root(train_ds), None)
-        res = _protocol(encoder, train_ds, test_ds, num_features, num_classes, cfg, prepare_train, prepare_test,
-                        Path(out) if out else None)
-        skipped = res.pop("skipped")
-        counts.update(skipped_train=len(skipped["train"]), skipped_test=len(skipped["test"]),
-                      skipped_files=sorted(skipped["train"] | skipped["test"])[:50])
-        extract_s = 0.0
-    else:
-        train_f, hit_tr = _features(encoder, train_ds, "train", prepare_test, cfg, data_id)
-        test_f, hit_te = _features(encoder, test_ds, "test", prepare_test, cfg, data_id)
-        extract_s = time.perf_counter() - t0
-        num_classes = _num_classes(_root(train_ds), torch.cat([train_f.labels, test_f.labels]))
-        counts.update(skipped_train=len(train_f.skipped), skipped_test=len(test_f.skipped),
-                      skipped_files=(train_f.skipped + test_f.skipped)[:50], cache_hit=hit_tr and hit_te)
-        if mode == "fast":
-            res = _fast(train_f, test_f, num_classes, cfg, len(train_ds))
-        else:
-            per_k = knn_evaluate(train_f.feats, train_f.labels, test_f.feats, test_f.labels, num_classes,
-                                 cfg.knn_k, cfg.knn_temperature)
-            first = per_k[str(cfg.knn_k[0])]
-            res = {"top1": first["top1"], "top5": first["top5"], "k": cfg.knn_k[0], "knn": per_k}
-    if len(cfg.lr_grid) > 1 and mode != "knn":
-        counts["heldout"] = int(heldout_split(counts["train"], cfg.heldout, cfg.seed)[1].numel())
-    return {**res, "mode": mode, "counts": counts, "num_classes": num_classes,
-            "seconds": {"total": time.perf_counter() - t0, "features": extract_s}}
 
 
 def _root(ds: Dataset) -> Dataset:
@@ -238,36 +127,280 @@ def _root(ds: Dataset) -> Dataset:
     return ds
 
 
-@torch.no_grad()
-def _probe_dim(encoder: nn.Module, ds: Dataset, prepare: Callable) -> int:
-    batch = getattr(prepare, "collate", collate_indexed)([IndexedDataset(ds)[0]])
-    was = encoder.training
-    encoder.eval()
-    d = encoder(prepare(batch, None)).shape[1]
-    encoder.train(was)
-    return int(d)
+class _Run:
+    """One evaluation's effective settings: ``cfg`` fitted to the data and the machine, every change announced."""
+
+    def __init__(self, cfg: ProbeConfig, mode: str, n_train: int, notices: _Notices) -> None:
+        self.notices, self.device = notices, _device(cfg.device)
+        workers = min(cfg.num_workers, cpu_count())
+        if workers < cfg.num_workers:
+            notices.say(f"num_workers: {cfg.num_workers} -> {workers} (this process may use {cpu_count()} CPUs)")
+        changes: dict[str, Any] = {"num_workers": workers}
+        grid = len(cfg.lr_grid) > 1 and mode != "knn"
+        if grid:
+            asked, held = heldout_count(n_train, cfg.heldout)
+            if held != asked:
+                notices.say(f"heldout: {cfg.heldout:g} -> {held} (at most half of the {n_train} training images, at "
+                            "least one, so the lr is chosen on nearly the same problem)")
+        n_fit = n_train - (heldout_count(n_train, cfg.heldout)[1] if grid else 0)
+        if mode != "knn" and 0 < n_fit < cfg.batch_size:
+            notices.say(f"batch_size: {cfg.batch_size} -> {n_fit} (only {n_fit} training images"
+                        f"{' besides the held-out ones' if grid else ''}; lr = base x {n_fit}/256)")
+            changes["batch_size"] = n_fit
+        self.cfg = dataclasses.replace(cfg, **changes)
+
+    def loader(self, ds: Dataset, batch_size: int, prepare: Any, sampler=None) -> DataLoader:
+        """A loader of ``ds`` (sequential unless ``sampler``) with at most one worker per batch."""
+        batches = max(1, math.ceil(len(ds) / batch_size))  # type: ignore[arg-type]
+        workers = min(self.cfg.num_workers, batches)
+        if workers < self.cfg.num_workers:
+            self.notices.say(f"num_workers: {self.cfg.num_workers} -> {workers} for a loader of {batches} "
+                             f"batch{'es' if batches > 1 else ''} (one worker per batch at most)", key="workers-data")
+        # the prepare object knows its batch layout (images or tokens)
+        return DataLoader(IndexedDataset(ds), batch_size=batch_size, sampler=sampler, shuffle=False,
+                          num_workers=workers, collate_fn=getattr(prepare, "collate", collate_indexed))
+
+
+def _features(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, run: _Run, key: dict[str, Any],
+              out: Path | None, scratch: Path) -> tuple[Features, bool]:
+    """The split's features from the store its ``key`` names (resumed if partial), extracting what is missing."""
+    cfg = run.cfg
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    cache = None if cfg.cache_dir in (None, "none", "") else (default_cache_dir() if cfg.cache_dir == "default"
+                                                                else Path(cfg.cache_dir).expanduser())
+    root = cache / digest / split if cache else (out / "features" / split if out else scratch / split)
+    store = FeatureStore(root, key, len(ds), feature_dtype(cfg.feature_dtype, run.device), cfg.shard_rows)
+    if store.stale is not None:
+        run.notices.say(f"{root} held features of another encoder, data or view: extracting them again")
+        store.clear()
+    done, total = len(store.done()), store.num_shards()
+    hit = store.exists and done == total
+    if not hit:
+        if done:
+            run.notices.say(f"resuming {split} features in {root}: {done} of {total} shards already extracted")
+        try:
+            extract_to_store(encoder.to(run.device), ds, lambda d: run.loader(d, cfg.extract_batch_size, prepare),
+                             prepare, run.device, store, f"{split} features", cfg.progress,
+                             autocast=cfg.precision.startswith("bf16") and run.device.type == "cuda")
+        except OSError as err:
+            raise ValueError(f"writing {split} features to {root} failed ({err.strerror or err}); the "
+                             f"{len(store.done())} finished shards are kept: free space (or pass another "
+                             "--cache_dir) and rerun to resume") from err
+    feats = store.load()
+    if feats.skipped:
+        run.notices.say(skipped_line(f"{split} features", feats.skipped))
+    if len(feats) == 0:
+        raise ValueError(f"{split}: no sample could be read ({len(feats.skipped)} skipped, e.g. {feats.skipped[:3]})")
+    return feats, hit
+
+
+def _pick(grid: dict[str, float], diverged: dict[str, str]) -> float:
+    """The best base lr on the held-out images; a diverged lr is never picked (unless every lr diverged)."""
+    return float(max(grid, key=lambda lr: (lr not in diverged, grid[lr])))
+
+
+def _edge(grid: dict[str, float], diverged: dict[str, str]) -> str | None:
+    """'top' / 'bottom' when the best lr is the highest / lowest of the grid and strictly better than its neighbour
+    (a tie says nothing about what lies beyond)."""
+    lrs = sorted((float(k) for k in grid if k not in diverged))
+    if len(lrs) < 2:
+        return None
+    best = _pick(grid, diverged)
+    score = {float(k): v for k, v in grid.items()}
+    if best == lrs[-1] and score[lrs[-1]] > score[lrs[-2]]:
+        return "top"
+    if best == lrs[0] and score[lrs[0]] > score[lrs[1]]:
+        return "bottom"
+    return None
+
+
+def grid_search(cfg: ProbeConfig, points: GridPoints, score: Callable[[list[float]], None], notices: _Notices
+                ) -> tuple[dict[str, float], dict[str, str], list[float]]:
+    """Score the lr grid (``score(lrs)`` trains and records points; finished points are not rerun), then, while the
+    best lr sits at an edge of the grid and beats its neighbour, extend past it (x2 / x0.5, at most
+    ``cfg.grid_extensions`` times); announce either. Same for every mode, so fast and protocol pick alike."""
+    lrs_all = list(cfg.lr_grid)
+    if points.resumed:
+        notices.say(f"resuming the lr grid: {points.resumed} point(s) already scored, in {points.path}")
+    grid: dict[str, float] = {}
+    diverged: dict[str, str] = {}
+    extended: list[float] = []
+
+    def collect(todo: list[float]) -> None:
+        if todo:
+            score(todo)
+        for lr in lrs_all:
+            grid[str(lr)] = points.points[str(lr)]["top1"]
+            if points.points[str(lr)]["diverged"]:
+                diverged[str(lr)] = points.points[str(lr)]["diverged"]
+
+    collect([lr for lr in lrs_all if str(lr) not in points.points])
+    side = _edge(grid, diverged)
+    for _ in range(cfg.grid_extensions):
+        if side is None:
+            break
+        new = _pick(grid, diverged) * (2.0 if side == "top" else 0.5)
+        lrs_all.append(new)
+        extended.append(new)
+        collect([] if str(new) in points.points else [new])
+        side = _edge(grid, diverged)
+    best = _pick(grid, diverged)
+    if extended:
+        notices.say(f"the best base lr was at the edge of lr_grid {list(cfg.lr_grid)}: extended it with {extended} "
+                    f"(best {best:g}{f'; still at the {side}: widen --lr_grid' if side else ''})")
+    elif side:
+        notices.say(f"the best base lr {best:g} is at the {side} of lr_grid {list(cfg.lr_grid)}: the optimum may lie "
+                    f"{'above' if side == 'top' else 'below'}; widen --lr_grid, or pass --grid_extensions 2 to extend it")
+    return grid, diverged, extended
+
+
+def _fast(train: Features, test: Features, num_classes: int, run: _Run, n_train: int, points: GridPoints
+          ) -> dict[str, Any]:
+    cfg, dev = run.cfg, run.device
+    head_args = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=dev,
+                     feature_norm=cfg.feature_norm, progress=cfg.progress)
+    grid: dict[str, float] = {}
+    diverged: dict[str, str] = {}
+    extended: list[float] = []
+    if len(cfg.lr_grid) > 1:
+        # split on dataset indices (not feature rows) so protocol mode holds out exactly the same images
+        held_mask = torch.isin(train.index, heldout_split(n_train, cfg.heldout, cfg.seed)[1])
+        fit, held = train.subset(torch.nonzero(~held_mask).flatten()), train.subset(torch.nonzero(held_mask).flatten())
+
+        def score(lrs: list[float]) -> None:
+            heads = train_heads(fit, num_classes, lrs, desc=f"linear heads, base lr {'/'.join(map(str, lrs))}",
+                                **head_args)
+            for lr, head, acc in zip(lrs, heads, evaluate_heads(heads, held)):
+                points.add(lr, acc[1], divergence(head, head.last_loss, num_classes))
+
+        grid, diverged, extended = grid_search(cfg, points, score, run.notices)
+    best = _pick(grid, diverged) if grid else cfg.lr_grid[0]
+    (head,) = train_heads(train, num_classes, [best], desc=f"linear head, base lr {best:g} on all of train", **head_args)
+    why = divergence(head, head.last_loss, num_classes)
+    if why:
+        diverged["final"] = why
+    acc = evaluate_heads([head], test)[0]
+    return {"top1": acc[1], "top5": acc[5], "base_lr": best, "heldout_top1": grid, "diverged": diverged,
+            "grid_extended": extended}
+
+
+def _check_classes(train: Dataset, test: Dataset) -> None:
+    a, b = getattr(_root(train), "classes", None), getattr(_root(test), "classes", None)
+    if a and b and list(a) != list(b):
+        only = sorted(set(b) - set(a))[:3] or sorted(set(a) - set(b))[:3]
+        raise ValueError(f"the val split's classes differ from train's ({len(b)} vs {len(a)} classes, e.g. {only}"
+                         " in one only): give both splits the same class folders")
+
+
+def evaluate(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, mode: str = "fast",
+             cfg: ProbeConfig | None = None, prepare_train: Callable | None = None,
+             prepare_test: Callable | None = None, data_id: str = "dataset", out: str | Path | None = None
+             ) -> dict[str, Any]:
+    """Evaluate ``encoder`` on (train, test) datasets; returns top1/top5 (percent), counts and timings.
+
+    ``prepare_*`` map a batch dict to the encoder's input; default: the linear-eval image views of ``cfg``. With
+    ``out``, finished lr-grid points (and, without a cache, the features) are kept there and resumed.
+    """
+    cfg = cfg or ProbeConfig()
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {MODES}")
+    t0 = time.perf_counter()
+    train_ds, test_ds = _cap(train_ds, cfg.max_train), _cap(test_ds, cfg.max_test)
+    _check_classes(train_ds, test_ds)
+    notices = _Notices()
+    run = _Run(cfg, mode, len(train_ds), notices)
+    cfg = run.cfg
+    out = Path(out) if out is not None else None
+    views = dict(eval_crop=cfg.eval_crop, resize_kernel=cfg.resize_kernel, crop_sampler=cfg.crop_sampler)
+    prepare_test = prepare_test or ImagePrepare(cfg.image_size, cfg.resize, **views)
+    enc_hash = weights_sha256(encoder)
+    data_fp = {"train": dataset_fingerprint(train_ds), "test": dataset_fingerprint(test_ds)}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in IDENTITY_IGNORED}
+    points = GridPoints(out, {"mode": mode, "settings": settings, "encoder": enc_hash, "data": data_fp["train"]})
+    counts: dict[str, Any] = {"train": len(train_ds), "test": len(test_ds)}
+    if mode == "protocol":
+        from zoo.eval.protocol import run_protocol
+
+        if prepare_train is None:
+            prepare_train = (prepare_test if cfg.train_augment == "center_crop"
+                             else ImagePrepare(cfg.image_size, cfg.resize, train=True, **views))
+        num_features = _feature_dim(encoder, test_ds, prepare_test, torch.device("cpu"))
+        num_classes = _num_classes(_root(train_ds), None)
+        with quiet_decode_log():  # skipped files are named below, once, not as batch indices per batch
+            res = run_protocol(encoder, train_ds, test_ds, num_features, num_classes, cfg, prepare_train,
+                               prepare_test, out, run.loader, lambda n: heldout_split(n, cfg.heldout, cfg.seed),
+                               points, lambda score: grid_search(cfg, points, score, notices), _pick)
+        skipped = res.pop("skipped")
+        for split in ("train", "test"):
+            if skipped[split]:
+                notices.say(skipped_line(f"protocol {split} images", sorted(skipped[split])))
+        counts.update(skipped_train=len(skipped["train"]), skipped_test=len(skipped["test"]),
+                      skipped_files=sorted(skipped["train"] | skipped["test"])[:50])
+        extract_s = 0.0
+    else:
+        with tempfile.TemporaryDirectory(prefix="zoo-probe-") as scratch:
+            feats = {}
+            hits = []
+            for split, ds in (("train", train_ds), ("test", test_ds)):
+                key = {"encoder": enc_hash, "data": data_fp[split], "split": split, "precision": cfg.precision,
+                       "dtype": feature_dtype(cfg.feature_dtype, run.device),
+                       "prepare": prepare_test.describe() if hasattr(prepare_test, "describe") else repr(prepare_test),
+                       "v": 2}
+                feats[split], hit = _features(encoder, ds, split, prepare_test, run, key, out, Path(scratch))
+                hits.append(hit)
+            train_f, test_f = feats["train"], feats["test"]
+            extract_s = time.perf_counter() - t0
+            num_classes = _num_classes(_root(train_ds), torch.cat([train_f.labels, test_f.labels]))
+            counts.update(skipped_train=len(train_f.skipped), skipped_test=len(test_f.skipped),
+                          skipped_files=(train_f.skipped + test_f.skipped)[:50], cache_hit=all(hits))
+            if mode == "fast":
+                res = _fast(train_f, test_f, num_classes, run, len(train_ds), points)
+            else:
+                per_k = knn_evaluate_store(train_f, test_f, num_classes, cfg.knn_k, cfg.knn_temperature, run.device)
+                first = per_k[str(cfg.knn_k[0])]
+                res = {"top1": first["top1"], "top5": first["top5"], "k": cfg.knn_k[0], "knn": per_k}
+            del train_f, test_f, feats  # the memory maps, before their scratch folder goes
+    if len(cfg.lr_grid) > 1 and mode != "knn":
+        counts["heldout"] = heldout_count(counts["train"], cfg.heldout)[1]
+    if mode != "knn":
+        steps = cfg.epochs * math.ceil(max(counts["train"] - counts.get("heldout", 0), 1) / cfg.batch_size)
+        advice = divergence_advice(res["diverged"], cfg.lr_grid, cfg.feature_norm, steps)
+        if advice:
+            notices.say(advice)
+            res["advice"] = advice
+    return {**res, "mode": mode, "counts": counts, "num_classes": num_classes, "encoder_sha256": enc_hash,
+            "notices": notices.lines, "effective": {"batch_size": cfg.batch_size, "num_workers": cfg.num_workers},
+            "seconds": {"total": time.perf_counter() - t0, "features": extract_s}}
 
 
 def run_probe(backbone: str, data: str, mode: str = "fast", out: str | Path | None = None,
               cfg: ProbeConfig | None = None, which: str = "online", padding: str | None = None,
-              arch: str | None = None) -> dict[str, Any]:
-    """Load ``backbone`` (any ``zoo.load_backbone`` source), probe it on ``data``; writes ``out/metrics.json``."""
+              arch: str | None = None, overwrite: bool = False, recipe: str | None = None) -> dict[str, Any]:
+    """Load ``backbone`` (any ``zoo.load_backbone`` source), probe it on ``data``; writes ``out/metrics.json`` and
+    ``out/metrics.md``. Rerunning into the same ``out`` resumes; another probe's ``out`` is refused unless
+    ``overwrite``."""
     from zoo.data.images import build_dataset
     from zoo.weights import load_backbone
 
     cfg = cfg or ProbeConfig()
+    tool = {"backbone": backbone, "data": data, "mode": mode, "which": which, "padding": padding, "arch": arch}
+    if out is not None and os.environ.get("RANK", "0") == "0":
+        if claim(out, identity(tool, dataclasses.asdict(cfg)), overwrite):
+            print(f"probe: resuming the probe in {out} (same arguments; --overwrite starts over)", file=sys.stderr)
     encoder = load_backbone(backbone, which=which, padding=padding, arch=arch)
     train = build_dataset(data, "train", image_size=cfg.data_image_size)
     test = build_dataset(data, "val", image_size=cfg.data_image_size)
-    name, _, path = data.partition(":")
-    data_id = f"{name}:{Path(path).resolve()}" if path else f"{name}@{cfg.data_image_size}"
-    metrics = evaluate(encoder, train, test, mode, cfg, data_id=data_id, out=out)
+    metrics = evaluate(encoder, train, test, mode, cfg, out=out)
     metrics = {"top1": metrics.pop("top1"), "top5": metrics.pop("top5"), "mode": mode, "backbone": backbone,
                "dataset": data, "arch": getattr(encoder, "zoo_arch", None), "which": which,
                "padding": getattr(encoder, "zoo_padding", None), **metrics, "config": dataclasses.asdict(cfg)}
+    if recipe:
+        metrics["recipe"] = recipe
     if out is not None and os.environ.get("RANK", "0") == "0":  # under DDP every rank has it; rank 0 writes
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        from zoo.files import atomic_write_text
+
+        atomic_write_text(Path(out) / "metrics.json", json.dumps(metrics, indent=2, default=str))
+        atomic_write_text(Path(out) / "metrics.md", markdown_report(metrics))
     return metrics
 
 

@@ -26,7 +26,7 @@ LEGACY_FLAGS = {"--batch-size": "--batch_size", "--lr": "--lr_grid", "--k": "--k
                 "--crop-sampler": "--crop_sampler", "--feature-norm": "--feature_norm", "--cache-dir": "--cache_dir",
                 "--num-workers": "--num_workers", "--max-train": "--max_train", "--max-test": "--max_test"}
 LIST_KEYS = ("--lr_grid", "--knn_k")
-TOOL_KEYS = ("backbone", "data", "mode", "out", "which", "padding", "arch", "devices")
+TOOL_KEYS = ("backbone", "data", "mode", "out", "which", "padding", "arch", "devices", "overwrite")
 
 
 def build_parser() -> Any:
@@ -43,7 +43,10 @@ def build_parser() -> Any:
                    help="digits | cifar10:<dir> | cifar100:<dir> | imagefolder:<dir>")
     # choices without a type: jsonargparse shows a type given with choices as "<function <lambda> at 0x...>"
     p.add_argument("--mode", default="fast", choices=MODES, help=MODE_HELP)
-    p.add_argument("--out", type=Optional[str], default=None, help="folder for metrics.json")
+    p.add_argument("--out", type=Optional[str], default=None,
+                   help="folder for metrics.json / metrics.md; rerunning the same probe there resumes it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in --out (drop its features, lr-grid points and metrics)")
     p.add_argument("--which", default="online", choices=("online", "target"),
                    help="which network of a BYOL checkpoint to probe")
     p.add_argument("--padding", type=Optional[str], default=None, help="torch or tf_same (official checkpoints)")
@@ -136,14 +139,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         metrics = run_probe(tool["backbone"], tool["data"], tool["mode"], tool["out"], cfg, tool["which"],
-                            tool["padding"], tool["arch"])
+                            tool["padding"], tool["arch"], overwrite=tool["overwrite"], recipe=recipe)
     except (FileNotFoundError, ValueError, KeyError) as err:
         print(f"zoo probe: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
-    metrics["recipe"] = recipe
     print_summary(metrics)
     if tool["out"]:
-        print(f"wrote {Path(tool['out']) / 'metrics.json'}")
+        print(f"wrote {Path(tool['out']) / 'metrics.json'} and metrics.md")
     return 0
 
 

@@ -17,6 +17,9 @@ class ProbeConfig:
     epochs: int = 80
     batch_size: int = 1024
     lr_grid: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8)  # base lr candidates (x batch / 256); our grid, not the paper's
+    # a best lr at an edge of the grid (and better than its neighbour) adds lrs past it (x2 / x0.5), at most this
+    # many; 0 (default): only say so, with the flag to widen it
+    grid_extensions: int = 0
     # images held out of train to pick the lr (>= 1: a count, < 1: a fraction); None: 10,000 (the paper's ImageNet
     # split) for sets of 100k images or more, else 10 %
     heldout: float | None = None
@@ -29,11 +32,16 @@ class ProbeConfig:
     eval_crop: str = "official"
     resize_kernel: str = "tf_bicubic"
     crop_sampler: str = "official"
-    feature_norm: str = "none"  # "none": the paper's probe; "batchnorm": parameter-free BN before the linear layer
+    # "batchnorm" (default): parameter-free BN before the linear layer, so one lr grid serves encoders whose features
+    # have any scale (random-init and trained alike); "none": the paper's probe (configs/probe/imagenet_linear.yaml)
+    feature_norm: str = "batchnorm"
     knn_k: tuple[int, ...] = (20, 200)
     knn_temperature: float = 0.07
     num_workers: int = 4
     extract_batch_size: int = 256
+    # features on disk: "auto" = float16 on a GPU, float32 on a CPU; or float32 / float16 / bfloat16
+    feature_dtype: str = "auto"
+    shard_rows: int = 0  # rows per feature shard (the unit of resume); 0: ~64 MiB of features
     cache_dir: str | None = "default"  # "default" -> $ZOO_CACHE_DIR or ~/.cache/byol-zoo/features; null: no cache
     seed: int = 0
     max_train: int | None = None  # use only the first N training images (quick looks)
@@ -56,5 +64,14 @@ class ProbeConfig:
         from augment.presets import EvalPreset
 
         EvalPreset(eval_crop=self.eval_crop, resize_kernel=self.resize_kernel, crop_sampler=self.crop_sampler)
+        if self.feature_dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(f"feature_dtype={self.feature_dtype!r}: choose auto, float32, float16 or bfloat16")
+        if self.feature_norm not in ("none", "batchnorm"):
+            raise ValueError(f"feature_norm={self.feature_norm!r}: choose none or batchnorm")
+        if self.grid_extensions < 0:
+            raise ValueError(f"grid_extensions={self.grid_extensions}: must be >= 0 (0: only say when the best lr "
+                             "is at an edge of lr_grid)")
+        if self.shard_rows < 0:
+            raise ValueError(f"shard_rows={self.shard_rows}: must be >= 0 (0: ~64 MiB shards)")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs ({self.epochs}) and batch_size ({self.batch_size}) must be >= 1")

@@ -4,7 +4,9 @@ Works for any ``zoo.train.ssl.ImagePretraining`` method (it reads ``backbone()``
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 from typing import Any
@@ -71,15 +73,22 @@ class ProbeReport(pl.Callback):
         linear = ProbeConfig(epochs=self.epochs, batch_size=256, lr_grid=self.lr_grid, heldout=0.1,
                              feature_norm="batchnorm", **common)
         scores = {}
+        notices: list[str] = []
         for tag, enc in (("trained", pl_module.backbone()), ("random_init", self.initial.to(pl_module.device))):
             was_training = enc.training
-            scores[f"{tag}_knn_top1"] = evaluate(enc, dm.train_set, dm.val_set, mode="knn", cfg=knn)["top1"]
-            scores[f"{tag}_linear_top1"] = evaluate(enc, dm.train_set, dm.val_set, mode="fast", cfg=linear)["top1"]
+            # the evaluator's one-line notices (a capped value, a grid edge) are kept for after the table: printed
+            # now they would land under the live progress bar
+            with contextlib.redirect_stderr(io.StringIO()):
+                knn_res = evaluate(enc, dm.train_set, dm.val_set, mode="knn", cfg=knn)
+                lin_res = evaluate(enc, dm.train_set, dm.val_set, mode="fast", cfg=linear)
+            scores[f"{tag}_knn_top1"], scores[f"{tag}_linear_top1"] = knn_res["top1"], lin_res["top1"]
+            notices += [f"{tag}: {n}" for n in knn_res.get("notices", []) + lin_res.get("notices", [])]
             enc.train(was_training)
         self.result = {"dataset": dm.dataset, "method": type(pl_module).__name__,
                        "encoder": pl_module.hparams.encoder, "steps": trainer.global_step,
                        "recipe": recipe(knn, linear), **scores, "gain_knn_points": scores["trained_knn_top1"] - scores["random_init_knn_top1"],
-                       "gain_linear_points": scores["trained_linear_top1"] - scores["random_init_linear_top1"]}
+                       "gain_linear_points": scores["trained_linear_top1"] - scores["random_init_linear_top1"],
+                       "notices": notices}
         if self.expected:
             self.result["expected"] = {"source": self.expected_source, **{
                 k: {"band": [lo, hi], "inside": lo <= self.result[k] <= hi} for k, (lo, hi) in self.expected.items()}}
@@ -131,6 +140,8 @@ def print_report(r: dict[str, Any]) -> None:
     console.print(report_table(r))
     for line in band_lines(r):
         console.print(line, highlight=False, markup=False)
+    for line in r.get("notices") or []:
+        print(f"probe: {line}", flush=True)  # whole lines (a log viewer wraps them), never cut at the table's width
 
 
 def band_lines(r: dict[str, Any]) -> list[str]:
