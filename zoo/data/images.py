@@ -216,7 +216,8 @@ class ImageFolderDataset(Dataset):
 
 
 def build_dataset(spec: str, split: str = "train", decode: str = "worker", image_size: int = 32) -> Dataset:
-    """Dataset from a spec: ``digits``, ``cifar10:<root>``, ``cifar100:<root>`` or ``imagefolder:<root>``."""
+    """Dataset from a spec: ``digits``, ``cifar10:<root>``, ``cifar100:<root>``, ``imagefolder:<root>`` or
+    ``wds:<shards>`` (WebDataset tar shards: a brace pattern, ``{split}`` for train/val, or a ``zoo data pack`` folder)."""
     name, _, path = spec.partition(":")
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -230,7 +231,12 @@ def build_dataset(spec: str, split: str = "train", decode: str = "worker", image
         if not path:
             raise ValueError("imagefolder needs a root: use 'imagefolder:/path/to/imagenet'")
         return ImageFolderDataset(path, split, decode=decode)
-    raise ValueError(f"unknown dataset {spec!r}: use digits, cifar10:<dir>, cifar100:<dir> or imagefolder:<dir>")
+    if name == "wds":  # WebDataset tar shards (zoo.data.shards)
+        from zoo.data.shards import ShardDataset
+
+        return ShardDataset(path, split, decode=decode)
+    raise ValueError(f"unknown dataset {spec!r}: use digits, cifar10:<dir>, cifar100:<dir>, imagefolder:<dir> or "
+                     "wds:<shards>")
 
 
 def collate_images(batch: list[tuple]) -> dict[str, Any]:
