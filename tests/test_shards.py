@@ -267,5 +267,18 @@ def test_http_and_pipe_shards_are_fetched_once_then_read_locally(tmp_path):
         server.shutdown()
     ds = build_dataset(f"wds:pipe:cat {served}/r-0.tar", "train")
     assert len(ds) == 1 and ds.key(0) == "a"
-    with pytest.raises(OSError, match="shard command .* failed"):
+    with pytest.raises(FileNotFoundError, match="cannot fetch shard 'pipe:false': the command failed"):
         build_dataset("wds:pipe:false", "train")
+
+
+def test_a_worker_that_fails_names_the_shard(packed, monkeypatch):
+    import augment.decode
+
+    def boom(*a, **k):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(augment.decode, "decode_batch", boom)
+    ds = build_dataset(f"wds:{packed}", "train")
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_with_paths)
+    with pytest.raises(RuntimeError, match=r"reading .*train-000000.tar:n01440764_0 failed: MemoryError"):
+        next(iter(loader))

@@ -112,17 +112,20 @@ def _fetch(url: str) -> str:
     dest = folder / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".tar")
     with _locked(str(dest) + ".lock"):
         if not dest.exists():
-            with atomic_path(dest) as tmp, open(tmp, "wb") as out:
-                if url.startswith("pipe:"):
-                    proc = subprocess.run(url[5:], shell=True, stdout=out, stderr=subprocess.PIPE, timeout=3600)
-                    if proc.returncode:
-                        raise OSError(f"shard command {url!r} failed ({proc.returncode}): "
-                                      f"{proc.stderr.decode(errors='replace').strip()[:200]}")
-                else:
-                    import urllib.request
+            try:
+                with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+                    if url.startswith("pipe:"):
+                        proc = subprocess.run(url[5:], shell=True, stdout=out, stderr=subprocess.PIPE, timeout=3600)
+                        if proc.returncode:
+                            raise OSError(f"the command failed ({proc.returncode}): "
+                                          f"{proc.stderr.decode(errors='replace').strip()[:200]}")
+                    else:
+                        import urllib.request
 
-                    with urllib.request.urlopen(url, timeout=60) as resp:
-                        shutil.copyfileobj(resp, out, 1 << 20)
+                        with urllib.request.urlopen(url, timeout=60) as resp:
+                            shutil.copyfileobj(resp, out, 1 << 20)
+            except (OSError, subprocess.TimeoutExpired) as err:  # one line naming the shard (data.dataset check)
+                raise FileNotFoundError(f"cannot fetch shard {url!r}: {err}") from None
     return str(dest)
 
 
@@ -343,7 +346,10 @@ class ShardDataset(Dataset):
             return data, label, where
         from augment.decode import decode_batch
 
-        images, bad = decode_batch([data], "cpu")  # the folders' rules: any mode to RGB, bad data skipped
+        try:
+            images, bad = decode_batch([data], "cpu")  # the folders' rules: any mode to RGB, bad data skipped
+        except Exception as err:  # e.g. MemoryError: the loader re-raises it in the main process, naming the sample
+            raise RuntimeError(f"reading {where} failed: {type(err).__name__}: {err}") from err
         return (None, label, where) if bad else (images[0], label, where)
 
     def __getstate__(self) -> dict:
