@@ -282,3 +282,21 @@ def test_a_worker_that_fails_names_the_shard(packed, monkeypatch):
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, collate_fn=collate_with_paths)
     with pytest.raises(RuntimeError, match=r"reading .*train-000000.tar:n01440764_0 failed: MemoryError"):
         next(iter(loader))
+
+
+def test_spawned_workers_map_the_shard_index_and_the_cli_parser_imports_no_torch(packed, tmp_path):
+    import os
+    import pickle
+    import sys
+    import time
+
+    t = time.time() - 60
+    for shard in (packed / "train").glob("*.tar"):
+        os.utime(shard, (t, t))
+    ds = build_dataset(f"wds:{packed}", "train", decode="device")
+    assert ds.source is not None and len(pickle.dumps(ds)) < 4000  # paths and names only, no per-sample arrays
+    back = pickle.loads(pickle.dumps(ds))
+    assert np.array_equal(back.labels, ds.labels) and back.where(5) == ds.where(5) and torch.equal(back[5][0], ds[5][0])
+    code = "import sys, zoo.data.pack_cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

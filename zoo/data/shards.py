@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from zoo.data.index import _locked, cached_arrays
+from zoo.data.index import _locked, cached_arrays, read_arrays
 from zoo.files import atomic_path, cache_dir
 
 __all__ = ["ShardDataset", "expand_braces", "resolve_shards", "split_key", "IMAGE_EXTS", "CLASS_FILE"]
@@ -352,10 +352,23 @@ class ShardDataset(Dataset):
             raise RuntimeError(f"reading {where} failed: {type(err).__name__}: {err}") from err
         return (None, label, where) if bad else (images[0], label, where)
 
+    _ARRAYS = {"_shard": "shard", "_offset": "offset", "_size": "size", "labels": "label", "_keys": "keys",
+               "_key_offsets": "key_offsets"}
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_files"] = OrderedDict()  # descriptors do not travel to spawned workers
+        if self.source is not None:  # a spawned worker maps the cached index again instead of receiving a copy
+            for attr in self._ARRAYS:
+                state[attr] = None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.labels is None:
+            arrays = read_arrays(self.source)[1]
+            for attr, name in self._ARRAYS.items():
+                setattr(self, attr, arrays[name])
 
     def __del__(self) -> None:
         if getattr(self, "_pid", None) == os.getpid():
