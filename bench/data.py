@@ -102,7 +102,7 @@ def _private_kb() -> int:
 
 
 def worker_growth(make, n: int) -> float:
-    """Private memory growth (KB) of a forked child that reads every entry of ``make()`` in a shuffled order."""
+    """Private memory growth (KB) of a forked child calling ``make()[0](i)`` for every i in a shuffled order."""
     holder = make()
     order = np.random.default_rng(0).permutation(n)  # made before the fork: shared, not counted
     r, w = os.pipe()
@@ -110,7 +110,7 @@ def worker_growth(make, n: int) -> float:
     if pid == 0:
         os.close(r)
         before = _private_kb()
-        read = holder[0] if isinstance(holder, tuple) else holder.__getitem__
+        read = holder[0]
         for i in order:
             read(int(i))
         os.write(w, str(_private_kb() - before).encode())
@@ -127,12 +127,10 @@ def memory(split: Path) -> dict:
     from zoo.data.images import IMAGE_EXTENSIONS
     from zoo.data.index import scan_folder
 
-    gc.freeze()  # what a DataLoader parent looks like: the objects exist before the fork
-    listing = old_listing(split)
+    listing = old_listing(split)  # as a DataLoader parent: the objects exist before the fork; no gc.freeze
     n = len(listing)
     gc.collect()
-    gc.freeze()
-    old = worker_growth(lambda: listing, n)
+    old = worker_growth(lambda: ((lambda i: (str(listing[i][0]), listing[i][1])),), n)  # the old __getitem__'s reads
     idx = scan_folder(split, IMAGE_EXTENSIONS)
     labels = np.zeros(n, dtype=np.int64)
     new = worker_growth(lambda: ((lambda i: (idx.relpath(i), int(labels[i]))),), n)
