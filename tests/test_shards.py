@@ -300,3 +300,19 @@ def test_spawned_workers_map_the_shard_index_and_the_cli_parser_imports_no_torch
     code = "import sys, zoo.data.pack_cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_zoo_probe_reads_shards(packed, tmp_path):
+    from zoo.eval.probe import main as probe_main
+    from zoo.weights.export import export_backbone
+
+    ckpt = tmp_path / "enc.safetensors"
+    export_backbone("random:convnet_tiny", ckpt)
+    out = tmp_path / "knn"
+    n = len(list((packed / "val").glob("*.tar")))
+    assert probe_main(["--backbone", str(ckpt), "--image-size", "32", "--resize", "36", "--num-workers", "0",
+                       "--cache-dir", str(tmp_path / "fcache"), "--no-progress", "--batch-size", "8",
+                       "--data", f"wds:{packed}/{{split}}/{{split}}-*.tar", "--mode", "knn", "--k", "3",
+                       "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["counts"]["train"] == 18 and n >= 1 and m["dataset"].startswith("wds:")
