@@ -73,7 +73,8 @@ def test_tools_are_registered_as_entry_points_in_pyproject():
     import tomllib
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["byol_zoo.commands"]
-    assert set(declared) == {"probe", "export", "export-hf", "pretrained", "eval", "scaling", "plan", "consolidate"}
+    assert set(declared) == {"probe", "export", "export-hf", "pretrained", "eval", "scaling", "plan", "consolidate",
+                             "data"}
     commands = registered_commands()
     for name, target in declared.items():
         assert commands[name].target == target
@@ -105,7 +106,7 @@ def test_a_command_registered_by_entry_point_is_listed_described_and_dispatched(
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     usage = out.split("\n\n")[0].replace("\n", "").replace(" ", "")
-    assert "{fit,validate,test,predict,consolidate,eval,export,export-hf,hello,plan," in usage, usage
+    assert "{fit,validate,test,predict,consolidate,data,eval,export,export-hf,hello,plan," in usage, usage
     assert re.search(r"^  hello +Say hello to the arguments\.$", out, flags=re.M), out
     assert "fakepkg" not in sys.modules  # described from its source, not imported
     assert main(["hello", "a", "b"]) == 3
@@ -128,7 +129,7 @@ def test_help_lists_every_subcommand_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     usage = out.stdout.split("\n\n")[0].replace("\n", "").replace(" ", "")
-    assert "{fit,validate,test,predict,consolidate,eval,export,export-hf,plan,pretrained,probe,scaling}" in usage, usage
+    assert "{fit,validate,test,predict,consolidate,data,eval,export,export-hf,plan,pretrained,probe,scaling}" in usage, usage
     assert all(len(line) <= 80 for line in out.stdout.splitlines())
     test_line = out.stdout[out.stdout.index("  test "):out.stdout.index("  predict ")]
     assert test_line.rstrip().endswith("when you ask)."), test_line

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from zoo.weights.safe_load import UnsafeFileError
 from zoo.weights.safe_pickle import GuardedUnpickler, brief, describe_failure, one_line
+from zoo.data.index import folder_index, list_subfolders
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
@@ -159,10 +160,6 @@ def cifar_dataset(root: str | os.PathLike, split: str, num_classes: int = 10) ->
     return TensorImageDataset(torch.from_numpy(x), torch.from_numpy(y), [_cifar_text(c) for c in classes])
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def _flat_val_labels(root: Path, files: list[Path], classes: list[str]) -> list[int]:
     """Labels for the flat official validation folder, always through the wnid (ILSVRC ids are not sorted-wnid order)."""
     where = [root, root / "val", root / "devkit" / "data", root / "ILSVRC2012_devkit_t12" / "data"]
@@ -226,40 +223,47 @@ class ImageFolderDataset(Dataset):
                 f"image folder split not found: {split_dir} does not exist. Expected the ImageNet layout "
                 f"<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG; pass 'imagefolder:<root>'.")
         class_dir = train_dir if train_dir.is_dir() else split_dir
-        self.classes = sorted(d.name for d in class_dir.iterdir() if d.is_dir())
+        self.classes = list_subfolders(class_dir)
         if not self.classes:
             raise FileNotFoundError(f"no class folders in {class_dir}; expected {class_dir}/<class>/<image files>")
-        sub = [d for d in split_dir.iterdir() if d.is_dir()]
-        if sub:
+        # The listing is zoo.data.index's: os.scandir without a stat per file, NumPy arrays (never a Python list:
+        # forked loader workers would copy it page by page), cached on disk and built by one process.
+        self.index = folder_index(split_dir, IMAGE_EXTENSIONS)
+        self._dir = str(split_dir)
+        if self.index.folders != [""]:
             index = {c: i for i, c in enumerate(self.classes)}
-            unknown = sorted(d.name for d in sub if d.name not in index)
+            unknown = sorted(d for d in self.index.folders if d not in index)
             if unknown:
                 raise ValueError(f"{split_dir} has class folders missing from {class_dir}: {unknown[:5]}")
-            listed = {d.name: _list_images(d) for d in sorted(sub)}
             # A class folder without images would still be a class: an output the model can never be taught, and a
             # silent shift of every later label against a copy of the data without it. Refused where the class list
             # comes from (the training folder). A val class folder may be empty: the class list is the training
             # folder's, so val labels stay aligned with it, and a validation subset need not cover every class.
             if class_dir == split_dir:
-                empty = [name for name, files in listed.items() if not files]
+                empty = [name for name, n in zip(self.index.folders, self.index.counts) if n == 0]
                 if empty:
                     raise ValueError(
                         f"empty class folder {split_dir / empty[0]}"
                         + (f" (and {len(empty) - 1} more: {', '.join(empty[1:4])})" if len(empty) > 1 else "")
                         + f": it has no images ({', '.join(IMAGE_EXTENSIONS)}) but would become a class; "
                           "add its images or remove the folder")
-            self.samples = [(p, index[name]) for name, files in listed.items() for p in files]
+            self.labels = np.array([index[d] for d in self.index.folders], dtype=np.int64)[self.index.folder_of]
         else:
-            files = _list_images(split_dir)
-            self.samples = list(zip(files, _flat_val_labels(self.root, files, self.classes)))
-        if not self.samples:
+            files = [split_dir / self.index.relpath(i) for i in range(len(self.index))]
+            self.labels = np.array(_flat_val_labels(self.root, files, self.classes), dtype=np.int64)
+        if not len(self.index):
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
 
+    @property
+    def samples(self) -> list[tuple[Path, int]]:
+        """(path, label) of every file, built on demand (the dataset itself holds arrays only)."""
+        return [(Path(self._dir, self.index.relpath(i)), int(y)) for i, y in enumerate(self.labels)]
+
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str] | tuple[None, int, str]:
-        path, label = self.samples[i]
+        path, label = Path(self._dir, self.index.relpath(i)), int(self.labels[i])
         try:
             raw = path.read_bytes()
         except OSError:  # deleted, unreadable or replaced by a folder since listing: skipped like a corrupt file
@@ -276,7 +280,8 @@ class ImageFolderDataset(Dataset):
 
 
 def build_dataset(spec: str, split: str = "train", decode: str = "worker", image_size: int = 32) -> Dataset:
-    """Dataset from a spec: ``digits``, ``cifar10:<root>``, ``cifar100:<root>`` or ``imagefolder:<root>``."""
+    """Dataset from a spec: ``digits``, ``cifar10:<root>``, ``cifar100:<root>``, ``imagefolder:<root>`` or
+    ``wds:<shards>`` (WebDataset tar shards: a brace pattern, ``{split}`` for train/val, or a ``zoo data pack`` folder)."""
     name, _, path = spec.partition(":")
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -290,7 +295,12 @@ def build_dataset(spec: str, split: str = "train", decode: str = "worker", image
         if not path:
             raise ValueError("imagefolder needs a root: use 'imagefolder:/path/to/imagenet'")
         return ImageFolderDataset(path, split, decode=decode)
-    raise ValueError(f"unknown dataset {spec!r}: use digits, cifar10:<dir>, cifar100:<dir> or imagefolder:<dir>")
+    if name == "wds":  # WebDataset tar shards (zoo.data.shards)
+        from zoo.data.shards import ShardDataset
+
+        return ShardDataset(path, split, decode=decode)
+    raise ValueError(f"unknown dataset {spec!r}: use digits, cifar10:<dir>, cifar100:<dir>, imagefolder:<dir> or "
+                     "wds:<shards>")
 
 
 def collate_images(batch: list[tuple]) -> dict[str, Any]:

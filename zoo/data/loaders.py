@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.data.images import build_dataset, collate_images
 from zoo.train.errors import UsageError
+from zoo.data.shards import NoSplit
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -278,7 +279,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     Args:
         dataset: ``digits`` (embedded, real handwritten digits), ``cifar10:<dir>``, ``cifar100:<dir>`` or
-            ``imagefolder:<dir>`` (ImageNet layout).
+            ``imagefolder:<dir>`` (ImageNet layout) or ``wds:<shards>`` (WebDataset tar shards, see
+            ``zoo.data.shards``).
         batch_size: per-device batch size (the global batch is this times devices times nodes).
         num_workers: loader worker processes.
         image_size: side of the embedded digits after upsampling (other datasets keep their own size).
@@ -300,8 +302,8 @@ class ImageDataModule(pl.LightningDataModule):
         if kind != "digits" and image_size != 32:
             raise UsageError(f"data.image_size={image_size} only sets the size of the embedded digits; {kind} images "
                              "keep their own size (the views' size is model.init_args.image_size): remove it")
-        if kind != "imagefolder" and decode != "worker":
-            raise UsageError(f"data.decode={decode!r} applies to JPEG folders (imagefolder:<root>) only; {kind} "
+        if kind not in ("imagefolder", "wds") and decode != "worker":
+            raise UsageError(f"data.decode={decode!r} applies to JPEG folders and shards (imagefolder:, wds:) only; {kind} "
                              "images are decoded already: remove it")
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
         self.image_size, self.decode, self.seed = image_size, decode, seed
@@ -318,7 +320,10 @@ class ImageDataModule(pl.LightningDataModule):
             return
         try:
             self.train_set = self._build("train")
-            self.val_set = self._build("val")
+            try:
+                self.val_set = self._build("val")
+            except NoSplit:  # wds: shards named without {split}: training only, no validation loop
+                self.val_set = None
         except (FileNotFoundError, NotADirectoryError, ValueError) as err:
             self.train_set = self.val_set = None
             raise UsageError(f"data.dataset={self.dataset!r} cannot be read: {err}") from None
@@ -347,8 +352,8 @@ class ImageDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+    def test_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set, train=False)
