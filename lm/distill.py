@@ -105,8 +105,8 @@ def precompute_teacher_targets(teacher: nn.Module, windows: Any, out_dir: str | 
                                progress: bool | None = None) -> Path:
     """Run the teacher over every window of ``windows`` once; write ids.npy [N, T, k] and probs.npy (float16).
 
-    ``progress``: draw done/total batches and an ETA on stderr (None: only on a terminal; the precompute of a real
-    corpus takes tens of seconds before the first training step).
+    ``progress``: draw done/total batches and an ETA on stderr (None: a bar on a terminal, whole lines elsewhere;
+    False: nothing; the precompute of a real corpus takes tens of seconds before the first training step).
     """
     from zoo.train.progress import track
 

@@ -166,5 +166,8 @@ def test_precompute_shows_progress_with_total_and_eta(tmp_path, monkeypatch):
     assert f"teacher topk-4 targets ({n} windows, batches)" in text
     assert f"{batches}/{batches}" in text and "ETA" in text
     err.truncate(0)
-    precompute_teacher_targets(module.teacher, dm.train_set, tmp_path / "quiet", 4, batch_size=4)
-    assert err.getvalue() == ""  # not a terminal: nothing drawn by default
+    precompute_teacher_targets(module.teacher, dm.train_set, tmp_path / "lines", 4, batch_size=4)
+    assert "\r" not in err.getvalue() and f"{batches}/{batches}" in err.getvalue()  # not a terminal: whole lines
+    err.truncate(0)
+    precompute_teacher_targets(module.teacher, dm.train_set, tmp_path / "quiet", 4, batch_size=4, progress=False)
+    assert err.getvalue() == ""
