@@ -124,7 +124,9 @@ def test_no_stat_per_file(tmp_path, monkeypatch, cached):
             idx = zindex.folder_index(root, IMAGE_EXTENSIONS)
         assert len(idx) == 3 * per_class and idx.source is not None  # built (and written) or read from the cache
         counts.append(calls["n"])
-    assert counts[0] == counts[1] and counts[1] < 3 * 5, counts
+    # per-file stats would give >= 180 on the larger folder; what remains is a constant (class folders, resolving the
+    # cache folder, which checks each existing parent once), and the larger folder never costs more
+    assert counts[1] <= counts[0] and counts[1] < 3 * 5 + 15, counts
 
 
 def test_cache_is_reused_and_invalidated_when_a_class_folder_changes(tiny_imagefolder, monkeypatch):

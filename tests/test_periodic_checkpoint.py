@@ -15,7 +15,7 @@ def test_default_epoch_end_checkpoint_then_hard_crash_resumes_exactly(reference,
         zoo_fit(root, callbacks=[{"class_path": "fault_callbacks.CrashAt", "init_args": {"step": 5}}])
     saved = last(root)
     assert saved["global_step"] == 4
-    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 0}]
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "samples": 0, "global_batch": 16}]
     check_same_as_reference(reference, zoo_fit(root, "--ckpt_path", "last"), root)
 
 

@@ -48,7 +48,7 @@ def test_timm_encoder_and_unknown_names():
         zoo.create("resnet5O")
     with pytest.raises(KeyError, match="timm has no model"):
         zoo.create("timm:not_a_real_model_xyz")
-    with pytest.raises(ValueError, match="without downloading"):
+    with pytest.raises(ValueError, match="no pretrained weights"):
         zoo.create("timm:resnet18", pretrained=True)
     assert "resnet50x2" in zoo.available() and "convnet_tiny" in zoo.available()
 
