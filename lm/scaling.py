@@ -1,6 +1,6 @@
 """Scaling-law fitting: Chinchilla approaches 1-3, compute-optimal allocation, and the routed-LM law.
 
-Pure functions over numpy arrays (no I/O, no training). Formulas follow ``shared/reference/lm.md``:
+Pure functions over numpy arrays (no I/O, no training). Formulas follow
 Hoffmann et al. 2022 (Chinchilla) for the dense laws, Clark et al. 2022 for routed language models.
 """
 from __future__ import annotations
