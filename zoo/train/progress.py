@@ -43,7 +43,10 @@ class LinePacer:
     def _milestone(self, done: int) -> int:
         if self.total <= 0:
             return done + 100  # no known total: the timer alone paces the lines, with a line per 100 at most
-        k = math.floor(done * self.lines / self.total) + 1
+        # the next tenth boundary at least a quarter of a tenth away: a line the timer wrote just before a boundary
+        # (step 130 of 660, boundary 132) must not be followed by a near-copy two steps later
+        gap = self.total / self.lines / 4
+        k = math.floor((done + gap) * self.lines / self.total) + 1
         return max(done + 1, math.ceil(k * self.total / self.lines))
 
     def due(self, done: int, now: float | None = None) -> bool:
