@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from zoo.cli import HELP_WIDTH  # the widest help we print: zoo --help's
+from zoo.cli.commands import HELP_WIDTH  # the widest help we print: zoo --help's
 from zoo.files import atomic_write_text, cache_dir
 
 DISABLE_ENV = "ZOO_HELP_CACHE"

@@ -56,25 +56,15 @@ def available() -> list[str]:
     return sorted(name for name in _REGISTRY if name != _TIMM)
 
 
-def _create_pretrained(name: str, device: str | torch.device | None, trust: bool | None,
-                       overrides: dict) -> nn.Module:
-    """``create(name, pretrained=True)``: the pretrained table's weights for ``name``, or one line saying what to do."""
-    from zoo.weights.pretrained import pretrained_for_arch
-    from zoo.weights.pretrained_table import PRETRAINED
+# create(name, pretrained=True) needs the weights layer, which sits above this one: zoo.weights.create installs its
+# loader here when imported (zoo.create, the package face, always imports it), so models never import weights.
+_pretrained_loader: Callable[..., nn.Module] | None = None
 
-    entry = pretrained_for_arch(name)
-    if entry is None:
-        archs = sorted({e["arch"] for e in PRETRAINED.values()})
-        raise ValueError(f"zoo.create({name!r}, pretrained=True): no pretrained weights for {name!r} in the table "
-                         f"(it has weights for {', '.join(archs)}: zoo.list_pretrained()). Load your own file with "
-                         f"zoo.load_backbone(path_or_url, arch={name!r}), or drop pretrained=True for random init.")
-    if overrides:
-        raise ValueError(f"zoo.create({name!r}, pretrained=True) builds {entry!r} as published; drop the overrides "
-                         f"{sorted(overrides)} (they would change the architecture the weights fit).")
-    from zoo.weights.backbone import load_backbone
 
-    model = load_backbone(entry, trust=trust)
-    return model.to(device) if device is not None else model
+def set_pretrained_loader(loader: Callable[..., nn.Module]) -> None:
+    """Install what ``create(name, pretrained=True)`` calls: ``loader(name, device, trust, overrides)``."""
+    global _pretrained_loader
+    _pretrained_loader = loader
 
 
 def create(name: str, device: str | torch.device | None = None, pretrained: bool = False,
@@ -89,7 +79,10 @@ def create(name: str, device: str | torch.device | None = None, pretrained: bool
     if pretrained:
         if name not in _REGISTRY and not name.startswith(_TIMM + ":"):
             create(name)  # the unknown-name error, with the closest names
-        return _create_pretrained(name, device, trust, overrides)
+        if _pretrained_loader is None:
+            raise ValueError(f"create({name!r}, pretrained=True) needs the weights layer: call zoo.create (or import "
+                             "zoo.weights.create first)")
+        return _pretrained_loader(name, device, trust, overrides)
     if name.startswith(_TIMM + ":") and name != _TIMM + ":":
         builder = _REGISTRY[_TIMM]
         overrides = {"model_name": name[len(_TIMM) + 1:], **overrides}

@@ -17,6 +17,7 @@ import torch
 
 from zoo.files import atomic_path, atomic_write_text
 from zoo.models.transformer import Transformer, TransformerConfig
+from zoo.weights.dtypes import FLOAT_DTYPES
 
 SUPPORTED = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 _LAYER_TYPE = {"sliding_attention": "local", "full_attention": "global"}
@@ -228,8 +229,6 @@ def float_dtype(dtype: torch.dtype | str, what: str = "--dtype") -> torch.dtype:
     unknown name, an integer dtype) is refused in one line naming ``what``."""
     name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else None
     found = getattr(torch, name, None) if name else None
-    from zoo.weights.hf_cli import FLOAT_DTYPES
-
     if not isinstance(found, torch.dtype) or not found.is_floating_point or name not in FLOAT_DTYPES:
         raise ValueError(f"{what} {dtype!r} is not a floating-point dtype; use one of {', '.join(FLOAT_DTYPES)}")
     return found
@@ -356,11 +355,11 @@ def load_hf_tokenizer(path: str | Path):
 # ----------------------------------------------------------------------------------------------- CLI
 def _load_model(spec: str, model_name: str | None, overrides: dict) -> tuple[Transformer, str | None]:
     """The model named by ``spec`` and the tokenizer it was trained with ("byte", a file, or None if unknown)."""
-    import zoo
+    from zoo.models.registry import create
 
     path = Path(spec).expanduser()
     if not path.exists():
-        model = zoo.create(spec, **overrides)  # a registry name: random init (unknown names raise with hints)
+        model = create(spec, **overrides)  # a registry name: random init (unknown names raise with hints)
         return model, "byte" if model.config.vocab_size == 259 else None
     if path.is_dir() and (path / "config.json").is_file():
         return from_hf(path, **overrides), str(path)
@@ -389,20 +388,13 @@ def _load_model(spec: str, model_name: str | None, overrides: dict) -> tuple[Tra
     if prefix is None:
         raise ValueError(f"{path}: no 'embed.weight' tensor found; is this a zoo language-model checkpoint?")
     sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    model = zoo.create(model_name, **overrides)
+    model = create(model_name, **overrides)
     check_weights(sd, str(path), model.state_dict())
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{path} does not match model {model_name!r} with overrides {overrides}: {err}") from err
     return model, None
-
-
-def main(argv: list[str]) -> int:
-    """``zoo export-hf``: parsed by ``zoo.weights.hf_cli.main`` (no torch for ``--help``), then ``run_export_hf``."""
-    from zoo.weights.hf_cli import main as front
-
-    return front(argv)
 
 
 def run_export_hf(args: Any, overrides: dict) -> int:

@@ -1,6 +1,6 @@
 """The command-line front of ``zoo export-hf``: its parser, in a module that imports no torch.
 
-``zoo export-hf --help`` and argument errors come back at once, each error as one line (``zoo.cli.errors``, as every
+``zoo export-hf --help`` and argument errors come back at once, each error as one line (``zoo.errors``, as every
 tool); ``zoo.weights.hf`` (torch, the Transformer) is imported only to do the export.
 """
 from __future__ import annotations
@@ -9,9 +9,8 @@ import json
 import sys
 from typing import Any
 
-from zoo.cli.errors import parse_tool_args, tool_parser, user_error_line
-
-FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # what --dtype accepts (weights stay floating point)
+from zoo.errors import parse_tool_args, tool_parser, user_error_line
+from zoo.weights.dtypes import FLOAT_DTYPES
 
 
 def parser() -> Any:
