@@ -220,16 +220,18 @@ def describe(cycle: list[str], edges: dict[str, dict[str, int]], known: dict[str
 
 
 # ----------------------------------------------------------------------------------------------------------- layers
-def zoo_layer(module: str) -> int:
-    """The layer of a module of zoo (0: zoo.errors, zoo.files; then ZOO_LAYERS; the face ``zoo`` above all)."""
+def zoo_layer(module: str, known: dict[str, Path]) -> int:
+    """The layer of a module of zoo: 0 for a module directly in zoo (errors.py, files.py, progress.py), then
+    ZOO_LAYERS for a subpackage and everything in it; the face ``zoo`` above all. A subpackage missing from ZOO_LAYERS
+    fails the check: its place in the order has to be decided, not assumed."""
     parts = module.split(".")
     if len(parts) == 1:
         return ZOO_FACE
-    if len(parts) == 2 and parts[1] not in ZOO_LAYERS and not (ROOT / "zoo" / parts[1]).is_dir():
+    if parts[1] in ZOO_LAYERS:
+        return ZOO_LAYERS.index(parts[1]) + 1
+    if len(parts) == 2 and known[module].name != "__init__.py":
         return 0
-    if parts[1] not in ZOO_LAYERS:
-        raise AssertionError(f"zoo/{parts[1]}/ has no place in the layer order: add it to ZOO_LAYERS and ARCHITECTURE.md")
-    return ZOO_LAYERS.index(parts[1]) + 1
+    raise AssertionError(f"zoo/{parts[1]}/ has no place in the layer order: add it to ZOO_LAYERS and ARCHITECTURE.md")
 
 
 def layer_name(level: int) -> str:
@@ -244,9 +246,9 @@ def upward_imports(edges: dict[str, dict[str, int]], known: dict[str, Path], roo
         if src.split(".")[0] != "zoo":
             continue
         for dst, line in sorted(targets.items()):
-            if dst.split(".")[0] == "zoo" and zoo_layer(dst) > zoo_layer(src):
-                bad.append(f"{known[src].relative_to(root)}:{line} ({layer_name(zoo_layer(src))}) imports {dst} "
-                           f"({layer_name(zoo_layer(dst))})")
+            if dst.split(".")[0] == "zoo" and zoo_layer(dst, known) > zoo_layer(src, known):
+                bad.append(f"{known[src].relative_to(root)}:{line} ({layer_name(zoo_layer(src, known))}) imports "
+                           f"{dst} ({layer_name(zoo_layer(dst, known))})")
     return bad
 
 
@@ -375,13 +377,19 @@ def test_the_checker_finds_a_planted_upward_import_and_front_import(tmp_path):
                       "zoo/data/pack_cli.py": "from zoo.data import loaders\n",
                       "zoo/data/pack.py": "X = 'zoo.data.pack_cli:main'\n",
                       "zoo/train/__init__.py": "", "zoo/train/errors.py": "from zoo.errors import UsageError\n",
+                      "zoo/models/__init__.py": "", "zoo/models/m.py": "import zoo\n",
+                      "zoo/weights/__init__.py": "", "zoo/weights/w.py": "from zoo.models import m\n",
                       "pyproject.toml": "[project]\nname = 'x'\n"})
     known = modules(tmp_path, ("zoo",))
     edges = graph(tmp_path, ("zoo",))
     assert upward_imports(edges, known, tmp_path) == [
-        f"{Path('zoo/data/loaders.py')}:2 (data) imports zoo.train.errors (train)"]
+        f"{Path('zoo/data/loaders.py')}:2 (data) imports zoo.train.errors (train)",
+        f"{Path('zoo/models/m.py')}:1 (models) imports zoo (the zoo face)"]
     assert front_imports(edges, known, tmp_path) == [
         f"{Path('zoo/data/pack.py')}:1 (library) imports the front zoo.data.pack_cli"]
+    _plant(tmp_path, {"zoo/newsub/__init__.py": "", "zoo/newsub/n.py": "from zoo.errors import UsageError\n"})
+    with pytest.raises(AssertionError, match="zoo/newsub/ has no place in the layer order"):
+        upward_imports(graph(tmp_path, ("zoo",)), modules(tmp_path, ("zoo",)), tmp_path)
 
 
 def test_fronts_are_read_from_pyproject():
