@@ -21,6 +21,7 @@ from typing import Iterator
 from zoo.cli.commands import HELP_WIDTH, LIGHTNING_COMMANDS, Command, registered_commands
 from zoo.train.quiet import QUIET_LOG_PREFIXES, QUIET_WARNINGS, _DropChatter, quiet_lightning  # noqa: F401
 
+
 def main_help(commands: dict[str, Command] | None = None) -> str:
     """The text of ``zoo --help``: every subcommand in the usage line, one description each, 80 columns."""
     commands = registered_commands() if commands is None else commands

@@ -17,11 +17,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from zoo.data.positions import keep_saved_position, saved_samples, skip_rest_of_epoch  # noqa: F401 - used here
+from zoo.data.positions import keep_saved_position, saved_samples, skip_rest_of_epoch
 from zoo.data.positions import take_epoch_skip, take_saved_position  # noqa: F401 - re-exported (the loader's side)
 from zoo.errors import UsageError
 
 NEXT_EPOCH_ENV = "ZOO_RESUME_AT_NEXT_EPOCH"
+
 
 def loader_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
     """The training loaders' saved positions in ``checkpoint`` (the list itself: editing it edits the checkpoint)."""

@@ -43,6 +43,7 @@ MAX_DEPTH = 100
 _KEY_NODES = 256
 _SMALL_READ = 4096  # a read this short past the end is a truncated (or foreign) file, not a memory bomb  # a dict key / set member may be a tuple of at most this many leaves (hashing recurses)
 
+
 class TooLargeError(UnsafeFileError):
     """The file asks for more memory than it could honestly hold (a memory bomb); nothing was allocated."""
 
