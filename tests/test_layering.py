@@ -43,9 +43,9 @@ ALLOWED = {
 }
 METHOD_ALLOWED = {"zoo", "augment"}
 
-# zoo's layers, lowest first. ``zoo.<module>`` (errors.py, files.py) is layer 0; ``zoo.<sub>.*`` has its subpackage's
-# layer. The package face ``zoo/__init__.py`` (zoo.create, zoo.load_backbone, ...) sits above every layer: it re-exports
-# lazily, and as nothing in zoo may import it (it is above them all), the face can never close a cycle.
+# zoo's layers, lowest first. ``zoo.<module>`` (errors.py, files.py, progress.py) is layer 0; ``zoo.<sub>.*`` has its
+# subpackage's layer. The package face ``zoo/__init__.py`` (zoo.create, zoo.load_backbone, ...) sits above every
+# layer: it re-exports lazily, and as nothing in zoo may import it (it is above them all), it never closes a cycle.
 ZOO_LAYERS = ("models", "weights", "data", "train", "eval", "cli")
 ZOO_FACE = len(ZOO_LAYERS) + 1
 
