@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from zoo.models.registry import UnknownModelError, register
+from zoo.models.builders import UnknownModelError, register
 from zoo.models.transformer import Transformer, TransformerConfig
 
 CONFIGS: dict[str, TransformerConfig] = {}

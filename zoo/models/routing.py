@@ -14,13 +14,14 @@ the module so each can be tested against its formula.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-# routing -> transformer only (transformer imports routing lazily, inside Block), so there is no import cycle.
-from zoo.models.transformer import DenseFFN, TransformerConfig
+# The experts are the Transformer's dense FFN (zoo.models.ffn); routing never imports the Transformer, which imports
+# this module for its routed layers. The config is a zoo.models.transformer.TransformerConfig.
+from zoo.models.ffn import DenseFFN
 
 ROUTERS = ("sbase", "hash", "rlr")
 
@@ -102,7 +103,7 @@ class RoutingAux(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------------------------
-def expert_config(config: TransformerConfig) -> TransformerConfig:
+def expert_config(config: Any) -> Any:
     """The dense config each expert is built from: ffn = the config's expert kind (``expert_ffn``, default GeGLU)."""
     # ffn="routed" says nothing about the experts' MLP; Gopher-style models set expert_ffn="gelu".
     kind = config.expert_ffn
@@ -114,7 +115,7 @@ def expert_config(config: TransformerConfig) -> TransformerConfig:
 class RoutedFFN(nn.Module):
     """A routed FFN layer: each token goes to exactly one of ``n_experts`` experts picked by the config's router."""
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__()
         self.d_model = config.d_model
         self.n_experts = int(config.n_experts)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.models import attention as A
+from zoo.models.ffn import DenseFFN
 
 if TYPE_CHECKING:
     from zoo.models.routing import RoutingAux
@@ -158,24 +159,6 @@ class RMSNorm(nn.Module):
         return (h * (1.0 + w if self.unit_offset else w)).type_as(x)
 
 
-class DenseFFN(nn.Module):
-    """GeGLU (tanh GELU gate, Gemma) or a plain GELU MLP (Gopher); called as ffn(x, input_ids)."""
-
-    def __init__(self, config: TransformerConfig) -> None:
-        super().__init__()
-        self.gated = config.ffn != "gelu"
-        d, h = config.d_model, config.d_ff
-        self.gate_proj = nn.Linear(d, h, bias=False) if self.gated else None
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d, bias=False)
-
-    def forward(self, x: Tensor, input_ids: Tensor | None = None) -> Tensor:
-        """[B, T, D] -> [B, T, D]; input_ids is unused (same signature as the routed FFN)."""
-        if self.gated:
-            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))
-
-
 class Attention(nn.Module):
     """Multi-head / grouped / multi-query attention with RoPE or Transformer-XL relative positions."""
 
@@ -263,7 +246,7 @@ class Block(nn.Module):
         self.ffn_norm = norm()
         self.routed = c.is_routed(layer)
         if self.routed:
-            from zoo.models.routing import RoutedFFN  # routing imports this module, so it is imported here
+            from zoo.models.routing import RoutedFFN  # only routed models need it
 
             self.ffn = RoutedFFN(c)
         else:
