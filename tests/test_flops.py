@@ -1,4 +1,4 @@
-"""lm.flops: 6ND and the detailed Chinchilla Appendix-F count, checked against torch's FLOP counter."""
+"""lm.parallel.flops: 6ND and the detailed Chinchilla Appendix-F count, checked against torch's FLOP counter."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import zoo
-from lm import flops as F
+from lm.parallel import flops as F
 from zoo.models.lm_configs import get_config
 
 

@@ -49,5 +49,5 @@ def test_package_imports_only_what_the_layering_allows(package):
 
 def test_the_checker_sees_lazy_imports_and_import_strings(tmp_path):
     src = tmp_path / "m.py"
-    src.write_text('def f():\n    import byol.module\n    return "lm.evals:main"\n')
+    src.write_text('def f():\n    import byol.module\n    return "lm.evals.text:main"\n')
     assert _imports(src) == [(2, "byol"), (3, "lm")]

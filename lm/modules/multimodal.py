@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 import zoo
-from lm.base import LMModule, token_nll
-from lm.flops import mfu_flops_per_token
-from lm.metrics import mfu, peak_flops
+from lm.modules.base import LMModule, token_nll
+from lm.parallel.flops import mfu_flops_per_token
+from lm.parallel.hardware import mfu, peak_flops
 from zoo.data.interleaved import TASKS, answer_accuracy, answer_budget
 from zoo.models.multimodal import MultimodalDecoder
 from zoo.train.trainer import NAN_POLICIES, UsageError, check_finite_loss

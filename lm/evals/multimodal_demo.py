@@ -1,6 +1,6 @@
 """The multimodal demo: does a BYOL-pretrained encoder help a small decoder see? Up to three rows, one table.
 
-    python -m lm.multimodal_demo --config configs/multimodal/digits_vlm.yaml
+    python -m lm.evals.multimodal_demo --config configs/multimodal/digits_vlm.yaml
 
 1. A short BYOL pretraining on the digits (configs/byol/digits.yaml's model and views, ``--byol-epochs`` epochs),
    run through the ``zoo fit`` command (lm does not import byol), unless its checkpoint exists already.
@@ -21,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 
-from lm.multimodal import MultimodalLM
+from lm.modules.multimodal import MultimodalLM
 from zoo.data.interleaved import TASKS, InterleavedDataModule
 from zoo.train.trainer import build_trainer
 
@@ -75,7 +75,7 @@ def format_table(rows: list[tuple[str, dict[str, dict[str, float]], float]]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: pretrain BYOL, train the chosen rows, print the table."""
-    ap = argparse.ArgumentParser(prog="python -m lm.multimodal_demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m lm.evals.multimodal_demo", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/multimodal/digits_vlm.yaml")
     ap.add_argument("--byol-config", default="configs/byol/digits.yaml")
     ap.add_argument("--byol-epochs", type=int, default=15)

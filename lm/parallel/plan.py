@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 import zoo
-from lm.flops import mfu_flops_per_token, matmul_params
-from lm.metrics import PEAK_BF16_FLOPS
+from lm.parallel.flops import mfu_flops_per_token, matmul_params
+from lm.parallel.hardware import PEAK_BF16_FLOPS
 from zoo.models import attention as A
 
-# Chip -> (key into lm.metrics.PEAK_BF16_FLOPS, the one table of dense bf16 datasheet peaks; memory in GiB from
+# Chip -> (key into lm.parallel.hardware.PEAK_BF16_FLOPS, the one table of dense bf16 datasheet peaks; memory in GiB from
 # the vendors' datasheets: H100 SXM 80 GB, H200 141 GB, A100 80 GB variant, L40S 48 GB, ...).
 CHIPS: dict[str, tuple[str, float]] = {
     "h100": ("H100", 80.0), "h100-pcie": ("H100 PCIe", 80.0), "h200": ("H200", 141.0), "a100": ("A100", 80.0),
@@ -303,15 +303,8 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Plan a sharded LM run (``zoo plan``): parsed by ``lm.cli.plan_main`` (no torch for --help), then ``run_plan``."""
-    from lm.cli import plan_main
-
-    return plan_main(argv)
-
-
 def run_plan(args: Any) -> int:
-    """Print the plan for the arguments ``lm.cli.plan_parser`` parsed (a user's mistake: one line, exit 2)."""
+    """Print the plan for the arguments ``lm.cli.plan`` parsed (a user's mistake: one line, exit 2)."""
     from zoo.cli.errors import user_error_line
 
     try:
@@ -324,7 +317,3 @@ def run_plan(args: Any) -> int:
         return 2
     print(json.dumps(result.to_dict()) if args.json else format_plan(result))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import zoo
-from lm.flops import mfu_flops_per_token
-from lm.metrics import bits_per_byte, mfu, peak_flops
-from lm.optim import check_optim_args, lr_at, make_adamw, param_groups
-from lm.routing import reinforce_loss
-from lm.sharding import STRATEGY_NAME, apply_activation_checkpointing, build_sharded  # registers fsdp2
+from lm.modules.metrics import bits_per_byte
+from lm.modules.optim import check_optim_args, lr_at, make_adamw, param_groups
+from lm.modules.routing import reinforce_loss
+from lm.parallel.flops import mfu_flops_per_token
+from lm.parallel.hardware import mfu, peak_flops
+from lm.parallel.sharding import STRATEGY_NAME, apply_activation_checkpointing, build_sharded  # registers fsdp2
 from zoo.models.transformer import TransformerOutput
 from zoo.weights.checkpoint import CONTRACT_KEY, CONTRACT_VERSION
 from zoo.weights.lm import CHECKPOINT_KIND
@@ -189,7 +190,7 @@ class LMModule(L.LightningModule):
         """Build the trained model (a no-op when it exists); Lightning calls this in the strategy's init context.
 
         Under ``FSDP2Strategy`` (a device mesh is set) it is built on meta, sharded per block and materialised
-        sharded (lm.sharding); otherwise built whole.
+        sharded (lm.parallel.sharding); otherwise built whole.
         """
         if self.model is not None:
             return
