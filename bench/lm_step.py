@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours = Transformer(cfg)
     # Same starting weights as transformers: map its state dict through the converter's name table.
     hf_sd = {k: v.detach().cpu() for k, v in first_hf.state_dict().items()}
-    ours.load_state_dict({o: hf_sd[h] for o, h in hf_names(cfg, gemma2=True).items()})
+    ours.load_state_dict({o: hf_sd[h] for o, h in hf_names(cfg, "gemma2").items()})
     ours = ours.to(device).train()
     compiled = (device.type == "cuda" or args.compile) and not args.no_compile
     loss = make_loss(ours, device, s["vocab"])

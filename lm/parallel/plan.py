@@ -131,8 +131,7 @@ def block_activation_bytes(config: Any, batch: int, seq_len: int, precision: str
     total += 2 * a * n * d  # the pre-norm outputs, saved as the q/k/v and FFN matmul inputs
     if a != 4:
         total += 4 * a * t * hd  # RoPE cos/sin cast to bf16 for q and for k, per layer
-    ffn_kind = c.expert_ffn if c.ffn == "routed" else c.ffn
-    total += (4 if ffn_kind == "geglu" else 2) * a * n * f  # GeGLU: gate, gelu(gate), up, product; MLP: up, gelu
+    total += c.dense_ffn().saved_activations * a * n * f  # gated: gate, act(gate), up, product; MLP: up, act(up)
     window = c.window if "local" in c.layer_pattern else None
     keys = min(t, window) if backend != "eager" and window else t
     if backend == "eager":

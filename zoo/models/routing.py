@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 # routing -> transformer only (transformer imports routing lazily, inside Block), so there is no import cycle.
+from zoo.models.lm_blocks import ffn_kind
 from zoo.models.transformer import DenseFFN, TransformerConfig
 
 ROUTERS = ("sbase", "hash", "rlr")
@@ -104,10 +105,8 @@ class RoutingAux(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------
 def expert_config(config: TransformerConfig) -> TransformerConfig:
     """The dense config each expert is built from: ffn = the config's expert kind (``expert_ffn``, default GeGLU)."""
-    # ffn="routed" says nothing about the experts' MLP; Gopher-style models set expert_ffn="gelu".
-    kind = config.expert_ffn
-    if kind not in ("geglu", "gelu"):
-        raise ValueError(f"expert FFN kind must be 'geglu' or 'gelu', got expert_ffn={kind!r}")
+    # ffn="routed" says nothing about the experts' MLP: Gopher-style models set expert_ffn="gelu", Llama "swiglu".
+    kind = ffn_kind(config.expert_ffn, "expert_ffn").name  # a dense kind of zoo.models.lm_blocks' table
     return config.replace(ffn=kind)  # also resets the routed-only fields, which a dense config refuses
 
 
