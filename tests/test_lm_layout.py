@@ -96,7 +96,8 @@ def test_subpackages_import_only_their_own_or_lower_ones():
 
 def test_cli_fronts_import_no_torch_at_module_level():
     for path in sorted((LM / "cli").glob("*.py")):
-        top = [n for n in ast.parse(path.read_text(encoding="utf-8")).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        body = ast.parse(path.read_text(encoding="utf-8")).body
+        top = [n for n in body if isinstance(n, (ast.Import, ast.ImportFrom))]
         names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
         names += [n.module for n in top if isinstance(n, ast.ImportFrom) and n.module]
         heavy = [n for n in names if n.split(".")[0] in ("torch", "lightning", "numpy", "scipy")

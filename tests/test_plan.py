@@ -13,7 +13,7 @@ from lm.modules.optim import make_adamw, param_groups
 from lm.cli.plan import main
 from lm.parallel.plan import activation_bytes, plan, resolve_backend, state_bytes
 
-TINY = ["gemma2-tiny", "gemma-tiny", "gopher-tiny"]
+TINY = ["gemma2-tiny", "gemma-tiny", "gopher-tiny", "llama-tiny"]
 B, T = 2, 48  # B * T differs from every weight dimension, so weight copies and activations are told apart by shape
 
 

@@ -116,9 +116,10 @@ class ActivationBytes:
     with_checkpointing: int
 
 
-def _norm_bytes(n: int, d: int) -> int:
-    # RMSNorm works in float32 whatever the activation dtype: input (or its fp32 copy), normalised h, rsqrt, (1 + w).
-    return 4 * (2 * n * d + n + d)
+def _norm_bytes(n: int, d: int, unit_offset: bool) -> int:
+    # RMSNorm works in float32 whatever the activation dtype: input (or its fp32 copy), normalised h, rsqrt, and the
+    # (1 + w) scale of a unit-offset norm (Gemma); a plain w scale (Llama, Gopher) is the parameter itself, no copy.
+    return 4 * (2 * n * d + n + (d if unit_offset else 0))
 
 
 def block_activation_bytes(config: Any, batch: int, seq_len: int, precision: str, backend: str) -> int:
@@ -127,7 +128,7 @@ def block_activation_bytes(config: Any, batch: int, seq_len: int, precision: str
     n, d, f, H, K, hd = b * t, c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim
     a = 2 if precision == "bf16-mixed" else 4  # bytes of a matmul input under autocast
     norms = 2 + (2 if c.post_norms else 0)
-    total = norms * _norm_bytes(n, d)
+    total = norms * _norm_bytes(n, d, c.norm_unit_offset)
     total += 2 * a * n * d  # the pre-norm outputs, saved as the q/k/v and FFN matmul inputs
     if a != 4:
         total += 4 * a * t * hd  # RoPE cos/sin cast to bf16 for q and for k, per layer
@@ -157,7 +158,8 @@ def activation_bytes(config: Any, batch: int, seq_len: int, precision: str, back
     a = 2 if precision == "bf16-mixed" else 4
     per_block = block_activation_bytes(c, batch, seq_len, precision, backend)
     # Input ids and targets (int64), final norm, its output as the head's input, soft-capped logits, log-softmax.
-    outside = 16 * n + _norm_bytes(n, d) + a * n * d + (a * n * V if c.final_softcap is not None else 0) + 4 * n * V
+    outside = (16 * n + _norm_bytes(n, d, c.norm_unit_offset) + a * n * d
+               + (a * n * V if c.final_softcap is not None else 0) + 4 * n * V)
     if a == 4:
         outside += 2 * 4 * seq_len * c.head_dim if c.positions == "rope" else 0  # one cos/sin pair for all layers
     # Checkpointing keeps each block's input (float32: the residual stream is not autocast); the block being

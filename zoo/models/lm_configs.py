@@ -16,13 +16,12 @@ from zoo.models.transformer import Transformer, TransformerConfig
 
 # --- Gemma (Gemma Team 2024, Table 1) and Gemma 2 (Gemma Team 2024, Tables 1-2); released checkpoints: vocab 256000.
 # Shared: tied embeddings, RoPE base 10k, GeGLU (tanh GELU), RMSNorm (1 + w) eps 1e-6, embeddings * sqrt(d_model).
-_GEMMA = dict(vocab_size=256000, max_seq_len=8192, ffn="geglu", norm_unit_offset=True, embed_scale=True,
-              tie_embeddings=True, positions="rope", rope_base=10000.0, norm_eps=1e-6)
+_GEMMA = dict(ffn="geglu", norm_unit_offset=True, embed_scale=True, tie_embeddings=True, positions="rope")
+_GEMMA_SIZES = dict(vocab_size=256000, max_seq_len=8192, rope_base=10000.0, norm_eps=1e-6)
 # Gemma 2 adds: post-norms, local(4096)/global alternation starting with local, soft-caps 50 (attention) / 30 (final).
-_GEMMA2 = dict(_GEMMA, post_norms=True, window=4096, layer_pattern=("local", "global"), attn_softcap=50.0,
-               final_softcap=30.0)
-GEMMA_FAMILY = register_family(LMFamily("gemma", _GEMMA, hf=(GEMMA,)))
-GEMMA2_FAMILY = register_family(LMFamily("gemma2", _GEMMA2, hf=(GEMMA2,)))
+_GEMMA2 = dict(_GEMMA, post_norms=True, layer_pattern=("local", "global"), attn_softcap=50.0, final_softcap=30.0)
+GEMMA_FAMILY = register_family(LMFamily("gemma", _GEMMA, _GEMMA_SIZES, hf=(GEMMA,)))
+GEMMA2_FAMILY = register_family(LMFamily("gemma2", _GEMMA2, dict(_GEMMA_SIZES, window=4096), hf=(GEMMA2,)))
 #            name          family         d_model layers d_ff   heads kv  head_dim query_scale
 _GEMMA_TABLE = [
     ("gemma-2b",   GEMMA_FAMILY,  2048, 18, 16384, 8,  1,  256, 256 ** -0.5),
@@ -38,8 +37,9 @@ for _name, _family, _d, _l, _ff, _h, _kv, _hd, _qs in _GEMMA_TABLE:
 # Shared: SentencePiece vocab 32000, context 2048, FFN 4 x d_model (GELU MLP), pre-norm RMSNorm, Transformer-XL
 # relative positions. Embeddings tied (input = output matrix): this reproduces the reported sizes (see tests).
 # No Hugging Face architecture has Transformer-XL positions: these families read and write zoo checkpoints only.
-_GOPHER = dict(vocab_size=32000, max_seq_len=2048, ffn="gelu", positions="relative", tie_embeddings=True)
-GOPHER_FAMILY = register_family(LMFamily("gopher", _GOPHER))
+_GOPHER = dict(ffn="gelu", positions="relative", tie_embeddings=True)
+_GOPHER_SIZES = dict(vocab_size=32000, max_seq_len=2048)
+GOPHER_FAMILY = register_family(LMFamily("gopher", _GOPHER, _GOPHER_SIZES))
 #            name              layers heads kv_size d_model  reported size
 _GOPHER_TABLE = [
     ("gopher-44m",     8,  16,  32,  512,   44e6),
@@ -54,7 +54,7 @@ for _name, _l, _h, _kv, _d, _reported in _GOPHER_TABLE:
     GOPHER_FAMILY.add(_name, _reported, d_model=_d, n_layers=_l, n_heads=_h, head_dim=_kv, d_ff=4 * _d)
 
 # --- Chinchilla scaling ladder (Hoffmann et al. 2022, Table A9): reported params (M), d_model, ffw, kv, heads, layers.
-CHINCHILLA_FAMILY = register_family(LMFamily("chinchilla-ladder", _GOPHER))
+CHINCHILLA_FAMILY = register_family(LMFamily("chinchilla-ladder", _GOPHER, _GOPHER_SIZES))
 _LADDER_TABLE = [
     (44, 512, 2048, 64, 8, 8), (57, 576, 2304, 64, 9, 9), (74, 640, 2560, 64, 10, 10),
     (90, 640, 2560, 64, 10, 13), (106, 640, 2560, 64, 10, 16), (117, 768, 3072, 64, 12, 12),
@@ -81,9 +81,8 @@ for _p, _d, _ff, _kv, _h, _l in _LADDER_TABLE:
 # --- Llama 2 (Touvron et al. 2023, Table 1 and the released config.json files) and Llama 3 8B (Meta 2024).
 # Shared: RMSNorm (w, eps 1e-5), SwiGLU, RoPE, untied embeddings, no embedding scale; 70B and Llama 3 use
 # grouped-query attention (8 kv heads). Reported sizes: the released checkpoints' parameter counts.
-_LLAMA2 = dict(LLAMA_FIXED, vocab_size=32000, max_seq_len=4096, tie_embeddings=False, rope_base=10000.0,
-               norm_eps=1e-5)
-LLAMA_FAMILY = register_family(LMFamily("llama", _LLAMA2, hf=(LLAMA,)))
+_LLAMA2_SIZES = dict(vocab_size=32000, max_seq_len=4096, rope_base=10000.0, norm_eps=1e-5)
+LLAMA_FAMILY = register_family(LMFamily("llama", dict(LLAMA_FIXED, tie_embeddings=False), _LLAMA2_SIZES, hf=(LLAMA,)))
 #            name          d_model layers d_ff   heads kv  reported        extra
 _LLAMA_TABLE = [
     ("llama2-7b",  4096, 32, 11008, 32, 32, 6.74e9,  {}),

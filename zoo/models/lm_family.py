@@ -39,18 +39,23 @@ class LMFamily:
     """One model family: shared block choices, its named configs, published sizes and Hugging Face adapters."""
 
     name: str
-    blocks: dict[str, Any]  # TransformerConfig fields every member shares (ffn, norm_unit_offset, positions, ...)
+    blocks: dict[str, Any]  # the architecture every member shares (ffn, norm_unit_offset, positions, tying, caps...)
+    defaults: dict[str, Any] = field(default_factory=dict)  # sizes a member may change (vocab, context, RoPE base)
     configs: dict[str, "TransformerConfig"] = field(default_factory=dict)  # registry name -> config
     reported_params: dict[str, float] = field(default_factory=dict)  # registry name -> published parameter count
     hf: tuple[HFAdapter, ...] = ()  # the HF architectures this family reads and writes
 
     def add(self, name: str, reported: float | None = None, **fields: Any) -> None:
-        """Declare member ``name``: the family's block choices with ``fields`` on top (a TransformerConfig)."""
+        """Declare member ``name``: the family's block choices and defaults with ``fields`` (its shape) on top."""
         from zoo.models.transformer import TransformerConfig
 
         if name in self.configs:
             raise ValueError(f"{self.name}: config {name!r} declared twice")
-        self.configs[name] = TransformerConfig(**{**self.blocks, **fields})
+        changed = sorted(k for k, v in fields.items() if k in self.blocks and v != self.blocks[k])
+        if changed:
+            raise ValueError(f"{self.name}: {name!r} changes the family's block choices {changed}; declare another "
+                             "family for another architecture")
+        self.configs[name] = TransformerConfig(**{**self.blocks, **self.defaults, **fields})
         if reported is not None:
             self.reported_params[name] = reported
 
@@ -63,7 +68,8 @@ def register_family(family: LMFamily) -> LMFamily:
     taken = {n for f in FAMILIES.values() for n in f.configs} & set(family.configs)
     types = {a.model_type for f in FAMILIES.values() for a in f.hf} & {a.model_type for a in family.hf}
     if family.name in FAMILIES or taken or types:
-        raise ValueError(f"family {family.name!r} clashes with a registered one: {sorted(taken | types) or family.name}")
+        clash = sorted(taken | types) or family.name
+        raise ValueError(f"family {family.name!r} clashes with a registered one: {clash}")
     FAMILIES[family.name] = family
     return family
 

@@ -114,7 +114,8 @@ def _gemma_refuse(c: "TransformerConfig") -> str | None:
     if _is_gemma2(c):
         return "post-norms, windows or soft-caps are Gemma 2's"
     if c.scale != 1 / math.sqrt(c.head_dim):
-        return f"query_scale={c.query_scale} (Gemma 1 fixes head_dim**-0.5; Gemma 2 configs carry query_pre_attn_scalar)"
+        return (f"query_scale={c.query_scale} (Gemma 1 fixes head_dim**-0.5; Gemma 2 configs carry "
+                "query_pre_attn_scalar)")
     return None
 
 

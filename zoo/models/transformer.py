@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from zoo.models.lm_blocks import FfnKind
     from zoo.models.routing import RoutingAux
 
-FFN_KINDS = (*DENSE_FFN_KINDS, ROUTED)  # the dense kinds of zoo.models.lm_blocks, or a routed (MoE) layer
 ROUTERS = ("sbase", "hash", "rlr")
 
 
@@ -79,8 +78,9 @@ class TransformerConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"ffn={self.ffn!r}; expected one of {FFN_KINDS}")
+        if self.ffn != ROUTED:  # a dense kind of the one table (read now: a family may have added its kind)
+            if self.ffn not in DENSE_FFN_KINDS:
+                raise ValueError(f"ffn={self.ffn!r}; expected one of {(*DENSE_FFN_KINDS, ROUTED)}")
         ffn_kind(self.expert_ffn, "expert_ffn")  # a dense kind of the table (ValueError naming the field if not)
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r}; expected one of {ROUTERS}")
