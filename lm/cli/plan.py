@@ -11,7 +11,7 @@ def build_parser() -> Any:
     """The ``zoo plan`` parser."""
     parser = tool_parser("zoo plan", "Plan a sharded LM run: per-device memory, FLOPs and step time, from the "
                          "meta-device model.")
-    parser.add_argument("model", type=str, help="registered LM name, e.g. gemma2-27b, chinchilla-70b")
+    parser.add_argument("model", type=str, help="registered LM name, e.g. gemma2-27b, llama2-70b, chinchilla-70b")
     parser.add_argument("--devices", type=int, required=True, help="devices per node")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (world size = nodes x devices)")
     parser.add_argument("--seq_len", type=int, required=True, help="tokens per sequence")
