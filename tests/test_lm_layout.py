@@ -127,3 +127,11 @@ def test_the_public_lm_names_still_resolve():
 
     for name in lm.__all__:
         assert getattr(lm, name).__name__ == name
+
+
+def test_the_checker_sees_lazy_imports_import_strings_and_from_package_imports(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text('def f():\n    from lm.cli.plan import main\n    from lm.scaling import sweep\n'
+                   '    return "lm.parallel.plan:run_plan", "lm.CausalLM"\n')
+    known = set(_graph())
+    assert _lm_imports(src, known) == {"lm.cli.plan", "lm.scaling.sweep", "lm.parallel.plan"}
