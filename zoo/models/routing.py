@@ -22,6 +22,7 @@ from torch import Tensor, nn
 # The experts are the Transformer's dense FFN (zoo.models.ffn); routing never imports the Transformer, which imports
 # this module for its routed layers. The config is a zoo.models.transformer.TransformerConfig.
 from zoo.models.ffn import DenseFFN
+from zoo.models.lm_blocks import ffn_kind
 
 ROUTERS = ("sbase", "hash", "rlr")
 
@@ -105,10 +106,8 @@ class RoutingAux(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------
 def expert_config(config: Any) -> Any:
     """The dense config each expert is built from: ffn = the config's expert kind (``expert_ffn``, default GeGLU)."""
-    # ffn="routed" says nothing about the experts' MLP; Gopher-style models set expert_ffn="gelu".
-    kind = config.expert_ffn
-    if kind not in ("geglu", "gelu"):
-        raise ValueError(f"expert FFN kind must be 'geglu' or 'gelu', got expert_ffn={kind!r}")
+    # ffn="routed" says nothing about the experts' MLP: Gopher-style models set expert_ffn="gelu", Llama "swiglu".
+    kind = ffn_kind(config.expert_ffn, "expert_ffn").name  # a dense kind of zoo.models.lm_blocks' table
     return config.replace(ffn=kind)  # also resets the routed-only fields, which a dense config refuses
 
 

@@ -272,7 +272,7 @@ class ModelTable(ModelSummary):
     Lightning measured none.
 
     Lightning counts FLOPs only by running ``example_input_array`` through the model, which our modules do not set
-    (the LM's FLOPs per token are ``lm.flops``' and are logged as ``perf/mfu``): its table would show a column of
+    (the LM's FLOPs per token are ``lm.parallel.flops``' and are logged as ``perf/mfu``): its table would show a column of
     zeros and "Total FLOPs: 0". Only the public ``summarize`` hook is overridden.
     """
 

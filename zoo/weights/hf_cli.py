@@ -15,8 +15,8 @@ from zoo.weights.dtypes import FLOAT_DTYPES
 
 def parser() -> Any:
     """The ``zoo export-hf`` parser."""
-    ap = tool_parser("zoo export-hf", "Write a zoo language model as a Hugging Face Gemma / Gemma 2 folder (weights, "
-                     "config and tokenizer) loadable by transformers.")
+    ap = tool_parser("zoo export-hf", "Write a zoo language model as a Hugging Face Gemma / Gemma 2 / Llama folder "
+                     "(weights, config and tokenizer) loadable by transformers.")
     ap.add_argument("source", help="registry name (random init), an LM checkpoint or run folder, a .safetensors "
                     "file (with --model), or an HF folder")
     ap.add_argument("--out", required=True, help="output folder")
