@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.data.images import build_dataset, collate_images
+from zoo.data.prefetch import DevicePrefetcher, use_device_prefetch
 from zoo.train.errors import UsageError
 from zoo.data.shards import NoSplit
 
@@ -187,9 +188,13 @@ class ResumableLoader(DataLoader):
     (and converts checkpoints that kept per-device ``batches``).
     """
 
-    def __init__(self, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, trainer: pl.Trainer | None = None, decode_device: torch.device | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.trainer = trainer
+        # raw-byte batches are decoded one step ahead on this device when it is a usable GPU (zoo.data.prefetch)
+        self.decode_device = decode_device
+        self._prefetcher: DevicePrefetcher | None = None
         self._pending: dict[str, int] | None = None  # a position Lightning handed back (load_state_dict)
         self._epoch = 0  # the epoch the current iteration yields
 
@@ -245,7 +250,13 @@ class ResumableLoader(DataLoader):
         elif hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         self._epoch = epoch
-        return super().__iter__()
+        if self._prefetcher is not None:  # an abandoned iteration's thread must let go of the (persistent) iterator
+            self._prefetcher.close()
+            self._prefetcher = None
+        batches = super().__iter__()
+        if use_device_prefetch(self.dataset, self.decode_device):
+            batches = self._prefetcher = DevicePrefetcher(batches, self.decode_device)
+        return batches
 
 
 def resumable_loader(datamodule: pl.LightningDataModule, dataset: Dataset, batch_size: int, train: bool,
@@ -344,10 +355,12 @@ class ImageDataModule(pl.LightningDataModule):
         return len(self.train_set.classes)
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
         return resumable_loader(self, ds, self.batch_size, train, self.seed,
                                 drop_last=train,  # a last batch of 1 would break batch norm
                                 num_workers=self.num_workers, collate_fn=collate_with_paths,
-                                pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+                                pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                                decode_device=device)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
