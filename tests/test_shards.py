@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import logging
 import subprocess
 import tarfile
@@ -316,3 +317,34 @@ def test_zoo_probe_reads_shards(packed, tmp_path):
                        "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["counts"]["train"] == 18 and n >= 1 and m["dataset"].startswith("wds:")
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_worker_killed_by_a_signal_names_the_shard(packed, monkeypatch, prefetch):
+    """SIGKILL (the OOM killer's signal) in the worker reading one sample: the error names that sample's shard."""
+    import os
+    import signal
+    import types
+
+    from zoo.data.loaders import resumable_loader
+    import zoo.data.prefetch
+
+    ds = build_dataset(f"wds:{packed}", "train", decode="device")
+    victim = ds.where(3)
+    real = ShardDataset._item
+
+    def deadly(self, i):
+        if self.where(i) == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, i)
+
+    monkeypatch.setattr(ShardDataset, "_item", deadly)
+    if prefetch:  # the same through the decode-ahead thread (its CPU stand-in)
+        decoder = zoo.data.prefetch.DeviceDecoder
+        monkeypatch.setattr(zoo.data.prefetch, "cuda_decode_available", lambda device: True)
+        monkeypatch.setattr(zoo.data.prefetch, "DeviceDecoder", lambda device, buffers: decoder("cpu"))
+    loader = resumable_loader(types.SimpleNamespace(trainer=None), ds, 2, train=False, num_workers=1,
+                              collate_fn=collate_with_paths, decode_device="cuda" if prefetch else None)
+    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid.*while reading " + re.escape(victim)):
+        for _ in loader:
+            pass

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.data.images import build_dataset, collate_images
 from zoo.data.prefetch import DevicePrefetcher, use_device_prefetch
+from zoo.data.workers import name_worker_death
 from zoo.train.errors import UsageError
 from zoo.data.shards import NoSplit
 
@@ -169,7 +170,13 @@ class _PositionedIterator(Iterator):
     def __next__(self) -> Any:
         if self.iterator is None:
             self.iterator = self.loader._positioned_iter()
-        return next(self.iterator)
+        try:
+            return next(self.iterator)
+        except RuntimeError as err:  # a worker killed by a signal: name the shard / file it was reading
+            named = name_worker_death(err, self.loader.dataset)
+            if named is None:
+                raise
+            raise named from err
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -40,6 +40,7 @@ import torch
 from torch.utils.data import Dataset
 
 from zoo.data.index import _locked, cached_arrays, read_arrays
+from zoo.data.workers import BusySlots
 from zoo.files import atomic_path, cache_dir
 
 __all__ = ["ShardDataset", "expand_braces", "resolve_shards", "split_key", "IMAGE_EXTS", "CLASS_FILE"]
@@ -297,6 +298,7 @@ class ShardDataset(Dataset):
             log.warning("wds:%s (%s): %s", spec_path, split, self._problem_line())
         self._files: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
+        self.busy = BusySlots()
 
     def _problem_line(self) -> str:
         what = {"no_image": "samples without an image", "no_cls": "samples without .cls",
@@ -337,6 +339,13 @@ class ShardDataset(Dataset):
         return data if len(data) == size else None
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str] | tuple[None, int, str]:
+        self.busy.enter(i)  # a worker killed while reading it is named by this sample's shard (zoo.data.workers)
+        try:
+            return self._item(i)
+        finally:
+            self.busy.leave()
+
+    def _item(self, i: int) -> tuple[torch.Tensor, int, str] | tuple[None, int, str]:
         label, where = int(self.labels[i]), self.where(i)
         raw = self.read(i)
         if raw is None:
