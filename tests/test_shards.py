@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from augment.decode import decode_batch
 from zoo.data.images import build_dataset, collate_images
 from zoo.data.loaders import EpochShuffleSampler, ImageDataModule, collate_with_paths
 from zoo.data.pack_cli import main as data_main
@@ -348,3 +349,54 @@ def test_a_worker_killed_by_a_signal_names_the_shard(packed, monkeypatch, prefet
     with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid.*while reading " + re.escape(victim)):
         for _ in loader:
             pass
+
+
+def _writer_tar(path: Path, samples: list[tuple[str, bytes, bytes]]) -> Path:
+    """What webdataset's TarWriter writes: members ``key + "." + field`` in sorted field order, mode 0444, ustar/GNU
+    headers (its default tarfile format), uname/gname "bigdata", mtime set."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for key, img, cls in samples:
+            for field, data in sorted({"cls": cls, "jpg": img}.items()):
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size, info.mode, info.mtime, info.uname, info.gname = len(data), 0o444, 1.7e9, "bigdata", "bigdata"
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_keys_with_dots_nested_folders_and_newlines_as_other_tools_write_them(tmp_path):
+    """Keys with dots (webdataset splits at the first dot of the basename), members in nested folders, .cls with a
+    trailing newline: from a TarWriter-like tar and from GNU tar of a folder tree."""
+    samples = [("n01/img.0001", jpeg(1), b"2\n"), ("n01/img.0002", jpeg(2), b"0\n"), ("a.b/c/plain", jpeg(3), b" 1 \n"),
+               ("deep/x/y/z/q.v2.final", jpeg(4), b"1")]
+    _writer_tar(tmp_path / "w-0.tar", samples)
+    src = tmp_path / "tree"
+    for key, img, cls in samples:
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{src / key}.jpg").write_bytes(img)
+        Path(f"{src / key}.cls").write_bytes(cls)
+    subprocess.run(["tar", "-cf", str(tmp_path / "w-1.tar"), "-C", str(src), "."], check=True)  # ./n01/..., dirs too
+    for shard, prefix in (("w-0.tar", ""), ("w-1.tar", "./")):
+        ds = build_dataset(f"wds:{tmp_path}/{shard}", "train")
+        got = {ds.key(i): (int(ds.labels[i]), ds[i][0]) for i in range(len(ds))}
+        assert sorted(got) == sorted(prefix + k for k, _, _ in samples) and ds.problems == {}
+        for key, img, cls in samples:
+            label, image = got[prefix + key]
+            assert label == int(cls) and torch.equal(image, decode_batch([img])[0][0])
+    # a webdataset sample with a compound extension next to plain ones keeps webdataset's reading: x.jpg + x.cls
+    write_tar(tmp_path / "c.tar", [("x.seg.png", jpeg(5, fmt="PNG")), ("x.jpg", jpeg(6)), ("x.cls", b"0"),
+                                   ("y.seg.png", jpeg(7, fmt="PNG")), ("y.cls", b"1")])
+    ds = build_dataset(f"wds:{tmp_path}/c.tar", "train")
+    assert [ds.key(i) for i in range(len(ds))] == ["x"] and ds.problems == {"no_image": ["c.tar:1"]}
+    assert torch.equal(ds[0][0], decode_batch([jpeg(6)])[0][0])
+
+
+def test_shards_written_by_the_webdataset_library(tmp_path):
+    """Optional (webdataset installed, e.g. the [shards] dev extra): its own TarWriter, keys with dots included."""
+    wds = pytest.importorskip("webdataset")
+    samples = [("s0", jpeg(0), 3), ("cls.dot.key", jpeg(1), 1), ("dir/s2", jpeg(2, fmt="PNG"), 0)]
+    with wds.TarWriter(str(tmp_path / "lib-000.tar")) as sink:
+        for key, img, label in samples:
+            sink.write({"__key__": key, "png" if key == "dir/s2" else "jpg": img, "cls": label})
+    ds = build_dataset(f"wds:{tmp_path}/lib-000.tar", "train")
+    assert [(ds.key(i), int(ds.labels[i])) for i in range(len(ds))] == [(k, c) for k, _, c in samples]
+    assert all(torch.equal(ds[i][0], decode_batch([img])[0][0]) for i, (_, img, _) in enumerate(samples))
