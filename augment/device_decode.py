@@ -99,6 +99,11 @@ class DeviceDecoder:
         if slot[1] is not None:
             slot[1].synchronize()  # the decode that last read this buffer is done with it
         pinned = self._pinned(datas, slot)
+        # torchvision allocates nvjpeg's outputs on the current stream but decodes on a private one that does not
+        # wait for it: a block freed on the current stream with work still queued there could be overwritten. On
+        # this side stream nothing else is queued once it is idle (the training stream's blocks are protected by
+        # record_stream in ready()); waiting here costs the training thread nothing (callers decode in a thread).
+        self.stream.synchronize()
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             images, bad = decode_batch(pinned, self.device)
             event = torch.cuda.Event()

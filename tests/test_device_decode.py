@@ -174,3 +174,15 @@ def test_gpu_prefetch_equals_the_moved_bytes_path(folder):
     for ob, nb in zip(old, new):
         assert torch.equal(ob["label"].cpu(), nb["label"]) and len(ob["image"]) == len(nb["image"])
         assert all(a.is_cuda and torch.equal(a, b) for a, b in zip(ob["image"], nb["image"]))
+
+
+def test_training_through_the_prefetcher_counts_what_the_old_path_counted(tiny_imagefolder, tmp_path, monkeypatch):
+    """BYOL fit with decode: device through the decode-ahead loader (its CPU stand-in): a 16-bit PNG trains, a file
+    deleted after listing is skipped, counted and named exactly as on the path without it."""
+    from test_byol_imagefolder import test_byol_survives_16bit_png_and_a_file_that_vanishes as same_checks
+
+    made = []
+    monkeypatch.setattr(prefetch, "cuda_decode_available", lambda device: True)
+    monkeypatch.setattr(prefetch, "DeviceDecoder", lambda device, buffers: made.append(device) or DeviceDecoder("cpu"))
+    same_checks(tiny_imagefolder, tmp_path, "device")
+    assert made  # the training loader did go through the prefetcher
