@@ -364,10 +364,10 @@ def _writer_tar(path: Path, samples: list[tuple[str, bytes, bytes]]) -> Path:
 
 
 def test_keys_with_dots_nested_folders_and_newlines_as_other_tools_write_them(tmp_path):
-    """Keys with dots (webdataset splits at the first dot of the basename), members in nested folders, .cls with a
-    trailing newline: from a TarWriter-like tar and from GNU tar of a folder tree."""
+    """Keys with dots (webdataset splits at the first dot of the basename), members in nested folders, names over 100
+    bytes (GNU long-name headers), .cls with a trailing newline: from a TarWriter-like tar and GNU tar of a tree."""
     samples = [("n01/img.0001", jpeg(1), b"2\n"), ("n01/img.0002", jpeg(2), b"0\n"), ("a.b/c/plain", jpeg(3), b" 1 \n"),
-               ("deep/x/y/z/q.v2.final", jpeg(4), b"1")]
+               ("deep/x/y/z/q.v2.final", jpeg(4), b"1"), ("L" * 60 + "/" + "m" * 70 + ".k", jpeg(5), b"2\r\n")]
     _writer_tar(tmp_path / "w-0.tar", samples)
     src = tmp_path / "tree"
     for key, img, cls in samples:
