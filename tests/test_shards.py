@@ -221,15 +221,23 @@ def test_plain_pattern_trains_without_validation_and_probe_refuses_val_in_one_li
         build_dataset(pattern, "val")
 
 
-def test_mid_epoch_resume_on_shards_is_bit_exact(packed, tmp_path):
+@pytest.mark.parametrize("decode", ["worker", "device"])
+def test_mid_epoch_resume_on_shards_is_bit_exact(packed, tmp_path, decode, monkeypatch):
     """zoo fit on shards (3 batches per epoch), SIGTERM at step 4 (epoch 1, batch 1), --ckpt_path last: the final
-    weights, optimizer state and loss trace equal the run left alone."""
+    weights, optimizer state and loss trace equal the run left alone. ``device``: raw bytes decoded one step ahead
+    (zoo.data.prefetch, with its CPU stand-in for the GPU decoder)."""
     from test_resume import CONFIG, assert_same_tree, last, loss_trace, zoo_fit
 
+    if decode == "device":
+        import zoo.data.prefetch
+
+        decoder = zoo.data.prefetch.DeviceDecoder
+        monkeypatch.setattr(zoo.data.prefetch, "cuda_decode_available", lambda device: True)
+        monkeypatch.setattr(zoo.data.prefetch, "DeviceDecoder", lambda device, buffers: decoder("cpu"))
     steps = 6
     CONFIG_SHARDS = {**CONFIG, "trainer": {**CONFIG["trainer"], "max_steps": steps, "limit_train_batches": 3},
                      "data": {"class_path": "zoo.data.ImageDataModule", "init_args": {
-                         "dataset": f"wds:{packed}", "batch_size": 6, "num_workers": 0}}}
+                         "dataset": f"wds:{packed}", "batch_size": 6, "num_workers": 0, "decode": decode}}}
     import test_resume
 
     saved = test_resume.CONFIG
