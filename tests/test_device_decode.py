@@ -95,6 +95,12 @@ def test_the_pinned_stream_path_is_taken_only_with_cuda(folder, monkeypatch):
     batches = list(loader)
     assert isinstance(loader._prefetcher, DevicePrefetcher) and made == [torch.device("cuda", 0)]
     assert all(img.dim() == 3 for b in batches for img in b["image"])
+    first = iter(loader)
+    next(first)  # an iteration left after one batch (a sanity check, max_steps) ...
+    abandoned = loader._prefetcher
+    again = [b["label"] for b in loader]  # ... is stopped before the next one starts on the loader's iterator
+    assert not abandoned._thread.is_alive() and loader._prefetcher is not abandoned
+    assert all(torch.equal(a, b["label"]) for a, b in zip(again, batches))
     loader = _loader(cpu_ds, decode_device=torch.device("cuda", 0))
     next(iter(loader))
     assert loader._prefetcher is None  # decode: worker batches are decoded already
