@@ -192,7 +192,9 @@ class ResumableLoader(DataLoader):
     (``fit_position``). The position it saves, ``{"epoch", "samples",
     "global_batch"}``, counts samples of the whole global batch, so it names the same images on any device count
     with the same global batch; ``zoo.train.resume.ResumeGuard`` checks it against the resumed run's global batch
-    (and converts checkpoints that kept per-device ``batches``).
+    (and converts checkpoints that kept per-device ``batches``). A dataset of raw bytes (``decode="device"``) with
+    ``decode_device`` a usable GPU is decoded one step ahead there (``zoo.data.prefetch.DevicePrefetcher``), in
+    the same order.
     """
 
     def __init__(self, *args: Any, trainer: pl.Trainer | None = None, decode_device: torch.device | None = None,
@@ -226,6 +228,9 @@ class ResumableLoader(DataLoader):
     def _positioned_iter(self) -> Iterator:
         from zoo.train.resume import saved_samples, take_epoch_skip, take_saved_position
 
+        if self._prefetcher is not None:  # an abandoned iteration's thread must let go of the loader's iterator
+            self._prefetcher.close()  # (persistent workers reuse it) before the sampler is positioned again
+            self._prefetcher = None
         sampler, pending, self._pending = self.sampler, self._pending, None
         if self.trainer is None:  # not a training loader: the sampler's epoch (or a handed-back one), from its start
             epoch = int(pending["epoch"]) if pending else int(getattr(sampler, "epoch", 0))
@@ -257,9 +262,6 @@ class ResumableLoader(DataLoader):
         elif hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         self._epoch = epoch
-        if self._prefetcher is not None:  # an abandoned iteration's thread must let go of the (persistent) iterator
-            self._prefetcher.close()
-            self._prefetcher = None
         batches = super().__iter__()
         if use_device_prefetch(self.dataset, self.decode_device):
             batches = self._prefetcher = DevicePrefetcher(batches, self.decode_device)
