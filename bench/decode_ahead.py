@@ -36,7 +36,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=224, help="side of the step's input")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per way (default: one pass over the images)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per way (default: one pass over the images, less the untimed first batch)")
     ap.add_argument("--model", choices=["resnet50", "tiny"], default="resnet50",
                     help="the step's network (tiny: one conv, for the CPU smoke run)")
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default 8 on a GPU, 0 on CPU)")
@@ -82,7 +83,7 @@ def main() -> None:
         moved = [b.to(device, non_blocking=True) for b in batch["image"]]  # Lightning's transfer of the byte list
         return decode_batch(moved, device)[0]
 
-    steps = args.steps or args.images // args.batch
+    steps = args.steps or max(1, args.images // args.batch - 1)  # one pass: no worker start-up inside the timing
 
     def timed(way: str) -> float:
         it = DevicePrefetcher(batches(), device) if way == "ahead" else batches()

@@ -53,7 +53,7 @@ else
   step augment_compiled   100 bench/augment.py --device "$dev" --batch 256 --sizes 224 --iters 10 --compile --bf16
   step loader              60 bench/loader.py --device "$dev" --images 1024 --batch 256 --bf16
   # Issue 29: decode: device without the round trip (bytes pinned once, nvjpeg in a side stream one step ahead).
-  step decode_ahead        50 bench/decode_ahead.py --device "$dev" --images 768 --batch 128 --size 224
+  step decode_ahead        60 bench/decode_ahead.py --device "$dev" --images 640 --batch 128 --size 224
   step byol_step           90 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5
   step byol_step_compiled 170 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5 --compile
   step byol_step_whole    170 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5 --compile step
