@@ -5,7 +5,9 @@
   sampler, TF2 bicubic resize and eval window (``crop_sampler`` / ``resize_kernel`` / ``eval_crop`` switch back);
 * ``augment.byol_views(size)``, ``augment.LinearEvalTrain(size)``, ``augment.LinearEvalTest(size)``: modules called
   as ``module(images, generator=None) -> float32 [B, 3, size, size]``;
-* ``augment.decode.decode_batch``: JPEG bytes -> uint8 images (nvjpeg on GPU, CPU fallback, bad files reported).
+* ``augment.decode.decode_batch``: JPEG bytes -> uint8 images (nvjpeg on GPU, CPU fallback, bad files reported);
+  ``augment.device_decode.DeviceDecoder``: the same from pinned host memory in a side CUDA stream, handed over by an
+  event (``zoo.data.prefetch`` runs it one step ahead of training).
 """
 from augment.ops import (
     adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, center_crop, gaussian_blur, hflip, normalize,

@@ -44,6 +44,7 @@ if [ "$smoke" = 1 ]; then
   step augment            120 bench/augment.py --device "$dev" --batch 4 --sizes 64 --iters 2
   step augment_compiled   240 bench/augment.py --device "$dev" --batch 4 --sizes 64 --iters 2 --compile
   step loader             120 bench/loader.py --device "$dev" --images 8 --batch 4 --size 64 --repeats 1
+  step decode_ahead        120 bench/decode_ahead.py --device "$dev" --images 16 --batch 4 --size 32 --steps 2 --model tiny
   step byol_step          120 bench/byol_step.py --device "$dev" --encoder resnet18 --size 32 --batch 4 --steps 2 --warmup 1
   step lm_step            120 bench/lm_step.py --small --batch 1 --warmup 1 --rounds 1 --steps 1
   step probe              120 bench/probe.py --device "$dev" --epochs 2
@@ -51,6 +52,8 @@ else
   step augment             60 bench/augment.py --device "$dev" --batch 256 --sizes 224 96 --iters 10
   step augment_compiled   100 bench/augment.py --device "$dev" --batch 256 --sizes 224 --iters 10 --compile --bf16
   step loader              60 bench/loader.py --device "$dev" --images 1024 --batch 256 --bf16
+  # Issue 29: decode: device without the round trip (bytes pinned once, nvjpeg in a side stream one step ahead).
+  step decode_ahead        60 bench/decode_ahead.py --device "$dev" --images 640 --batch 128 --size 224
   step byol_step           90 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5
   step byol_step_compiled 170 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5 --compile
   step byol_step_whole    170 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5 --compile step

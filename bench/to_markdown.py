@@ -31,6 +31,10 @@ def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
         return [(f"decode + two views, {result['images']} JPEGs, {result['size']} px",
                  _num(result["ours_img_s"], "img/s"), f"PIL + torchvision v2, 1 core {_num(result['peer_img_s'], 'img/s')}", f"{result['ratio']:.2f}x",
                  result["card"])]
+    if bench == "decode_ahead":
+        return [(f"decode: device step, {result['model']} {result['size']} px, batch {result['batch']} "
+                 f"(floor {result['floor_ms']:.1f} ms)", f"ahead {result['ahead_ms']:.1f} ms/step",
+                 f"moved + decoded in step {result['before_ms']:.1f} ms/step", f"{result['ratio']:.2f}x", result["card"])]
     if bench == "byol_step":
         tag = {"step": " compiled (whole step)", True: " compiled"}.get(result["compile"], "")
         return [(f"BYOL step {result['encoder']} {result['size']} px, batch {result['batch']}{tag}",

@@ -18,16 +18,19 @@ def test_gpu_script_smoke_mode_runs_every_benchmark_against_its_peer(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines() if x.strip()]
     log = (tmp_path / "log.txt").read_text()
-    assert [r["bench"] for r in lines] == ["augment", "augment", "loader", "byol_step", "lm_step", "probe"], log[-3000:]
+    assert [r["bench"] for r in lines] == ["augment", "augment", "loader", "decode_ahead", "byol_step", "lm_step",
+                                           "probe"], log[-3000:]
     for r in lines:
         assert "error" not in r, (r, log[-3000:])
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
     assert [r["compile"] for r in lines[:2]] == [False, True]
-    assert lines[2]["bad"] == 0 and lines[2]["ours_img_s"] > 0 and lines[2]["peer_img_s"] > 0
-    assert lines[3]["ours_img_s"] > 0 and lines[3]["byol_pytorch_img_s"] > 0
-    lm = lines[4]["results"]  # same weights, same batch: the same first loss (fp32 on CPU)
+    assert lines[3]["before_ms"] > 0 and lines[3]["ahead_ms"] > 0 and lines[3]["floor_ms"] > 0  # decode_ahead
+    others = lines[:3] + lines[4:]
+    assert others[2]["bad"] == 0 and others[2]["ours_img_s"] > 0 and others[2]["peer_img_s"] > 0
+    assert others[3]["ours_img_s"] > 0 and others[3]["byol_pytorch_img_s"] > 0
+    lm = others[4]["results"]  # same weights, same batch: the same first loss (fp32 on CPU)
     assert abs(lm["zoo"]["first_loss"] - lm["transformers-eager"]["first_loss"]) < 1e-3
-    assert lines[5]["top1_diff"] == 0.0  # fast and protocol probes agree
+    assert others[5]["top1_diff"] == 0.0  # fast and protocol probes agree
     assert "torch " in log and "== done in" in log
     table = [x for x in log.splitlines() if x.startswith("| ")]  # the BENCHMARKS.md rows the run ends with
     assert len(table) == 1 + len(lines) and not any("not measured" in x for x in table), table

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import logging
 import subprocess
 import tarfile
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from augment.decode import decode_batch
 from zoo.data.images import build_dataset, collate_images
 from zoo.data.loaders import EpochShuffleSampler, ImageDataModule, collate_with_paths
 from zoo.data.pack_cli import main as data_main
@@ -219,15 +221,23 @@ def test_plain_pattern_trains_without_validation_and_probe_refuses_val_in_one_li
         build_dataset(pattern, "val")
 
 
-def test_mid_epoch_resume_on_shards_is_bit_exact(packed, tmp_path):
+@pytest.mark.parametrize("decode", ["worker", "device"])
+def test_mid_epoch_resume_on_shards_is_bit_exact(packed, tmp_path, decode, monkeypatch):
     """zoo fit on shards (3 batches per epoch), SIGTERM at step 4 (epoch 1, batch 1), --ckpt_path last: the final
-    weights, optimizer state and loss trace equal the run left alone."""
+    weights, optimizer state and loss trace equal the run left alone. ``device``: raw bytes decoded one step ahead
+    (zoo.data.prefetch, with its CPU stand-in for the GPU decoder)."""
     from test_resume import CONFIG, assert_same_tree, last, loss_trace, zoo_fit
 
+    if decode == "device":
+        import zoo.data.prefetch
+
+        decoder = zoo.data.prefetch.DeviceDecoder
+        monkeypatch.setattr(zoo.data.prefetch, "cuda_decode_available", lambda device: True)
+        monkeypatch.setattr(zoo.data.prefetch, "DeviceDecoder", lambda device, buffers: decoder("cpu"))
     steps = 6
     CONFIG_SHARDS = {**CONFIG, "trainer": {**CONFIG["trainer"], "max_steps": steps, "limit_train_batches": 3},
                      "data": {"class_path": "zoo.data.ImageDataModule", "init_args": {
-                         "dataset": f"wds:{packed}", "batch_size": 6, "num_workers": 0}}}
+                         "dataset": f"wds:{packed}", "batch_size": 6, "num_workers": 0, "decode": decode}}}
     import test_resume
 
     saved = test_resume.CONFIG
@@ -316,3 +326,85 @@ def test_zoo_probe_reads_shards(packed, tmp_path):
                        "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["counts"]["train"] == 18 and n >= 1 and m["dataset"].startswith("wds:")
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_a_worker_killed_by_a_signal_names_the_shard(packed, monkeypatch, prefetch):
+    """SIGKILL (the OOM killer's signal) in the worker reading one sample: the error names that sample's shard."""
+    import os
+    import signal
+    import types
+
+    from zoo.data.loaders import resumable_loader
+    import zoo.data.prefetch
+
+    ds = build_dataset(f"wds:{packed}", "train", decode="device")
+    victim = ds.where(3)
+    real = ShardDataset._item
+
+    def deadly(self, i):
+        if self.where(i) == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, i)
+
+    monkeypatch.setattr(ShardDataset, "_item", deadly)
+    if prefetch:  # the same through the decode-ahead thread (its CPU stand-in)
+        decoder = zoo.data.prefetch.DeviceDecoder
+        monkeypatch.setattr(zoo.data.prefetch, "cuda_decode_available", lambda device: True)
+        monkeypatch.setattr(zoo.data.prefetch, "DeviceDecoder", lambda device, buffers: decoder("cpu"))
+    loader = resumable_loader(types.SimpleNamespace(trainer=None), ds, 2, train=False, num_workers=1,
+                              collate_fn=collate_with_paths, decode_device="cuda" if prefetch else None)
+    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid.*while reading " + re.escape(victim)):
+        for _ in loader:
+            pass
+
+
+def _writer_tar(path: Path, samples: list[tuple[str, bytes, bytes]]) -> Path:
+    """What webdataset's TarWriter writes: members ``key + "." + field`` in sorted field order, mode 0444, ustar/GNU
+    headers (its default tarfile format), uname/gname "bigdata", mtime set."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for key, img, cls in samples:
+            for field, data in sorted({"cls": cls, "jpg": img}.items()):
+                info = tarfile.TarInfo(f"{key}.{field}")
+                info.size, info.mode, info.mtime, info.uname, info.gname = len(data), 0o444, 1.7e9, "bigdata", "bigdata"
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_keys_with_dots_nested_folders_and_newlines_as_other_tools_write_them(tmp_path):
+    """Keys with dots (webdataset splits at the first dot of the basename), members in nested folders, names over 100
+    bytes (GNU long-name headers), .cls with a trailing newline: from a TarWriter-like tar and GNU tar of a tree."""
+    samples = [("n01/img.0001", jpeg(1), b"2\n"), ("n01/img.0002", jpeg(2), b"0\n"), ("a.b/c/plain", jpeg(3), b" 1 \n"),
+               ("deep/x/y/z/q.v2.final", jpeg(4), b"1"), ("L" * 60 + "/" + "m" * 70 + ".k", jpeg(5), b"2\r\n")]
+    _writer_tar(tmp_path / "w-0.tar", samples)
+    src = tmp_path / "tree"
+    for key, img, cls in samples:
+        (src / key).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{src / key}.jpg").write_bytes(img)
+        Path(f"{src / key}.cls").write_bytes(cls)
+    subprocess.run(["tar", "-cf", str(tmp_path / "w-1.tar"), "-C", str(src), "."], check=True)  # ./n01/..., dirs too
+    for shard, prefix in (("w-0.tar", ""), ("w-1.tar", "./")):
+        ds = build_dataset(f"wds:{tmp_path}/{shard}", "train")
+        got = {ds.key(i): (int(ds.labels[i]), ds[i][0]) for i in range(len(ds))}
+        assert sorted(got) == sorted(prefix + k for k, _, _ in samples) and ds.problems == {}
+        for key, img, cls in samples:
+            label, image = got[prefix + key]
+            assert label == int(cls) and torch.equal(image, decode_batch([img])[0][0])
+    # a webdataset sample with a compound extension next to plain ones keeps webdataset's reading: x.jpg + x.cls
+    write_tar(tmp_path / "c.tar", [("x.seg.png", jpeg(5, fmt="PNG")), ("x.jpg", jpeg(6)), ("x.cls", b"0"),
+                                   ("y.seg.png", jpeg(7, fmt="PNG")), ("y.cls", b"1")])
+    ds = build_dataset(f"wds:{tmp_path}/c.tar", "train")
+    assert [ds.key(i) for i in range(len(ds))] == ["x"] and ds.problems == {"no_image": ["c.tar:1"]}
+    assert torch.equal(ds[0][0], decode_batch([jpeg(6)])[0][0])
+
+
+def test_shards_written_by_the_webdataset_library(tmp_path):
+    """Optional (webdataset installed, e.g. the [shards] dev extra): its own TarWriter, keys with dots included."""
+    wds = pytest.importorskip("webdataset")
+    samples = [("s0", jpeg(0), 3), ("cls.dot.key", jpeg(1), 1), ("dir/s2", jpeg(2, fmt="PNG"), 0)]
+    with wds.TarWriter(str(tmp_path / "lib-000.tar")) as sink:
+        for key, img, label in samples:
+            sink.write({"__key__": key, "png" if key == "dir/s2" else "jpg": img, "cls": label})
+    ds = build_dataset(f"wds:{tmp_path}/lib-000.tar", "train")
+    assert [(ds.key(i), int(ds.labels[i])) for i in range(len(ds))] == [(k, c) for k, _, c in samples]
+    assert all(torch.equal(ds[i][0], decode_batch([img])[0][0]) for i, (_, img, _) in enumerate(samples))

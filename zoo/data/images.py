@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from zoo.weights.safe_load import UnsafeFileError
 from zoo.weights.safe_pickle import GuardedUnpickler, brief, describe_failure, one_line
 from zoo.data.index import folder_index, list_subfolders
+from zoo.data.workers import BusySlots
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 VAL_LABEL_FILES = ("LOC_val_solution.csv", "ILSVRC2012_validation_ground_truth.txt")
@@ -253,6 +254,7 @@ class ImageFolderDataset(Dataset):
             self.labels = np.array(_flat_val_labels(self.root, files, self.classes), dtype=np.int64)
         if not len(self.index):
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
+        self.busy = BusySlots()
 
     @property
     def samples(self) -> list[tuple[Path, int]]:
@@ -262,7 +264,18 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def where(self, i: int) -> str:
+        """The file of sample ``i``."""
+        return os.path.join(self._dir, self.index.relpath(i))
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str] | tuple[None, int, str]:
+        self.busy.enter(i)  # a worker killed while reading it is named by this file (zoo.data.workers)
+        try:
+            return self._item(i)
+        finally:
+            self.busy.leave()
+
+    def _item(self, i: int) -> tuple[torch.Tensor, int, str] | tuple[None, int, str]:
         path, label = Path(self._dir, self.index.relpath(i)), int(self.labels[i])
         try:
             raw = path.read_bytes()

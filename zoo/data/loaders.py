@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.data.images import build_dataset, collate_images
 from zoo.data.positions import saved_samples, take_epoch_skip, take_saved_position
+from zoo.data.prefetch import DevicePrefetcher, use_device_prefetch
+from zoo.data.workers import name_worker_death
 from zoo.data.shards import NoSplit
 from zoo.errors import UsageError
 
@@ -169,7 +171,13 @@ class _PositionedIterator(Iterator):
     def __next__(self) -> Any:
         if self.iterator is None:
             self.iterator = self.loader._positioned_iter()
-        return next(self.iterator)
+        try:
+            return next(self.iterator)
+        except RuntimeError as err:  # a worker killed by a signal: name the shard / file it was reading
+            named = name_worker_death(err, self.loader.dataset)
+            if named is None:
+                raise
+            raise named from err
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -185,12 +193,18 @@ class ResumableLoader(DataLoader):
     (``fit_position``). The position it saves, ``{"epoch", "samples",
     "global_batch"}``, counts samples of the whole global batch, so it names the same images on any device count
     with the same global batch; ``zoo.train.resume.ResumeGuard`` checks it against the resumed run's global batch
-    (and converts checkpoints that kept per-device ``batches``).
+    (and converts checkpoints that kept per-device ``batches``). A dataset of raw bytes (``decode="device"``) with
+    ``decode_device`` a usable GPU is decoded one step ahead there (``zoo.data.prefetch.DevicePrefetcher``), in
+    the same order.
     """
 
-    def __init__(self, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, trainer: pl.Trainer | None = None, decode_device: torch.device | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.trainer = trainer
+        # raw-byte batches are decoded one step ahead on this device when it is a usable GPU (zoo.data.prefetch)
+        self.decode_device = decode_device
+        self._prefetcher: DevicePrefetcher | None = None
         self._pending: dict[str, int] | None = None  # a position Lightning handed back (load_state_dict)
         self._epoch = 0  # the epoch the current iteration yields
 
@@ -213,6 +227,9 @@ class ResumableLoader(DataLoader):
         return _PositionedIterator(self)
 
     def _positioned_iter(self) -> Iterator:
+        if self._prefetcher is not None:  # an abandoned iteration's thread must let go of the loader's iterator
+            self._prefetcher.close()  # (persistent workers reuse it) before the sampler is positioned again
+            self._prefetcher = None
         sampler, pending, self._pending = self.sampler, self._pending, None
         if self.trainer is None:  # not a training loader: the sampler's epoch (or a handed-back one), from its start
             epoch = int(pending["epoch"]) if pending else int(getattr(sampler, "epoch", 0))
@@ -244,7 +261,10 @@ class ResumableLoader(DataLoader):
         elif hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         self._epoch = epoch
-        return super().__iter__()
+        batches = super().__iter__()
+        if use_device_prefetch(self.dataset, self.decode_device):
+            batches = self._prefetcher = DevicePrefetcher(batches, self.decode_device)
+        return batches
 
 
 def resumable_loader(datamodule: pl.LightningDataModule, dataset: Dataset, batch_size: int, train: bool,
@@ -343,10 +363,12 @@ class ImageDataModule(pl.LightningDataModule):
         return len(self.train_set.classes)
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
         return resumable_loader(self, ds, self.batch_size, train, self.seed,
                                 drop_last=train,  # a last batch of 1 would break batch norm
                                 num_workers=self.num_workers, collate_fn=collate_with_paths,
-                                pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0)
+                                pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                                decode_device=device)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

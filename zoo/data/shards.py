@@ -13,7 +13,10 @@ mtime). Reading a sample is then one ``os.pread`` of its image bytes.
 
 Sample rules (webdataset's): a member ``dir/name.ext1.ext2`` has key ``dir/name`` and extension ``ext1.ext2``;
 a sample is the members sharing a key within a shard; its image is the member whose extension is an image type
-(``jpg``, ``jpeg``, ``png``, ``webp``, ...) and its label the ASCII integer in ``.cls``. Bad input never stops a
+(``jpg``, ``jpeg``, ``png``, ``webp``, ...) and its label the ASCII integer in ``.cls`` (surrounding whitespace, a
+trailing newline included, ignored). A key with dots in it (``n01.v2.jpg`` + ``n01.v2.cls``, as GNU tar of such
+files or webdataset's ``TarWriter`` given such a key writes them) would have no ``jpg``/``cls`` member for webdataset;
+its members are grouped by their name less the last extension instead (key ``n01.v2``). Bad input never stops a
 run: a sample without image or ``.cls``, or whose class is not an integer in range, is left out and counted; a
 0-byte, truncated (complete samples before the cut are kept) or unreadable shard is skipped and counted; the counts
 are logged once, naming the shards. A pattern that matches nothing is one error line.
@@ -40,6 +43,7 @@ import torch
 from torch.utils.data import Dataset
 
 from zoo.data.index import _locked, cached_arrays, read_arrays
+from zoo.data.workers import BusySlots
 from zoo.files import atomic_path, cache_dir
 
 __all__ = ["ShardDataset", "expand_braces", "resolve_shards", "split_key", "IMAGE_EXTS", "CLASS_FILE"]
@@ -164,10 +168,36 @@ class NoSplit(ValueError):
     """A ``wds:`` pattern without ``{split}`` asked for its validation split."""
 
 
+def _samples_of(key: str, members: list[tuple]) -> list[tuple[str, dict[str, Any]]]:
+    """The samples of one webdataset key's members ``(name, extension, last extension, data)``: ``key`` itself when
+    it has a plain image (``.jpg``, ...) and a plain ``.cls``, as webdataset reads it. Otherwise the key had dots
+    in it (``22.05.jpg`` + ``22.05.cls``: webdataset's key ``22`` with extensions ``05.jpg`` and ``05.cls``, which no
+    reader asking for ``jpg`` / ``cls`` finds), and the members are grouped by their name less the last extension
+    (key ``22.05``), when that gives a complete sample. Else the key is reported as webdataset sees it."""
+    plain: dict[str, Any] = {}
+    for _, ext, _, data in members:
+        if ext in IMAGE_EXTS and "image" not in plain:
+            plain["image"] = data
+        elif ext == "cls":
+            plain["cls"] = data
+    if "image" in plain and "cls" in plain:
+        return [(key, plain)]
+    by_stem: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    for name, _, last, data in members:
+        entry = by_stem.setdefault(name.rsplit(".", 1)[0], {})
+        if last == "cls":
+            entry["cls"] = data
+        elif "image" not in entry:
+            entry["image"] = data
+    if any("image" in e and "cls" in e for e in by_stem.values()):
+        return list(by_stem.items())
+    return [(key, plain)]
+
+
 def _index_shard(path: str, shard_id: int) -> tuple[dict[str, list], dict[str, int]]:
     """Samples of one shard (lists of shard id, offset, size, label, key) and its problems counted."""
     counts = {"no_image": 0, "no_cls": 0, "bad_cls": 0, "truncated": 0, "unreadable": 0}
-    by_key: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    by_key: OrderedDict[str, list[tuple]] = OrderedDict()  # webdataset key -> its image and .cls members
     try:
         size = os.path.getsize(path)
         tf = tarfile.open(path, "r:")  # uncompressed only: a compressed tar has no offsets to read from
@@ -194,16 +224,15 @@ def _index_shard(path: str, shard_id: int) -> tuple[dict[str, list], dict[str, i
                 parts = split_key(m.name)
                 if parts is None:
                     continue
-                key, ext = parts[0], parts[1].lower()
-                entry = by_key.setdefault(key, {})
-                if ext in IMAGE_EXTS and "image" not in entry:
-                    entry["image"] = (m.offset_data, m.size)
-                elif ext == "cls":
-                    entry["cls"] = tf.extractfile(m).read(64)
+                last = parts[1].rsplit(".", 1)[-1].lower()
+                if last not in IMAGE_EXTS and last != "cls":
+                    continue
+                data = tf.extractfile(m).read(64) if last == "cls" else (m.offset_data, m.size)
+                by_key.setdefault(parts[0], []).append((m.name, parts[1].lower(), last, data))
     except (OSError, tarfile.TarError, EOFError):
         counts["truncated"] = 1
     cols: dict[str, list] = {"offset": [], "size": [], "label": [], "key": []}
-    for key, entry in by_key.items():
+    for key, entry in (e for k, members in by_key.items() for e in _samples_of(k, members)):
         if "image" not in entry:
             counts["no_image"] += "cls" in entry  # a key with only other members (json, txt) is not a sample
             continue
@@ -297,6 +326,7 @@ class ShardDataset(Dataset):
             log.warning("wds:%s (%s): %s", spec_path, split, self._problem_line())
         self._files: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
+        self.busy = BusySlots()
 
     def _problem_line(self) -> str:
         what = {"no_image": "samples without an image", "no_cls": "samples without .cls",
@@ -337,6 +367,13 @@ class ShardDataset(Dataset):
         return data if len(data) == size else None
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str] | tuple[None, int, str]:
+        self.busy.enter(i)  # a worker killed while reading it is named by this sample's shard (zoo.data.workers)
+        try:
+            return self._item(i)
+        finally:
+            self.busy.leave()
+
+    def _item(self, i: int) -> tuple[torch.Tensor, int, str] | tuple[None, int, str]:
         label, where = int(self.labels[i]), self.where(i)
         raw = self.read(i)
         if raw is None:
