@@ -93,11 +93,14 @@ def run_protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_fe
         return {"grid": {lr: (acc["top1"], divergence(h, h.last_loss, num_classes))
                          for lr, h, acc in zip(grid_lrs, heads[:g], module.result.get("heldout", []))},
                 "final": {lr: {**acc, "diverged": divergence(h, h.last_loss, num_classes)}
-                          for lr, h, acc in zip(final_lrs, heads[g:], module.result["test"])}}
+                          for lr, h, acc in zip(final_lrs, heads[g:], module.result["test"])},
+                "heads": heads}  # type: ignore[dict-item]  # the trained heads, for tests and benchmarks
 
+    was_training = encoder.training
     try:
         res = search_and_final(cfg, points, notices, run_pass)
     finally:
+        encoder.train(was_training)  # the caller's encoder comes back in the mode it was given in
         if scratch is not None:
             scratch.cleanup()
     if out is not None:  # every pass's result is in DIR/grid.json now: its checkpoints are spent

@@ -46,7 +46,9 @@ class ProtocolHeads(pl.LightningModule):
                  heldout: torch.Tensor | None = None, autocast: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
-        self.encoder.requires_grad_(False)
+        # inference mode from the start: Lightning keeps each submodule's mode, so one built in train mode would run
+        # (and move its batch-norm statistics) in train mode through the first epoch
+        self.encoder.requires_grad_(False).eval()
         self.grid_lrs, self.final_lrs = list(grid_lrs), list(final_lrs)
         self.bank = HeadBank(num_features, num_classes, self.grid_lrs + self.final_lrs,
                              [True] * len(self.grid_lrs) + [False] * len(self.final_lrs), feature_norm)
@@ -69,6 +71,10 @@ class ProtocolHeads(pl.LightningModule):
         super().train(mode)
         self.encoder.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        """The encoder stays in inference mode whatever switched modes before."""
+        self.encoder.eval()
 
     def _generator(self) -> torch.Generator:
         """The train-view generator, re-seeded from (seed, step, rank): nothing to save for an exact resume."""
