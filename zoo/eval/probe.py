@@ -133,6 +133,10 @@ class _Run:
 
     def __init__(self, cfg: ProbeConfig, mode: str, n_train: int, notices: _Notices) -> None:
         self.notices, self.device = notices, _device(cfg.device)
+        if cfg.devices * cfg.num_nodes > 1:
+            from zoo.eval.distributed import check_devices
+
+            check_devices(cfg.devices, cfg.num_nodes, self.device)
         workers = min(cfg.num_workers, cpu_count())
         if workers < cfg.num_workers:
             notices.say(f"num_workers: {cfg.num_workers} -> {workers} (this process may use {cpu_count()} CPUs)")
@@ -189,9 +193,12 @@ def _features(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, run: _R
         if done:
             run.notices.say(f"resuming {split} features in {root}: {done} of {total} shards already extracted")
         try:
-            extract_to_store(encoder.to(run.device), ds, lambda d: run.loader(d, cfg.extract_batch_size, prepare),
-                             prepare, run.device, store, f"{split} features", cfg.progress,
-                             autocast=frozen_autocast(run.device, cfg.precision))
+            if cfg.devices * cfg.num_nodes > 1:
+                _extract_split(encoder, ds, split, prepare, run, store)
+            else:
+                extract_to_store(encoder.to(run.device), ds, lambda d: run.loader(d, cfg.extract_batch_size, prepare),
+                                 prepare, run.device, store, f"{split} features", cfg.progress,
+                                 autocast=frozen_autocast(run.device, cfg.precision))
         except OSError as err:
             raise ValueError(f"writing {split} features to {root} failed ({err.strerror or err}); the "
                              f"{len(store.done())} finished shards are kept: free space (or pass another "
@@ -202,6 +209,31 @@ def _features(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, run: _R
     if len(feats) == 0:
         raise ValueError(f"{split}: no sample could be read ({len(feats.skipped)} skipped, e.g. {feats.skipped[:3]})")
     return feats, hit
+
+
+def _extract_split(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, run: _Run, store: FeatureStore
+                   ) -> None:
+    """The store's missing shards extracted by ``devices x num_nodes`` ranks (``zoo.eval.distributed``)."""
+    import torch.distributed as dist
+
+    from zoo.eval.distributed import extract_split, launched_rank
+
+    cfg = run.cfg
+    launched = launched_rank()
+    if launched is not None and not dist.is_initialized():
+        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo", init_method="env://")
+    if not store.exists and (launched is None or launched[0] == 0):  # laid out once, before any rank writes
+        store.create(_feature_dim(encoder, ds, prepare, torch.device("cpu")))
+    if launched is not None:
+        dist.barrier()
+        store = FeatureStore(store.root, store.key, store.n, store.dtype, store.requested_shard_rows)
+    workers = max(0, cfg.num_workers // cfg.devices)
+    extract_split({"encoder": encoder.cpu(), "dataset": ds, "prepare": prepare,
+                   "collate": getattr(prepare, "collate", collate_indexed), "device": str(run.device),
+                   "root": str(store.root), "key": store.key, "n": store.n, "dtype": store.dtype,
+                   "shard_rows": store.shard_rows, "batch_size": cfg.extract_batch_size, "num_workers": workers,
+                   "autocast": frozen_autocast(run.device, cfg.precision), "desc": f"{split} features",
+                   "progress": cfg.progress, "devices": cfg.devices}, cfg.devices)
 
 
 def _fast(train: Features, test: Features, num_classes: int, run: _Run, n_train: int, points: GridPoints

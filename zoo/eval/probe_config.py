@@ -48,6 +48,10 @@ class ProbeConfig:
     max_test: int | None = None
     data_image_size: int = 32  # side of the embedded digits
     device: str = "auto"
+    # devices per node and nodes: feature extraction (fast, knn) split over them, each rank extracting its share once
+    # (zoo.eval.distributed); protocol mode: the trainer's DDP. On a CPU-only machine a device is one process.
+    devices: int = 1
+    num_nodes: int = 1
     # the frozen encoder's forward (extraction and protocol): "auto" = bf16 autocast on a GPU, fp32 on a CPU;
     # "bf16-mixed" (same: autocast only ever on CUDA) or "32-true" (fp32 everywhere). The heads always train in fp32.
     precision: str = "auto"

@@ -61,6 +61,8 @@ def run_protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_fe
                                       enable_model_summary=False, default_root_dir=str(folder))
         if device.type != "cuda":
             kwargs["accelerator"] = "cpu"
+        if cfg.devices * cfg.num_nodes > 1:  # DDP over the probe's devices (gloo on CPUs)
+            kwargs.update(devices=cfg.devices, num_nodes=cfg.num_nodes)
         trainer = build_trainer(**{**kwargs, **cfg.trainer})
         ckpt = folder / "checkpoints" / "last.ckpt"
         if ckpt.exists():

@@ -15,7 +15,8 @@ from typing import Any
 __all__ = ["IDENTITY_IGNORED", "identity", "claim", "GridPoints", "markdown_report"]
 
 # settings that change how fast a probe runs or what it prints, never a figure
-IDENTITY_IGNORED = ("progress", "num_workers", "extract_batch_size", "cache_dir", "device", "trainer")
+IDENTITY_IGNORED = ("progress", "num_workers", "extract_batch_size", "cache_dir", "device", "trainer", "devices",
+                    "num_nodes")
 OURS = ("probe.json", "grid.json", "metrics.json", "metrics.md", "features")
 
 
@@ -34,7 +35,7 @@ def claim(out: str | Path, ident: dict[str, Any], overwrite: bool = False) -> bo
         for name in OURS:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        for path in out.glob("protocol_*"):
+        for path in out.glob("protocol_*"):  # protocol_pass_*: a protocol pass's checkpoints
             shutil.rmtree(path, ignore_errors=True)
     elif meta.exists():
         saved = json.loads(meta.read_text())
