@@ -148,7 +148,7 @@ def scale(a: argparse.Namespace) -> int:
         split = ProbeConfig(**{**cfg.__dict__, "devices": a.devices, "cache_dir": f"{tmp}/split"})
         one = ProbeConfig(**{**cfg.__dict__, "cache_dir": f"{tmp}/one"})
         rates = {}
-        for name, c in (("1", one), (str(a.devices), split)):  # kNN: extraction, then a cheap pass over the bank
+        for name, c in (("1", one), (str(a.devices), split))[:2 if a.devices > 1 else 1]:  # kNN: extraction, then a cheap pass over the bank
             r = evaluate(enc, train, test, "knn", c)
             rates[name] = (a.scale + n_test) / r["seconds"]["features"]
         t_proto_one, t_proto_sep = _protocol_passes(enc, a, cfg, tmp)
@@ -160,7 +160,8 @@ def scale(a: argparse.Namespace) -> int:
              f"features, {a.epochs} epochs, batch {a.batch_size}, {len(a.lr)}-lr grid, {device}")
     rows = [("extraction (1 process): images / s", extract_rate, "img/s"),
             ("extraction, 1 process (kNN run): images / s", rates["1"], "img/s"),
-            (f"extraction, {a.devices} processes (kNN run): images / s", rates[str(a.devices)], "img/s"),
+            *([(f"extraction, {a.devices} processes (kNN run): images / s", rates[str(a.devices)], "img/s")]
+              if a.devices > 1 else []),
             (f"protocol, {a.protocol_n} images x {a.protocol_epochs} epochs: {len(a.lr)} grid + {len(a.lr)} final "
              "heads, one pass", t_proto_one, "s"),
             (f"protocol: {len(a.lr)} one-lr passes (a forward each)", t_proto_sep, "s"),
@@ -177,7 +178,7 @@ def scale(a: argparse.Namespace) -> int:
                          "peak_rss_mib": round(peak_mib, 1), "feature_mib": round(feat_mib, 1),
                          "grid_one_pass_s": round(t_one, 2), "grid_k_passes_s": round(t_sep, 2),
                          "rss_over_features": round(peak_mib / feat_mib, 2), "extract_img_s_1proc": round(rates["1"], 1),
-                         f"extract_img_s_{a.devices}proc": round(rates[str(a.devices)], 1),
+                         f"extract_img_s_{a.devices}proc": round(rates[str(a.devices)], 1),  # same key at 1
                          "extract_devices": a.devices, "protocol_n": a.protocol_n,
                          "protocol_one_pass_s": round(t_proto_one, 2), "protocol_k_passes_s": round(t_proto_sep, 2),
                          "protocol_ratio": round(t_proto_sep / t_proto_one, 2),
