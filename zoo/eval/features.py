@@ -2,8 +2,9 @@
 
 An *encoder* is an ``nn.Module`` taking one tensor and returning features [B, D]; a *prepare* callable turns a
 collated batch dict into that tensor (image views for vision, token ids for language models). Extracted features
-are cached to disk (safetensors) keyed by the encoder's weights, the data and the transform, so repeated runs and
-every learning rate of a sweep reuse one pass over the data.
+are written to a memory-mapped store (``zoo.eval.store``) keyed by the encoder's weights, the data and the transform,
+so repeated runs and every learning rate of a sweep reuse one pass over the data. Raw file bytes are decoded on the
+device (``decode_on_device``); the frozen forward autocasts to bf16 on CUDA only (``frozen_autocast``).
 """
 from __future__ import annotations
 

@@ -2,9 +2,12 @@
 
 - protocol: the paper's linear evaluation through the shared Lightning trainer: frozen encoder (BN in inference
   mode), one linear layer, SGD Nesterov 0.9, no weight decay, lr = base x batch / 256 with the base picked on a
-  held-out split of train, per-step cosine; train view = random resized crop + flip, test = resize 256 + crop 224.
-- fast: features extracted once into a memory-mapped store on disk (``zoo.eval.store``; cached by content), the same
-  linear recipe trained on them, every lr of the grid in one pass (``train_heads``).
+  held-out split of train, per-step cosine; train view = random resized crop + flip, test = resize 256 + crop 224;
+  every head of the grid and every final head in one pass of the frozen encoder (``zoo.eval.grid``), checkpointed
+  and resumable (``zoo.eval.protocol``).
+- fast: features extracted once into a memory-mapped store on disk (``zoo.eval.store``; cached by content; split over
+  ``--devices`` by ``zoo.eval.distributed``), the same linear recipe and the same passes trained on them
+  (``train_heads``).
 - knn: k in {20, 200}, cosine similarity, votes weighted exp(sim / 0.07), every k in one pass over the bank.
 
 Encoders are any module mapping a prepared batch to [B, D] (images here; ``MeanPooledLM`` + ``TokenPrepare`` for
@@ -368,8 +371,11 @@ def run_probe(backbone: str, data: str, mode: str = "fast", out: str | Path | No
         if claim(out, identity(tool, dataclasses.asdict(cfg)), overwrite):
             print(f"probe: resuming the probe in {out} (same arguments; --overwrite starts over)", file=sys.stderr)
     encoder = load_backbone(backbone, which=which, padding=padding, arch=arch)
-    train = build_dataset(data, "train", image_size=cfg.data_image_size)
-    test = build_dataset(data, "val", image_size=cfg.data_image_size)
+    # on a GPU the loader hands over the files' bytes and the batch is decoded there (nvjpeg); on a CPU the loader
+    # workers decode in parallel
+    decode = "device" if _device(cfg.device).type == "cuda" else "worker"
+    train = build_dataset(data, "train", decode=decode, image_size=cfg.data_image_size)
+    test = build_dataset(data, "val", decode=decode, image_size=cfg.data_image_size)
     metrics = evaluate(encoder, train, test, mode, cfg, out=out)
     metrics = {"top1": metrics.pop("top1"), "top5": metrics.pop("top5"), "mode": mode, "backbone": backbone,
                "dataset": data, "arch": getattr(encoder, "zoo_arch", None), "which": which,
