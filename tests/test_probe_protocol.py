@@ -127,3 +127,22 @@ def test_raw_bytes_are_decoded_on_the_device_and_bad_files_named(tmp_path):
     assert out["skipped"] == ["z.jpg", "b.jpg"] and out["path"] == ["a.jpg", "c.jpg"]
     plain = {"image": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "label": torch.tensor([0, 1])}
     assert decode_on_device(plain, torch.device("cpu")) is plain  # decoded images pass through untouched
+
+
+def test_device_decoded_folders_probe_like_worker_decoded_ones(tiny_imagefolder, tmp_path):
+    """The GPU path's data (raw bytes, decoded after transfer) run on the CPU: the same features and kNN figures as
+    decoding in the loader, and the protocol pass trains on them, a corrupt file named once per split."""
+    from zoo.data.images import build_dataset
+
+    bad = sorted((tiny_imagefolder / "train").iterdir())[0] / "broken.JPEG"
+    bad.write_bytes(b"not a jpeg" * 20)
+    enc = zoo.create("convnet_tiny", **TINY)
+    spec = f"imagefolder:{tiny_imagefolder}"
+    cfg = _cfg(tmp_path, image_size=32, resize=36, batch_size=8, lr_grid=(0.4,), knn_k=(3,))
+    res = {d: evaluate(enc, build_dataset(spec, "train", decode=d), build_dataset(spec, "val", decode=d), "knn", cfg)
+           for d in ("worker", "device")}
+    assert res["worker"]["knn"] == res["device"]["knn"]
+    assert res["device"]["counts"]["skipped_files"] == [str(bad)] == res["worker"]["counts"]["skipped_files"]
+    proto = evaluate(enc, build_dataset(spec, "train", decode="device"), build_dataset(spec, "val", decode="device"),
+                     "protocol", cfg, out=tmp_path / "p")
+    assert proto["counts"]["skipped_train"] == 1 and 0 <= proto["top1"] <= proto["top5"] <= 100
