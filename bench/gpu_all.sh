@@ -48,6 +48,7 @@ if [ "$smoke" = 1 ]; then
   step byol_step          120 bench/byol_step.py --device "$dev" --encoder resnet18 --size 32 --batch 4 --steps 2 --warmup 1
   step lm_step            120 bench/lm_step.py --small --batch 1 --warmup 1 --rounds 1 --steps 1
   step probe              120 bench/probe.py --device "$dev" --epochs 2
+  step probe_scale        240 bench/probe.py --device "$dev" --scale 128 --lr 0.1 0.4 --epochs 1 --batch-size 32 --devices 1 --protocol-n 48 --protocol-epochs 1
 else
   step augment             60 bench/augment.py --device "$dev" --batch 256 --sizes 224 96 --iters 10
   step augment_compiled   100 bench/augment.py --device "$dev" --batch 256 --sizes 224 --iters 10 --compile --bf16
@@ -59,6 +60,9 @@ else
   step byol_step_whole    170 bench/byol_step.py --device "$dev" --encoder resnet50 --size 224 --batch 256 --steps 15 --warmup 5 --compile step
   step lm_step            120 bench/lm_step.py
   step probe               45 bench/probe.py --device "$dev" --backbone random:resnet50 --image-size 64 --resize 64 --epochs 30
+  # Issue 30: extraction img/s into the store, the fast probe's memory, protocol's k-lr grid in one pass vs k passes
+  # (one GPU here: --devices 2 needs a two-GPU lease)
+  step probe_scale        120 bench/probe.py --device "$dev" --scale 16384 --backbone random:resnet50 --image-size 224 --resize 256 --lr 0.1 0.2 0.4 0.8 --epochs 10 --batch-size 1024 --num-workers 8 --devices 1 --protocol-n 8192 --protocol-epochs 1
   # Issue 18's compile proof (CPU-side: graph breaks, recompiles, host syncs; dynamo's counts need no inductor).
   step graph_breaks       120 bench/graph_breaks.py --backend eager
 fi

@@ -8,8 +8,10 @@ feature cache), so its time includes the one feature-extraction pass.
     python bench/probe.py --data imagefolder:/data/imagenet100 --backbone ckpt.ckpt --image-size 224 --resize 256
 
 ``--scale N`` measures the probe at scale on N synthetic images instead: extraction img/s into the memory-mapped
-store, the fast probe's peak RSS against the bytes of its features, and the wall time of a k-lr grid of heads trained
-in one pass (one read of each batch, shared by every head) against k separate passes.
+store with 1 and with ``--devices`` processes (``zoo.eval.distributed``), the fast probe's peak RSS against the bytes
+of its features, the wall time of a k-lr grid of heads on features trained in one pass (one read of each batch, shared
+by every head) against k separate passes, and the same for protocol mode on ``--protocol-n`` images: one pass of
+the frozen encoder for the k grid heads and the k final heads against k one-lr passes (each its own frozen forward).
 
     python bench/probe.py --scale 20000 --backbone random:resnet18 --image-size 32 --resize 32 --lr 0.1 0.2 0.4 0.8
 """
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="also write the JSON line to this file")
     ap.add_argument("--scale", type=int, default=0, help="measure the probe at scale on this many synthetic images")
+    ap.add_argument("--devices", type=int, default=2, help="--scale: extraction processes (or GPUs) to compare with 1")
+    ap.add_argument("--protocol-n", type=int, default=1000, help="--scale: images of the protocol one-pass timing")
+    ap.add_argument("--protocol-epochs", type=int, default=2)
     a = ap.parse_args(argv)
     if a.scale:
         return scale(a)
@@ -140,6 +145,13 @@ def scale(a: argparse.Namespace) -> int:
             train_heads(feats, 10, [lr], a.epochs, a.batch_size)
         t_sep = time.perf_counter() - t0
         del feats
+        split = ProbeConfig(**{**cfg.__dict__, "devices": a.devices, "cache_dir": f"{tmp}/split"})
+        one = ProbeConfig(**{**cfg.__dict__, "cache_dir": f"{tmp}/one"})
+        rates = {}
+        for name, c in (("1", one), (str(a.devices), split))[:2 if a.devices > 1 else 1]:  # kNN: extraction, then a cheap pass over the bank
+            r = evaluate(enc, train, test, "knn", c)
+            rates[name] = (a.scale + n_test) / r["seconds"]["features"]
+        t_proto_one, t_proto_sep = _protocol_passes(enc, a, cfg, tmp)
     from common import machine, report
 
     device = machine(_device_name(a.device))
@@ -147,6 +159,13 @@ def scale(a: argparse.Namespace) -> int:
     title = (f"probe at scale: {a.backbone}, {a.scale} + {n_test} synthetic {a.image_size}px images, {dim}-d float32 "
              f"features, {a.epochs} epochs, batch {a.batch_size}, {len(a.lr)}-lr grid, {device}")
     rows = [("extraction (1 process): images / s", extract_rate, "img/s"),
+            ("extraction, 1 process (kNN run): images / s", rates["1"], "img/s"),
+            *([(f"extraction, {a.devices} processes (kNN run): images / s", rates[str(a.devices)], "img/s")]
+              if a.devices > 1 else []),
+            (f"protocol, {a.protocol_n} images x {a.protocol_epochs} epochs: {len(a.lr)} grid + {len(a.lr)} final "
+             "heads, one pass", t_proto_one, "s"),
+            (f"protocol: {len(a.lr)} one-lr passes (a forward each)", t_proto_sep, "s"),
+            ("protocol: k passes / one pass", t_proto_sep / t_proto_one, "x"),
             ("fast probe wall time (extraction + grid + final head)", t_fast, "s"),
             ("fast probe peak RSS over baseline", peak_mib, "MiB"),
             ("features on disk (train + test, float32)", feat_mib, "MiB"),
@@ -158,8 +177,29 @@ def scale(a: argparse.Namespace) -> int:
                          "device": device, "extract_img_s": round(extract_rate, 1), "fast_s": round(t_fast, 2),
                          "peak_rss_mib": round(peak_mib, 1), "feature_mib": round(feat_mib, 1),
                          "grid_one_pass_s": round(t_one, 2), "grid_k_passes_s": round(t_sep, 2),
-                         "rss_over_features": round(peak_mib / feat_mib, 2), "ratio": round(t_sep / t_one, 2)}, a.out)
+                         "rss_over_features": round(peak_mib / feat_mib, 2), "extract_img_s_1proc": round(rates["1"], 1),
+                         f"extract_img_s_{a.devices}proc": round(rates[str(a.devices)], 1),  # same key at 1
+                         "extract_devices": a.devices, "protocol_n": a.protocol_n,
+                         "protocol_one_pass_s": round(t_proto_one, 2), "protocol_k_passes_s": round(t_proto_sep, 2),
+                         "protocol_ratio": round(t_proto_sep / t_proto_one, 2),
+                         "ratio": round(t_sep / t_one, 2)}, a.out)
     return 0
+
+
+def _protocol_passes(enc, a: argparse.Namespace, cfg, tmp: str) -> tuple[float, float]:
+    """Wall time of protocol mode's one pass for the k-lr grid (k grid + k final heads behind one frozen forward per
+    batch) against k one-lr passes, on ``a.protocol_n`` synthetic images (random-resized-crop train view)."""
+    from zoo.eval.probe import ProbeConfig, evaluate
+
+    train, test = _Synthetic(a.protocol_n, a.image_size, 4), _Synthetic(max(a.protocol_n // 10, 10), a.image_size, 5)
+    base = {**cfg.__dict__, "epochs": a.protocol_epochs, "heldout": 0.1}
+    t0 = time.perf_counter()
+    evaluate(enc, train, test, "protocol", ProbeConfig(**{**base, "lr_grid": tuple(a.lr)}), out=f"{tmp}/proto_one")
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for lr in a.lr:
+        evaluate(enc, train, test, "protocol", ProbeConfig(**{**base, "lr_grid": (lr,)}), out=f"{tmp}/proto_{lr}")
+    return t_one, time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -52,6 +52,13 @@ def rows(result: dict) -> list[tuple[str, str, str, str, str]]:
         return [(f"probe fast vs protocol ({result['backbone']}, {result['epochs']} epochs)",
                  f"{result['fast_s']:.2f} s", f"protocol mode {result['protocol_s']:.2f} s",
                  f"{result['ratio']:.2f}x (top-1 diff {result['top1_diff']:.2f})", result["device"])]
+    if bench == "probe_scale":
+        k = result.get("extract_devices", 1)
+        split = f", extraction {_num(result['extract_img_s_1proc'], 'img/s')} on 1 process" + (
+            f" vs {_num(result[f'extract_img_s_{k}proc'], 'img/s')} on {k}" if k > 1 else "")
+        return [(f"probe protocol, k-lr grid in one pass ({result['backbone']}, {result['protocol_n']} images{split})",
+                 f"{result['protocol_one_pass_s']:.2f} s", f"k one-lr passes {result['protocol_k_passes_s']:.2f} s",
+                 f"{result['protocol_ratio']:.2f}x", result["device"])]
     return [(bench, "-", "-", f"{result.get('ratio', '-')}", "-")]
 
 

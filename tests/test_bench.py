@@ -19,7 +19,7 @@ def test_gpu_script_smoke_mode_runs_every_benchmark_against_its_peer(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines() if x.strip()]
     log = (tmp_path / "log.txt").read_text()
     assert [r["bench"] for r in lines] == ["augment", "augment", "loader", "decode_ahead", "byol_step", "lm_step",
-                                           "probe"], log[-3000:]
+                                           "probe", "probe_scale"], log[-3000:]
     for r in lines:
         assert "error" not in r, (r, log[-3000:])
         assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
@@ -31,6 +31,7 @@ def test_gpu_script_smoke_mode_runs_every_benchmark_against_its_peer(tmp_path):
     lm = others[4]["results"]  # same weights, same batch: the same first loss (fp32 on CPU)
     assert abs(lm["zoo"]["first_loss"] - lm["transformers-eager"]["first_loss"]) < 1e-3
     assert others[5]["top1_diff"] == 0.0  # fast and protocol probes agree
+    assert others[6]["protocol_one_pass_s"] > 0 and others[6]["extract_img_s_1proc"] > 0  # issue 30's probe at scale
     assert "torch " in log and "== done in" in log
     table = [x for x in log.splitlines() if x.startswith("| ")]  # the BENCHMARKS.md rows the run ends with
     assert len(table) == 1 + len(lines) and not any("not measured" in x for x in table), table

@@ -2,8 +2,9 @@
 
 An *encoder* is an ``nn.Module`` taking one tensor and returning features [B, D]; a *prepare* callable turns a
 collated batch dict into that tensor (image views for vision, token ids for language models). Extracted features
-are cached to disk (safetensors) keyed by the encoder's weights, the data and the transform, so repeated runs and
-every learning rate of a sweep reuse one pass over the data.
+are written to a memory-mapped store (``zoo.eval.store``) keyed by the encoder's weights, the data and the transform,
+so repeated runs and every learning rate of a sweep reuse one pass over the data. Raw file bytes are decoded on the
+device (``decode_on_device``); the frozen forward autocasts to bf16 on CUDA only (``frozen_autocast``).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from zoo.eval.store import Features, FeatureStore
 
 __all__ = ["Features", "IndexedDataset", "collate_indexed", "collate_tokens", "ImagePrepare", "MeanPooledLM",
-           "TokenPrepare",
+           "TokenPrepare", "decode_on_device", "frozen_autocast",
            "extract_features", "extract_to_store", "weights_fingerprint", "default_cache_dir", "skipped_line",
            "quiet_decode_log"]
 
@@ -48,8 +49,37 @@ def collate_indexed(batch: list[tuple]) -> dict[str, Any]:
     from zoo.data.images import collate_images
 
     out = collate_images([item[:3] for item in batch])
-    out["index"] = torch.tensor([item[3] for item in batch if item[0] is not None], dtype=torch.long)
+    kept = [item for item in batch if item[0] is not None]
+    out["index"] = torch.tensor([item[3] for item in kept], dtype=torch.long)
+    out["path"] = [str(item[2]) for item in kept]  # names a file that only the device decoder finds bad
     return out
+
+
+def decode_on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch of raw file bytes (``decode="device"`` datasets) decoded on ``device`` (nvjpeg on a GPU, the CPU
+    decoder elsewhere); undecodable files leave the batch (label, index) and join ``skipped`` by name."""
+    images = batch.get("image")
+    if not (isinstance(images, list) and images and images[0].dim() == 1):
+        return batch
+    from augment.decode import decode_batch
+
+    decoded, bad = decode_batch(images, device)
+    out = dict(batch, image=decoded)
+    if bad:
+        keep = [i for i in range(len(images)) if i not in set(bad)]
+        names = batch.get("path") or [f"#{int(j)}" for j in batch["index"].tolist()]
+        out["skipped"] = list(batch.get("skipped", [])) + [names[i] for i in sorted(bad)]
+        sel = torch.tensor(keep, dtype=torch.long)
+        out["label"] = batch["label"][sel.to(batch["label"].device)]
+        out["index"] = batch["index"][sel.to(batch["index"].device)]
+        out["path"] = [names[i] for i in keep]
+    return out
+
+
+def frozen_autocast(device: torch.device | str, precision: str) -> bool:
+    """Whether the frozen encoder's forward runs under bf16 autocast: on CUDA only (``auto`` or ``bf16-*``), never on
+    a CPU (CPU bf16 autocast is slower than fp32 on most hosts and would change the CPU figures)."""
+    return torch.device(device).type == "cuda" and precision in ("auto", "bf16-mixed", "bf16-true", "bf16")
 
 
 class ImagePrepare:
@@ -185,7 +215,11 @@ def _batches(encoder: nn.Module, loader: DataLoader, prepare: Prepare, device: t
                 if not len(batch["label"]):
                     yield size, batch, None
                     continue
-                moved = {k: _to_device(v, device) for k, v in batch.items()}
+                moved = decode_on_device({k: _to_device(v, device) for k, v in batch.items()}, device)
+                if not len(moved["label"]):
+                    yield size, moved, None
+                    continue
+                batch = moved
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     f = encoder(prepare(moved, None))
                 yield size, batch, f.float().cpu()
@@ -210,8 +244,8 @@ def extract_features(encoder: nn.Module, loader: DataLoader, prepare: Prepare, d
             continue
         if feats is None:
             feats = torch.zeros(total, f.shape[1], dtype=torch.float32)
-        idx = batch["index"]
-        feats[idx], labels[idx], read[idx] = f, batch["label"], True
+        idx = batch["index"].cpu()
+        feats[idx], labels[idx], read[idx] = f, batch["label"].cpu(), True
     if feats is None:
         raise ValueError(f"{desc}: no sample could be read ({len(skipped)} skipped, e.g. {skipped[:3]}).")
     return Features(feats, labels, torch.nonzero(read).flatten(), skipped)
@@ -235,6 +269,7 @@ def extract_to_store(encoder: nn.Module, ds: Dataset, make_loader: Callable[[Dat
     loader = make_loader(Subset(ds, positions))
     for size, batch, f in _batches(encoder, loader, prepare, device, desc, progress, autocast):
         kept = {int(j): k for k, j in enumerate(batch["index"].tolist())}  # subset position -> row of the batch
+        batch_labels = batch["label"].tolist()  # one transfer, not one per row
         names = iter(batch.get("skipped", []))
         for j in range(pos, pos + size):
             row = positions[j]
@@ -247,7 +282,7 @@ def extract_to_store(encoder: nn.Module, ds: Dataset, make_loader: Callable[[Dat
                                        "read": torch.zeros(end - start, dtype=torch.bool), "skipped": []}
             if j in kept:
                 sh["feats"][row - start] = f[kept[j]]
-                sh["labels"][row - start] = int(batch["label"][kept[j]])
+                sh["labels"][row - start] = batch_labels[kept[j]]
                 sh["read"][row - start] = True
             else:
                 sh["skipped"].append(next(names, f"#{row}"))
@@ -272,7 +307,9 @@ def _feature_dim(encoder: nn.Module, ds: Dataset, prepare: Prepare, device: torc
             batch = collate([IndexedDataset(ds)[i]])
             if len(batch["label"]):
                 with torch.no_grad():
-                    return int(encoder(prepare({k: _to_device(v, device) for k, v in batch.items()}, None)).shape[1])
+                    moved = decode_on_device({k: _to_device(v, device) for k, v in batch.items()}, device)
+                    if len(moved["label"]):
+                        return int(encoder(prepare(moved, None)).shape[1])
     finally:
         encoder.train(was)
     raise ValueError(f"no sample of the {len(ds)} could be read")  # type: ignore[arg-type]

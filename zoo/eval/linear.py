@@ -1,24 +1,23 @@
 """The linear classifier of the probe, trained two ways with one recipe (BYOL's linear evaluation):
 SGD Nesterov 0.9, no weight decay, lr = base x batch / 256, per-step cosine to 0, zero-initialised layer.
 
-- ``train_heads``: on extracted features (fast mode), every lr of the grid in one pass;
-- ``LinearProbeModule``: a LightningModule over images with the frozen encoder in inference mode (protocol mode).
+- ``train_heads``: on extracted features (fast mode), every head of a pass (``HeadBank``) in one pass;
+- ``zoo.eval.protocol_module.ProtocolHeads``: the same ``HeadBank`` behind the frozen encoder (protocol mode).
 Both draw batches from ``EpochShuffleSampler(n, seed)``, so on a centre-crop-only probe they see the same batches.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from zoo.train.schedules import warmup_cosine
 
-__all__ = ["scaled_lr", "cosine_factor", "make_optimizer", "ProbeHead", "train_heads", "train_linear", "evaluate_heads",
-           "LinearProbeModule", "divergence", "divergence_advice"]
+__all__ = ["scaled_lr", "cosine_factor", "make_optimizer", "ProbeHead", "HeadBank", "train_heads", "train_linear",
+           "evaluate_heads", "divergence", "divergence_advice"]
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:
@@ -86,12 +85,87 @@ def _resident(train: Any, device: torch.device) -> torch.Tensor | None:
     return out
 
 
+class HeadBank(nn.Module):
+    """The heads of one pass, trained together on each batch of features: one ``ProbeHead`` per base lr, in ONE SGD
+    optimiser with a param group per head (its own lr; SGD's update is elementwise per tensor, so a head's weights
+    equal those of a run of its lr alone, bit for bit) and one cosine schedule.
+
+    ``masked[i]``: head i trains only on the rows the batch's ``fit`` mask keeps (the lr grid: train minus the
+    held-out images, which ride along in the same batches for the final heads). A head whose gradient turns non-finite
+    is frozen at its last finite weights (its grads dropped from then on) and reported as diverged: a NaN never
+    reaches a checkpoint, and the decision is read from the all-reduced gradient, so every DDP rank takes it alike.
+    """
+
+    def __init__(self, num_features: int, num_classes: int, base_lrs: Sequence[float],
+                 masked: Sequence[bool] | None = None, feature_norm: str = "none") -> None:
+        super().__init__()
+        self.base_lrs = [float(x) for x in base_lrs]
+        self.masked = list(masked) if masked is not None else [False] * len(self.base_lrs)
+        if len(self.masked) != len(self.base_lrs):
+            raise ValueError(f"{len(self.masked)} masks for {len(self.base_lrs)} heads")
+        self.heads = nn.ModuleList(ProbeHead(num_features, num_classes, feature_norm) for _ in self.base_lrs)
+        # the step at which each head diverged (-1: never); a buffer, so checkpoints carry it
+        self.register_buffer("diverged_at", torch.full((len(self.base_lrs),), -1, dtype=torch.long))
+        self.last_losses = torch.zeros(len(self.base_lrs))
+
+    def make_optimizer(self, batch_size: int, total_steps: int
+                       ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """SGD Nesterov 0.9, no weight decay, one param group per head at lr = base x ``batch_size`` / 256, and the
+        per-step cosine over ``total_steps`` (the same factor for every group)."""
+        groups = [{"params": list(h.parameters()), "lr": scaled_lr(lr, batch_size)}
+                  for h, lr in zip(self.heads, self.base_lrs)]
+        opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.9, nesterov=True, weight_decay=0.0)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, total_steps))
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, fit: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum of the heads' cross-entropies on the batch (each head's gradient is its own loss's, exactly)."""
+        losses = []
+        for head, masked in zip(self.heads, self.masked):
+            xi, yi = (x[fit], y[fit]) if masked and fit is not None else (x, y)
+            logits = head(xi)
+            # a batch with no row for this head still steps (zero gradient), so every head sees every step alike
+            losses.append(F.cross_entropy(logits, yi) if len(yi) else logits.sum() * 0.0)
+        stacked = torch.stack(losses)
+        self.last_losses = stacked.detach()
+        return stacked.sum()
+
+    def drop_diverged(self, step: int) -> None:
+        """Between backward and the optimiser step: freeze every head whose gradient is not finite (one host sync)."""
+        live = [i for i in range(len(self.heads)) if int(self.diverged_at[i]) < 0]
+        if live:
+            ok = torch.stack([torch.stack([torch.isfinite(p.grad).all() for p in self.heads[i].parameters()
+                                           if p.grad is not None] or [torch.ones((), dtype=torch.bool)]).all()
+                              for i in live]).tolist()
+            for i, good in zip(live, ok):
+                if not good:
+                    self.diverged_at[i] = step
+        for i, head in enumerate(self.heads):
+            if int(self.diverged_at[i]) >= 0:
+                for p in head.parameters():
+                    p.grad = None  # SGD leaves a parameter without a gradient untouched
+
+    def reason(self, i: int) -> str | None:
+        """Why head ``i`` diverged during training (None: it did not, or only ``divergence`` can tell)."""
+        step = int(self.diverged_at[i])
+        return None if step < 0 else f"non-finite gradient at step {step}"
+
+    def finished(self) -> list[ProbeHead]:
+        """The heads on the CPU in eval mode, each with ``last_loss`` and ``diverged_reason`` for ``divergence``."""
+        out = []
+        for i, head in enumerate(self.heads):
+            head.last_loss = float(self.last_losses[i])
+            head.diverged_reason = self.reason(i)
+            out.append(head.cpu().eval())
+        return out
+
+
 def train_heads(train: Any, num_classes: int, base_lrs: Sequence[float], epochs: int, batch_size: int,
                 seed: int = 0, device: str | torch.device = "cpu", feature_norm: str = "none",
-                progress: bool = False, desc: str = "linear heads") -> list[ProbeHead]:
+                progress: bool = False, desc: str = "linear heads", masked: Sequence[bool] | None = None,
+                heldout: torch.Tensor | None = None) -> list[ProbeHead]:
     """Fit one probe head per base lr on ``train`` (``Features``, memory-mapped is fine) in one pass: each batch is
-    read once and shared by every head; each head has its own optimiser and schedule (the protocol's SGD Nesterov,
-    cosine, batch order), so each equals a run of its lr alone: the ops a head sees do not depend on the others."""
+    read once and shared by every head (a ``HeadBank``), so each equals a run of its lr alone. ``heldout`` (bool per
+    row of ``train``) leaves those rows out of the heads ``masked`` marks (the lr grid's); the others see them."""
     from zoo.data.loaders import EpochShuffleSampler
     from zoo.progress import track
 
@@ -100,12 +174,12 @@ def train_heads(train: Any, num_classes: int, base_lrs: Sequence[float], epochs:
     if n == 0:
         raise ValueError("no training features to fit the linear probe on")
     y = train.labels.to(device)
+    keep = None if heldout is None else (~heldout.bool()).to(device)
     resident = _resident(train, device)
-    heads = [ProbeHead(train.dim, num_classes, feature_norm).to(device).train() for _ in base_lrs]
+    bank = HeadBank(train.dim, num_classes, base_lrs, masked, feature_norm).to(device).train()
     steps = math.ceil(n / batch_size)
-    opts = [make_optimizer(h.parameters(), lr, batch_size, epochs * steps) for h, lr in zip(heads, base_lrs)]
+    opt, sched = bank.make_optimizer(batch_size, epochs * steps)
     sampler = EpochShuffleSampler(n, seed)
-    losses: list[torch.Tensor] = [torch.zeros(())] * len(heads)
 
     def batches():
         for epoch in range(epochs):
@@ -113,19 +187,15 @@ def train_heads(train: Any, num_classes: int, base_lrs: Sequence[float], epochs:
             order = torch.tensor(list(iter(sampler)))
             yield from order.split(batch_size)
 
-    for idx in track(batches(), desc, total=epochs * steps, enabled=progress):
-        x = resident[idx.to(device)].float() if resident is not None else train.gather(idx, device)
-        target = y[idx.to(device)]
-        for i, (head, (opt, sched)) in enumerate(zip(heads, opts)):
-            loss = F.cross_entropy(head(x), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses[i] = loss.detach()
-    for head, loss in zip(heads, losses):
-        head.last_loss = float(loss)  # read by ``divergence``: the probe table flags a diverged lr
-    return [h.cpu().eval() for h in heads]
+    for step, idx in enumerate(track(batches(), desc, total=epochs * steps, enabled=progress)):
+        rows = idx.to(device)
+        x = resident[rows].float() if resident is not None else train.gather(idx, device)
+        bank.loss(x, y[rows], None if keep is None else keep[rows]).backward()
+        bank.drop_diverged(step)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return bank.finished()
 
 
 def train_linear(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, base_lr: float, epochs: int,
@@ -155,92 +225,11 @@ def evaluate_heads(heads: Sequence[nn.Module], feats: Any, chunk: int | None = N
     return [{1: 100.0 * float(h[0]) / n, 5: 100.0 * float(h[1]) / n} for h in hits]
 
 
-class LinearProbeModule(pl.LightningModule):
-    """Protocol-mode probe: frozen encoder (batch norm in inference mode, no gradient) + one trained linear layer.
-
-    Args:
-        encoder: module mapping the prepared batch to features [B, D].
-        num_features, num_classes: sizes of the linear layer.
-        base_lr, batch_size: lr = base x global batch / 256 (``batch_size`` is per device).
-        epochs: cosine length; ``steps_per_epoch`` is taken from the trainer.
-        prepare_train, prepare_test: batch dict -> encoder input (the train and test views).
-        seed: seed of the train-view randomness.
-        feature_norm: "none" (the paper) or "batchnorm" (see ``ProbeHead``).
-    """
-
-    def __init__(self, encoder: nn.Module, num_features: int, num_classes: int, base_lr: float, batch_size: int,
-                 epochs: int, prepare_train: Callable, prepare_test: Callable, seed: int = 0,
-                 feature_norm: str = "none") -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.encoder.requires_grad_(False)
-        self.head = ProbeHead(num_features, num_classes, feature_norm)
-        self.base_lr, self.batch_size, self.epochs = base_lr, batch_size, epochs
-        self.prepare_train, self.prepare_test, self.seed = prepare_train, prepare_test, seed
-        self.result: dict[str, Any] = {}
-        self._gen: torch.Generator | None = None
-        self._counts = torch.zeros(3)
-        # Undecodable files named by the loader (this process's share under DDP).
-        self.skipped: dict[str, set[str]] = {"train": set(), "test": set()}
-
-    def train(self, mode: bool = True) -> "LinearProbeModule":
-        """Lightning switches modules to train mode each epoch; the encoder stays in inference mode regardless."""
-        super().train(mode)
-        self.encoder.eval()
-        return self
-
-    def _features(self, batch: dict[str, Any], prepare: Callable, gen: torch.Generator | None) -> torch.Tensor:
-        with torch.no_grad():
-            return self.encoder(prepare(batch, gen)).float()
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        """Cross-entropy of the linear layer on frozen features of the train view."""
-        self.skipped["train"].update(batch.get("skipped", []))
-        if len(batch["label"]) == 0:
-            return None  # every image of this batch was undecodable (counted by the loader)
-        if self._gen is None or self._gen.device != self.device:
-            self._gen = torch.Generator(device=self.device).manual_seed(self.seed + 7919 * self.global_rank)
-        logits = self.head(self._features(batch, self.prepare_train, self._gen))
-        loss = F.cross_entropy(logits, batch["label"])
-        self.log("probe/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
-        self.last_loss = loss.detach()  # a tensor: no device sync per step; read once by ``divergence``
-        return loss
-
-    def on_validation_epoch_start(self) -> None:
-        """Reset the top-1 / top-5 counters."""
-        self._counts = torch.zeros(3, device=self.device, dtype=torch.float64)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Count top-1 / top-5 hits on the test view."""
-        self.skipped["test"].update(batch.get("skipped", []))
-        if len(batch["label"]) == 0:
-            return
-        logits = self.head(self._features(batch, self.prepare_test, None))
-        y = batch["label"]
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top == y[:, None]
-        self._counts += torch.stack([hit[:, :1].any(1).sum(), hit.any(1).sum(), torch.tensor(len(y), device=y.device)]
-                                    ).to(self._counts)
-
-    def on_validation_epoch_end(self) -> None:
-        """Sum the counters over devices and keep top-1 / top-5 (percent) in ``self.result``."""
-        counts = self.trainer.strategy.reduce(self._counts, reduce_op="sum") if self.trainer.world_size > 1 \
-            else self._counts
-        n = max(float(counts[2]), 1.0)
-        self.result = {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n, "n": int(counts[2])}
-        self.log("probe/top1", self.result["top1"], sync_dist=False)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """SGD Nesterov on the linear layer only, cosine per step over ``epochs``."""
-        steps = self.trainer.estimated_stepping_batches
-        global_batch = self.batch_size * self.trainer.world_size
-        opt, sched = make_optimizer(self.head.parameters(), self.base_lr, global_batch, int(steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
 def divergence(head: nn.Module, last_loss: Any, num_classes: int) -> str | None:
     """Why a trained probe diverged, else None: a NaN/Inf weight, a NaN/Inf final loss, or a final loss above
     2 ln(num_classes) (twice the loss of the zero-initialised head it started from: it got worse, not better)."""
+    if getattr(head, "diverged_reason", None):
+        return head.diverged_reason
     if any(not bool(torch.isfinite(p).all()) for p in head.parameters()):
         return "weights NaN/Inf"
     if last_loss is None:

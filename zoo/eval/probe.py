@@ -2,9 +2,12 @@
 
 - protocol: the paper's linear evaluation through the shared Lightning trainer: frozen encoder (BN in inference
   mode), one linear layer, SGD Nesterov 0.9, no weight decay, lr = base x batch / 256 with the base picked on a
-  held-out split of train, per-step cosine; train view = random resized crop + flip, test = resize 256 + crop 224.
-- fast: features extracted once into a memory-mapped store on disk (``zoo.eval.store``; cached by content), the same
-  linear recipe trained on them, every lr of the grid in one pass (``train_heads``).
+  held-out split of train, per-step cosine; train view = random resized crop + flip, test = resize 256 + crop 224;
+  every head of the grid and every final head in one pass of the frozen encoder (``zoo.eval.grid``), checkpointed
+  and resumable (``zoo.eval.protocol``).
+- fast: features extracted once into a memory-mapped store on disk (``zoo.eval.store``; cached by content; split over
+  ``--devices`` by ``zoo.eval.distributed``), the same linear recipe and the same passes trained on them
+  (``train_heads``).
 - knn: k in {20, 200}, cosine similarity, votes weighted exp(sim / 0.07), every k in one pass over the bank.
 
 Encoders are any module mapping a prepared batch to [B, D] (images here; ``MeanPooledLM`` + ``TokenPrepare`` for
@@ -30,9 +33,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from zoo.eval.features import (ImagePrepare, IndexedDataset, MeanPooledLM, TokenPrepare, collate_indexed,
-                                default_cache_dir, extract_to_store, quiet_decode_log, skipped_line,
-                                _feature_dim)
+                                default_cache_dir, extract_to_store, frozen_autocast, quiet_decode_log,
+                                skipped_line, _feature_dim)
 from zoo.eval.knn import KNNProbeCallback, knn_evaluate_store
+from zoo.eval.grid import PassResult, search_and_final
 from zoo.eval.linear import divergence, divergence_advice, evaluate_heads, train_heads
 from zoo.eval.probe_config import MODES, ProbeConfig
 from zoo.eval.rundir import IDENTITY_IGNORED, GridPoints, claim, identity, markdown_report
@@ -132,10 +136,17 @@ class _Run:
 
     def __init__(self, cfg: ProbeConfig, mode: str, n_train: int, notices: _Notices) -> None:
         self.notices, self.device = notices, _device(cfg.device)
+        if cfg.devices * cfg.num_nodes > 1:
+            from zoo.eval.distributed import check_devices
+
+            check_devices(cfg.devices, cfg.num_nodes, self.device)
         workers = min(cfg.num_workers, cpu_count())
         if workers < cfg.num_workers:
             notices.say(f"num_workers: {cfg.num_workers} -> {workers} (this process may use {cpu_count()} CPUs)")
-        changes: dict[str, Any] = {"num_workers": workers}
+        # "auto": bf16 autocast of the frozen forward on CUDA, fp32 on a CPU (the feature cache is keyed by the result)
+        precision = ("bf16-mixed" if frozen_autocast(self.device, "auto") else "32-true") if cfg.precision == "auto" \
+            else cfg.precision
+        changes: dict[str, Any] = {"num_workers": workers, "precision": precision}
         grid = len(cfg.lr_grid) > 1 and mode != "knn"
         if grid:
             asked, held = heldout_count(n_train, cfg.heldout)
@@ -149,16 +160,22 @@ class _Run:
             changes["batch_size"] = n_fit
         self.cfg = dataclasses.replace(cfg, **changes)
 
-    def loader(self, ds: Dataset, batch_size: int, prepare: Any, sampler=None) -> DataLoader:
-        """A loader of ``ds`` (sequential unless ``sampler``) with at most one worker per batch."""
+    def loader(self, ds: Dataset, batch_size: int, prepare: Any, sampler=None, trainer=None) -> DataLoader:
+        """A loader of ``ds`` (sequential unless ``sampler``) with at most one worker per batch; with ``trainer``, a
+        training loader whose position goes into the trainer's checkpoints (``ResumableLoader``)."""
+        from zoo.data.loaders import ResumableLoader
+
         batches = max(1, math.ceil(len(ds) / batch_size))  # type: ignore[arg-type]
         workers = min(self.cfg.num_workers, batches)
         if workers < self.cfg.num_workers:
             self.notices.say(f"num_workers: {self.cfg.num_workers} -> {workers} for a loader of {batches} "
                              f"batch{'es' if batches > 1 else ''} (one worker per batch at most)", key="workers-data")
         # the prepare object knows its batch layout (images or tokens)
-        return DataLoader(IndexedDataset(ds), batch_size=batch_size, sampler=sampler, shuffle=False,
-                          num_workers=workers, collate_fn=getattr(prepare, "collate", collate_indexed))
+        kwargs = dict(batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
+                      collate_fn=getattr(prepare, "collate", collate_indexed))
+        if trainer is not None:
+            return ResumableLoader(IndexedDataset(ds), trainer=trainer, **kwargs)
+        return DataLoader(IndexedDataset(ds), **kwargs)
 
 
 def _features(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, run: _Run, key: dict[str, Any],
@@ -179,9 +196,12 @@ def _features(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, run: _R
         if done:
             run.notices.say(f"resuming {split} features in {root}: {done} of {total} shards already extracted")
         try:
-            extract_to_store(encoder.to(run.device), ds, lambda d: run.loader(d, cfg.extract_batch_size, prepare),
-                             prepare, run.device, store, f"{split} features", cfg.progress,
-                             autocast=cfg.precision.startswith("bf16") and run.device.type == "cuda")
+            if cfg.devices * cfg.num_nodes > 1:
+                _extract_split(encoder, ds, split, prepare, run, store)
+            else:
+                extract_to_store(encoder.to(run.device), ds, lambda d: run.loader(d, cfg.extract_batch_size, prepare),
+                                 prepare, run.device, store, f"{split} features", cfg.progress,
+                                 autocast=frozen_autocast(run.device, cfg.precision))
         except OSError as err:
             raise ValueError(f"writing {split} features to {root} failed ({err.strerror or err}); the "
                              f"{len(store.done())} finished shards are kept: free space (or pass another "
@@ -194,64 +214,29 @@ def _features(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, run: _R
     return feats, hit
 
 
-def _pick(grid: dict[str, float], diverged: dict[str, str]) -> float:
-    """The best base lr on the held-out images; a diverged lr is never picked (unless every lr diverged)."""
-    return float(max(grid, key=lambda lr: (lr not in diverged, grid[lr])))
+def _extract_split(encoder: nn.Module, ds: Dataset, split: str, prepare: Any, run: _Run, store: FeatureStore
+                   ) -> None:
+    """The store's missing shards extracted by ``devices x num_nodes`` ranks (``zoo.eval.distributed``)."""
+    import torch.distributed as dist
 
+    from zoo.eval.distributed import extract_split, launched_rank
 
-def _edge(grid: dict[str, float], diverged: dict[str, str]) -> str | None:
-    """'top' / 'bottom' when the best lr is the highest / lowest of the grid and strictly better than its neighbour
-    (a tie says nothing about what lies beyond)."""
-    lrs = sorted((float(k) for k in grid if k not in diverged))
-    if len(lrs) < 2:
-        return None
-    best = _pick(grid, diverged)
-    score = {float(k): v for k, v in grid.items()}
-    if best == lrs[-1] and score[lrs[-1]] > score[lrs[-2]]:
-        return "top"
-    if best == lrs[0] and score[lrs[0]] > score[lrs[1]]:
-        return "bottom"
-    return None
-
-
-def grid_search(cfg: ProbeConfig, points: GridPoints, score: Callable[[list[float]], None], notices: _Notices
-                ) -> tuple[dict[str, float], dict[str, str], list[float]]:
-    """Score the lr grid (``score(lrs)`` trains and records points; finished points are not rerun), then, while the
-    best lr sits at an edge of the grid and beats its neighbour, extend past it (x2 / x0.5, at most
-    ``cfg.grid_extensions`` times); announce either. Same for every mode, so fast and protocol pick alike."""
-    lrs_all = list(cfg.lr_grid)
-    if points.resumed:
-        notices.say(f"resuming the lr grid: {points.resumed} point(s) already scored, in {points.path}")
-    grid: dict[str, float] = {}
-    diverged: dict[str, str] = {}
-    extended: list[float] = []
-
-    def collect(todo: list[float]) -> None:
-        if todo:
-            score(todo)
-        for lr in lrs_all:
-            grid[str(lr)] = points.points[str(lr)]["top1"]
-            if points.points[str(lr)]["diverged"]:
-                diverged[str(lr)] = points.points[str(lr)]["diverged"]
-
-    collect([lr for lr in lrs_all if str(lr) not in points.points])
-    side = _edge(grid, diverged)
-    for _ in range(cfg.grid_extensions):
-        if side is None:
-            break
-        new = _pick(grid, diverged) * (2.0 if side == "top" else 0.5)
-        lrs_all.append(new)
-        extended.append(new)
-        collect([] if str(new) in points.points else [new])
-        side = _edge(grid, diverged)
-    best = _pick(grid, diverged)
-    if extended:
-        notices.say(f"the best base lr was at the edge of lr_grid {list(cfg.lr_grid)}: extended it with {extended} "
-                    f"(best {best:g}{f'; still at the {side}: widen --lr_grid' if side else ''})")
-    elif side:
-        notices.say(f"the best base lr {best:g} is at the {side} of lr_grid {list(cfg.lr_grid)}: the optimum may lie "
-                    f"{'above' if side == 'top' else 'below'}; widen --lr_grid, or pass --grid_extensions 2 to extend it")
-    return grid, diverged, extended
+    cfg = run.cfg
+    launched = launched_rank()
+    if launched is not None and not dist.is_initialized():
+        dist.init_process_group("nccl" if run.device.type == "cuda" else "gloo", init_method="env://")
+    if not store.exists and (launched is None or launched[0] == 0):  # laid out once, before any rank writes
+        store.create(_feature_dim(encoder, ds, prepare, torch.device("cpu")))
+    if launched is not None:
+        dist.barrier()
+        store = FeatureStore(store.root, store.key, store.n, store.dtype, store.requested_shard_rows)
+    workers = max(0, cfg.num_workers // cfg.devices)
+    extract_split({"encoder": encoder.cpu(), "dataset": ds, "prepare": prepare,
+                   "collate": getattr(prepare, "collate", collate_indexed), "device": str(run.device),
+                   "root": str(store.root), "key": store.key, "n": store.n, "dtype": store.dtype,
+                   "shard_rows": store.shard_rows, "batch_size": cfg.extract_batch_size, "num_workers": workers,
+                   "autocast": frozen_autocast(run.device, cfg.precision), "desc": f"{split} features",
+                   "progress": cfg.progress, "devices": cfg.devices}, cfg.devices)
 
 
 def _fast(train: Features, test: Features, num_classes: int, run: _Run, n_train: int, points: GridPoints
@@ -259,29 +244,27 @@ def _fast(train: Features, test: Features, num_classes: int, run: _Run, n_train:
     cfg, dev = run.cfg, run.device
     head_args = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=dev,
                      feature_norm=cfg.feature_norm, progress=cfg.progress)
-    grid: dict[str, float] = {}
-    diverged: dict[str, str] = {}
-    extended: list[float] = []
-    if len(cfg.lr_grid) > 1:
-        # split on dataset indices (not feature rows) so protocol mode holds out exactly the same images
-        held_mask = torch.isin(train.index, heldout_split(n_train, cfg.heldout, cfg.seed)[1])
-        fit, held = train.subset(torch.nonzero(~held_mask).flatten()), train.subset(torch.nonzero(held_mask).flatten())
+    # split on dataset indices (not feature rows) so protocol mode holds out exactly the same images
+    held_mask = torch.isin(train.index, heldout_split(n_train, cfg.heldout, cfg.seed)[1]) \
+        if len(cfg.lr_grid) > 1 else None
 
-        def score(lrs: list[float]) -> None:
-            heads = train_heads(fit, num_classes, lrs, desc=f"linear heads, base lr {'/'.join(map(str, lrs))}",
-                                **head_args)
-            for lr, head, acc in zip(lrs, heads, evaluate_heads(heads, held)):
-                points.add(lr, acc[1], divergence(head, head.last_loss, num_classes))
+    def run_pass(grid_lrs: list[float], final_lrs: list[float]) -> PassResult:
+        lrs = grid_lrs + final_lrs
+        what = "held-out grid and final heads" if grid_lrs else "final head on all of train"
+        heads = train_heads(train, num_classes, lrs, masked=[True] * len(grid_lrs) + [False] * len(final_lrs),
+                            heldout=held_mask if grid_lrs else None,
+                            desc=f"linear heads, base lr {'/'.join(map(str, sorted(set(lrs))))} ({what})",
+                            **head_args)
+        held = train.subset(torch.nonzero(held_mask).flatten()) if grid_lrs else None
+        grid_acc = evaluate_heads(heads[:len(grid_lrs)], held) if grid_lrs else []
+        final_acc = evaluate_heads(heads[len(grid_lrs):], test)
+        g = len(grid_lrs)
+        return {"grid": {lr: (acc[1], divergence(h, h.last_loss, num_classes))
+                         for lr, h, acc in zip(grid_lrs, heads[:g], grid_acc)},
+                "final": {lr: {"top1": acc[1], "top5": acc[5], "diverged": divergence(h, h.last_loss, num_classes)}
+                          for lr, h, acc in zip(final_lrs, heads[g:], final_acc)}}
 
-        grid, diverged, extended = grid_search(cfg, points, score, run.notices)
-    best = _pick(grid, diverged) if grid else cfg.lr_grid[0]
-    (head,) = train_heads(train, num_classes, [best], desc=f"linear head, base lr {best:g} on all of train", **head_args)
-    why = divergence(head, head.last_loss, num_classes)
-    if why:
-        diverged["final"] = why
-    acc = evaluate_heads([head], test)[0]
-    return {"top1": acc[1], "top5": acc[5], "base_lr": best, "heldout_top1": grid, "diverged": diverged,
-            "grid_extended": extended}
+    return search_and_final(cfg, points, run.notices, run_pass)
 
 
 def _check_classes(train: Dataset, test: Dataset) -> None:
@@ -329,7 +312,7 @@ def evaluate(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, mode: str 
         with quiet_decode_log():  # skipped files are named below, once, not as batch indices per batch
             res = run_protocol(encoder, train_ds, test_ds, num_features, num_classes, cfg, prepare_train,
                                prepare_test, out, run.loader, lambda n: heldout_split(n, cfg.heldout, cfg.seed),
-                               points, lambda score: grid_search(cfg, points, score, notices), _pick)
+                               points, notices, run.device)
         skipped = res.pop("skipped")
         for split in ("train", "test"):
             if skipped[split]:
@@ -388,8 +371,11 @@ def run_probe(backbone: str, data: str, mode: str = "fast", out: str | Path | No
         if claim(out, identity(tool, dataclasses.asdict(cfg)), overwrite):
             print(f"probe: resuming the probe in {out} (same arguments; --overwrite starts over)", file=sys.stderr)
     encoder = load_backbone(backbone, which=which, padding=padding, arch=arch)
-    train = build_dataset(data, "train", image_size=cfg.data_image_size)
-    test = build_dataset(data, "val", image_size=cfg.data_image_size)
+    # on a GPU the loader hands over the files' bytes and the batch is decoded there (nvjpeg); on a CPU the loader
+    # workers decode in parallel
+    decode = "device" if _device(cfg.device).type == "cuda" else "worker"
+    train = build_dataset(data, "train", decode=decode, image_size=cfg.data_image_size)
+    test = build_dataset(data, "val", decode=decode, image_size=cfg.data_image_size)
     metrics = evaluate(encoder, train, test, mode, cfg, out=out)
     metrics = {"top1": metrics.pop("top1"), "top5": metrics.pop("top5"), "mode": mode, "backbone": backbone,
                "dataset": data, "arch": getattr(encoder, "zoo_arch", None), "which": which,

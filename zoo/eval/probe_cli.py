@@ -26,7 +26,7 @@ LEGACY_FLAGS = {"--batch-size": "--batch_size", "--lr": "--lr_grid", "--k": "--k
                 "--crop-sampler": "--crop_sampler", "--feature-norm": "--feature_norm", "--cache-dir": "--cache_dir",
                 "--num-workers": "--num_workers", "--max-train": "--max_train", "--max-test": "--max_test"}
 LIST_KEYS = ("--lr_grid", "--knn_k")
-TOOL_KEYS = ("backbone", "data", "mode", "out", "which", "padding", "arch", "devices", "overwrite")
+TOOL_KEYS = ("backbone", "data", "mode", "out", "which", "padding", "arch", "overwrite")
 
 
 def build_parser() -> Any:
@@ -52,7 +52,6 @@ def build_parser() -> Any:
     p.add_argument("--padding", type=Optional[str], default=None, help="torch or tf_same (official checkpoints)")
     p.add_argument("--arch", type=Optional[str], default=None,
                    help="architecture for plain state dicts (e.g. resnet50, timm:<name>)")
-    p.add_argument("--devices", type=Optional[str], default=None, help="protocol mode: trainer devices (DDP when > 1)")
     p.add_class_arguments(ProbeConfig, None, skip={"trainer"})
     return p
 
@@ -110,8 +109,6 @@ def parse(argv: list[str]) -> tuple[dict[str, Any], ProbeConfig, str]:
     values = ns.as_dict()
     values.pop("config", None)
     tool = {k: values.pop(k) for k in TOOL_KEYS}
-    if tool["devices"] is not None:
-        values["trainer"] = {"devices": int(tool["devices"]) if tool["devices"].isdigit() else tool["devices"]}
     names = {f.name for f in dataclasses.fields(ProbeConfig)}
     cfg = ProbeConfig(**{k: v for k, v in values.items() if k in names})
     files = [c for c in (getattr(ns, "__path__", None), *(ns.get("config") or [])) if c]

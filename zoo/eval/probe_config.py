@@ -48,9 +48,13 @@ class ProbeConfig:
     max_test: int | None = None
     data_image_size: int = 32  # side of the embedded digits
     device: str = "auto"
-    # "32-true" or "bf16-mixed": protocol trainer precision and, when bf16, autocast during fast/kNN extraction too,
-    # so the modes stay comparable
-    precision: str = "32-true"
+    # devices per node and nodes: feature extraction (fast, knn) split over them, each rank extracting its share once
+    # (zoo.eval.distributed); protocol mode: the trainer's DDP. On a CPU-only machine a device is one process.
+    devices: int = 1
+    num_nodes: int = 1
+    # the frozen encoder's forward (extraction and protocol): "auto" = bf16 autocast on a GPU, fp32 on a CPU;
+    # "bf16-mixed" (same: autocast only ever on CUDA) or "32-true" (fp32 everywhere). The heads always train in fp32.
+    precision: str = "auto"
     progress: bool = True
     trainer: dict[str, Any] = field(default_factory=dict)  # overrides for zoo.train.trainer.build_trainer (protocol)
 
@@ -66,6 +70,8 @@ class ProbeConfig:
         EvalPreset(eval_crop=self.eval_crop, resize_kernel=self.resize_kernel, crop_sampler=self.crop_sampler)
         if self.feature_dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"feature_dtype={self.feature_dtype!r}: choose auto, float32, float16 or bfloat16")
+        if self.precision not in ("auto", "32-true", "bf16-mixed"):
+            raise ValueError(f"precision={self.precision!r}: choose auto, 32-true or bf16-mixed")
         if self.feature_norm not in ("none", "batchnorm"):
             raise ValueError(f"feature_norm={self.feature_norm!r}: choose none or batchnorm")
         if self.grid_extensions < 0:

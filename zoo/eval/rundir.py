@@ -15,7 +15,8 @@ from typing import Any
 __all__ = ["IDENTITY_IGNORED", "identity", "claim", "GridPoints", "markdown_report"]
 
 # settings that change how fast a probe runs or what it prints, never a figure
-IDENTITY_IGNORED = ("progress", "num_workers", "extract_batch_size", "cache_dir", "device", "trainer")
+IDENTITY_IGNORED = ("progress", "num_workers", "extract_batch_size", "cache_dir", "device", "trainer", "devices",
+                    "num_nodes")
 OURS = ("probe.json", "grid.json", "metrics.json", "metrics.md", "features")
 
 
@@ -34,7 +35,7 @@ def claim(out: str | Path, ident: dict[str, Any], overwrite: bool = False) -> bo
         for name in OURS:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        for path in out.glob("protocol_*"):
+        for path in out.glob("protocol_*"):  # protocol_pass_*: a protocol pass's checkpoints
             shutil.rmtree(path, ignore_errors=True)
     elif meta.exists():
         saved = json.loads(meta.read_text())
@@ -62,6 +63,7 @@ class GridPoints:
         self.path = Path(out) / "grid.json" if out is not None else None
         self.key = json.loads(json.dumps(key, default=str))
         self.points: dict[str, dict[str, Any]] = {}
+        self.finals: dict[str, dict[str, Any]] = {}  # the final head per lr (top-1, top-5 on test, divergence)
         if self.path is not None and self.path.exists():
             try:
                 saved = json.loads(self.path.read_text())
@@ -69,16 +71,33 @@ class GridPoints:
                 saved = {}
             if saved.get("key") == self.key:
                 self.points = saved.get("points", {})
+                self.finals = saved.get("finals", {})
         self.resumed = len(self.points)
 
-    def add(self, lr: float, top1: float, diverged: str | None) -> None:
-        """Record a finished point (written at once: a kill after it loses nothing)."""
+    def add(self, lr: float, top1: float, diverged: str | None, final: dict[str, Any] | None = None) -> None:
+        """Record a finished point and, when its pass trained one, its final head (written at once: a kill after it
+        loses nothing)."""
         self.points[str(lr)] = {"top1": top1, "diverged": diverged}
+        if final is not None:
+            self.finals[str(lr)] = final
+        self._write()
+
+    def final(self, lr: float) -> dict[str, Any] | None:
+        """The final head of ``lr`` (``{top1, top5, diverged}``), if a pass trained it."""
+        return self.finals.get(str(lr))
+
+    def add_final(self, lr: float, final: dict[str, Any]) -> None:
+        """Record the final head of ``lr``."""
+        self.finals[str(lr)] = final
+        self._write()
+
+    def _write(self) -> None:
         if self.path is not None:
             from zoo.files import atomic_write_text
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps({"key": self.key, "points": self.points}, indent=2))
+            atomic_write_text(self.path, json.dumps({"key": self.key, "points": self.points, "finals": self.finals},
+                                                     indent=2))
 
 
 def markdown_report(m: dict[str, Any]) -> str:

@@ -1,0 +1,56 @@
+"""Feature extraction split over devices: 2 CPU processes (gloo) give the features, labels, order and skipped files of
+one process; a device count the machine does not have is one line."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+import zoo
+from zoo.data.images import digits_dataset
+from zoo.eval.probe import ProbeConfig, cpu_count, evaluate
+from zoo.eval.probe_cli import main
+from zoo.eval.store import FeatureStore
+
+
+def _cfg(tmp_path, **kw) -> ProbeConfig:
+    base = dict(epochs=1, batch_size=32, lr_grid=(0.4,), image_size=16, resize=16, num_workers=0,
+                extract_batch_size=24, cache_dir=str(tmp_path / "cache"), progress=False, shard_rows=20,
+                feature_dtype="float32")
+    return ProbeConfig(**{**base, **kw})
+
+
+def _store(cache, split: str):
+    (meta,) = cache.glob(f"*/{split}/key.json")
+    import json
+
+    saved = json.loads(meta.read_text())
+    return FeatureStore(meta.parent, saved["key"], saved["n"], saved["dtype"]).load()
+
+
+def test_two_cpu_processes_extract_the_features_of_one(tmp_path, monkeypatch):
+    import zoo.eval.probe as probe
+
+    monkeypatch.setattr(probe, "cpu_count", lambda: 2)  # a 1-CPU runner still runs the two processes
+    enc = zoo.create("convnet_tiny", widths=[8, 16, 16, 32])
+    train, test = Subset(digits_dataset("train", 16), range(130)), Subset(digits_dataset("val", 16), range(50))
+    one = evaluate(enc, train, test, "knn", _cfg(tmp_path / "one", knn_k=(5,)))
+    two = evaluate(enc, train, test, "knn", _cfg(tmp_path / "two", knn_k=(5,), devices=2))
+    for split in ("train", "test"):
+        a, b = _store(tmp_path / "one" / "cache", split), _store(tmp_path / "two" / "cache", split)
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.labels, b.labels) and a.skipped == b.skipped
+        # each row is one image through the same weights; only the batch it rode in differs (batch 24 over shards of
+        # 20 rows): fp32 sums of ~10^2-10^3 products reordered, |error| <~ 1.2e-7 x sqrt(10^3) x |x| << 1e-5
+        assert (a.feats.float() - b.feats.float()).abs().max() <= 1e-5
+    assert one["knn"] == two["knn"]
+
+
+def test_more_devices_than_the_machine_has_is_one_line(tmp_path, capsys):
+    n = cpu_count() + 1
+    assert main(["--backbone", "random:convnet_tiny", "--data", "digits", "--devices", str(n), "--cache_dir",
+                 "null", "--progress", "false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--devices {n}: this machine has {n - 1} CPUs" in err
+    with pytest.raises(ValueError, match="--num_nodes 2: start one process per device"):
+        evaluate(zoo.create("convnet_tiny", widths=[8, 16, 16, 32]), Subset(digits_dataset("train", 16), range(8)),
+                 Subset(digits_dataset("val", 16), range(4)), "knn", _cfg(tmp_path, num_nodes=2, devices=1))

@@ -1,0 +1,151 @@
+"""Protocol mode's LightningModule: the frozen encoder once per batch, every head of a pass behind it (``HeadBank``).
+
+One forward of the frozen encoder (inference mode, no gradient, bf16 autocast on CUDA: ``frozen_autocast``) per batch
+feeds every head: the lr grid's (which leave the held-out images out) and the final ones (all of train). The heads
+share ONE SGD optimiser with a param group per head, so Lightning's own machinery checkpoints and restores them: the
+shared trainer's ``last.ckpt`` at every epoch end and on SIGTERM / SIGUSR1 (``zoo.train.trainer.PreemptionCheckpoint``),
+the training loader's position (``zoo.data.loaders.ResumableLoader``), the schedule and the heads. The train view's
+randomness is a pure function of (seed, step, rank), as in ``zoo.train.ssl``, so no generator state is saved and a
+resumed run draws exactly the views of an uninterrupted one. The encoder's weights are left out of the checkpoint
+(they never change; the probe's identity already names their hash).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from zoo.eval.features import decode_on_device
+from zoo.eval.linear import HeadBank
+
+__all__ = ["ProtocolHeads"]
+
+
+class ProtocolHeads(pl.LightningModule):
+    """Frozen encoder + the heads of one pass.
+
+    Args:
+        encoder: module mapping the prepared batch to features [B, D].
+        num_features, num_classes: sizes of the linear layers.
+        grid_lrs: base lrs of the grid heads (trained without the ``heldout`` dataset indices, scored on them).
+        final_lrs: base lrs of the final heads (all of train, scored on the test set).
+        batch_size: per device; lr = base x global batch / 256.
+        epochs: cosine length (steps per epoch from the trainer).
+        prepare_train, prepare_test: batch dict -> encoder input (the train and test views).
+        seed: seed of the train-view randomness.
+        feature_norm: "none" (the paper) or "batchnorm" (see ``ProbeHead``).
+        heldout: dataset indices held out of the grid heads' training (None without a grid).
+        autocast: bf16 autocast of the frozen forward (``frozen_autocast`` decides: CUDA only).
+    """
+
+    def __init__(self, encoder: nn.Module, num_features: int, num_classes: int, grid_lrs: Sequence[float],
+                 final_lrs: Sequence[float], batch_size: int, epochs: int, prepare_train: Callable,
+                 prepare_test: Callable, seed: int = 0, feature_norm: str = "none",
+                 heldout: torch.Tensor | None = None, autocast: bool = False) -> None:
+        super().__init__()
+        self.encoder = encoder
+        # inference mode from the start: Lightning keeps each submodule's mode, so one built in train mode would run
+        # (and move its batch-norm statistics) in train mode through the first epoch
+        self.encoder.requires_grad_(False).eval()
+        self.grid_lrs, self.final_lrs = list(grid_lrs), list(final_lrs)
+        self.bank = HeadBank(num_features, num_classes, self.grid_lrs + self.final_lrs,
+                             [True] * len(self.grid_lrs) + [False] * len(self.final_lrs), feature_norm)
+        self.batch_size, self.epochs, self.seed, self.autocast = batch_size, epochs, seed, autocast
+        self.prepare_train, self.prepare_test = prepare_train, prepare_test
+        self.register_buffer("heldout", torch.as_tensor(heldout if heldout is not None else [], dtype=torch.long),
+                             persistent=False)
+        self.num_classes = num_classes
+        self.strict_loading = False  # the checkpoint leaves the frozen encoder out
+        # the validation loaders, in order: "heldout" (grid heads) when there is a grid, then "test" (final heads)
+        self.val_parts = (["heldout"] if self.grid_lrs else []) + ["test"]
+        self.result: dict[str, list[dict[str, float]]] = {}
+        self._counts = torch.zeros(0)
+        self._gen: torch.Generator | None = None
+        # Undecodable files named by the loader (this process's share under DDP).
+        self.skipped: dict[str, set[str]] = {"train": set(), "test": set()}
+
+    def train(self, mode: bool = True) -> "ProtocolHeads":
+        """Lightning switches modules to train mode each epoch; the encoder stays in inference mode regardless."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        """The encoder stays in inference mode whatever switched modes before."""
+        self.encoder.eval()
+
+    def _generator(self) -> torch.Generator:
+        """The train-view generator, re-seeded from (seed, step, rank): nothing to save for an exact resume."""
+        if self._gen is None or self._gen.device != self.device:
+            self._gen = torch.Generator(device=self.device)
+        return self._gen.manual_seed(((self.seed * 1_000_003 + self.global_step) * 65_537 + self.global_rank)
+                                     % (1 << 63))
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Raw JPEG bytes are decoded here, on the device they were moved to (nvjpeg on a GPU)."""
+        return decode_on_device(batch, self.device)
+
+    def _features(self, batch: dict[str, Any], prepare: Callable, gen: torch.Generator | None) -> torch.Tensor:
+        if len(batch["label"]) == 0:  # every image of the batch was undecodable: no forward, every head still steps
+            return torch.zeros(0, self.bank.heads[0].linear.in_features, device=self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.encoder(prepare(batch, gen)).float()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The heads' summed cross-entropy on one shared forward of the train view."""
+        self.skipped["train"].update(batch.get("skipped", []))
+        x = self._features(batch, self.prepare_train, self._generator())
+        y = batch["label"]
+        fit = ~torch.isin(batch["index"].to(self.device), self.heldout) if self.grid_lrs else None
+        loss = self.bank.loss(x, y, fit)
+        self.log("probe/loss", loss, prog_bar=True, batch_size=max(len(y), 1))
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Freeze the heads whose (all-reduced) gradient is not finite, before they take the step."""
+        self.bank.drop_diverged(self.global_step)
+
+    def on_validation_epoch_start(self) -> None:
+        """Reset the top-1 / top-5 counters of every (loader, head)."""
+        self._counts = torch.zeros(len(self.val_parts), len(self.bank.heads), 3, device=self.device,
+                                   dtype=torch.float64)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Count top-1 / top-5 hits of the heads this loader scores (grid heads: held-out; final heads: test)."""
+        part = self.val_parts[dataloader_idx]
+        self.skipped["test" if part == "test" else "train"].update(batch.get("skipped", []))
+        if len(batch["label"]) == 0:
+            return
+        x = self._features(batch, self.prepare_test, None)
+        y = batch["label"]
+        g = len(self.grid_lrs)
+        heads = range(g) if part == "heldout" else range(g, len(self.bank.heads))
+        for i in heads:
+            top = self.bank.heads[i](x).topk(min(5, self.num_classes), dim=1).indices == y[:, None]
+            self._counts[dataloader_idx, i] += torch.stack(
+                [top[:, :1].any(1).sum(), top.any(1).sum(), torch.tensor(len(y), device=y.device)]).to(self._counts)
+
+    def on_validation_epoch_end(self) -> None:
+        """Sum the counters over devices; ``self.result[part]``: top-1 / top-5 (percent) per head it scores."""
+        counts = self.trainer.strategy.reduce(self._counts, reduce_op="sum") if self.trainer.world_size > 1 \
+            else self._counts
+        g = len(self.grid_lrs)
+        self.result = {}
+        for j, part in enumerate(self.val_parts):
+            heads = range(g) if part == "heldout" else range(g, len(self.bank.heads))
+            self.result[part] = [{"top1": 100.0 * float(counts[j, i, 0]) / max(float(counts[j, i, 2]), 1.0),
+                                  "top5": 100.0 * float(counts[j, i, 1]) / max(float(counts[j, i, 2]), 1.0)}
+                                 for i in heads]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """One SGD Nesterov optimiser (a param group per head) and the per-step cosine over ``epochs``."""
+        steps = int(self.trainer.estimated_stepping_batches)
+        opt, sched = self.bank.make_optimizer(self.batch_size * self.trainer.world_size, steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen encoder out: it never changes, and it can be 100x the heads."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("encoder.")}
+        checkpoint["zoo_probe_pass"] = {"grid_lrs": self.grid_lrs, "final_lrs": self.final_lrs}
