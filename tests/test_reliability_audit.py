@@ -127,3 +127,20 @@ def test_official_release_head_refusals_name_the_file(tmp_path, classifier, matc
     with pytest.raises(ValueError, match=match) as err:
         zoo.load_backbone(path, arch=arch, head=True)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["hardlink", "folder", "fifo", "symlink-to-folder"])
+def test_a_lock_file_that_is_not_a_plain_file_is_refused_and_nothing_is_written(tmp_path, kind):
+    import os
+
+    from zoo.files import LOCK_NAME, LockRefused, RunLock
+
+    target, lock = tmp_path / "precious.txt", tmp_path / "run" / LOCK_NAME
+    target.write_text("keep me")
+    lock.parent.mkdir()
+    {"hardlink": lambda: os.link(target, lock), "folder": lock.mkdir, "fifo": lambda: os.mkfifo(lock),
+     "symlink-to-folder": lambda: lock.symlink_to(tmp_path)}[kind]()
+    with pytest.raises(LockRefused, match="remove it") as err:
+        RunLock(lock.parent).acquire()
+    assert str(lock) in str(err.value) and "\n" not in str(err.value)
+    assert target.read_text() == "keep me" and os.path.lexists(lock)
