@@ -84,16 +84,16 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def check_folder_path(path: str | os.PathLike, what: str) -> None:
-    """Raise ``NotADirectoryError`` naming ``what`` when ``path`` cannot be (or become) a folder: it, or the nearest
-    existing path above it, is a file."""
+def check_folder_path(path: str | os.PathLike, what: str,
+                      fix: str = "point it at a folder (or leave it unset for the default)") -> None:
+    """Raise ``NotADirectoryError`` naming ``what`` (and saying ``fix``) when ``path`` cannot be (or become) a folder:
+    it, or the nearest existing path above it, is a file."""
     here = Path(path)
     for candidate in (here, *here.parents):
         if candidate.exists():
             if not candidate.is_dir():
                 where = "is a file" if candidate == here else f"lies under {str(candidate)!r}, which is a file"
-                raise NotADirectoryError(f"{what}: {str(here)!r} {where}, not a folder; point it at a folder "
-                                         "(or leave it unset for the default)")
+                raise NotADirectoryError(f"{what}: {str(here)!r} {where}, not a folder; {fix}")
             return
 
 
