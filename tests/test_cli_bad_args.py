@@ -23,6 +23,8 @@ CASES = [
     (["probe", "--backbone", "{dir}", "--data", "digits"], "{dir}"),
     (["probe", "--backbone", "random:resnet18", "--data", "digits", "--epochs", "x"], "epochs"),
     (["probe", "--backbone", "random:resnet18", "--data", "digits", "--mode", "nope"], "mode"),
+    (["probe", "--backbone", "random:resnet18", "--data", "digits", "--out", "{file}"], "--out"),
+    (["probe", "--backbone", "random:resnet18", "--data", "digits", "--cache_dir", "{file}/sub"], "--cache_dir"),
     # zoo export
     (["export", "{missing}", "--out", "{tmp}/x.safetensors"], "{missing}"),
     (["export", "{dir}", "--out", "{tmp}/x.safetensors"], "{dir}"),
