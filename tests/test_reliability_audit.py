@@ -144,3 +144,21 @@ def test_a_lock_file_that_is_not_a_plain_file_is_refused_and_nothing_is_written(
         RunLock(lock.parent).acquire()
     assert str(lock) in str(err.value) and "\n" not in str(err.value)
     assert target.read_text() == "keep me" and os.path.lexists(lock)
+
+
+@pytest.mark.parametrize("name", ["torch_set_dag_key.pt", "torch_bytearray_size.pt", "torch_deflated_storage.pt",
+                                  "torch_encode_amplify.pt", "torch_zip_os_system.pt", "zip_garbage.pt"])
+def test_zoo_fit_ckpt_path_of_a_hostile_file_is_one_line_before_lightning_reads_it(tmp_path, capsys, name):
+    """LightningCLI reads --ckpt_path's hyper-parameters with its own torch.load before any of our code: the safe
+    loader's dry run comes first (a tuple-DAG key would hang that load, a bytearray bomb allocate 1 GB)."""
+    import hostile_files
+
+    from zoo.cli import main
+
+    files = dict(hostile_files.hostile_files(tmp_path / "files", tmp_path / "pwned"))
+    config = Path(__file__).resolve().parents[1] / "configs" / "lm" / "stdlib_gemma2_tiny.yaml"
+    code = main(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--ckpt_path", str(files[name])])
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and str(files[name]) in lines[0], lines
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()

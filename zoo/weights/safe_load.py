@@ -77,17 +77,19 @@ def sniff_format(path: str | os.PathLike) -> str:
 
 
 def safe_torch_load(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu", extra_globals: Iterable[Any] = ()
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", extra_globals: Iterable[Any] = (),
+    mmap: bool = False,
 ) -> Any:
     """``torch.load(path, weights_only=True)`` with a clear error when the file wants to run code.
 
-    ``extra_globals`` are classes/functions the caller vouches for (e.g. a known hyper-parameter container).
+    ``extra_globals`` are classes/functions the caller vouches for (e.g. a known hyper-parameter container);
+    ``mmap=True`` maps a zip-format file's tensors instead of reading them (a cheap full check of the file).
     """
     p = _as_path(path)
     if p.stat().st_size == 0:
         raise UnreadableFileError(f"{str(p)!r} is empty (0 bytes); the download or save was interrupted: fetch or "
                                   "save it again.")
-    return _weights_only_load(p, repr(str(p)), map_location, extra_globals)
+    return _weights_only_load(p, repr(str(p)), map_location, extra_globals, mmap and sniff_format(p) == "zip")
 
 
 def safe_torch_load_bytes(data: io.BytesIO, label: str, map_location: str | torch.device = "cpu") -> Any:
@@ -96,7 +98,7 @@ def safe_torch_load_bytes(data: io.BytesIO, label: str, map_location: str | torc
 
 
 def _weights_only_load(source: Path | io.BytesIO, label: str, map_location: str | torch.device,
-                       extra_globals: Iterable[Any]) -> Any:
+                       extra_globals: Iterable[Any], mmap: bool = False) -> Any:
     from zoo.weights.torch_prescan import prescan_torch_file  # imports safe_pickle, which imports this module
 
     extra_globals = list(extra_globals)
@@ -105,7 +107,7 @@ def _weights_only_load(source: Path | io.BytesIO, label: str, map_location: str 
         source.seek(0)
     try:
         with torch.serialization.safe_globals(extra_globals):
-            return torch.load(source, map_location=map_location, weights_only=True)
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except UsageError:
         raise
     except Exception as err:  # noqa: BLE001 - torch and its readers raise many types for bad bytes: one line each
