@@ -180,6 +180,22 @@ def _pickles(marker: str) -> dict[str, bytes]:
         "pkl_reconstructor.pkl": _release(_r(_g("copy_reg", "_reconstructor"), _g("subprocess", "Popen"),
                                              _g("__builtin__", "object"), b"N")),
         "pkl_ext.pkl": _release(b"\x82\x01"),
+        # more globals a reader must refuse by name (or bound): other spellings, callables that import or call
+        "pkl_umath_reconstruct_object.pkl": _release(_r(_g("numpy.core._multiarray_umath", "_reconstruct"),
+                                                        _g("numpy", "ndarray"), _t(_i(2)), _u("O"))),
+        "pkl_masked_array.pkl": _release(_r(_g("numpy.core.multiarray", "_reconstruct"),
+                                            _g("numpy.ma.core", "MaskedArray"), _t(_i(2)), _u("f8"))),
+        "pkl_randomstate.pkl": _release(_r(_g("numpy.random._pickle", "__randomstate_ctor"), _u("MT19937"))),
+        "pkl_getattr.pkl": _release(_r(_g("builtins", "getattr"), _g("os", "path"), _u("join"))),
+        "pkl_import.pkl": _release(_r(_g("builtins", "__import__"), _u("os"))),
+        "pkl_partial.pkl": _release(_r(_g("functools", "partial"), _g("os", "system"), _u(cmd))),
+        "pkl_codecs_rot13.pkl": _release(_r(_g("_codecs", "encode"), _u("abc"), _u("rot13"))),
+        "pkl_builtins_type.pkl": _release(_r(_g("builtins", "type"), _u("X"), _t(), b"}")),
+        "pkl_np_load.pkl": _release(_r(_g("numpy", "load"), _u("/etc/passwd"))),
+        "pkl_dtype_struct.pkl": _release(_r(_g("numpy", "dtype"), _u("i4,f8"))),
+        "pkl_dtype_datetime.pkl": _release(_r(_g("numpy", "dtype"), _u("M8[ns]"))),
+        "pkl_set_dag.pkl": _release(_r(_g("__builtin__", "set"), _dag_list(5, 64))),
+        "pkl_frozenset_dag.pkl": _release(b"(" + _dag_tuple(64) + b"\x91"),
         "pkl_persid.pkl": _release(b"Pdata\n"),
     }
 
