@@ -158,6 +158,26 @@ def meta_pt_payload(folder: Path, marker: Path) -> str:
     return "io.open"  # pickle names builtins.open by its home module
 
 
+def metadata_bomb(folder: Path, marker: Path, kind: str) -> str:
+    """``.metadata`` that asks for memory (a length that lies, before the record) or time (a dict key that is a tuple
+    DAG: hashing it visits 2**64 nodes) far beyond its few bytes; or a byte item amplifying a memoised string."""
+    import struct
+
+    if kind == "length":
+        (folder / ".metadata").write_bytes(b"\x80\x04\x8e" + struct.pack("<Q", 1_300_000_000) + b"x" * 64)
+        return "1,300,000,000 bytes"
+    if kind == "dag-key":
+        put, get = (lambda k: b"r" + struct.pack("<I", k)), (lambda k: b"j" + struct.pack("<I", k))
+        (folder / ".metadata").write_bytes(b"\x80\x02}(K\x00\x85" + put(0) + b"".join(
+            get(k) + get(k) + b"\x86" + put(k + 1) for k in range(64)) + b"tNs.")
+        return "deep or huge tuple"
+    import _codecs  # a byte item (the lr) whose pickle calls _codecs.encode on one memoised string 400 times
+
+    text = "a" * 50_000
+    lm_checkpoint_folder(folder, group={"lr": [RunsCode(_codecs.encode, text, "latin1") for _ in range(400)]})
+    return "_codecs.encode"
+
+
 # name -> builder(folder, marker) -> text the one-line refusal must contain
 HOSTILE: dict[str, Callable[[Path, Path], str]] = {
     "metadata-os.system": metadata_payload,
@@ -170,6 +190,9 @@ HOSTILE: dict[str, Callable[[Path, Path], str]] = {
     "missing-shard": missing_shard,
     "path-outside": path_outside,
     "huge-tensor": huge_tensor,
+    "metadata-length-lie": lambda f, m: metadata_bomb(f, m, "length"),
+    "metadata-dag-key": lambda f, m: metadata_bomb(f, m, "dag-key"),
+    "byte-item-amplify": lambda f, m: metadata_bomb(f, m, "encode"),
 }
 CODE_EXECUTION = ("metadata-os.system", "metadata-builtins.exec", "metadata-nested", "byte-item", "tensor-item",
                   "meta.pt")

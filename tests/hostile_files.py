@@ -23,7 +23,9 @@ from typing import Iterator
 
 LOADERS = ("official", "load_backbone", "safe_torch_load", "decode_device", "imagefolder", "cifar")
 PIXEL_BOMBS = ("png_bomb_16000.png", "jpeg_bomb_65500.jpg", "gif_screen_bomb.gif", "tiff_bomb.tiff",
-               "webp_bomb.webp", "bmp_bomb.bmp")
+               "webp_bomb.webp", "bmp_bomb.bmp", "jpeg_progressive_bomb.jpg", "jpeg_exif_bomb.jpg",
+               "webp_lossy_bomb.webp", "gif_frame_bomb.gif", "bmp_topdown_bomb.bmp", "png_ihdr_huge.png",
+               "tiff_bomb_as_jpg.jpg", "png_bomb_as_jpg.jpg")
 
 
 # -- a tiny pickle assembler (protocol 2 header; later opcodes are still read by every unpickler) ------------------
@@ -178,6 +180,22 @@ def _pickles(marker: str) -> dict[str, bytes]:
         "pkl_reconstructor.pkl": _release(_r(_g("copy_reg", "_reconstructor"), _g("subprocess", "Popen"),
                                              _g("__builtin__", "object"), b"N")),
         "pkl_ext.pkl": _release(b"\x82\x01"),
+        # more globals a reader must refuse by name (or bound): other spellings, callables that import or call
+        "pkl_umath_reconstruct_object.pkl": _release(_r(_g("numpy.core._multiarray_umath", "_reconstruct"),
+                                                        _g("numpy", "ndarray"), _t(_i(2)), _u("O"))),
+        "pkl_masked_array.pkl": _release(_r(_g("numpy.core.multiarray", "_reconstruct"),
+                                            _g("numpy.ma.core", "MaskedArray"), _t(_i(2)), _u("f8"))),
+        "pkl_randomstate.pkl": _release(_r(_g("numpy.random._pickle", "__randomstate_ctor"), _u("MT19937"))),
+        "pkl_getattr.pkl": _release(_r(_g("builtins", "getattr"), _g("os", "path"), _u("join"))),
+        "pkl_import.pkl": _release(_r(_g("builtins", "__import__"), _u("os"))),
+        "pkl_partial.pkl": _release(_r(_g("functools", "partial"), _g("os", "system"), _u(cmd))),
+        "pkl_codecs_rot13.pkl": _release(_r(_g("_codecs", "encode"), _u("abc"), _u("rot13"))),
+        "pkl_builtins_type.pkl": _release(_r(_g("builtins", "type"), _u("X"), _t(), b"}")),
+        "pkl_np_load.pkl": _release(_r(_g("numpy", "load"), _u("/etc/passwd"))),
+        "pkl_dtype_struct.pkl": _release(_r(_g("numpy", "dtype"), _u("i4,f8"))),
+        "pkl_dtype_datetime.pkl": _release(_r(_g("numpy", "dtype"), _u("M8[ns]"))),
+        "pkl_set_dag.pkl": _release(_r(_g("__builtin__", "set"), _dag_list(5, 64))),
+        "pkl_frozenset_dag.pkl": _release(b"(" + _dag_tuple(64) + b"\x91"),
         "pkl_persid.pkl": _release(b"Pdata\n"),
     }
 
@@ -209,11 +227,38 @@ def _small(fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _jpeg_bomb() -> bytes:
-    data = bytearray(_small("JPEG"))
-    i = data.index(b"\xff\xc0")
+def _jpeg_bomb(data: bytes | None = None, sof: bytes = b"\xff\xc0") -> bytes:
+    """A JPEG whose frame header (``sof``: baseline C0, progressive C2) declares 65500x65500."""
+    data = bytearray(_small("JPEG") if data is None else data)
+    i = data.index(sof)
     data[i + 5:i + 9] = struct.pack(">HH", 65500, 65500)
     return bytes(data)
+
+
+def _more_bombs() -> dict[str, bytes]:
+    """The same class through other headers: progressive JPEG, a 64 KB EXIF block before the frame header, lossy
+    WebP (VP8), a GIF frame larger than its screen, a top-down BMP, a PNG of 2**31-1 squared, wrong extensions."""
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 64_000
+    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(buf, "JPEG", exif=exif.tobytes())
+    webp = bytearray(_small("WEBP", quality=50))
+    j = webp.index(b"\x9d\x01\x2a")  # VP8 key frame start code, then 14-bit width and height
+    webp[j + 3:j + 7] = struct.pack("<HH", 16383, 16383)
+    gif = bytearray(_small("GIF"))
+    k = gif.index(b"\x2c")  # the image descriptor: left, top, width, height
+    gif[k + 5:k + 9] = struct.pack("<HH", 65535, 65535)
+    bmp = bytearray(_small("BMP"))
+    bmp[18:26] = struct.pack("<ii", 30000, -30000)
+    png = bytearray(_small("PNG"))
+    png[16:24] = struct.pack(">II", 2 ** 31 - 1, 2 ** 31 - 1)
+    return {"jpeg_progressive_bomb.jpg": _jpeg_bomb(_small("JPEG", progressive=True), b"\xff\xc2"),
+            "jpeg_exif_bomb.jpg": _jpeg_bomb(buf.getvalue()), "webp_lossy_bomb.webp": bytes(webp),
+            "gif_frame_bomb.gif": bytes(gif), "bmp_topdown_bomb.bmp": bytes(bmp), "png_ihdr_huge.png": bytes(png),
+            "tiff_bomb_as_jpg.jpg": _tiff_bomb(), "png_bomb_as_jpg.jpg": _png_bomb()}
 
 
 def _tiff_bomb() -> bytes:
@@ -241,7 +286,7 @@ def _images() -> dict[str, bytes]:
     return {"png_bomb_16000.png": _png_bomb(), "jpeg_bomb_65500.jpg": _jpeg_bomb(), "gif_screen_bomb.gif": bytes(gif),
             "tiff_bomb.tiff": _tiff_bomb(), "webp_bomb.webp": bytes(webp), "bmp_bomb.bmp": bytes(bmp),
             "png_truncated.png": png[: len(png) // 2], "jpeg_truncated.jpg": jpeg[: len(jpeg) // 2],
-            "png_header_only.png": png[:33]}
+            "png_header_only.png": png[:33], **_more_bombs()}
 
 
 def _foreign(marker: str) -> dict[str, bytes]:
@@ -271,7 +316,9 @@ def hostile_files(folder: str | os.PathLike, marker: str | os.PathLike) -> Itera
     """Write every hostile file into ``folder``; yields (name, path). Code in them would create ``marker``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for group in (_pickles(str(marker)), _images(), _foreign(str(marker))):
+    from hostile_torch import torch_files  # torch's own formats (it builds on the assembler above)
+
+    for group in (_pickles(str(marker)), _images(), _foreign(str(marker)), torch_files(str(marker))):
         for name, data in group.items():
             path = folder / name
             path.write_bytes(data)

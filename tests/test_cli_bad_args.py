@@ -23,6 +23,8 @@ CASES = [
     (["probe", "--backbone", "{dir}", "--data", "digits"], "{dir}"),
     (["probe", "--backbone", "random:resnet18", "--data", "digits", "--epochs", "x"], "epochs"),
     (["probe", "--backbone", "random:resnet18", "--data", "digits", "--mode", "nope"], "mode"),
+    (["probe", "--backbone", "random:resnet18", "--data", "digits", "--out", "{file}"], "--out"),
+    (["probe", "--backbone", "random:resnet18", "--data", "digits", "--cache_dir", "{file}/sub"], "--cache_dir"),
     # zoo export
     (["export", "{missing}", "--out", "{tmp}/x.safetensors"], "{missing}"),
     (["export", "{dir}", "--out", "{tmp}/x.safetensors"], "{dir}"),
@@ -76,6 +78,16 @@ CASES = [
     (["fit", "--config", LM_CONFIG, "--data.init_args.paths", "{missing}"], "data.paths"),
     (["fit", "--config", LM_CONFIG, "--data.init_args.batch_size", "0"], "batch_size"),
     (["fit", "--config", LM_CONFIG, "--ckpt_path", "{missing}.ckpt"], "{missing}"),
+    # a negative value argparse reads as a flag ('-inf'), a non-finite float: the flag, and what to write
+    (["fit", "--config", LM_CONFIG, "--model.init_args.weight_decay", "-inf"], "--model.init_args.weight_decay=-inf"),
+    (["fit", "--config", LM_CONFIG, "--model.init_args.weight_decay", "inf"], "weight_decay must be a finite number"),
+    (["fit", "--config", LM_CONFIG, "--trainer.max_steps", "-1e3"], "--trainer.max_steps=-1e3"),
+    (["plan", "gemma2-tiny", "--devices", "2", "--seq_len", "64", "--batch", "8", "--mfu", "-inf"], "--mfu=-inf"),
+    (["eval", "ppl", "--model", "gemma2-tiny", "--seq-len", "-nan"], "--seq-len=-nan"),
+    (["eval", "needle", "--model", "vlm-digits-tiny", "--modality", "image", "--images", "1.5"], "--images"),
+    # an output folder that is a file, or lies under one
+    (["export-hf", "gemma2-tiny", "--out", "{file}"], "--out"),
+    (["export-hf", "gemma2-tiny", "--out", "{file}/sub"], "--out"),
 ]
 
 

@@ -19,10 +19,6 @@ from hostile_files import LOADERS, PIXEL_BOMBS, hostile_files as make_files, run
 # Files that are not hostile to that loader: a valid PNG under a .pkl name decodes; the official reader returns the
 # pickled data of a nested-list leaf (bounded: shared lists are converted once) and load_backbone refuses it.
 BENIGN = {("decode_device", "png_named.pkl"), ("imagefolder", "png_named.pkl"), ("official", "pkl_dag_leaf.pkl")}
-# Known gaps outside this change, kept visible: torch's own weights_only unpickler allows _codecs.encode on a memoised
-# string any number of times (150 KB -> ~150 MB), and safe_torch_load lets a few parse errors through untranslated.
-KNOWN_GAPS = {("safe_torch_load", "pkl_memo_amplify_encode.pkl"), ("safe_torch_load", "webp_bomb.webp"),
-              ("safe_torch_load", "safetensors_header_bomb.safetensors")}
 RSS_GROWTH_MB = 64  # the largest honest allocation here is a few MB; every bomb asks for >= 1.3 GB
 
 
@@ -68,16 +64,12 @@ def test_every_hostile_file_against_every_loader(files, harness, loader):
     marker, paths = files
     results, trail = harness
     assert not marker.exists(), "a file ran code (marker created)"
-    failures, gaps = {}, set()
+    failures = {}
     for name in paths:
         problems = _problems(loader, name, results.get((loader, name)))
-        if problems and (loader, name) in KNOWN_GAPS:
-            gaps.add(name)
-        elif problems:
+        if problems:
             failures[name] = problems
     assert not failures, f"{loader}: {failures}\n{trail}"
-    fixed = {n for (ld, n) in KNOWN_GAPS if ld == loader} - gaps
-    assert not fixed, f"{loader}: known gaps now pass, remove them from KNOWN_GAPS: {fixed}"
 
 
 def test_fixture_set_is_what_it_claims(files):
@@ -95,6 +87,7 @@ def test_fixture_set_is_what_it_claims(files):
     assert image_size(paths["png_bomb_16000.png"].read_bytes()) == (16000, 16000)
     assert image_size(paths["jpeg_bomb_65500.jpg"].read_bytes()) == (65500, 65500)
     assert set(PIXEL_BOMBS) <= set(paths) and sum(n.startswith("pkl_") for n in paths) >= 40
+    assert sum(n.startswith("torch_") for n in paths) >= 15
 
 
 def test_pixel_limit_is_one_setting_and_counted_as_skipped(files, monkeypatch, tmp_path, caplog):
@@ -139,3 +132,27 @@ def test_device_decode_path_skips_bombs_on_cpu(files):
     data = [torch.frombuffer(bytearray(paths[n].read_bytes()), dtype=torch.uint8) for n in PIXEL_BOMBS]
     imgs, bad = decode_batch([ok, *data, ok], device="cpu")
     assert bad == list(range(1, len(PIXEL_BOMBS) + 1)) and len(imgs) == 2
+
+
+def test_honest_torch_files_still_load(tmp_path):
+    """The dry run refuses only what cannot be a checkpoint: zip and legacy formats, bytes, sets, tied and shared
+    tensors, OrderedDict metadata, nested hyper-parameters and an in-memory item all load unchanged."""
+    from collections import OrderedDict
+
+    from zoo.weights.safe_load import safe_torch_load, safe_torch_load_bytes
+
+    w = torch.randn(3, 4)
+    sd = OrderedDict(a=w, b=w, c=torch.arange(5))
+    sd._metadata = OrderedDict({"": {"version": 1}})
+    obj = {"state_dict": sd, "blob": b"\x00\xff" * 5000, "ba": bytearray(b"xyz"), "tags": {1, 2},
+           "hp": {"lr": 0.1, "layers": [[1, 2], [3, [4, 5]]], "name": "ü" * 100}, "z": complex(1, 2)}
+    for legacy in (False, True):
+        path = tmp_path / f"ok_{legacy}.pt"
+        torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+        got = safe_torch_load(path)
+        assert torch.equal(got["state_dict"]["a"], w) and got["state_dict"]["b"] is got["state_dict"]["a"]
+        assert got["blob"] == obj["blob"] and got["tags"] == {1, 2} and got["hp"] == obj["hp"]
+        assert got["state_dict"]._metadata == sd._metadata
+    buf = io.BytesIO()
+    torch.save({"step": 3, "t": w}, buf)
+    assert safe_torch_load_bytes(io.BytesIO(buf.getvalue()), "item 'x'")["step"] == 3

@@ -10,6 +10,8 @@ failure names the internal and the zoo code that uses it.
   ``fit_loop.epoch_loop.batch_progress.current.processed``: ``zoo.data.loaders.fit_progress`` / ``fit_position``
   (where a training loader starts, and the data position a mid-epoch checkpoint stores; the public
   ``trainer.current_epoch`` / ``global_step`` count completed epochs / optimizer steps, not batches trained on).
+- ``LightningCLI._parse_ckpt_path`` (called from ``__init__``, reads ``--ckpt_path`` with ``torch.load``):
+  ``zoo.cli.lightning.ZooCLI`` overrides it so the safe loader reads the file first.
 """
 from __future__ import annotations
 
@@ -83,3 +85,14 @@ def test_the_version_bound_in_pyproject_covers_the_installed_lightning():
     assert upper, f"{spec!r}: zoo uses Lightning internals, so lightning needs an upper bound"
     installed = tuple(int(x) for x in lightning.__version__.split(".")[:2])
     assert installed < tuple(int(x) for x in upper.group(1).split(".")[:2]), (lightning.__version__, spec)
+
+
+def test_cli_reads_ckpt_path_through_the_method_zoo_overrides():
+    from lightning.pytorch.cli import LightningCLI
+
+    from zoo.cli.lightning import ZooCLI
+
+    _need(callable(getattr(LightningCLI, "_parse_ckpt_path", None))
+          and "_parse_ckpt_path" in inspect.getsource(LightningCLI.__init__),
+          "LightningCLI._parse_ckpt_path (called by __init__)", "zoo.cli.lightning.ZooCLI")
+    assert ZooCLI._parse_ckpt_path is not LightningCLI._parse_ckpt_path

@@ -99,6 +99,10 @@ def test_a_cache_dir_that_is_a_file_is_refused_naming_it(tmp_path, monkeypatch, 
     monkeypatch.setenv("ZOO_CACHE", str(blocker))  # the older name, still read
     with pytest.raises(NotADirectoryError, match=r"\$ZOO_CACHE="):
         cache_dir()
+    from zoo.cli import main  # a command whose cache is the feature cache: one line too, not a traceback
+
+    assert main(["probe", "--backbone", "random:resnet18", "--data", "digits", "--epochs", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("zoo probe: error: $ZOO_CACHE=")
     # help is still printed (not stored) with an unusable cache folder
     assert help_cache.serve(["fit", "--help", "--x"], lambda: print("HELP TEXT") or 0) == 0
     assert "HELP TEXT" in capsys.readouterr().out

@@ -74,9 +74,35 @@ _TYPE_NAMES = {"<class 'float'>": "a float", "<class 'int'>": "an integer", "<cl
                "<class 'str'>": "a string"}
 
 
+def _must_be(want: str, got: str) -> str:
+    """'a float' ... for a typed refusal; a non-finite float ('inf', 'nan') is named as what is wrong with it."""
+    if want == "<class 'float'>" and got.lower().lstrip("+-") in ("inf", "infinity", "nan"):
+        return "a finite number"
+    return _TYPE_NAMES.get(want, want)
+
+
+def _dash_value(message: str, argv: list[str]) -> str | None:
+    """argparse reads a value such as '-inf' or '-1e-3' after a flag as another flag ("expected one argument"):
+    the line names the flag the user typed and the spelling that works."""
+    found = re.search(r"argument (-\S+): expected one argument", message)
+    if found is None:
+        return None
+    for flag, value in zip(argv, argv[1:]):
+        if flag.startswith(found.group(1)) and value.startswith("-"):
+            try:
+                float(value)
+            except ValueError:
+                continue
+            return f"{flag} got no value: {value!r} starts with '-' and is read as a flag; write {flag}={value}"
+    return None
+
+
 def explain_tool_error(tool: str, message: str, argv: list[str], keys: list[str]) -> str:
     """One line for a jsonargparse error of a registered tool (``zoo probe`` ...) whose valid keys are ``keys``."""
     hint = f"see zoo {tool} --help"
+    dash = _dash_value(message, argv)
+    if dash:
+        return f"{dash}; {hint}"
     flags = re.search(r"[Uu]nrecognized arguments: (\S+)", message)
     if flags:
         flag = flags.group(1).split("=", 1)[0]
@@ -92,7 +118,7 @@ def explain_tool_error(tool: str, message: str, argv: list[str], keys: list[str]
         key, want, got = typed.group(1), typed.group(2), typed.group(3).strip()
         # the option as the user spells it (--max-bytes), not the parser's destination name (max_bytes)
         key = next((k for k in keys if k != key and k.replace("-", "_") == key), key)
-        return f"{key} must be {_TYPE_NAMES.get(want, want)}, got {got!r} (from {origin(key, argv)}); {hint}"
+        return f"{key} must be {_must_be(want, got)}, got {got!r} (from {origin(key, argv)}); {hint}"
     lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.strip().startswith("Given value")]
     return f"{' '.join(lines) or message.strip()}; {hint}"
 

@@ -84,16 +84,16 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def check_folder_path(path: str | os.PathLike, what: str) -> None:
-    """Raise ``NotADirectoryError`` naming ``what`` when ``path`` cannot be (or become) a folder: it, or the nearest
-    existing path above it, is a file."""
+def check_folder_path(path: str | os.PathLike, what: str,
+                      fix: str = "point it at a folder (or leave it unset for the default)") -> None:
+    """Raise ``NotADirectoryError`` naming ``what`` (and saying ``fix``) when ``path`` cannot be (or become) a folder:
+    it, or the nearest existing path above it, is a file."""
     here = Path(path)
     for candidate in (here, *here.parents):
         if candidate.exists():
             if not candidate.is_dir():
                 where = "is a file" if candidate == here else f"lies under {str(candidate)!r}, which is a file"
-                raise NotADirectoryError(f"{what}: {str(here)!r} {where}, not a folder; point it at a folder "
-                                         "(or leave it unset for the default)")
+                raise NotADirectoryError(f"{what}: {str(here)!r} {where}, not a folder; {fix}")
             return
 
 
@@ -135,7 +135,7 @@ class RunLock:
     A lock written on another host of a shared file system (where the flock may not reach) is live while its holder
     refreshes it (every minute); one not refreshed for 10 minutes, or one left by an earlier start of the same
     scheduler job (a requeue), is taken over. The lock file is opened with ``O_NOFOLLOW``: a symbolic link is
-    refused, never followed (it would truncate its target)."""
+    refused, never followed (it would truncate its target); a folder, a FIFO or a hard link there is refused too."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.path = os.path.join(os.fspath(folder), LOCK_NAME)
@@ -152,10 +152,15 @@ class RunLock:
             if e.errno == errno.ELOOP:
                 raise LockRefused(f"the run lock {self.path} is a symbolic link; remove it (zoo never follows a link "
                                   "there, it would overwrite the link's target)") from None
+            if e.errno == errno.EISDIR:
+                raise LockRefused(f"the run lock {self.path} is a folder; remove it") from None
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # a hard link: writing the lock would overwrite its twin
             os.close(fd)
-            raise LockRefused(f"the run lock {self.path} is not a regular file; remove it")
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else \
+                "a hard link to another file (zoo would overwrite that file)"
+            raise LockRefused(f"the run lock {self.path} is {what}; remove it")
         return fd
 
     def holder(self, fd: int) -> dict[str, str]:

@@ -106,6 +106,12 @@ class MultimodalLM(LMModule):
                              "shape")
         return state
 
+    def check_inputs(self) -> None:
+        """Read and check ``encoder_weights`` now: ``ZooTrainer.fit`` calls this before any output folder exists."""
+        path = self.hparams.encoder_weights
+        if path is not None:
+            self.read_encoder_weights(path, zoo.create(self.layout["encoder"], **self.layout["encoder_overrides"]))
+
     def load_encoder_weights(self, enc: torch.nn.Module) -> None:
         """Load ``encoder_weights`` (if set) into ``enc``, an encoder of this model's architecture."""
         path = self.hparams.encoder_weights

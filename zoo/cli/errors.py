@@ -16,7 +16,7 @@ import importlib
 import inspect
 import re
 
-from zoo.errors import (_TYPE_NAMES, UsageError, _line, closest, config_files, explain_tool_error,  # noqa: F401
+from zoo.errors import (_TYPE_NAMES, UsageError, _dash_value, _line, _must_be, closest, config_files, explain_tool_error,  # noqa: F401
                         origin, parse_tool_args, tool_parser, user_error_line)  # (re-exported: the tools' helpers)
 
 
@@ -60,6 +60,9 @@ def _help_hint(argv: list[str], group: str | None = None, class_path: str | None
 
 def explain_parse_error(message: str, argv: list[str]) -> str:
     """One line for jsonargparse's error ``message`` about ``argv`` (the command line after ``zoo``)."""
+    dash = _dash_value(message, argv)
+    if dash:
+        return f"{dash}; {_help_hint(argv)}"
     group = (re.search(r'Parser key "([^"]+)"', message) or re.search(r"Group '([^']+)'", message))
     group_name = group.group(1) if group else None
     class_path = re.search(r"class_path '([^']+)'", message)
@@ -95,7 +98,7 @@ def explain_parse_error(message: str, argv: list[str]) -> str:
     if typed:
         leaf, want, got = typed.group(1), typed.group(2), typed.group(3).strip()
         key = f"{group_name}.init_args.{leaf}" if class_path and group_name else leaf
-        return (f"{key} must be {_TYPE_NAMES.get(want, want)}, got {got!r} (from {origin(key, argv)}); "
+        return (f"{key} must be {_must_be(want, got)}, got {got!r} (from {origin(key, argv)}); "
                 f"{_help_hint(argv, group_name, cls)}")
     required = re.search(r"the following arguments are required: (?:\w+\.)?(model|data)\b", message)
     if required:  # `zoo fit` alone, or a config without a model / data section

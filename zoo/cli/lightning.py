@@ -5,6 +5,7 @@ Imported only when one of those subcommands runs (it pulls in torch and Lightnin
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -23,8 +24,9 @@ GROUP_TITLES = {
 class ZooCLI(LightningCLI):
     """LightningCLI with refused abbreviations and one-line configuration errors.
 
-    The shared trainer defaults come from ``trainer_class=ZooTrainer`` (which completes its own arguments), so no
-    private LightningCLI method is overridden; only the public ``init_parser`` and ``parse_arguments`` hooks are.
+    The shared trainer defaults come from ``trainer_class=ZooTrainer`` (which completes its own arguments); the public
+    ``init_parser`` and ``parse_arguments`` hooks are overridden, and one private method, ``_parse_ckpt_path``: it
+    reads ``--ckpt_path`` with a bare ``torch.load`` before any of our code runs.
     """
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -47,6 +49,19 @@ class ZooCLI(LightningCLI):
             self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
         except argparse.ArgumentError as err:
             raise ConfigError(explain_parse_error(str(err), list(args or []))) from None
+
+
+    def _parse_ckpt_path(self) -> None:
+        """The safe loader reads ``--ckpt_path`` first (memory-mapped: no tensor is copied), so a hostile or broken
+        file is one line naming it (its pickle dry-run, bounded by its size) before Lightning's own torch.load reads
+        the hyper-parameters from it; a folder (a sharded checkpoint) is left to the sharded reader."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and os.path.isfile(ckpt_path):
+            from zoo.weights.safe_load import safe_torch_load
+
+            safe_torch_load(ckpt_path, mmap=True)
+        super()._parse_ckpt_path()
 
 
 def _normalise_overwrite(args: list[str]) -> list[str]:

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from zoo.data.images import build_dataset, digits_dataset
+from augment.decode import image_size
+from zoo.data.images import ImageFolderDataset, build_dataset, digits_dataset
 from zoo.data.loaders import resumable_loader
 from zoo.models.tokenizer import load_tokenizer
 from zoo.errors import UsageError
@@ -151,14 +152,34 @@ def fit_image(image: Tensor, size: int, resize: bool, where: str) -> Tensor:
     if tuple(image.shape[-2:]) == (size, size):
         return image
     if not resize:  # a UsageError: zoo fit prints the one line (also when a loader worker raised it)
-        raise UsageError(f"image {where} is {image.shape[-2]}x{image.shape[-1]} but the encoder takes {size}x{size}; "
-                         "set data.resize=true or data.image_size to the images' size")
+        raise _other_size(where, image.shape[-2], image.shape[-1], size)
     h, w = image.shape[-2:]
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     x = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
     top, left = (nh - size) // 2, (nw - size) // 2
     return x[:, top: top + size, left: left + size].round().clamp(0, 255).to(torch.uint8)
+
+
+def _other_size(where: str, h: int, w: int, size: int) -> UsageError:
+    return UsageError(f"image {where} is {h}x{w} but the encoder takes {size}x{size}; set data.resize=true or "
+                      "data.image_size to the images' size")
+
+
+def check_image_sizes(pool: Dataset, size: int) -> None:
+    """Refuse (``UsageError``) the first image of ``pool`` that is not ``size`` x ``size``. Image folders are checked
+    by every file's header (no pixel decoded); other pools hold one size, checked on item 0."""
+    for path, _ in pool.samples if isinstance(pool, ImageFolderDataset) else ():
+        try:  # unreadable: skipped and counted at training, like a corrupt image
+            with open(path, "rb") as f:
+                found = image_size(f.read(1 << 16)) or image_size(path.read_bytes())  # EXIF may precede a JPEG's size
+        except OSError:
+            continue
+        if found is not None and found != (size, size):
+            raise _other_size(str(path), found[1], found[0], size)
+    image = pool[0][0] if len(pool) and not isinstance(pool, ImageFolderDataset) else None
+    if isinstance(image, Tensor) and tuple(image.shape[-2:]) != (size, size):
+        raise _other_size(f"0 of {type(pool).__name__}", image.shape[-2], image.shape[-1], size)
 
 
 def plan_sequences(n: int, mix: dict[str, float], pool_size: int, question_images: int, seed: int,
@@ -366,10 +387,12 @@ class InterleavedDataModule(pl.LightningDataModule):
             raise UsageError(f"data.tokenizer={self.tokenizer_spec!r} cannot be loaded: {err}") from None
         for split in ("train", "val"):
             try:
-                classes = self._pool(split)[2]
+                pool, _, classes = self._pool(split)
             except (OSError, ValueError) as err:
                 raise UsageError(f"data.dataset={self.dataset!r} cannot be read: {err}") from None
             self._check_classes(classes)
+            if not self.resize:  # refused here, not by a loader worker once the run (and its folders) started
+                check_image_sizes(pool, self.image_size)
 
     def _check_classes(self, classes: Sequence[str]) -> None:
         # ASCII digits only: str.isdigit() also accepts '²' or '٣', which int() refuses or the answer would not spell

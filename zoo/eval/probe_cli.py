@@ -133,11 +133,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zoo probe: error: {err}", file=sys.stderr)
         return 2
     from zoo.eval.probe import print_summary, run_probe
+    from zoo.files import check_folder_path
 
-    try:
+    try:  # an output or cache folder that is a file (or lies under one): refused before any model is loaded
+        if tool["out"]:
+            check_folder_path(tool["out"], "--out", "give the path of a folder to write")
+        if cfg.cache_dir not in (None, "none", "", "default"):
+            check_folder_path(cfg.cache_dir, "--cache_dir", "give a folder, or none to keep no cache")
         metrics = run_probe(tool["backbone"], tool["data"], tool["mode"], tool["out"], cfg, tool["which"],
                             tool["padding"], tool["arch"], overwrite=tool["overwrite"], recipe=recipe)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, KeyError) as err:
         print(f"zoo probe: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
     print_summary(metrics)

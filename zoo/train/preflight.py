@@ -48,7 +48,8 @@ def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datam
     naming the key): gradient accumulation, precision, the per-device batch against the model's minimum
     (``min_batch_per_device``, e.g. 2 for batch norm) and the number of devices, and an input batch larger than the
     memory of the device (``model.input_bytes``); and the data, through the datamodule's ``check_data()`` when it has
-    one (a missing dataset folder), so nothing is created for a run that cannot read its data."""
+    one (a missing dataset folder), and the model's own inputs through its ``check_inputs()`` when it has one (a
+    missing or unusable ``encoder_weights``), so nothing is created for a run that cannot read its data."""
     from zoo.train.cluster import check_scheduler
 
     if trainer.accumulate_grad_batches < 1:
@@ -57,6 +58,9 @@ def preflight_check(trainer: pl.Trainer, model: pl.LightningModule | None, datam
     check_datamodule(datamodule)
     if model is None:
         return
+    check_inputs = getattr(model, "check_inputs", None)
+    if callable(check_inputs):  # files the model itself reads (e.g. encoder_weights), before any folder exists
+        check_inputs()
     if str(trainer.precision).startswith("64") and not getattr(model, "supports_float64", True):
         raise UsageError(f"trainer.precision={trainer.precision} is not supported by {type(model).__name__} (its "
                          "inputs are float32); use 32-true, or bf16-mixed on GPU")

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from zoo.weights.checkpoint import checkpoint_contract, is_lightning_checkpoint, load_torch_file
-from zoo.weights.safe_load import UnsafeFileError, load_state_dict_file, read_safetensors, sniff_format
+from zoo.weights.safe_load import (UnsafeFileError, check_weights, load_state_dict_file, read_safetensors,
+                                   sniff_format)
 
 __all__ = ["load_backbone", "load_into", "BackboneWithHead", "UnsafeFileError", "EXPORT_FORMAT"]
 
@@ -91,11 +92,7 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
     for k in own:
         if k.endswith("num_batches_tracked") and k not in sd:
             sd[k] = own[k]
-    for k, v in sd.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            bad = int((~torch.isfinite(v)).sum())
-            raise ValueError(f"{source}: tensor {k!r} holds {bad} NaN/Inf value(s) of {v.numel()}; the file is "
-                             "corrupt (e.g. saved after training diverged): use an earlier, healthy checkpoint.")
+    check_weights(sd, source, own)  # NaN/Inf, or integers where the model holds floats: refused, as for LM/HF files
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mismatch = next(((k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own
@@ -136,8 +133,10 @@ def _finish(model: nn.Module, arch: str | nn.Module, overrides: dict | None, pad
     return model
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, source: str = "the classifier") -> nn.Linear:
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    check_weights({"classifier.weight": weight, **({} if bias is None else {"classifier.bias": bias})}, source,
+                  dict(lin.named_parameters(prefix="classifier")))
     with torch.no_grad():
         lin.weight.copy_(weight)
         if bias is not None:
@@ -189,7 +188,7 @@ def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module |
         sdict, cls = ckpt["state_dict"], contract.get("classifier")
         if not cls or f"{cls}weight" not in sdict:
             raise ValueError(f"{source}: no online classifier in the checkpoint; load it without head=True.")
-        lin = _linear(sdict[f"{cls}weight"], sdict.get(f"{cls}bias"))
+        lin = _linear(sdict[f"{cls}weight"], sdict.get(f"{cls}bias"), source)
     model = load_into(_build(name, overrides), sd, source)
     return model, name, overrides, lin
 
@@ -209,8 +208,11 @@ def _from_official(path: Path, which: str, arch: str | nn.Module | None, head: b
     lin = None
     if head:
         # The classifier is trained on the online representation; it is the ImageNet head for either encoder.
-        c = haiku_classifier(state["online_params"])
-        lin = _linear(c["weight"], c["bias"])
+        try:
+            c = haiku_classifier(state["online_params"])
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"{str(path)!r} (head=True): {err}") from None
+        lin = _linear(c["weight"], c["bias"], repr(str(path)))
     return model, name, {}, lin
 
 
@@ -305,6 +307,6 @@ def _plain(tensors: dict[str, torch.Tensor], src: str, arch: str | nn.Module | N
         w = next((k for k in ("fc.weight", "head.weight", "head.fc.weight", "classifier.weight") if k in tensors), None)
         if w is None:
             raise ValueError(f"{src}: no classifier weights (fc/head/classifier) in the file; load without head=True.")
-        lin = _linear(tensors[w], tensors.get(w[: -len("weight")] + "bias"))
+        lin = _linear(tensors[w], tensors.get(w[: -len("weight")] + "bias"), src)
     model = load_into(_build(arch), tensors, src)
     return _finish(model, arch, {}, padding or "torch", src, "online", lin)

@@ -25,6 +25,8 @@ def load_torch_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     try:
         return safe_torch_load(path, map_location=map_location)
     except UnsafeFileError as err:
+        if "references" not in str(err):  # a bomb or a malformed graph: the hint about custom objects is no help
+            raise
         raise UnsafeFileError(f"{err} (Lightning checkpoints whose hyper-parameters hold custom objects: re-save "
                               "them with plain hyper-parameters, or export the encoder with the code that made it.)"
                               ) from None

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from zoo.errors import parse_tool_args, tool_parser, user_error_line
+from zoo.files import check_folder_path
 from zoo.weights.dtypes import FLOAT_DTYPES
 
 
@@ -42,6 +43,11 @@ def main(argv: list[str]) -> int:
     if args.dtype is not None and args.dtype.removeprefix("torch.") not in FLOAT_DTYPES:
         print(f"zoo export-hf: error: --dtype {args.dtype!r} is not a floating-point dtype; use one of "
               f"{', '.join(FLOAT_DTYPES)}", file=sys.stderr)
+        return 2
+    try:  # a file at --out (or above it): refused now, not by mkdir after the model was loaded
+        check_folder_path(args.out, "--out", "give the path of a folder to write")
+    except NotADirectoryError as err:
+        print(f"zoo export-hf: error: {err}", file=sys.stderr)
         return 2
     overrides = {}
     for item in args.set:

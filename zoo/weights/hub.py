@@ -123,7 +123,7 @@ def load_folder(folder: Path, source: str, which: str, arch: str | nn.Module | N
         cls = cls[0] if isinstance(cls, (list, tuple)) else cls
         if f"{cls}.weight" not in tensors or (card.get("classifier") or {}).get("zeros"):
             raise ValueError(f"{source}: no trained classifier in this folder; load it without head=True.")
-        lin = _linear(tensors[f"{cls}.weight"], tensors.get(f"{cls}.bias"))
+        lin = _linear(tensors[f"{cls}.weight"], tensors.get(f"{cls}.bias"), source)
     model = load_into(model, tensors, source)
     return _finish(model, name, overrides, padding or card.get("padding", "torch"), source,
                    card.get("which", which), lin)

@@ -17,7 +17,6 @@ import io
 import math
 import os
 import pathlib
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkSt
                                                    MetadataIndex, StorageMeta, TensorProperties,
                                                    TensorStorageMetadata, _MEM_FORMAT_ENCODING)
 
+from zoo.weights.safe_pickle import GuardedUnpickler
 from zoo.weights.safe_load import (UnreadableFileError, UnsafeFileError, explain_load_error, safe_torch_load,
                                    safe_torch_load_bytes)
 
@@ -56,11 +56,13 @@ ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Builds only ``ALLOWED``; any other global is refused by name before it is imported."""
+class _MetadataUnpickler(GuardedUnpickler):
+    """Builds only ``ALLOWED``; any other global is refused by name before it is imported. The project's pure-Python
+    ``GuardedUnpickler`` underneath bounds memory by the file's size and refuses DAG-shaped dict keys (the C
+    unpickler allocates a lying length before reading it, and hashes a 600-byte tuple DAG for ever)."""
 
-    def __init__(self, file: Any, label: str) -> None:
-        super().__init__(file)
+    def __init__(self, file: Any, size: int, label: str) -> None:
+        super().__init__(file, size)
         self.label = label
 
     def find_class(self, module: str, name: str) -> Any:
@@ -71,8 +73,39 @@ class _MetadataUnpickler(pickle.Unpickler):
                                   "metadata classes are allowed). Is this folder from a `zoo fit` sharded run?")
         return found
 
+    def call(self, func: Any, args: tuple, kwargs: dict | None = None) -> Any:
+        if func is torch.Size:
+            self.charge("copies", 8 * len(args[0]) if args and isinstance(args[0], (list, tuple)) else 0, "torch.Size")
+        if func in _CALLABLE:  # value constructors: torch.Size (ints only), paths (text only), an enum by value
+            return func(*args, **(kwargs or {}))
+        return super().call(func, args, kwargs)
+
+    def new_object(self, cls: Any, args: tuple, kwargs: dict) -> Any:
+        if cls in _DATACLASSES:
+            return cls.__new__(cls)
+        return super().new_object(cls, args, kwargs)
+
+    def build(self, inst: Any, state: Any) -> None:
+        if type(inst) not in _DATACLASSES:
+            super().build(inst, state)
+        elif hasattr(inst, "__setstate__") and not isinstance(state, dict):
+            inst.__setstate__(state)  # TensorProperties: its own tuple state
+        elif isinstance(state, dict) and all(type(k) is str for k in state):
+            inst.__dict__.update(state)  # how pickle fills a (frozen) dataclass
+        else:
+            raise UnsafeFileError(f"{self.label}: refused the state of a {type(inst).__name__}")
+
+    def key_allowed(self, key: Any) -> bool:
+        return type(key) is MetadataIndex  # hashed by its text name, a torch.Size of ints and an int
+
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafeFileError(f"{self.label} uses persistent ids, which DCP metadata never does; refused")
+
+
+_DATACLASSES = (Metadata, MetadataIndex, StorageMeta, TensorProperties, TensorStorageMetadata, BytesStorageMetadata,
+                ChunkStorageMetadata, _StorageInfo)
+_CALLABLE = (torch.Size, pathlib.PurePosixPath, pathlib.PureWindowsPath, _MEM_FORMAT_ENCODING,
+             torch.serialization._get_layout)
 
 
 def _read_metadata(folder: Path) -> Metadata:
@@ -84,9 +117,9 @@ def _read_metadata(folder: Path) -> Metadata:
                                   "save")
     data = path.read_bytes()
     try:
-        md = _MetadataUnpickler(io.BytesIO(data), label).load()
-    except UnsafeFileError:
-        raise
+        md = _MetadataUnpickler(io.BytesIO(data), len(data), label).load()
+    except UnsafeFileError as err:
+        raise type(err)(str(err) if str(err).startswith(label) else f"{label}: {err}") from None
     except MemoryError:
         raise UnsafeFileError(f"{label}: refused: it asks for more memory than this machine has") from None
     except Exception as err:  # noqa: BLE001 - any malformed pickle: one line naming the file, not a deep trace

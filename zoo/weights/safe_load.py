@@ -9,7 +9,6 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -78,17 +77,19 @@ def sniff_format(path: str | os.PathLike) -> str:
 
 
 def safe_torch_load(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu", extra_globals: Iterable[Any] = ()
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", extra_globals: Iterable[Any] = (),
+    mmap: bool = False,
 ) -> Any:
     """``torch.load(path, weights_only=True)`` with a clear error when the file wants to run code.
 
-    ``extra_globals`` are classes/functions the caller vouches for (e.g. a known hyper-parameter container).
+    ``extra_globals`` are classes/functions the caller vouches for (e.g. a known hyper-parameter container);
+    ``mmap=True`` maps a zip-format file's tensors instead of reading them (a cheap full check of the file).
     """
     p = _as_path(path)
     if p.stat().st_size == 0:
         raise UnreadableFileError(f"{str(p)!r} is empty (0 bytes); the download or save was interrupted: fetch or "
                                   "save it again.")
-    return _weights_only_load(p, repr(str(p)), map_location, extra_globals)
+    return _weights_only_load(p, repr(str(p)), map_location, extra_globals, mmap and sniff_format(p) == "zip")
 
 
 def safe_torch_load_bytes(data: io.BytesIO, label: str, map_location: str | torch.device = "cpu") -> Any:
@@ -97,12 +98,19 @@ def safe_torch_load_bytes(data: io.BytesIO, label: str, map_location: str | torc
 
 
 def _weights_only_load(source: Path | io.BytesIO, label: str, map_location: str | torch.device,
-                       extra_globals: Iterable[Any]) -> Any:
+                       extra_globals: Iterable[Any], mmap: bool = False) -> Any:
+    from zoo.weights.torch_prescan import prescan_torch_file  # imports safe_pickle, which imports this module
+
+    extra_globals = list(extra_globals)
+    prescan_torch_file(source, label, extra_globals)  # memory, hashing and graph size bounded before torch reads it
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
     try:
-        with torch.serialization.safe_globals(list(extra_globals)):
-            return torch.load(source, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, MemoryError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError,
-            TypeError, KeyError, AttributeError) as err:
+        with torch.serialization.safe_globals(extra_globals):
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch and its readers raise many types for bad bytes: one line each
         raise explain_load_error(err, label) from None
 
 
@@ -120,13 +128,18 @@ def explain_load_error(err: BaseException, label: str) -> UnreadableFileError:
             first = (detail.group(1) if detail else text).strip().splitlines()[0]
             return UnreadableFileError(f"could not read {label} as a torch file ({first}); is it truncated, corrupt "
                                        "or in another format?")
-        return UnsafeFileError(
-            f"{label} is a pickle that references {found.group(1)}, which is not allowed (loading uses "
-            "weights_only=True so pickled code is never executed). If you trust this file, re-save its tensors with "
-            "safetensors or torch.save(state_dict); if it is an official BYOL .pkl, give it a .pkl name.")
+        return forbidden_global_error(label, found.group(1))
     first = text.splitlines()[0] if text else ""
     return UnreadableFileError(f"could not read {label} as a torch file ({type(err).__name__}: {first}); "
                                "is it truncated or in another format?")
+
+
+def forbidden_global_error(label: str, name: str) -> UnsafeFileError:
+    """The one-line refusal of a torch file whose pickle names ``name``, a global outside the allow-list."""
+    return UnsafeFileError(
+        f"{label} is a pickle that references {name}, which is not allowed (loading uses "
+        "weights_only=True so pickled code is never executed). If you trust this file, re-save its tensors with "
+        "safetensors or torch.save(state_dict); if it is an official BYOL .pkl, give it a .pkl name.")
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
