@@ -4,10 +4,12 @@
 
 Sources, auto-detected:
 - our Lightning checkpoint (``.ckpt`` of any image-pretraining method): the encoder its contract names for
-  ``which`` (``zoo.weights.checkpoint``; online by default, ``which="target"`` for a momentum target);
+  ``which`` (``zoo.weights.checkpoint``; by default the first it declares, the trained one; a momentum method
+  declares its target too);
 - our export (``zoo export CKPT --out x.safetensors``): architecture read from the file's JSON metadata;
 - torchvision / timm state dicts (``.pth``/``.pt``/``.bin``/``.safetensors``) for a named ``arch``;
-- the official BYOL release (``.pkl``): restricted unpickler, Haiku -> torchvision names, TF-SAME padding;
+- a format a method package registers (``zoo.weights.readers``; e.g. ``byol``'s reader of the official BYOL
+  ``.pkl``: restricted unpickler, Haiku -> torchvision names, TF-SAME padding);
 - ``random:<arch>``: a randomly initialised encoder, seed 0 (the usual sanity baseline for a probe);
 - a pretrained name (``zoo.list_pretrained()``, e.g. ``byol-r50-official``), downloaded into the cache once;
 - an ``https://``, ``http://`` or ``file://`` URL (``sha256=`` pins it), downloaded into the cache once
@@ -117,11 +119,11 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str
 
 
 def _finish(model: nn.Module, arch: str | nn.Module, overrides: dict | None, padding: str, source: str,
-            which: str, head: nn.Linear | None = None) -> nn.Module:
+            which: str | None, head: nn.Linear | None = None) -> nn.Module:
     if padding not in PADDINGS:
         raise ValueError(f"padding={padding!r} is not one of {PADDINGS}.")
     if padding == "tf_same":
-        from zoo.weights.byol_official import apply_tf_same_padding
+        from zoo.models.tf_same import apply_tf_same_padding
 
         apply_tf_same_padding(model)
     # Provenance travels with the module so `zoo export` and the probe can name what they saw.
@@ -146,19 +148,23 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def _legacy_image_contract(ckpt: dict) -> dict[str, Any]:
-    """The contract of a checkpoint written before contracts existed: byol.BYOL's attribute names, the only image
-    method of that time (and the language-model modules' hyper-parameters, to send those to their loader)."""
+    """The contract of a checkpoint written before contracts existed, read off its state dict: every top-level
+    module named ``<branch>_encoder`` is encoder ``<branch>`` (in state-dict order: the trained one first), a
+    ``*_classifier`` the classifier -- the naming of the only image method of that time (and the language-model
+    modules' hyper-parameters, to send those to their loader)."""
     hp = ckpt.get("hyper_parameters") or {}
     if isinstance(hp, dict) and "encoder" not in hp and ("model" in hp or "student" in hp):
         return {"kind": "lm"}
+    tops = list(dict.fromkeys(k.split(".", 1)[0] for k in ckpt["state_dict"] if "." in k))
     return {"kind": "image-encoder", "arch": hp.get("encoder") if isinstance(hp, dict) else None,
             "overrides": dict(hp.get("encoder_overrides") or {}) if isinstance(hp, dict) else {},
-            "encoders": {"online": "online_encoder.", "target": "target_encoder."},
-            "classifier": "online_classifier." if "online_classifier.weight" in ckpt["state_dict"] else None}
+            "encoders": {t[: -len("_encoder")]: f"{t}." for t in tops if t.endswith("_encoder")},
+            "classifier": next((f"{t}." for t in tops if t.endswith("_classifier")
+                                and f"{t}.weight" in ckpt["state_dict"]), None)}
 
 
-def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module | None, head: bool
-                    ) -> tuple[nn.Module, str | nn.Module, dict, nn.Linear | None]:
+def _from_lightning(ckpt: dict, source: str, which: str | None, arch: str | nn.Module | None, head: bool
+                    ) -> tuple[nn.Module, str | nn.Module, dict, nn.Linear | None, str]:
     if not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{source}: the checkpoint has no 'state_dict' dict; is it a `zoo fit` checkpoint?")
     contract = checkpoint_contract(ckpt, source) or _legacy_image_contract(ckpt)
@@ -175,9 +181,7 @@ def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module |
     if name is None:
         raise ValueError(f"{source}: the checkpoint names no encoder architecture; pass arch=<name>.")
     encoders = contract.get("encoders") or {}
-    if which not in encoders:
-        raise ValueError(f"{source}: the checkpoint has no {which!r} encoder (it has: {sorted(encoders)}); "
-                         f"pass which={next(iter(encoders), 'online')!r}.")
+    which = _choose(which, list(encoders), source, "the checkpoint")
     prefix = encoders[which]
     sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not sd:
@@ -191,27 +195,29 @@ def _from_lightning(ckpt: dict, source: str, which: str, arch: str | nn.Module |
             raise ValueError(f"{source}: no online classifier in the checkpoint; load it without head=True.")
         lin = _linear(sdict[f"{cls}weight"], sdict.get(f"{cls}bias"))
     model = load_into(_build(name, overrides), sd, source)
-    return model, name, overrides, lin
+    return model, name, overrides, lin, which
 
 
-def _from_official(path: Path, which: str, arch: str | nn.Module | None, head: bool
-                   ) -> tuple[nn.Module, str | nn.Module, dict, nn.Linear | None]:
-    from zoo.weights.byol_official import haiku_classifier, haiku_to_torchvision, infer_arch, read_official_pickle
+def _choose(which: str | None, declared: list[str], source: str, holder: str) -> str:
+    """``which``, checked against the encoder names the source declares; None: the first (the trained encoder)."""
+    if not declared:
+        raise ValueError(f"{source}: {holder} declares no encoder; is it an image-pretraining checkpoint?")
+    if which is None:
+        return declared[0]
+    if which not in declared:
+        raise ValueError(f"{source}: {holder} has no {which!r} encoder (it has: {sorted(declared)}); "
+                         f"pass which={declared[0]!r}.")
+    return which
 
-    state = read_official_pickle(path)
-    params, bn_state = state[f"{which}_params"], state[f"{which}_state"]
-    try:
-        name = arch if arch is not None else infer_arch(params)
-        sd = haiku_to_torchvision(params, bn_state)
-    except (ValueError, KeyError, TypeError, IndexError) as err:
-        raise ValueError(f"{str(path)!r} ({which} encoder): {err}") from None
+
+def _from_reader(reader: Any, path: Path, which: str | None, arch: str | nn.Module | None, head: bool
+                 ) -> tuple[nn.Module, str | nn.Module, dict, nn.Linear | None, str]:
+    """A file a method package's registered reader claims (``zoo.weights.readers``)."""
+    which = _choose(which, list(reader.encoders), str(path), f"a {reader.name} file")
+    sd, name, cls = reader.read(path, which, arch, head)
     model = load_into(_build(name), sd, str(path))
-    lin = None
-    if head:
-        # The classifier is trained on the online representation; it is the ImageNet head for either encoder.
-        c = haiku_classifier(state["online_params"])
-        lin = _linear(c["weight"], c["bias"])
-    return model, name, {}, lin
+    lin = _linear(cls["weight"], cls.get("bias")) if head and cls is not None else None
+    return model, name, {}, lin, which
 
 
 def _locate(src: str, sha256: str | None, trust: bool | None) -> Path:
@@ -243,18 +249,18 @@ def _locate(src: str, sha256: str | None, trust: bool | None) -> Path:
     return path
 
 
-def load_backbone(source: str | os.PathLike, which: str = "online", padding: str | None = None,
+def load_backbone(source: str | os.PathLike, which: str | None = None, padding: str | None = None,
                   arch: str | nn.Module | None = None, head: bool = False, sha256: str | None = None,
                   trust: bool | None = None) -> nn.Module:
     """Load an encoder (features [B, D], eval mode) from any supported source; see the module docstring.
 
-    ``padding``: "torch" or "tf_same"; default "tf_same" for the official BYOL release (exact Haiku semantics for
-    stride-2 layers), the file's recorded padding for our exports, "torch" otherwise. ``head=True`` returns
+    ``which``: the encoder to load, by the name the source declares (a checkpoint's contract, a reader's
+    ``encoders``; e.g. BYOL's ``online`` / ``target``); None: the first declared, the trained encoder.
+    ``padding``: "torch" or "tf_same"; default the registered reader's (``tf_same`` for the official BYOL release:
+    exact Haiku semantics for stride-2 layers), the file's recorded padding for our exports, "torch" otherwise. ``head=True`` returns
     encoder + saved linear classifier (a method's online classifier) as one module giving logits. ``sha256`` pins a
     URL or file; ``trust=True`` accepts a pretrained entry whose sha256 is not yet verified (zoo.list_pretrained()).
     """
-    if which not in ("online", "target"):
-        raise ValueError(f"which={which!r}: choose 'online' or 'target'.")
     src = str(source)
     if src.startswith("random:"):
         name = src[len("random:"):]
@@ -268,10 +274,15 @@ def load_backbone(source: str | os.PathLike, which: str = "online", padding: str
 
         return load_folder(path, src, which, arch, padding, head)
     fmt = sniff_format(path)
-    # Plain pickles (not torch's zip container) are only ever read by the restricted official-BYOL unpickler.
+    from zoo.weights.readers import reader_for
+
+    reader = reader_for(path, fmt)  # a method package's format (the official BYOL .pkl): its guarded reader
+    if reader is not None:
+        model, name, ov, lin, which = _from_reader(reader, path, which, arch, head)
+        return _finish(model, name, ov, padding or reader.default_padding, src, which, lin)
     if fmt == "pickle" and path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
-        model, name, ov, lin = _from_official(path, which, arch, head)
-        return _finish(model, name, ov, padding or "tf_same", src, which, lin)
+        raise ValueError(f"{src}: a plain pickle that no registered weight reader claims (zoo.weights.readers); "
+                         "plain pickles are never unpickled otherwise: pass a .ckpt, .safetensors or .pth file.")
     if path.suffix == ".safetensors" or fmt == "safetensors":
         tensors, meta = read_safetensors(path)
         zmeta = meta.get("zoo") if isinstance(meta.get("zoo"), dict) else None
@@ -284,19 +295,20 @@ def load_backbone(source: str | os.PathLike, which: str = "online", padding: str
             lin = None
             return _finish(model, name, ov, padding or zmeta.get("padding", "torch"), src,
                            zmeta.get("which", which), lin)
-        return _plain(tensors, src, arch, padding, head)
+        return _plain(tensors, src, arch, padding, head, which)
     if fmt not in ("zip", "pickle"):
         raise ValueError(f"{src}: unknown weight format (not a torch file, safetensors or pickle).")
     obj = load_torch_file(path)
     if is_lightning_checkpoint(obj):
-        model, name, ov, lin = _from_lightning(obj, src, which, arch, head)
+        model, name, ov, lin, which = _from_lightning(obj, src, which, arch, head)
         return _finish(model, name, ov, padding or "torch", src, which, lin)
     tensors, _ = load_state_dict_file(path)
-    return _plain(tensors, src, arch, padding, head)
+    return _plain(tensors, src, arch, padding, head, which)
 
 
 def _plain(tensors: dict[str, torch.Tensor], src: str, arch: str | nn.Module | None, padding: str | None,
-           head: bool) -> nn.Module:
+           head: bool, which: str | None) -> nn.Module:
+    """A plain state dict of one encoder (``which`` only recorded as given: the file names no branches)."""
     if arch is None:
         raise ValueError(f"{src} is a plain state dict with no architecture recorded; pass arch=<name> "
                          "(e.g. arch='resnet50' for torchvision, arch='timm:resnet50' for timm).")
@@ -307,4 +319,4 @@ def _plain(tensors: dict[str, torch.Tensor], src: str, arch: str | nn.Module | N
             raise ValueError(f"{src}: no classifier weights (fc/head/classifier) in the file; load without head=True.")
         lin = _linear(tensors[w], tensors.get(w[: -len("weight")] + "bias"))
     model = load_into(_build(arch), tensors, src)
-    return _finish(model, arch, {}, padding or "torch", src, "online", lin)
+    return _finish(model, arch, {}, padding or "torch", src, which, lin)
