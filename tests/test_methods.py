@@ -71,3 +71,13 @@ def test_digits_config_trains_two_steps_checkpoints_and_loads_every_declared_enc
         load_backbone(ckpt, which="no-such-encoder")
     # the run resumes from its checkpoint for one more step
     assert main([*argv[:4], "3", *argv[5:], "--ckpt_path", str(ckpt)]) == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_misspelt_base_key_is_answered_with_the_base_key(method, capsys):
+    """The base's keys reach a method through its ``**kwargs``; the unknown-key line still suggests them."""
+    from zoo.cli import main
+
+    config = ROOT / "configs" / method / "digits.yaml"
+    assert main(["fit", "--config", str(config), "--model.init_args.weight_decy", "1"]) == 2
+    assert "did you mean weight_decay?" in capsys.readouterr().err
