@@ -21,7 +21,7 @@ from zoo.models.heads import mlp_head
 from zoo.train.distributed import all_gather_grad
 from zoo.train.optim import OptimizerSpec
 from zoo.train.ssl import ImagePretraining, check_sizes
-from zoo.train.trainer import UsageError
+from zoo.errors import UsageError
 
 __all__ = ["BarlowTwins", "barlow_twins_loss", "cross_correlation", "off_diagonal"]
 

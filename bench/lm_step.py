@@ -7,7 +7,7 @@ Full size (default on CUDA): d 1024, 16 layers, 8 heads / 4 kv, head 128, FFN 40
 Both models start from the same weights (ours loaded from transformers' state dict), run the same step (forward,
 cross-entropy, backward, AdamW), bf16 autocast on CUDA / fp32 on CPU, and are timed in interleaved rounds so load
 changes on a shared machine hit both alike. MFU = tokens/s * (6 N + 6 L H hd T) / peak
-(lm.flops.mfu_flops_per_token; windows not discounted). Prints a table and one JSON line whose last key is ``ratio``
+(lm.parallel.flops.mfu_flops_per_token; windows not discounted). Prints a table and one JSON line whose last key is ``ratio``
 (ours / fastest transformers variant).
 
     python bench/lm_step.py            # full size on CUDA (ours compiled with FlexAttention)
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from lm.flops import mfu_flops_per_token  # noqa: E402
+from lm.parallel.flops import mfu_flops_per_token  # noqa: E402
 from zoo.models.transformer import Transformer, TransformerConfig  # noqa: E402
 from zoo.weights.hf import hf_names  # noqa: E402
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours = Transformer(cfg)
     # Same starting weights as transformers: map its state dict through the converter's name table.
     hf_sd = {k: v.detach().cpu() for k, v in first_hf.state_dict().items()}
-    ours.load_state_dict({o: hf_sd[h] for o, h in hf_names(cfg, gemma2=True).items()})
+    ours.load_state_dict({o: hf_sd[h] for o, h in hf_names(cfg, "gemma2").items()})
     ours = ours.to(device).train()
     compiled = (device.type == "cuda" or args.compile) and not args.no_compile
     loss = make_loss(ours, device, s["vocab"])

@@ -5,9 +5,9 @@ re-exported here under the names they had when they lived in this package.
 """
 from byol.functional import byol_loss, lr_schedule, regression_loss, tau_schedule
 from byol.module import BYOL
+from zoo.eval.probe_report import ProbeReport  # kept importable as byol.ProbeReport for existing configs
 from zoo.models.heads import mlp_head
 from zoo.train.optim import LARS, lars_param_groups, scaled_lr
-from zoo.train.probe_report import ProbeReport  # kept importable as byol.ProbeReport for existing configs
 
 __all__ = ["BYOL", "LARS", "ProbeReport", "byol_loss", "lars_param_groups", "lr_schedule", "mlp_head", "regression_loss",
            "scaled_lr", "tau_schedule"]

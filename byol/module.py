@@ -14,7 +14,7 @@ from zoo.models.heads import mlp_head
 from zoo.train.momentum import MomentumMixin
 from zoo.train.optim import OptimizerSpec
 from zoo.train.ssl import ImagePretraining, check_sizes
-from zoo.train.trainer import UsageError
+from zoo.errors import UsageError
 
 
 class BYOL(MomentumMixin, ImagePretraining):

@@ -14,7 +14,7 @@ from torch import nn
 
 from barlowtwins import BarlowTwins, barlow_twins_loss, cross_correlation, off_diagonal
 from zoo.train.optim import LARS, build_optimizer
-from zoo.train.trainer import UsageError
+from zoo.errors import UsageError
 
 N, D_IN, D = 16, 12, 8  # global batch, projector input, projection width
 EPS32 = torch.finfo(torch.float32).eps

@@ -10,10 +10,11 @@ from torch import nn
 
 import zoo
 from lm import CausalLM
-from lm.causal_lm import load_lm
-from lm.flops import attention_flops_per_token, matmul_params, mfu_flops_per_token
-from lm.metrics import bits_per_byte, mfu, peak_flops
-from lm.optim import lr_at, param_groups
+from lm.modules.causal_lm import load_lm
+from lm.parallel.flops import attention_flops_per_token, matmul_params, mfu_flops_per_token
+from lm.modules.metrics import bits_per_byte
+from lm.parallel.hardware import mfu, peak_flops
+from lm.modules.optim import lr_at, param_groups
 from lm_testutil import TINY, fit_and_val_losses, quiet_trainer, tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def test_configs_parse_and_dense_config_runs(tmp_path, monkeypatch):
 @pytest.mark.parametrize("key,value", [("lr", -1e-3), ("weight_decay", -0.1), ("warmup_steps", -1),
                                        ("min_lr_ratio", 1.5), ("betas", (0.9, 1.0))])
 def test_impossible_optimiser_settings_are_refused_naming_the_key(key, value):
-    from lm.causal_lm import CausalLM
+    from lm.modules.causal_lm import CausalLM
 
     with pytest.raises(ValueError, match=f"model.{key}"):
         CausalLM(**{key: value})

@@ -79,7 +79,7 @@ def test_tools_are_registered_as_entry_points_in_pyproject():
     for name, target in declared.items():
         assert commands[name].target == target
         if name == "plan" and not commands[name].available():
-            continue  # lm/plan.py arrives with the planner's branch
+            continue  # lm/parallel/plan.py arrives with the planner's branch
         assert callable(commands[name].load()), target
 
 
@@ -208,7 +208,7 @@ def test_fit_help_describes_the_subcommand_and_the_overwrite_flag():
 
 
 def test_eval_and_its_subcommands_are_described(capsys):
-    from lm.evals import main as eval_main
+    from lm.cli.evals import main as eval_main
 
     for argv, words in ((["--help"], ["needle in a haystack (Gemini 1.5 protocol)", "perplexity and bits per byte"]),
                         (["needle", "--help"], ["hide a fact at each depth"]),

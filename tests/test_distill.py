@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lm import CausalLM, Distill
-from lm.distill import entropy, kl_divergence, select_subset, soft_cross_entropy, subset_cross_entropy
+from lm.modules.distill import entropy, kl_divergence, select_subset, soft_cross_entropy, subset_cross_entropy
 from lm_testutil import TINY, quiet_trainer, tiny_data
 
 
@@ -120,7 +120,7 @@ def test_topk_precompute_stored_once_and_trains(tmp_path, monkeypatch):
     got = full.gather(-1, torch.from_numpy(ids[0].astype(np.int64)))
     torch.testing.assert_close(got, torch.from_numpy(probs[0].astype(np.float32)), atol=2e-3, rtol=2e-3)
     # A second run finds the stored targets instead of running the teacher again.
-    import lm.distill as distill
+    import lm.modules.distill as distill
 
     monkeypatch.setattr(distill, "select_subset", lambda *a, **k: pytest.fail("teacher targets recomputed"))
     quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, dm)
@@ -151,7 +151,7 @@ def test_precompute_shows_progress_with_total_and_eta(tmp_path, monkeypatch):
     import io
     import sys
 
-    from lm.distill import precompute_teacher_targets
+    from lm.modules.distill import precompute_teacher_targets
 
     dm = tiny_data(tmp_path)
     dm.setup("fit")

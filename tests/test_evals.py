@@ -1,4 +1,4 @@
-"""lm.evals: needle-in-a-haystack prompt, scoring, report files, perplexity / bpb, unigram baseline, CLI."""
+"""lm.evals.text: needle-in-a-haystack prompt, scoring, report files, perplexity / bpb, unigram baseline, CLI."""
 from __future__ import annotations
 
 import csv
@@ -12,8 +12,9 @@ from torch import nn
 
 import zoo
 from lm import CausalLM
-from lm.evals import (build_needle_prompt, byte_unigram_baseline, evaluate_perplexity, main, needle_in_haystack,
-                      write_needle_report)
+from lm.cli.evals import main
+from lm.evals.text import (build_needle_prompt, byte_unigram_baseline, evaluate_perplexity, needle_in_haystack,
+                           write_needle_report)
 from lm_testutil import TINY, quiet_trainer, tiny_data
 from zoo.data.text import TextDataModule
 from zoo.models.tokenizer import ByteTokenizer
@@ -231,7 +232,7 @@ def test_needle_report_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_plot_titles_wrap_between_folders_never_inside_a_name():
-    from lm.evals import wrap_title
+    from lm.evals.report import wrap_title
 
     title = "needle: /work/walk/runs/lm/stdlib_gemma2_tiny_routed"
     for width in (16, 25, 40):

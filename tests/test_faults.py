@@ -351,7 +351,7 @@ def test_every_loader_refuses_a_pickle_that_would_run_code(tmp_path):
         lambda: load_state_dict_file(files["evil.pt"]),
     ]
     try:
-        from lm.causal_lm import load_lm
+        from lm.modules.causal_lm import load_lm
 
         attempts.append(lambda: load_lm(str(files["evil.ckpt"])))
     except ImportError:  # pragma: no cover - lm is optional for this test

@@ -1,4 +1,4 @@
-"""lm.flops: 6ND and the detailed Chinchilla Appendix-F count, checked against torch's FLOP counter."""
+"""lm.parallel.flops: 6ND and the detailed Chinchilla Appendix-F count, checked against torch's FLOP counter."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import zoo
-from lm import flops as F
+from lm.parallel import flops as F
 from zoo.models.lm_configs import get_config
 
 
@@ -23,6 +23,7 @@ def test_6nd():
     ("gemma2-tiny", dict(d_model=64, n_layers=2, d_ff=96, n_heads=4, n_kv_heads=2, head_dim=16)),  # GeGLU + GQA
     ("gopher-tiny", dict(d_model=48, n_layers=3, d_ff=192, n_heads=3, n_kv_heads=3, head_dim=16,
                          positions="rope")),  # GELU MLP + MHA
+    ("llama-tiny", dict(d_model=64, n_layers=2, d_ff=80, n_heads=4, n_kv_heads=2)),  # SwiGLU + GQA, untied head
 ])
 def test_detailed_count_matches_torch_flop_counter(name, overrides):
     """Matmul rows of the count equal what torch counts for one forward (eager attention, full T x T scores).

@@ -2,7 +2,7 @@
 
 Each 2-process run is a real ``python -m zoo.cli fit`` (Lightning launches rank 1 by re-running the command, as under
 ``zoo fit --trainer.devices 2`` on a workstation). Sharded init draws other random numbers than a single-device
-build (see lm.sharding.materialize), so the equivalence runs start both sides from the same saved weights.
+build (see lm.parallel.sharding.materialize), so the equivalence runs start both sides from the same saved weights.
 """
 from __future__ import annotations
 
@@ -155,7 +155,7 @@ def test_fsdp2_strategy_is_registered_and_fsdp1_is_refused_with_the_fix():
     from lightning.pytorch.strategies import StrategyRegistry
 
     from lm import CausalLM
-    from lm.sharding import FSDP2Strategy
+    from lm.parallel.sharding import FSDP2Strategy
 
     assert StrategyRegistry["fsdp2"]["strategy"] is FSDP2Strategy
     from types import SimpleNamespace
@@ -190,7 +190,8 @@ def test_activation_checkpointing_keeps_names_and_gradients():
 
 
 def test_consolidate_refuses_a_folder_that_is_not_a_sharded_checkpoint(tmp_path, capsys):
-    from lm.sharding import consolidate, consolidate_main
+    from lm.cli.consolidate import main as consolidate_main
+    from lm.parallel.sharding import consolidate
 
     with pytest.raises(ValueError, match="is not a sharded checkpoint folder"):
         consolidate(tmp_path, tmp_path / "x.ckpt")
@@ -202,7 +203,7 @@ def test_consolidate_refuses_a_folder_that_is_not_a_sharded_checkpoint(tmp_path,
 
 def test_a_buffer_without_initialiser_is_refused_not_left_as_garbage():
     import zoo
-    from lm.sharding import materialize
+    from lm.parallel.sharding import materialize
 
     model = zoo.create("gemma2-tiny", device="meta", **TINY)
     model.extra = torch.nn.Module()
@@ -216,7 +217,7 @@ def test_fsdp_two_processes_match_one_process_and_checkpoint_consolidates(tmp_pa
     """3 steps of FSDP2 on 2 processes (batch B each) == 3 steps of one process (batch 2B) within 1e-5, from the
     same initial weights; the sharded last.ckpt folder consolidates into a file zoo.load_lm reads."""
     import zoo
-    from lm.sharding import consolidate
+    from lm.parallel.sharding import consolidate
 
     init = initial_weights(tmp_path)
     one = run_single(tmp_path, STEPS, init)  # also tokenises the corpus once, before the 2 processes read it
@@ -241,7 +242,7 @@ def test_fsdp_two_processes_match_one_process_and_checkpoint_consolidates(tmp_pa
     for name, value in model.state_dict().items():
         assert torch.equal(value, r0["state"][name]), name
     # the command line does the same and says where the file went and how to load it
-    from lm.sharding import consolidate_main
+    from lm.cli.consolidate import main as consolidate_main
 
     assert consolidate_main([str(folder), "--out", str(tmp_path / "cli.ckpt")]) == 0
     said = capsys.readouterr().out.strip().splitlines()[-1]

@@ -27,7 +27,7 @@ DATA = {"class_path": "zoo.data.interleaved.InterleavedDataModule",
 def test_fsdp_multimodal_two_processes_match_one_process_and_checkpoint_reads_back(tmp_path):
     import zoo
     from lm import MultimodalLM
-    from lm.sharding import consolidate
+    from lm.parallel.sharding import consolidate
     from zoo.data.interleaved import InterleavedDataModule
 
     init = initial_weights(tmp_path, MM)

@@ -78,7 +78,7 @@ def test_config_not_a_json_object_is_refused(folder, tmp_path, text, match):
 
 def test_export_hf_cli_reads_checkpoints_through_the_safe_loader(tmp_path):
     """`zoo export-hf FILE` used torch.load directly: empty/hostile files now give one clear error naming the file."""
-    from zoo.weights.hf import _load_model
+    from zoo.weights.export_hf import _load_model
 
     (tmp_path / "empty.ckpt").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):

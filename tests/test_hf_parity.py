@@ -12,7 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")  # declared in the dev extra; installed wherever tests run
 from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM  # noqa: E402
 
-from zoo.weights.hf import export_hf, from_hf, load_hf_tokenizer, main  # noqa: E402
+from zoo.weights.hf import export_hf, from_hf, load_hf_tokenizer  # noqa: E402
+from zoo.weights.hf_cli import main  # noqa: E402
 
 torch.set_num_threads(1)
 VOCAB = 97

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lm import CausalLM
-from lm.base import chunked_token_nll, token_nll
+from lm.modules.base import chunked_token_nll, token_nll
 from zoo.models import attention as A
 from zoo.models.transformer import Transformer, TransformerConfig
 

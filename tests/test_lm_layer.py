@@ -162,7 +162,7 @@ def test_export_hf_reads_the_checkpoint_and_writes_a_working_tokenizer(tmp_path,
     from transformers import AutoTokenizer, Gemma2ForCausalLM
 
     from zoo.models.tokenizer import ByteTokenizer
-    from zoo.weights.hf import main
+    from zoo.weights.hf_cli import main
 
     torch.manual_seed(0)
     module = CausalLM(model_overrides=TINY, warmup_steps=1)

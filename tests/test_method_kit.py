@@ -8,7 +8,7 @@ from torch import nn
 
 from zoo.models.heads import mlp_head
 from zoo.train.distributed import all_gather_grad, all_reduce_sum, world_size
-from zoo.train.errors import UsageError
+from zoo.errors import UsageError
 from zoo.train.optim import LARS, OptimizerSpec, build_optimizer, fused_update, scaled_lr
 
 

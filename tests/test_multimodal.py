@@ -321,7 +321,7 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
 def test_image_needle_oracle_chance_model_and_report(tmp_path):
     import re
 
-    from lm.needle_image import image_needle, image_needle_for_model, needle_prompt, write_image_needle_report
+    from lm.evals.needle_image import image_needle, image_needle_for_model, needle_prompt, write_image_needle_report
 
     dm = data(val_size=8)
     pool, labels, classes = dm.val_set.pool, dm.val_set.labels, dm.val_set.classes
@@ -359,7 +359,7 @@ def test_image_needle_oracle_chance_model_and_report(tmp_path):
 def test_zoo_eval_needle_modality_image_writes_the_grid_and_refuses_a_text_model(tmp_path, capsys):
     import json
 
-    from lm.evals import main as eval_main
+    from lm.cli.evals import main as eval_main
 
     out = tmp_path / "needle"
     assert eval_main(["needle", "--model", "vlm-digits-tiny", "--modality", "image", "--images", "2,3",

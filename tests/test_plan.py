@@ -1,4 +1,4 @@
-"""``zoo plan`` (lm/plan.py): figures checked against real CPU allocations, output formats and bad input."""
+"""``zoo plan`` (lm/parallel/plan.py): figures checked against real CPU allocations, output formats and bad input."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import zoo
-from lm.optim import make_adamw, param_groups
-from lm.plan import activation_bytes, main, plan, resolve_backend, state_bytes
+from lm.modules.optim import make_adamw, param_groups
+from lm.cli.plan import main
+from lm.parallel.plan import activation_bytes, plan, resolve_backend, state_bytes
 
-TINY = ["gemma2-tiny", "gemma-tiny", "gopher-tiny"]
+TINY = ["gemma2-tiny", "gemma-tiny", "gopher-tiny", "llama-tiny"]
 B, T = 2, 48  # B * T differs from every weight dimension, so weight copies and activations are told apart by shape
 
 

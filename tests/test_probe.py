@@ -15,7 +15,8 @@ from torch.utils.data import Dataset, Subset
 
 import zoo
 from zoo.data.images import digits_dataset
-from zoo.eval.probe import KNNProbeCallback, ProbeConfig, evaluate, heldout_split, load_config, main
+from zoo.eval.probe import KNNProbeCallback, ProbeConfig, evaluate, heldout_split, load_config
+from zoo.eval.probe_cli import main
 from zoo.eval.features import MeanPooledLM, TokenPrepare
 from zoo.eval.knn import knn_scores, topk_accuracy
 

@@ -1,7 +1,7 @@
 """ProbeReport's table: printed once the progress bar is done (never under a live bar), at most 80 columns."""
 import types
 
-from zoo.train.probe_report import ProbeReport
+from zoo.eval.probe_report import ProbeReport
 
 RESULT = {"dataset": "digits", "method": "SimSiam", "encoder": "convnet_tiny", "steps": 660,
           "random_init_knn_top1": 88.58, "random_init_linear_top1": 94.99, "trained_knn_top1": 96.1,
@@ -29,7 +29,7 @@ def test_table_prints_after_the_progress_bar_stops_and_fits_80_columns(capsys):
 def test_the_band_a_config_quotes_is_printed_with_inside_or_outside(capsys):
     import pytest
 
-    from zoo.train.probe_report import band_lines, print_report
+    from zoo.eval.probe_report import band_lines, print_report
 
     inside = dict(RESULT, expected={"source": "README: seeds 0-2", "gain_knn_points": {"band": [3.0, 9.0], "inside": True}})
     print_report(inside)

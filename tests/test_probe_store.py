@@ -18,7 +18,8 @@ from zoo.data.images import digits_dataset
 from zoo.eval.features import ImagePrepare, collate_indexed, extract_to_store
 from zoo.eval.knn import knn_evaluate, knn_evaluate_store
 from zoo.eval.linear import evaluate_heads, train_heads
-from zoo.eval.probe import ProbeConfig, evaluate, main
+from zoo.eval.probe import ProbeConfig, evaluate
+from zoo.eval.probe_cli import main
 from zoo.eval.store import Features, FeatureStore, dataset_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]

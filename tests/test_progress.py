@@ -43,6 +43,11 @@ def test_line_pacer_writes_by_time_or_by_tenth_whichever_comes_first():
     assert not pacer.due(60, t0 + 22.0)
     assert pacer.due(100, t0 + 23.0)  # the first tenth came before 20 s more
     assert not pacer.due(101, t0 + 24.0)
+    late = LinePacer(total=660, seconds=20.0)  # the digits demo: 20 s elapsed at step 130, a tenth is 66 steps
+    t2 = late._last_time
+    assert late.due(1, t2) and late.due(66, t2 + 19.0) and late.due(130, t2 + 39.5)
+    assert not late.due(132, t2 + 40.0)  # no near-copy of the line at 130 two steps later
+    assert late.due(198, t2 + 55.0)
     unknown = LinePacer(total=0, seconds=20.0)
     t1 = unknown._last_time
     assert unknown.due(1, t1) and not unknown.due(50, t1 + 1) and unknown.due(60, t1 + 21)

@@ -203,7 +203,7 @@ def test_causal_lm_sigterm_mid_epoch_then_resume_is_bit_exact(tmp_path, budget):
     (whose schedule length makes Lightning build the loader before the checkpoint is restored)."""
     total = budget.get("max_epochs", 0) * PER_EPOCH or STEPS
     lm_testutil = pytest.importorskip("lm_testutil")
-    from lm.causal_lm import CausalLM
+    from lm.modules.causal_lm import CausalLM
     from zoo.data.text import TextDataModule
 
     import fault_callbacks

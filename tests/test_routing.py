@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zoo.models.transformer import TransformerConfig
-from lm.routing import reinforce_loss
+from lm.modules.routing import reinforce_loss
 from zoo.models.routing import (RoutedFFN, balance_loss, expert_bias, hash_table, load_fractions, routed_layers,
                                 routing_stats, sinkhorn)
 

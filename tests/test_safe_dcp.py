@@ -64,7 +64,7 @@ def test_the_allow_list_is_exactly_what_dcp_writes(tmp_path):
 
 
 def _consolidate_cli(folder: Path, tmp: Path, capsys) -> tuple[int, str]:
-    from lm.cli import consolidate_main
+    from lm.cli.consolidate import main as consolidate_main
 
     code = consolidate_main([str(folder), "--out", str(tmp / "out.ckpt")])
     return code, capsys.readouterr().err
@@ -95,7 +95,7 @@ READERS = {
 
 
 def _load_sharded(folder: Path) -> None:
-    from lm.sharding import load_sharded
+    from lm.parallel.sharding import load_sharded
 
     module = torch.nn.ModuleDict({"model": zoo.create(H.MODEL, **TINY)})  # keys "model.*", as a LightningModule's
     load_sharded(folder, module, [torch.optim.AdamW(module.parameters())])
@@ -121,7 +121,7 @@ def test_every_reader_refuses_a_hostile_folder_in_one_line(tmp_path, capsys, rea
 def test_consolidate_refuses_an_out_that_is_a_folder_or_inside_the_input(tmp_path, capsys):
     """``--out`` an existing folder, the input folder itself, or any path inside it: one line, exit 2, the shards
     untouched; a plain file next to the folder is written."""
-    from lm.cli import consolidate_main
+    from lm.cli.consolidate import main as consolidate_main
 
     folder = H.lm_checkpoint_folder(tmp_path / "last.ckpt")
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}

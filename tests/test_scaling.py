@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from lm import scaling as S
+import lm.scaling.laws as S
 
 PLANTED = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Chinchilla's published law
 

@@ -4,7 +4,7 @@ import math
 import pytest
 
 from byol import lr_schedule
-from lm.optim import lr_at
+from lm.modules.optim import lr_at
 from zoo.eval.linear import cosine_factor
 from zoo.train.schedules import warmup_cosine
 

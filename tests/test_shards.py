@@ -303,7 +303,7 @@ def test_spawned_workers_map_the_shard_index_and_the_cli_parser_imports_no_torch
 
 
 def test_zoo_probe_reads_shards(packed, tmp_path):
-    from zoo.eval.probe import main as probe_main
+    from zoo.eval.probe_cli import main as probe_main
     from zoo.weights.export import export_backbone
 
     ckpt = tmp_path / "enc.safetensors"

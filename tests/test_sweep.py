@@ -1,4 +1,4 @@
-"""lm.sweep: IsoFLOP planning, resumable CSV, the CLI (`zoo scaling sweep|fit`), one real tiny training run."""
+"""lm.scaling.sweep: IsoFLOP planning, resumable CSV, the CLI (`zoo scaling sweep|fit`), one real tiny training run."""
 from __future__ import annotations
 
 import csv
@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lm import scaling as S
-from lm import sweep as W
+import lm.scaling.laws as S
+from lm.cli.scaling import main as scaling_main
+from lm.scaling import sweep as W
 
 SHAPES = [{"d_model": 16, "n_layers": 1, "n_heads": 2}, {"d_model": 16, "n_layers": 2, "n_heads": 2},
           {"d_model": 32, "n_layers": 1, "n_heads": 2}, {"d_model": 32, "n_layers": 2, "n_heads": 2},
@@ -136,7 +137,7 @@ def test_load_runs_csv_errors_name_column_and_row(tmp_path):
         p.write_text(content)
         with pytest.raises(ValueError, match=error):
             W.load_runs_csv(p)
-    assert W.main(["fit", str(tmp_path / "nope.csv"), "--approach", "2"]) == 2
+    assert scaling_main(["fit", str(tmp_path / "nope.csv"), "--approach", "2"]) == 2
 
 
 def test_load_config(tmp_path):
@@ -165,7 +166,7 @@ def test_shipped_configs_plan(capsys):
         assert len({r.N for r in plan if r.C == C}) >= 3
     gpu = W.load_config(root / "gpu_isoflop.yaml")
     assert len(W.plan_runs(gpu)) > len(plan)
-    assert W.main(["sweep", "--config", str(root / "stdlib_isoflop.yaml"), "--dry-run"]) == 0
+    assert scaling_main(["sweep", "--config", str(root / "stdlib_isoflop.yaml"), "--dry-run"]) == 0
     assert "runs, total 6ND compute" in capsys.readouterr().out
 
 
@@ -180,7 +181,7 @@ def fake_sweep(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("approach", [1, 2, 3])
 def test_fit_cli_prints_law_table_and_writes_plots(fake_sweep, tmp_path, capsys, approach):
     out = tmp_path / f"plots{approach}"
-    rc = W.main(["scaling", "fit", str(fake_sweep), "--approach", str(approach), "--out", str(out),
+    rc = scaling_main(["scaling", "fit", str(fake_sweep), "--approach", str(approach), "--out", str(out),
                  "--bootstrap", "4"])
     text = capsys.readouterr().out
     assert rc == 0, text
@@ -200,7 +201,7 @@ def test_fit_cli_routed_runs(tmp_path, capsys):
     W.run_sweep(cfg, train_fn=FakeTrain(), log=lambda s: None)
     rows = W.read_results(Path(cfg.out_dir) / "runs.csv")
     assert {int(r["E"]) for r in rows} == {1, 2, 4, 8, 16}
-    rc = W.main(["fit", str(Path(cfg.out_dir) / "runs.csv"), "--approach", "2", "--out", str(tmp_path / "p")])
+    rc = scaling_main(["fit", str(Path(cfg.out_dir) / "runs.csv"), "--approach", "2", "--out", str(tmp_path / "p")])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "routed law: log10 L" in text
@@ -214,9 +215,9 @@ def test_fit_cli_reports_missing_curves_and_columns(tmp_path, capsys):
         w.writerow(["run_id", "N", "D", "L"])
         for i, n in enumerate([1e4, 2e4, 4e4, 8e4, 1.6e5, 3.2e5]):
             w.writerow([f"r{i}", n, 1e10 / (6 * n), planted_loss(n, 1e10 / (6 * n))])
-    assert W.main(["fit", str(p), "--approach", "2"]) == 2
+    assert scaling_main(["fit", str(p), "--approach", "2"]) == 2
     assert "missing column(s) ['C']" in capsys.readouterr().err
-    assert W.main(["fit", str(p), "--approach", "1"]) == 2
+    assert scaling_main(["fit", str(p), "--approach", "1"]) == 2
     assert "training curves" in capsys.readouterr().err
 
 
@@ -246,7 +247,7 @@ def test_fit_cli_flags_unbracketed_minima(tmp_path, capsys):
     # Only the four smallest shapes at the largest budget: the planted optimum (~70k params) is above them all.
     cfg = make_cfg(tmp_path, shapes=SHAPES[:4], budgets=[3e10, 1e11])
     W.run_sweep(cfg, train_fn=FakeTrain(), log=lambda s: None)
-    rc = W.main(["fit", str(Path(cfg.out_dir) / "runs.csv"), "--approach", "2", "--out", str(tmp_path / "p")])
+    rc = scaling_main(["fit", str(Path(cfg.out_dir) / "runs.csv"), "--approach", "2", "--out", str(tmp_path / "p")])
     text = capsys.readouterr().out
     assert rc == 1
     assert "not bracketed" in text and "numbers above are not reliable" in text
@@ -265,7 +266,7 @@ class FlatTrain(FakeTrain):
 def test_fit_cli_flat_losses_are_degenerate_not_converged(tmp_path, capsys, approach):
     cfg = make_cfg(tmp_path)
     W.run_sweep(cfg, train_fn=FlatTrain(), log=lambda s: None)
-    rc = W.main(["fit", str(Path(cfg.out_dir) / "runs.csv"), "--approach", str(approach), "--out",
+    rc = scaling_main(["fit", str(Path(cfg.out_dir) / "runs.csv"), "--approach", str(approach), "--out",
                  str(tmp_path / "p"), "--bootstrap", "0"])
     text = capsys.readouterr().out
     assert rc == 1, text
@@ -281,7 +282,7 @@ def test_fit_cli_exponent_outside_0_1_exits_1(tmp_path, capsys):
         loss = [lead - slope * math.log10(6 * N * t / 6e8) for t in tok]
         (tmp_path / "curves" / f"{rid}.json").write_text(json.dumps({"N": N, "tokens": tok.tolist(), "loss": loss}))
         W.append_result(p, {"run_id": rid, "N": N, "D": tok[-1], "C": 6 * N * tok[-1], "L": loss[-1], "E": 1})
-    rc = W.main(["fit", str(p), "--approach", "1", "--out", str(tmp_path / "p")])
+    rc = scaling_main(["fit", str(p), "--approach", "1", "--out", str(tmp_path / "p")])
     text = capsys.readouterr().out
     assert rc == 1, text
     assert "WARNING (Approach 1): Approach 1 fit is degenerate" in text and "outside (0, 1)" in text
@@ -299,7 +300,7 @@ def test_fit_cli_too_few_sizes_per_budget_exits_1(fake_sweep, tmp_path, capsys):
     p = tmp_path / "runs.csv"
     for r in keep:
         W.append_result(p, r)
-    assert W.main(["fit", str(p), "--approach", "2", "--out", str(tmp_path / "p")]) == 1
+    assert scaling_main(["fit", str(p), "--approach", "2", "--out", str(tmp_path / "p")]) == 1
     text = capsys.readouterr().out
     assert "WARNING (Approach 2): no law fitted" in text and "distinct model sizes" in text
     assert "Approach 2: N_opt" not in text
@@ -314,7 +315,7 @@ def test_fit_cli_nonpositive_values_refused_when_reading(fake_sweep, tmp_path, c
     p = tmp_path / "runs.csv"
     for r in rows:
         W.append_result(p, r)
-    assert W.main(["fit", str(p), "--approach", str(approach), "--out", str(tmp_path / "p")]) == 2
+    assert scaling_main(["fit", str(p), "--approach", str(approach), "--out", str(tmp_path / "p")]) == 2
     cap = capsys.readouterr()
     assert f"row 4 (run {rows[3]['run_id']}): column {column!r} = {value!r} must be a finite positive" in cap.err
     assert len(cap.err.strip().splitlines()) == 1 and "Traceback" not in cap.err
@@ -324,15 +325,15 @@ def test_fit_cli_nonpositive_values_refused_when_reading(fake_sweep, tmp_path, c
 def test_fit_cli_unreadable_csv_names_the_file(fake_sweep, tmp_path, capsys):
     p = tmp_path / "runs.csv"
     p.write_bytes(fake_sweep.read_bytes().replace(b"d16-l1", "d16-é1".encode("latin-1"), 1))
-    assert W.main(["fit", str(p), "--approach", "2"]) == 2
+    assert scaling_main(["fit", str(p), "--approach", "2"]) == 2
     err = capsys.readouterr().err
     assert f"{str(p)!r} is not a UTF-8 text CSV" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError, match="is not a UTF-8 text CSV"):
         W.read_results(p)  # the sweep's resume check reads it the same way
-    assert W.main(["fit", str(tmp_path), "--approach", "2"]) == 2
+    assert scaling_main(["fit", str(tmp_path), "--approach", "2"]) == 2
     assert "is a folder" in capsys.readouterr().err
     (tmp_path / "plots").write_text("x")
-    assert W.main(["fit", str(fake_sweep), "--approach", "2", "--out", str(tmp_path / "plots")]) == 2
+    assert scaling_main(["fit", str(fake_sweep), "--approach", "2", "--out", str(tmp_path / "plots")]) == 2
     assert "is a file" in capsys.readouterr().err
 
 
@@ -343,14 +344,14 @@ def test_fit_cli_bad_curve_file_names_it(fake_sweep, tmp_path, capsys):
         (curves / f.name).write_bytes(f.read_bytes())
     victim = sorted(curves.iterdir())[0]
     victim.write_text('{"N": 10, "tokens": [1, 2]')
-    assert W.main(["fit", str(fake_sweep), "--approach", "1", "--curves", str(curves), "--out", str(tmp_path)]) == 2
+    assert scaling_main(["fit", str(fake_sweep), "--approach", "1", "--curves", str(curves), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"training curve {str(victim)!r} is not readable JSON" in err
 
 
 def test_reports_are_written_atomically(fake_sweep, tmp_path, capsys, monkeypatch):
     out = tmp_path / "p"
-    assert W.main(["fit", str(fake_sweep), "--approach", "2", "--out", str(out)]) == 0
+    assert scaling_main(["fit", str(fake_sweep), "--approach", "2", "--out", str(out)]) == 0
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     import matplotlib.figure
 
@@ -360,7 +361,7 @@ def test_reports_are_written_atomically(fake_sweep, tmp_path, capsys, monkeypatc
         raise OSError("No space left on device")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken_savefig)
-    assert W.main(["fit", str(fake_sweep), "--approach", "2", "--out", str(out)]) == 2
+    assert scaling_main(["fit", str(fake_sweep), "--approach", "2", "--out", str(out)]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # old plots whole, no temp files left
     # The runs CSV: a failing append leaves the finished rows as they were.
@@ -368,7 +369,7 @@ def test_reports_are_written_atomically(fake_sweep, tmp_path, capsys, monkeypatc
     rows = W.read_results(fake_sweep)
     W.append_result(p, rows[0])
     old = p.read_bytes()
-    monkeypatch.setattr(W.csv.DictWriter, "writerow", lambda self, row: (_ for _ in ()).throw(OSError("killed")))
+    monkeypatch.setattr(csv.DictWriter, "writerow", lambda self, row: (_ for _ in ()).throw(OSError("killed")))
     with pytest.raises(OSError, match="killed"):
         W.append_result(p, rows[1])
     assert p.read_bytes() == old and [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
@@ -376,8 +377,8 @@ def test_reports_are_written_atomically(fake_sweep, tmp_path, capsys, monkeypatc
 
 def test_sweep_and_fit_flags_checked(tmp_path, capsys):
     root = Path(__file__).resolve().parents[1] / "configs" / "scaling"
-    assert W.main(["sweep", "--config", str(root / "stdlib_isoflop.yaml"), "--limit", "0",
+    assert scaling_main(["sweep", "--config", str(root / "stdlib_isoflop.yaml"), "--limit", "0",
                    "--out-dir", str(tmp_path / "s")]) == 2
     assert "--limit 0" in capsys.readouterr().err and not (tmp_path / "s").exists()
-    assert W.main(["fit", str(tmp_path / "runs.csv"), "--approach", "3", "--bootstrap", "-1"]) == 2
+    assert scaling_main(["fit", str(tmp_path / "runs.csv"), "--approach", "3", "--bootstrap", "-1"]) == 2
     assert "--bootstrap -1" in capsys.readouterr().err

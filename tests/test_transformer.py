@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from zoo.models import attention as A
-from lm.flops import mfu_flops_per_token
+from lm.parallel.flops import mfu_flops_per_token
 from zoo.models.transformer import RMSNorm, Transformer, TransformerConfig, sample_next
 
 torch.set_num_threads(1)

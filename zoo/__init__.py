@@ -4,10 +4,14 @@ __all__ = ["available", "create", "register", "load_backbone", "list_pretrained"
 
 def __getattr__(name: str):
     # Everything here imports torch; importing it only when asked keeps `zoo --help` (zoo.cli) free of torch.
-    if name in ("available", "create", "register"):
+    if name in ("available", "register"):
         from zoo.models import registry
 
         return getattr(registry, name)
+    if name == "create":  # through the weights layer, which gives the registry its pretrained=True loader
+        from zoo.weights.create import create
+
+        return create
     if name == "load_backbone":
         from zoo.weights import load_backbone
 

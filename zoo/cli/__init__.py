@@ -11,27 +11,15 @@ Lightning subcommands' own help is cached after its first rendering (``zoo.cli.h
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 from typing import Iterator
 
-from zoo.cli.commands import Command, registered_commands
-
-# One-line descriptions of Lightning's subcommands: `zoo --help` prints them without importing Lightning, and each
-# subcommand's own --help uses the same words (Lightning's `test` docstring is cut mid-sentence by its first line).
-LIGHTNING_COMMANDS = {
-    "fit": "Train the model: preflight checks, the output folder's run lock, then Lightning's fit.",
-    "validate": "Run one evaluation epoch over the validation set.",
-    "test": "Run one evaluation epoch over the test set (kept apart from fit so the test set is used only when "
-            "you ask).",
-    "predict": "Run inference on the predict set and return the predictions.",
-}
-HELP_WIDTH = 80
+from zoo.cli.commands import HELP_WIDTH, LIGHTNING_COMMANDS, Command, registered_commands
+from zoo.train.quiet import QUIET_LOG_PREFIXES, QUIET_WARNINGS, _DropChatter, quiet_lightning  # noqa: F401
 
 
 def main_help(commands: dict[str, Command] | None = None) -> str:
@@ -50,46 +38,6 @@ def main_help(commands: dict[str, Command] | None = None) -> str:
     return (f"{usage}\n\n{about}\n\nsubcommands (zoo <subcommand> --help shows its options):\n{body}\n\n"
             "options:\n  -h, --help     show this help message and exit\n"
             "  -V, --version  print byol-zoo, Python, torch (with CUDA), Lightning versions\n")
-
-
-# Lightning's chatter that says nothing about the user's run: silenced in `zoo` unless ZOO_VERBOSE=1. Real warnings
-# stay visible. (pytest filters the same warnings in pyproject.toml.)
-QUIET_LOG_PREFIXES = ("\U0001f4a1 Tip:", "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:",
-                      "Loading `train_dataloader` to estimate number of stepping batches", "Seed set to",
-                      "Trainer already configured with model summary callbacks",  # ours: zoo.train.announce.ModelTable
-                      # said by RunSummary's last line ("run finished at step N (max_steps=N reached)"); Lightning's
-                      # lands on a live progress bar, which is still drawn when it is logged
-                      "`Trainer.fit` stopped:",
-                      # the process-group banner of every DDP / FSDP start (the run summary names the devices' work)
-                      "Initializing distributed:", "-" * 20,
-                      "`Trainer(limit_")  # "`Trainer(limit_val_batches=1)` was configured so 1 batch will be used."
-QUIET_WARNINGS = (
-    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning's own use of a deprecated torch API
-    # FSDP2 on a CPU mesh (gloo): our sharded init is tested equal to one process's (tests/test_fsdp.py)
-    r"DTensor random operators may not have complete support on cpu device mesh",
-    r"You have overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`",
-)
-
-
-_RANK_PREFIX = re.compile(r"^\[rank: \d+\] ")  # Lightning's prefix on messages from ranks other than 0
-
-
-class _DropChatter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not _RANK_PREFIX.sub("", str(record.getMessage())).startswith(QUIET_LOG_PREFIXES)
-
-
-def quiet_lightning() -> None:
-    """Silence Lightning's tips, availability lines and the two warnings about its own internals (idempotent)."""
-    if os.environ.get("ZOO_VERBOSE") == "1":
-        return
-    for pattern in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        log = logging.getLogger(name)
-        for target in [log, *log.handlers]:
-            if not any(isinstance(f, _DropChatter) for f in target.filters):
-                target.addFilter(_DropChatter())
 
 
 # Tools whose weight file is checked before dispatch: the flag naming it (None: the first positional argument).
@@ -246,7 +194,7 @@ def _without_cwd(argv: list[str], commands: dict[str, Command]) -> int:
 
 def _run_lightning(argv: list[str], name: str) -> int:
     """Run ``zoo fit|validate|test|predict``; a refusal or outside stop is one line on stderr. The exit status."""
-    from zoo.train.errors import RunError, UsageError
+    from zoo.errors import RunError, UsageError
 
     try:
         run_cli(argv)

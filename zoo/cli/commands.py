@@ -28,6 +28,17 @@ from typing import Callable
 from zoo.plugins import DISTRIBUTION, from_checkout, from_metadata  # noqa: F401 - DISTRIBUTION re-exported
 
 GROUP = "byol_zoo.commands"
+HELP_WIDTH = 80  # every help zoo prints fits this: zoo --help (zoo.cli) and the rendered Lightning help (help_cache)
+
+# One-line descriptions of Lightning's subcommands: `zoo --help` prints them without importing Lightning, and each
+# subcommand's own --help uses the same words (Lightning's `test` docstring is cut mid-sentence by its first line).
+LIGHTNING_COMMANDS = {
+    "fit": "Train the model: preflight checks, the output folder's run lock, then Lightning's fit.",
+    "validate": "Run one evaluation epoch over the validation set.",
+    "test": "Run one evaluation epoch over the test set (kept apart from fit so the test set is used only when "
+            "you ask).",
+    "predict": "Run inference on the predict set and return the predictions.",
+}
 
 
 @dataclass(frozen=True)

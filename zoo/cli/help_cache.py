@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from zoo.cli import HELP_WIDTH  # the widest help we print: zoo --help's
+from zoo.cli.commands import HELP_WIDTH  # the widest help we print: zoo --help's
 from zoo.files import atomic_write_text, cache_dir
 
 DISABLE_ENV = "ZOO_HELP_CACHE"
@@ -264,7 +264,8 @@ def render(name: str, python: str = sys.executable) -> str:
     visible and no stored help, from the folder above our packages."""
     env = {k: v for k, v in os.environ.items() if k not in _help_env()}
     env.update(COLUMNS=str(HELP_WIDTH), CUDA_VISIBLE_DEVICES="", HIP_VISIBLE_DEVICES="", **{DISABLE_ENV: "0"})
-    run = subprocess.run([python, "-m", "zoo.cli", name, "--help"], capture_output=True, text=True, env=env,
+    # `python -m <this package>` (zoo.cli) in a child process: rendering runs the front, it does not import it here
+    run = subprocess.run([python, "-m", __package__, name, "--help"], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[2])
     if run.returncode != 0 or not run.stdout:
         raise RuntimeError(f"zoo {name} --help failed (exit {run.returncode}): {run.stderr[-2000:]}")

@@ -9,8 +9,9 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from zoo.cli import LIGHTNING_COMMANDS, quiet_lightning
+from zoo.cli.commands import LIGHTNING_COMMANDS
 from zoo.cli.errors import ConfigError, explain_parse_error
+from zoo.train.quiet import quiet_lightning
 from zoo.train.trainer import RunSummary, ZooTrainer, trainer_defaults
 
 GROUP_TITLES = {

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from zoo.data.images import build_dataset, digits_dataset
 from zoo.data.loaders import resumable_loader
 from zoo.models.tokenizer import load_tokenizer
-from zoo.train.trainer import UsageError
+from zoo.errors import UsageError
 
 TASKS = ("caption", "sum", "question")
 IMAGE_MARKER = "<image>"

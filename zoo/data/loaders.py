@@ -19,8 +19,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.data.images import build_dataset, collate_images
-from zoo.train.errors import UsageError
+from zoo.data.positions import saved_samples, take_epoch_skip, take_saved_position
 from zoo.data.shards import NoSplit
+from zoo.errors import UsageError
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -212,8 +213,6 @@ class ResumableLoader(DataLoader):
         return _PositionedIterator(self)
 
     def _positioned_iter(self) -> Iterator:
-        from zoo.train.resume import saved_samples, take_epoch_skip, take_saved_position
-
         sampler, pending, self._pending = self.sampler, self._pending, None
         if self.trainer is None:  # not a training loader: the sampler's epoch (or a handed-back one), from its start
             epoch = int(pending["epoch"]) if pending else int(getattr(sampler, "epoch", 0))

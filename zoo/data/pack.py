@@ -134,7 +134,7 @@ def verify_shard(path: Path, record: dict[str, Any]) -> str | None:
 def pack_folder(source: str, out: str, shard_size: int, splits: list[str], verify: bool = True) -> dict[str, Any]:
     """Pack ``imagefolder:<root>`` (or a bare root) into ``out``; returns a summary per split."""
     from zoo.data.images import ImageFolderDataset
-    from zoo.train.progress import track
+    from zoo.progress import track
 
     root = source.split(":", 1)[1] if source.startswith("imagefolder:") else source
     if ":" in source and not source.startswith("imagefolder:"):

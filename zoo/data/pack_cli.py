@@ -1,14 +1,14 @@
 """The command-line front of ``zoo data``: its parser, in a module that imports no torch.
 
 ``zoo data pack imagefolder:/src --out DIR --shard_size 1GB`` writes WebDataset shards (``zoo.data.pack``);
-argument errors come back at once as one line (``zoo.cli.errors``, as every tool).
+argument errors come back at once as one line (``zoo.errors``, as every tool).
 """
 from __future__ import annotations
 
 import sys
 from typing import Any
 
-from zoo.cli.errors import parse_tool_args, tool_parser, user_error_line
+from zoo.errors import parse_tool_args, tool_parser, user_error_line
 
 USAGE = "usage: zoo data pack imagefolder:<root> --out DIR [--shard_size 1GB] [--splits train,val] [--no_verify]"
 

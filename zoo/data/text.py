@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from zoo.files import cache_dir as zoo_cache_dir
 from zoo.files import check_folder_path
-from zoo.train.errors import UsageError
+from zoo.errors import UsageError
 
 log = logging.getLogger(__name__)
 

@@ -174,7 +174,7 @@ def skipped_line(where: str, paths: list[str]) -> str:
 def _batches(encoder: nn.Module, loader: DataLoader, prepare: Prepare, device: torch.device, desc: str,
              progress: bool, autocast: bool) -> Iterator[tuple[int, dict[str, Any], torch.Tensor | None]]:
     """(number of samples in the batch, batch, features or None) for each batch, encoder frozen in eval mode."""
-    from zoo.train.progress import track
+    from zoo.progress import track
 
     was_training = encoder.training
     encoder.eval()

@@ -93,7 +93,7 @@ def train_heads(train: Any, num_classes: int, base_lrs: Sequence[float], epochs:
     read once and shared by every head; each head has its own optimiser and schedule (the protocol's SGD Nesterov,
     cosine, batch order), so each equals a run of its lr alone: the ops a head sees do not depend on the others."""
     from zoo.data.loaders import EpochShuffleSampler
-    from zoo.train.progress import track
+    from zoo.progress import track
 
     device = torch.device(device)
     n = len(train)

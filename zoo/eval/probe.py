@@ -434,5 +434,3 @@ def print_summary(metrics: dict[str, Any]) -> None:
         table.add_row(k, str(v))
     Console().print(table)
 
-
-from zoo.eval.probe_cli import main  # noqa: E402 - the command line lives apart so --help needs no torch

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ``zoo probe --backbone SOURCE --data SPEC --mode fast|protocol|knn [--out DIR] [--config YAML] ...``.
     """
-    from zoo.cli.errors import explain_tool_error
+    from zoo.errors import explain_tool_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zoo.models.registry import create, register
+# Pairings build their encoder and decoder by name through the builder table (not zoo.models.registry, which
+# imports this family); importing the decoder and encoder families here registers every name a pairing uses.
+from zoo.models import lm_configs  # noqa: F401 - registers the decoders
+from zoo.models.builders import build, register
 from zoo.models.transformer import Transformer, sample_next
 from zoo.models.vision import feature_tokens
 
@@ -118,13 +121,13 @@ class MultimodalDecoder(nn.Module):
             raise ValueError(f"image_size must be >= 1, got {image_size}")
         self.encoder_name = encoder if isinstance(encoder, str) else getattr(encoder, "zoo_arch",
                                                                              type(encoder).__name__)
-        self.encoder = create(encoder, **(encoder_overrides or {})) if isinstance(encoder, str) else encoder
+        self.encoder = build(encoder, **(encoder_overrides or {})) if isinstance(encoder, str) else encoder
         self.encoder_overrides = dict(encoder_overrides or {}) if isinstance(encoder, str) else dict(
             getattr(encoder, "zoo_arch_overrides", {}))
         if not hasattr(self.encoder, "forward_features") or not hasattr(self.encoder, "num_features"):
             raise TypeError(f"encoder {self.encoder_name!r} has no forward_features / num_features; pass a zoo vision "
                             "encoder (zoo.create(<vision name>) or zoo.load_backbone(...))")
-        dec = create(decoder, **(decoder_overrides or {})) if isinstance(decoder, str) else decoder
+        dec = build(decoder, **(decoder_overrides or {})) if isinstance(decoder, str) else decoder
         if not isinstance(dec, Transformer):
             raise TypeError(f"decoder {decoder!r} is not a zoo Transformer; pick a language model from zoo.available()")
         self.text_vocab_size = dec.config.vocab_size

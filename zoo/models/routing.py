@@ -14,13 +14,15 @@ the module so each can be tested against its formula.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-# routing -> transformer only (transformer imports routing lazily, inside Block), so there is no import cycle.
-from zoo.models.transformer import DenseFFN, TransformerConfig
+# The experts are the Transformer's dense FFN (zoo.models.ffn); routing never imports the Transformer, which imports
+# this module for its routed layers. The config is a zoo.models.transformer.TransformerConfig.
+from zoo.models.ffn import DenseFFN
+from zoo.models.lm_blocks import ffn_kind
 
 ROUTERS = ("sbase", "hash", "rlr")
 
@@ -102,19 +104,17 @@ class RoutingAux(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------------------------
-def expert_config(config: TransformerConfig) -> TransformerConfig:
+def expert_config(config: Any) -> Any:
     """The dense config each expert is built from: ffn = the config's expert kind (``expert_ffn``, default GeGLU)."""
-    # ffn="routed" says nothing about the experts' MLP; Gopher-style models set expert_ffn="gelu".
-    kind = config.expert_ffn
-    if kind not in ("geglu", "gelu"):
-        raise ValueError(f"expert FFN kind must be 'geglu' or 'gelu', got expert_ffn={kind!r}")
+    # ffn="routed" says nothing about the experts' MLP: Gopher-style models set expert_ffn="gelu", Llama "swiglu".
+    kind = ffn_kind(config.expert_ffn, "expert_ffn").name  # a dense kind of zoo.models.lm_blocks' table
     return config.replace(ffn=kind)  # also resets the routed-only fields, which a dense config refuses
 
 
 class RoutedFFN(nn.Module):
     """A routed FFN layer: each token goes to exactly one of ``n_experts`` experts picked by the config's router."""
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: Any) -> None:
         super().__init__()
         self.d_model = config.d_model
         self.n_experts = int(config.n_experts)

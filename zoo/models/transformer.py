@@ -17,11 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.models import attention as A
+from zoo.models.ffn import DenseFFN
+from zoo.models.lm_blocks import FFN_KINDS as DENSE_FFN_KINDS
+from zoo.models.lm_blocks import ROUTED, ffn_kind, layer_ffn_kind
 
 if TYPE_CHECKING:
+    from zoo.models.lm_blocks import FfnKind
     from zoo.models.routing import RoutingAux
 
-FFN_KINDS = ("geglu", "gelu", "routed")
 ROUTERS = ("sbase", "hash", "rlr")
 
 
@@ -43,7 +46,7 @@ class TransformerConfig:
     head_dim: int | None = None  # None: d_model // n_heads
     d_ff: int = 1024  # hidden size of the FFN (per GeGLU branch)
     max_seq_len: int = 2048
-    ffn: str = "geglu"  # "geglu" (tanh-GELU gate) | "gelu" (exact GELU MLP) | "routed" (zoo.models.routing.RoutedFFN)
+    ffn: str = "geglu"  # a kind of zoo.models.lm_blocks.FFN_KINDS (geglu, swiglu, gelu) | "routed" (RoutedFFN)
     norm_eps: float = 1e-6
     norm_unit_offset: bool = False  # RMSNorm scales by (1 + w), w initialised to 0 (Gemma)
     post_norms: bool = False  # extra RMSNorm on the attention and FFN outputs (Gemma 2)
@@ -60,7 +63,7 @@ class TransformerConfig:
     n_experts: int = 1
     router: str = "sbase"  # "sbase" | "hash" | "rlr"
     routing_frequency: int = 1  # with ffn="routed", layer i is routed iff i % routing_frequency == routing_frequency-1
-    expert_ffn: str = "geglu"  # kind of each routed expert ("geglu" | "gelu"): the dense FFN it replaces
+    expert_ffn: str = "geglu"  # kind of each routed expert (a dense kind): the dense FFN it replaces
     sinkhorn_iters: int = 8  # S-BASE balancing iterations
     hash_seed: int = 0  # Hash router's fixed token -> expert map
     balance_bias_momentum: float = 0.99  # S-BASE eval-time routing bias: running mean of Sinkhorn's balancing
@@ -76,10 +79,10 @@ class TransformerConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-        if self.ffn not in FFN_KINDS:
-            raise ValueError(f"ffn={self.ffn!r}; expected one of {FFN_KINDS}")
-        if self.expert_ffn not in ("geglu", "gelu"):
-            raise ValueError(f"expert_ffn={self.expert_ffn!r}; expected 'geglu' or 'gelu'")
+        if self.ffn != ROUTED:  # a dense kind of the one table (read now: a family may have added its kind)
+            if self.ffn not in DENSE_FFN_KINDS:
+                raise ValueError(f"ffn={self.ffn!r}; expected one of {(*DENSE_FFN_KINDS, ROUTED)}")
+        ffn_kind(self.expert_ffn, "expert_ffn")  # a dense kind of the table (ValueError naming the field if not)
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r}; expected one of {ROUTERS}")
         if self.positions not in ("rope", "relative"):
@@ -98,7 +101,7 @@ class TransformerConfig:
     def _refuse_dead_knobs(self) -> None:
         # A router setting that the chosen FFN / router never reads is an error, not a silent no-op.
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        if self.ffn != "routed":
+        if self.ffn != ROUTED:
             unused, why = _ROUTED_ONLY, f"ffn={self.ffn!r} is dense; set ffn='routed' to use it, or remove the key"
         else:
             unused = tuple(k for k, routers in _ROUTER_ONLY.items() if self.router not in routers)
@@ -118,7 +121,11 @@ class TransformerConfig:
 
     def is_routed(self, i: int) -> bool:
         """Whether layer i uses the routed FFN."""
-        return self.ffn == "routed" and i % self.routing_frequency == self.routing_frequency - 1
+        return self.ffn == ROUTED and i % self.routing_frequency == self.routing_frequency - 1
+
+    def dense_ffn(self) -> "FfnKind":
+        """The table entry of the dense FFN this model computes with (a routed model's: its experts' kind)."""
+        return layer_ffn_kind(self, self.ffn == ROUTED)
 
     def replace(self, **overrides) -> "TransformerConfig":
         """Copy with fields overridden; unknown names raise a ValueError listing the valid ones."""
@@ -128,9 +135,9 @@ class TransformerConfig:
             raise ValueError(f"unknown TransformerConfig field(s) {unknown}; valid fields: {sorted(names)}")
         # Derived fields follow their sources when they were derived: an MHA model stays MHA with a new head count,
         # and a head_dim of d_model // n_heads is recomputed when either changes.
-        if overrides.get("ffn") == "routed" and "expert_ffn" not in overrides and self.ffn != "routed":
+        if overrides.get("ffn") == ROUTED and "expert_ffn" not in overrides and self.ffn != ROUTED:
             overrides["expert_ffn"] = self.ffn  # a routed Gopher keeps GELU experts, a routed Gemma GeGLU ones
-        if overrides.get("ffn", self.ffn) != "routed" and self.ffn == "routed":
+        if overrides.get("ffn", self.ffn) != ROUTED and self.ffn == ROUTED:
             # Back to a dense FFN: the routed settings go with it (they would be dead knobs).
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             overrides = {**{k: defaults[k] for k in _ROUTED_ONLY}, **overrides}
@@ -156,24 +163,6 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         w = self.weight.float()
         return (h * (1.0 + w if self.unit_offset else w)).type_as(x)
-
-
-class DenseFFN(nn.Module):
-    """GeGLU (tanh GELU gate, Gemma) or a plain GELU MLP (Gopher); called as ffn(x, input_ids)."""
-
-    def __init__(self, config: TransformerConfig) -> None:
-        super().__init__()
-        self.gated = config.ffn != "gelu"
-        d, h = config.d_model, config.d_ff
-        self.gate_proj = nn.Linear(d, h, bias=False) if self.gated else None
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d, bias=False)
-
-    def forward(self, x: Tensor, input_ids: Tensor | None = None) -> Tensor:
-        """[B, T, D] -> [B, T, D]; input_ids is unused (same signature as the routed FFN)."""
-        if self.gated:
-            return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x)))
 
 
 class Attention(nn.Module):
@@ -263,7 +252,7 @@ class Block(nn.Module):
         self.ffn_norm = norm()
         self.routed = c.is_routed(layer)
         if self.routed:
-            from zoo.models.routing import RoutedFFN  # routing imports this module, so it is imported here
+            from zoo.models.routing import RoutedFFN  # only routed models need it
 
             self.ffn = RoutedFFN(c)
         else:
@@ -408,7 +397,7 @@ class Transformer(nn.Module):
             if input_ids is not None and tuple(input_ids.shape) != tuple(inputs_embeds.shape[:2]):
                 raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds "
                                  f"{tuple(inputs_embeds.shape)} disagree on [batch, seq]")
-            if input_ids is None and c.ffn == "routed" and c.router == "hash":
+            if input_ids is None and c.ffn == ROUTED and c.router == "hash":
                 raise ValueError("the hash router picks experts by token id: pass input_ids alongside "
                                  "inputs_embeds (any id at positions without a token)")
             x = inputs_embeds.to(self.embed.weight.dtype)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from zoo.models.registry import UnknownModelError, register
+from zoo.models.builders import UnknownModelError, register
 
 # (block, layers) per depth: He et al. 2016 Table 1; ResNet-200 as in BYOL (Table 6, from He et al. 2016b).
 RESNET_DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {

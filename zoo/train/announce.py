@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo.files import display_path
-from zoo.train.progress import LINE_SECONDS, LINES, LinePacer, RateClock, clock
+from zoo.progress import LINE_SECONDS, LINES, LinePacer, RateClock, clock
 
 
 def _rank_zero(trainer: pl.Trainer) -> bool:
@@ -151,7 +151,7 @@ class StepProgressBar(ProgressBar):
     and for every run whose output is not a terminal (a log file, a pipe, a scheduler's output file), where Lightning's
     bar leaves a many-line copy of itself per epoch. On a terminal it redraws in place on stderr at most every
     ``refresh_seconds``; elsewhere it writes whole lines: after the first step, then every ``line_seconds`` or every
-    ``1/lines`` of the run, whichever comes first (``zoo.train.progress.LinePacer``). A final line stays. The rate
+    ``1/lines`` of the run, whichever comes first (``zoo.progress.LinePacer``). A final line stays. The rate
     and ETA leave out the first step (workers starting, kernels compiling), so the first line shows no ETA yet.
     """
 
@@ -272,7 +272,7 @@ class ModelTable(ModelSummary):
     Lightning measured none.
 
     Lightning counts FLOPs only by running ``example_input_array`` through the model, which our modules do not set
-    (the LM's FLOPs per token are ``lm.flops``' and are logged as ``perf/mfu``): its table would show a column of
+    (the LM's FLOPs per token are ``lm.parallel.flops``' and are logged as ``perf/mfu``): its table would show a column of
     zeros and "Total FLOPs: 0". Only the public ``summarize`` hook is overridden.
     """
 

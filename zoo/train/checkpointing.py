@@ -15,7 +15,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from zoo.files import atomic_path
-from zoo.train.errors import RunError
+from zoo.errors import RunError
 
 CHECKPOINT_EVERY_MINUTES = 30.0  # the default time between two periodic last.ckpt saves (trainer.checkpoint_every_minutes)
 

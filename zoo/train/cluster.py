@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from zoo.train.errors import UsageError
+from zoo.errors import UsageError
 
 # The signals that take the deferred save path: SIGTERM (preemption: save and exit 143) and the scheduler's
 # pre-timeout signal (``sbatch --signal=USR1@90``: save, requeue the job, exit 128 + signum).

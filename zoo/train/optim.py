@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
-from zoo.train.errors import UsageError
+from zoo.errors import UsageError
 from zoo.train.schedules import warmup_cosine
 
 __all__ = ["LARS", "OPTIMIZERS", "OptimizerSpec", "build_optimizer", "fused_update", "lars_param_groups",

@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from zoo.train.errors import UsageError
+from zoo.errors import UsageError
 
 
 def available_memory(trainer: pl.Trainer) -> tuple[int, str] | None:

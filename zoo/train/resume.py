@@ -11,53 +11,17 @@ loop counters count steps of the old size): ``ResumeGuard`` refuses it in one li
 from __future__ import annotations
 
 import os
-import weakref
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from zoo.train.errors import UsageError
+from zoo.data.positions import keep_saved_position, saved_samples, skip_rest_of_epoch
+from zoo.data.positions import take_epoch_skip, take_saved_position  # noqa: F401 - re-exported (the loader's side)
+from zoo.errors import UsageError
 
 NEXT_EPOCH_ENV = "ZOO_RESUME_AT_NEXT_EPOCH"
-
-# trainer -> the epoch whose remaining samples its training loader skips (set by ResumeGuard, taken by the loader)
-_EPOCH_SKIPS: "weakref.WeakKeyDictionary[pl.Trainer, int]" = weakref.WeakKeyDictionary()
-# trainer -> the checkpoint's loader position: Lightning hands it to the loader only when it builds the loader after
-# the restore (not for an epoch-based schedule, whose length it counts on the loader before restoring)
-_SAVED_POSITIONS: "weakref.WeakKeyDictionary[pl.Trainer, dict[str, Any]]" = weakref.WeakKeyDictionary()
-
-
-def skip_rest_of_epoch(trainer: pl.Trainer, epoch: int) -> None:
-    """Make ``trainer``'s training loader yield nothing more of ``epoch`` (the fit loop then starts the next one)."""
-    _EPOCH_SKIPS[trainer] = int(epoch)
-
-
-def take_epoch_skip(trainer: pl.Trainer, epoch: int) -> bool:
-    """Whether the rest of ``epoch`` is to be skipped (once: the mark is removed)."""
-    if _EPOCH_SKIPS.get(trainer) != epoch:
-        return False
-    del _EPOCH_SKIPS[trainer]
-    return True
-
-
-def keep_saved_position(trainer: pl.Trainer, state: dict[str, Any]) -> None:
-    """Keep the checkpoint's training-loader position for ``trainer``'s next training iteration."""
-    _SAVED_POSITIONS[trainer] = dict(state)
-
-
-def take_saved_position(trainer: pl.Trainer) -> dict[str, Any] | None:
-    """The kept position (once: it is removed), or None."""
-    return _SAVED_POSITIONS.pop(trainer, None)
-
-
-def saved_samples(state: dict[str, Any], global_batch: int) -> int:
-    """Global samples into its epoch of a saved loader position; a position that kept per-device ``batches``
-    (checkpoints written before positions counted samples) is taken at ``global_batch``."""
-    if "samples" in state:
-        return int(state["samples"])
-    return int(state.get("batches", 0)) * int(global_batch)
 
 
 def loader_states(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 from zoo.files import LockRefused, RunLock
 from zoo.train.checkpointing import cleanup_stale_temp_files, existing_checkpoints, remove_checkpoint
 from zoo.train.cluster import launched_externally, process_rank
-from zoo.train.errors import UsageError
+from zoo.errors import UsageError
 
 
 def claim_folder(trainer: pl.Trainer, ckpt_path: Any, overwrite: bool) -> RunLock | None:

@@ -7,10 +7,10 @@ taken, as ``LambdaLR`` passes it). Two warmup starts are in use and are named, n
 - ``warmup_start="zero"`` (default): step ``s`` of the warmup gets ``peak * s / warmup_steps``, so step 0 has lr 0
   and the peak is reached at ``s = warmup_steps`` -- BYOL (Grill et al. 2020 and the authors' ``schedules.py``);
 - ``warmup_start="one"``: step ``s`` gets ``peak * (s + 1) / warmup_steps``, so the first step already moves and the
-  last warmup step reaches the peak -- the LM trainer (``lm.optim.lr_at``, nanoGPT-style).
+  last warmup step reaches the peak -- the LM trainer (``lm.modules.optim.lr_at``, nanoGPT-style).
 
 Callers: ``byol.functional.lr_schedule`` (zero, final 0), ``zoo.eval.linear.cosine_factor`` (no warmup, final 0),
-``lm.optim.lr_at`` (one, final ``min_lr_ratio * peak``), ``simsiam`` (zero, final 0).
+``lm.modules.optim.lr_at`` (one, final ``min_lr_ratio * peak``), ``simsiam`` (zero, final 0).
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompo
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from zoo.errors import RunError, UsageError  # noqa: F401 - re-exported
 from zoo.files import LOCK_NAME, LockRefused, RunLock  # noqa: F401 - re-exported
 from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, step_based  # noqa: F401 - re-exported
 from zoo.train.checkpointing import (CHECKPOINT_EVERY_MINUTES, AtomicCheckpointIO, RootCheckpoint,  # noqa: F401
@@ -30,9 +31,9 @@ from zoo.train.checkpointing import (CHECKPOINT_EVERY_MINUTES, AtomicCheckpointI
 from zoo.train.cluster import REQUEUE_SIGNALS_DEFAULT, parse_signals, process_rank, requeue_job
 from zoo.train.run_folder import (claim_folder, mismatched_checkpoint, new_log_folders,  # noqa: F401
                                   remove_unused_log_folders, resolve_auto_ckpt_path)
-from zoo.train.errors import RunError, UsageError  # noqa: F401 - re-exported
 from zoo.train.preflight import (available_memory, check_datamodule, lightning_usage_error,  # noqa: F401
                                  preflight_check)
+from zoo.train.quiet import quiet_lightning
 from zoo.train.resume import ResumeGuard  # noqa: F401 - re-exported
 from zoo.train.sync_batchnorm import GlobalBatchNorm, ZooSyncBatchNorm  # noqa: F401 - re-exported
 
@@ -292,8 +293,6 @@ class ZooTrainer(pl.Trainer):
                 (``scontrol requeue $SLURM_JOB_ID``, when both exist) and exit with 128 + the signal number; the
                 default SIGUSR1 is what ``sbatch --signal=USR1@90`` sends 90 s before the time limit.
         """
-        from zoo.cli import quiet_lightning
-
         if checkpoint_every_minutes is not None and not checkpoint_every_minutes >= 0:
             raise UsageError(f"trainer.checkpoint_every_minutes must be >= 0 (0: only at epoch ends), got "
                              f"{checkpoint_every_minutes}")

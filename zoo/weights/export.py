@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ``zoo export SOURCE --out backbone.safetensors [--which target] [--arch NAME]``;
     ``zoo export SOURCE --format timm,torchvision --out DIR``.
     """
-    from zoo.cli.errors import parse_tool_args, tool_parser, user_error_line
+    from zoo.errors import parse_tool_args, tool_parser, user_error_line
 
     ap = tool_parser("zoo export", "Export a backbone's encoder weights: safetensors, or folders timm / torchvision load.")
     ap.add_argument("checkpoint", help="our .ckpt, an official BYOL .pkl, a pretrained name, a URL, a timm folder, "

@@ -1,9 +1,9 @@
-"""Hugging Face Gemma / Gemma 2 checkpoints <-> the zoo Transformer.
+"""Hugging Face checkpoints (Gemma, Gemma 2, Llama: every family's ``HFAdapter``) <-> the zoo Transformer.
 
 ``from_hf(folder)`` reads ``config.json`` and ``model.safetensors`` (or the shards named by
 ``model.safetensors.index.json``) of a local folder; ``export_hf(model, folder)`` writes the same layout back, so
-``transformers`` can load what the zoo trained. Naming trap handled here: in Gemma 1 ``post_attention_layernorm`` is
-the pre-MLP norm; in Gemma 2 it is a real post-attention norm and the pre-MLP norm is ``pre_feedforward_layernorm``.
+``transformers`` can load what the zoo trained. What differs between architectures (config fields, tensor names, the
+Gemma norm-naming trap) is the family's adapter (zoo/models/lm_hf.py); this module does the checked file I/O.
 """
 from __future__ import annotations
 
@@ -11,27 +11,17 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from zoo.files import atomic_path, atomic_write_text
+from zoo.models import lm_configs  # noqa: F401  (declares the families, and with them their HF adapters)
+from zoo.models.lm_family import export_adapter, hf_adapter
 from zoo.models.transformer import Transformer, TransformerConfig
-
-SUPPORTED = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
-_LAYER_TYPE = {"sliding_attention": "local", "full_attention": "global"}
+from zoo.weights.dtypes import FLOAT_DTYPES
 
 
 # ----------------------------------------------------------------------------------------------- config
-def _pattern(layer_types: list[str]) -> tuple[str, ...]:
-    """Shortest cycle reproducing the per-layer attention types."""
-    ours = [_LAYER_TYPE[t] for t in layer_types]
-    for p in range(1, len(ours) + 1):
-        if all(ours[i] == ours[i % p] for i in range(len(ours))):
-            return tuple(ours[:p])
-    return tuple(ours)
-
-
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 _OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window",
                            "query_pre_attn_scalar")
@@ -79,101 +69,21 @@ def check_config(cfg: object, source: str = "config.json") -> dict:
 
 
 def config_from_hf(cfg: dict, source: str = "config.json") -> TransformerConfig:
-    """TransformerConfig of a Hugging Face Gemma / Gemma 2 ``config.json`` dict."""
+    """TransformerConfig of a Hugging Face ``config.json`` dict, read by the adapter of its ``model_type``."""
     check_config(cfg, source)
-    mtype = cfg.get("model_type")
-    if mtype not in SUPPORTED:
-        raise ValueError(f"{source}: model_type={mtype!r} is not supported; from_hf reads {sorted(SUPPORTED)} "
-                         f"(architectures {sorted(SUPPORTED.values())})")
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
-    # Gemma 1 configs say "gelu" but the released models (and transformers) use the tanh approximation.
-    if act not in ("gelu_pytorch_tanh", "gelu"):
-        raise ValueError(f"{source}: hidden_activation={act!r} is not supported (expected 'gelu_pytorch_tanh')")
-    if cfg.get("attention_bias", False):
-        raise ValueError(f"{source}: attention_bias=true is not supported by the zoo Transformer")
-    rope = cfg.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ValueError(f"{source}: rope_type={rope.get('rope_type')!r} is not supported (only 'default')")
-    n_heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
-    fields = dict(
-        vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads", n_heads), head_dim=head_dim,
-        d_ff=cfg["intermediate_size"], max_seq_len=cfg.get("max_position_embeddings", 8192), ffn="geglu",
-        norm_eps=cfg.get("rms_norm_eps", 1e-6), norm_unit_offset=True, embed_scale=True,
-        tie_embeddings=cfg.get("tie_word_embeddings", True), positions="rope",
-        rope_base=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-    )
-    if mtype == "gemma2":
-        n = cfg["num_hidden_layers"]
-        # Older configs lack layer_types; transformers then alternates sliding (even layers) / global.
-        types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
-        unknown = sorted(set(types) - set(_LAYER_TYPE))
-        if unknown:
-            raise ValueError(f"{source}: layer_types has unsupported entries {unknown}")
-        window = cfg.get("sliding_window")
-        fields.update(post_norms=True, layer_pattern=_pattern(types),
-                      window=window if "sliding_attention" in types else None,
-                      query_scale=cfg.get("query_pre_attn_scalar", head_dim) ** -0.5,
-                      attn_softcap=cfg.get("attn_logit_softcapping"), final_softcap=cfg.get("final_logit_softcapping"))
-    return TransformerConfig(**fields)
+    return TransformerConfig(**hf_adapter(cfg.get("model_type"), source).from_hf(cfg, source))
 
 
 def config_to_hf(c: TransformerConfig) -> dict:
-    """Hugging Face config.json dict for a Gemma-compatible TransformerConfig (ValueError naming the field if not)."""
-    need = dict(positions="rope", ffn="geglu", norm_unit_offset=True, embed_scale=True)
-    for field, value in need.items():
-        if getattr(c, field) != value:
-            raise ValueError(f"cannot export to Hugging Face Gemma: config.{field}={getattr(c, field)!r}, "
-                             f"Gemma needs {value!r}")
-    gemma2 = c.post_norms or c.window is not None or c.attn_softcap is not None or c.final_softcap is not None
-    if not gemma2 and c.scale != 1 / math.sqrt(c.head_dim):
-        raise ValueError(f"cannot export query_scale={c.query_scale} as Gemma 1 (fixed head_dim**-0.5); "
-                         "Gemma 2 configs carry query_pre_attn_scalar")
-    if gemma2 and not c.post_norms:
-        raise ValueError("cannot export a config with windows/soft-caps but post_norms=False: Gemma 2 has post-norms")
-    out = dict(
-        architectures=[SUPPORTED["gemma2" if gemma2 else "gemma"]], model_type="gemma2" if gemma2 else "gemma",
-        vocab_size=c.vocab_size, hidden_size=c.d_model, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        intermediate_size=c.d_ff, max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
-        hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh", attention_bias=False,
-        tie_word_embeddings=c.tie_embeddings, rope_theta=c.rope_base,
-        rope_parameters={"rope_theta": c.rope_base, "rope_type": "default"}, torch_dtype="float32",
-    )
-    if gemma2:
-        inv = {v: k for k, v in _LAYER_TYPE.items()}
-        window = c.window if c.window is not None else c.max_seq_len
-        scalar = c.scale ** -2
-        if abs(scalar - round(scalar)) > 1e-6 * scalar:
-            raise ValueError(f"cannot export query_scale={c.scale}: Gemma 2 stores query_pre_attn_scalar = "
-                             f"query_scale**-2 = {scalar} as an integer")
-        out.update(layer_types=[inv["local" if c.layer_window(i) else "global"] for i in range(c.n_layers)],
-                   sliding_window=window, query_pre_attn_scalar=int(round(scalar)),
-                   attn_logit_softcapping=c.attn_softcap, final_logit_softcapping=c.final_softcap)
-    return out
+    """Hugging Face config.json dict of the first architecture that fits ``c`` (ValueError with each one's reason)."""
+    return export_adapter(c).to_hf(c)
 
 
 # ----------------------------------------------------------------------------------------------- names
-def hf_names(c: TransformerConfig, gemma2: bool) -> dict[str, str]:
-    """Map our state_dict keys -> Hugging Face keys."""
-    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
-    if not c.tie_embeddings:
-        names["lm_head.weight"] = "lm_head.weight"
-    for i in range(c.n_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        for p in ("q", "k", "v", "o"):
-            names[f"{ours}attn.{p}_proj.weight"] = f"{hf}self_attn.{p}_proj.weight"
-        for p in ("gate", "up", "down"):
-            names[f"{ours}ffn.{p}_proj.weight"] = f"{hf}mlp.{p}_proj.weight"
-        names[f"{ours}attn_norm.weight"] = f"{hf}input_layernorm.weight"
-        if gemma2:
-            names[f"{ours}post_attn_norm.weight"] = f"{hf}post_attention_layernorm.weight"
-            names[f"{ours}ffn_norm.weight"] = f"{hf}pre_feedforward_layernorm.weight"
-            names[f"{ours}post_ffn_norm.weight"] = f"{hf}post_feedforward_layernorm.weight"
-        else:
-            names[f"{ours}ffn_norm.weight"] = f"{hf}post_attention_layernorm.weight"  # Gemma 1: the pre-MLP norm
-    return names
+def hf_names(c: TransformerConfig, model_type: str | None = None) -> dict[str, str]:
+    """Map our state_dict keys -> Hugging Face keys, for ``model_type`` (default: the architecture ``c`` exports as)."""
+    adapter = hf_adapter(model_type) if model_type is not None else export_adapter(c)
+    return adapter.names(c)
 
 
 def _shard_map(folder: Path) -> dict[str, Path]:
@@ -228,8 +138,6 @@ def float_dtype(dtype: torch.dtype | str, what: str = "--dtype") -> torch.dtype:
     unknown name, an integer dtype) is refused in one line naming ``what``."""
     name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else None
     found = getattr(torch, name, None) if name else None
-    from zoo.weights.hf_cli import FLOAT_DTYPES
-
     if not isinstance(found, torch.dtype) or not found.is_floating_point or name not in FLOAT_DTYPES:
         raise ValueError(f"{what} {dtype!r} is not a floating-point dtype; use one of {', '.join(FLOAT_DTYPES)}")
     return found
@@ -254,11 +162,10 @@ def from_hf(path: str | Path, dtype: torch.dtype | str = torch.float32, device: 
     config = config_from_hf(raw, str(cfg_file))
     if overrides:
         config = config.replace(**overrides)
-    gemma2 = raw["model_type"] == "gemma2"
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: v for k, v in model.state_dict().items()}
-    names = hf_names(config, gemma2)
+    names = hf_names(config, raw["model_type"])
     files = _shard_map(folder)
     missing = [hf for hf in names.values() if hf not in files]
     if missing:
@@ -298,14 +205,16 @@ def from_hf(path: str | Path, dtype: torch.dtype | str = torch.float32, device: 
 
 
 def export_hf(model: Transformer, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write a zoo Transformer as a Hugging Face Gemma / Gemma 2 folder (config.json + model.safetensors)."""
+    """Write a zoo Transformer as a Hugging Face folder (config.json + model.safetensors) of the architecture its
+    family's adapter names (Gemma, Gemma 2, Llama)."""
     from safetensors.torch import save_file
 
     folder = Path(path).expanduser()
-    hf_cfg = config_to_hf(model.config)
     if any(model.config.is_routed(i) for i in range(model.config.n_layers)):
-        raise ValueError("cannot export a routed (mixture-of-experts) model to Hugging Face Gemma")
-    names = hf_names(model.config, hf_cfg["model_type"] == "gemma2")
+        raise ValueError("cannot export a routed (mixture-of-experts) model to Hugging Face: no supported "
+                         "architecture has routed FFN layers")
+    hf_cfg = config_to_hf(model.config)
+    names = hf_names(model.config, hf_cfg["model_type"])
     sd = model.state_dict()
     tensors = {hf: sd[ours].detach().to(dtype or sd[ours].dtype).contiguous().cpu() for ours, hf in names.items()}
     if dtype is not None:
@@ -351,77 +260,3 @@ def load_hf_tokenizer(path: str | Path):
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the Hugging Face model folder")
     return load_tokenizer(folder)
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-def _load_model(spec: str, model_name: str | None, overrides: dict) -> tuple[Transformer, str | None]:
-    """The model named by ``spec`` and the tokenizer it was trained with ("byte", a file, or None if unknown)."""
-    import zoo
-
-    path = Path(spec).expanduser()
-    if not path.exists():
-        model = zoo.create(spec, **overrides)  # a registry name: random init (unknown names raise with hints)
-        return model, "byte" if model.config.vocab_size == 259 else None
-    if path.is_dir() and (path / "config.json").is_file():
-        return from_hf(path, **overrides), str(path)
-    if model_name is None and path.suffix != ".safetensors":
-        from zoo.weights.lm import read_lm_checkpoint
-
-        from zoo.weights.lm import build_from_checkpoint
-
-        # The checkpoint (or run folder) records its architecture: no --model needed.
-        ckpt = read_lm_checkpoint(path)
-        return build_from_checkpoint(ckpt, overrides), ckpt.tokenizer
-    if model_name is None:
-        raise ValueError(f"{path} is a bare safetensors file: pass --model NAME (the registry entry it was trained as)")
-    from zoo.weights.checkpoint import load_torch_file
-    from zoo.weights.safe_load import check_weights, read_safetensors
-
-    if path.suffix == ".safetensors":
-        sd, _ = read_safetensors(path)
-    else:
-        blob = load_torch_file(path)  # the one safe reader: truncated/empty/hostile files give one clear error
-        sd = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
-        if not isinstance(sd, dict):
-            raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict; is it a zoo checkpoint?")
-    # Lightning modules hold the Transformer under an attribute (e.g. "model."): strip whatever precedes our keys.
-    prefix = next((k[: -len("embed.weight")] for k in sd if k.endswith("embed.weight")), None)
-    if prefix is None:
-        raise ValueError(f"{path}: no 'embed.weight' tensor found; is this a zoo language-model checkpoint?")
-    sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    model = zoo.create(model_name, **overrides)
-    check_weights(sd, str(path), model.state_dict())
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{path} does not match model {model_name!r} with overrides {overrides}: {err}") from err
-    return model, None
-
-
-def main(argv: list[str]) -> int:
-    """``zoo export-hf``: parsed by ``zoo.weights.hf_cli.main`` (no torch for ``--help``), then ``run_export_hf``."""
-    from zoo.weights.hf_cli import main as front
-
-    return front(argv)
-
-
-def run_export_hf(args: Any, overrides: dict) -> int:
-    """Write the folder for the arguments ``zoo.weights.hf_cli`` parsed (``overrides``: the ``--set`` fields)."""
-    from zoo.models.tokenizer import load_tokenizer, save_hf_tokenizer
-
-    model, recorded = _load_model(args.source, args.model, overrides)
-    dtype = float_dtype(args.dtype) if args.dtype else None
-    out = export_hf(model, args.out, dtype=dtype)
-    print(f"wrote {out}/config.json and model.safetensors ({model.num_params():,} parameters)")
-    spec = args.tokenizer or recorded
-    if spec is None:
-        print("no tokenizer written: the source does not record one; pass --tokenizer (e.g. --tokenizer byte)")
-        return 0
-    tokenizer = load_tokenizer(spec)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"--tokenizer {spec!r} has vocab_size={tokenizer.vocab_size} but the model has "
-                         f"vocab_size={model.config.vocab_size}; pass the tokenizer the model was trained with")
-    files = save_hf_tokenizer(tokenizer, out, model_max_length=model.config.max_seq_len)
-    print(f"wrote {', '.join(f.name for f in files)} ({tokenizer!r}); load with "
-          f"transformers.AutoTokenizer.from_pretrained({str(out)!r})")
-    return 0

@@ -1,7 +1,7 @@
 """The command-line front of ``zoo export-hf``: its parser, in a module that imports no torch.
 
-``zoo export-hf --help`` and argument errors come back at once, each error as one line (``zoo.cli.errors``, as every
-tool); ``zoo.weights.hf`` (torch, the Transformer) is imported only to do the export.
+``zoo export-hf --help`` and argument errors come back at once, each error as one line (``zoo.errors``, as every
+tool); ``zoo.weights.export_hf`` (torch, the Transformer) is imported only to do the export.
 """
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ import json
 import sys
 from typing import Any
 
-from zoo.cli.errors import parse_tool_args, tool_parser, user_error_line
-
-FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")  # what --dtype accepts (weights stay floating point)
+from zoo.errors import parse_tool_args, tool_parser, user_error_line
+from zoo.weights.dtypes import FLOAT_DTYPES
 
 
 def parser() -> Any:
     """The ``zoo export-hf`` parser."""
-    ap = tool_parser("zoo export-hf", "Write a zoo language model as a Hugging Face Gemma / Gemma 2 folder (weights, "
-                     "config and tokenizer) loadable by transformers.")
+    ap = tool_parser("zoo export-hf", "Write a zoo language model as a Hugging Face Gemma / Gemma 2 / Llama folder "
+                     "(weights, config and tokenizer) loadable by transformers.")
     ap.add_argument("source", help="registry name (random init), an LM checkpoint or run folder, a .safetensors "
                     "file (with --model), or an HF folder")
     ap.add_argument("--out", required=True, help="output folder")
@@ -54,7 +53,7 @@ def main(argv: list[str]) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    from zoo.weights.hf import run_export_hf
+    from zoo.weights.export_hf import run_export_hf
 
     try:
         return run_export_hf(args, overrides)

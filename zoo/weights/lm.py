@@ -95,11 +95,11 @@ def is_checkpoint_spec(spec: str) -> bool:
 def load_lm(spec: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """A zoo Transformer in eval mode from a registry name (random init), an LM checkpoint or run folder, or a
     Hugging Face Gemma folder."""
-    import zoo
+    from zoo.models.registry import create
 
     spec = str(spec)
     if not is_checkpoint_spec(spec):
-        return zoo.create(spec)
+        return create(spec)
     if os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json")):
         from zoo.weights.hf import from_hf
 
@@ -111,11 +111,11 @@ def load_lm(spec: str | os.PathLike, map_location: str | torch.device = "cpu") -
 def build_from_checkpoint(ckpt: LMCheckpoint, overrides: dict[str, Any] | None = None) -> nn.Module:
     """The checkpoint's model (its registry name and overrides, updated by ``overrides``) with its weights; NaN/Inf
     or integer weights where the model holds floating ones are refused, naming the file and tensor."""
-    import zoo
+    from zoo.models.registry import create
     from zoo.weights.safe_load import check_weights
 
     overrides = {**ckpt.overrides, **(overrides or {})}
-    model = zoo.create(ckpt.model, **overrides)
+    model = create(ckpt.model, **overrides)
     check_weights(ckpt.state_dict, f"checkpoint {ckpt.path!r}", model.state_dict())
     try:
         model.load_state_dict(ckpt.state_dict)

@@ -3,23 +3,62 @@
 Older protocols build sets, bytes and complex numbers by calling these types. Each stand-in accepts only plain
 data, charges the copy it makes against the unpickler's budget before making it, checks dict keys / set members,
 and never calls ``str()``/``repr()`` on a container (whose repr of a shared, DAG-shaped list grows exponentially).
+
+Also the pieces the guarded unpickler (``safe_pickle.py``, which imports this module) builds on: ``Guarded`` (an
+allow-listed callable) and ``brief`` / ``one_line`` (bounded reprs of file-controlled data).
 """
 from __future__ import annotations
 
+import reprlib
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from zoo.weights.safe_load import UnsafeFileError
-from zoo.weights.safe_pickle import Guarded, brief
 
-if TYPE_CHECKING:
-    from zoo.weights.safe_pickle import GuardedUnpickler
+__all__ = ["guarded_builtins", "Guarded", "brief", "one_line", "Budget"]
 
-__all__ = ["guarded_builtins"]
+_brief = reprlib.Repr()
+_brief.maxlevel, _brief.maxtuple, _brief.maxlist, _brief.maxdict, _brief.maxstring, _brief.maxother = 3, 4, 4, 4, 60, 60
 
 
-def guarded_builtins(up: "GuardedUnpickler") -> dict[tuple[str, str], Guarded]:
+def brief(obj: Any) -> str:
+    """A short, one-line repr of file-controlled data (bounded even for huge or DAG-shaped objects)."""
+    try:
+        text = _brief.repr(obj)
+    except Exception:  # noqa: BLE001 - e.g. an int too long for str(): name the type instead
+        text = f"<{type(obj).__name__}>"
+    return one_line(text)
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """``text`` without line breaks or control characters, at most ``limit`` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Guarded:
+    """An allow-listed callable from the file: ``target`` is what the pickle named, ``fn`` the checked stand-in."""
+
+    def __init__(self, name: str, fn: Callable[..., Any], target: Any = None) -> None:
+        self.name, self.fn, self.target = name, fn, target
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+class Budget(Protocol):
+    """What the stand-ins charge: the unpickler's budgets (``zoo.weights.safe_pickle.GuardedUnpickler``)."""
+
+    def charge(self, budget: str, n: int, what: str) -> None: ...
+
+    def check_key(self, key: Any) -> None: ...
+
+
+def guarded_builtins(up: Budget) -> dict[tuple[str, str], Guarded]:
     """``(module, name) -> Guarded`` for the builtin types, charging ``up``'s budgets."""
 
     def container(t: type) -> Callable[..., Any]:

@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Any
 
-from zoo.cli.errors import parse_tool_args, tool_parser, user_error_line
+from zoo.errors import parse_tool_args, tool_parser, user_error_line
 
 ACTIONS = ("list", "download", "info")
 

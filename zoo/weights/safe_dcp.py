@@ -8,7 +8,7 @@ a shard is read: every shard named exists inside the folder and is long enough f
 memory than its bytes can hold. Every refusal is one line naming the file (and the global or item); nothing runs.
 
 Used by ``zoo consolidate`` / ``zoo.load_lm`` (``read_dcp_folder``), and by a sharded resume
-(``load_dcp_into`` from ``lm.sharding.FSDP2Strategy``).
+(``load_dcp_into`` from ``lm.parallel.sharding.FSDP2Strategy``).
 """
 from __future__ import annotations
 

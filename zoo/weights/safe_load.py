@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import torch
 
-from zoo.train.errors import UsageError
+from zoo.errors import UsageError
 
 __all__ = [
     "UnreadableFileError",

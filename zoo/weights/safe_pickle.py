@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import reprlib
 from collections import OrderedDict
 from collections.abc import Callable
 from struct import unpack
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from zoo.weights.pickle_builtins import Guarded, brief, guarded_builtins, one_line
 from zoo.weights.safe_load import UnsafeFileError
 
 __all__ = ["GuardedUnpickler", "TooLargeError", "BoundedReader", "Guarded", "NDARRAY", "brief", "one_line",
@@ -42,24 +42,6 @@ __all__ = ["GuardedUnpickler", "TooLargeError", "BoundedReader", "Guarded", "NDA
 MAX_DEPTH = 100
 _KEY_NODES = 256
 _SMALL_READ = 4096  # a read this short past the end is a truncated (or foreign) file, not a memory bomb  # a dict key / set member may be a tuple of at most this many leaves (hashing recurses)
-
-_brief = reprlib.Repr()
-_brief.maxlevel, _brief.maxtuple, _brief.maxlist, _brief.maxdict, _brief.maxstring, _brief.maxother = 3, 4, 4, 4, 60, 60
-
-
-def brief(obj: Any) -> str:
-    """A short, one-line repr of file-controlled data (bounded even for huge or DAG-shaped objects)."""
-    try:
-        text = _brief.repr(obj)
-    except Exception:  # noqa: BLE001 - e.g. an int too long for str(): name the type instead
-        text = f"<{type(obj).__name__}>"
-    return one_line(text)
-
-
-def one_line(text: str, limit: int = 400) -> str:
-    """``text`` without line breaks or control characters, at most ``limit`` characters."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class TooLargeError(UnsafeFileError):
@@ -108,19 +90,6 @@ class BoundedReader:
         line = self._f.readline(*args)
         self.pos += len(line)
         return line
-
-
-class Guarded:
-    """An allow-listed callable from the file: ``target`` is what the pickle named, ``fn`` the checked stand-in."""
-
-    def __init__(self, name: str, fn: Callable[..., Any], target: Any = None) -> None:
-        self.name, self.fn, self.target = name, fn, target
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.fn(*args, **kwargs)
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
 
 
 def _refuse_ndarray_call(*args: Any, **kwargs: Any) -> Any:
@@ -439,8 +408,6 @@ class GuardedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # pure
     # -- guarded builtins (older protocols name them as globals) -----------------------------------------------------
     def builtin_constructors(self) -> dict[tuple[str, str], Guarded]:
         """``builtins.<type>`` and ``collections.OrderedDict`` as checked constructors (``pickle_builtins``)."""
-        from zoo.weights.pickle_builtins import guarded_builtins
-
         return guarded_builtins(self)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lm.evals.report import write_grid_report
 from zoo.data.interleaved import IMAGE_MARKER, encode_interleaved, fit_image
 from zoo.train.progress import track
 
@@ -88,8 +89,6 @@ def image_needle_for_model(model: Any, dm: Any, counts: Sequence[int], depths: S
 def write_image_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path,
                               title: str = "multimodal needle") -> dict[str, Path]:
     """Write needle_image.csv (every cell), needle_image.md (accuracy grid, depth x K) and needle_image.png."""
-    from lm.evals import write_grid_report
-
     if not rows:
         raise ValueError("no needle results to report (an empty image-count or depth grid)")
     counts, depths = sorted({r["images"] for r in rows}), sorted({r["depth"] for r in rows})

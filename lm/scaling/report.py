@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from lm import scaling as S
-from lm.sweep import load_runs_csv
+import lm.scaling.laws as S
+from lm.scaling.runs import load_runs_csv
 
 
 def _fmt(x: float) -> str:
@@ -144,7 +144,7 @@ def fit_and_report(csv_path: str, approach: int, out: str | None = None, n_boots
                 echo(f"note (IsoFLOP plot): {exc}")
         for w in notes:
             echo(f"note (IsoFLOP plot): {w.message}")
-    from lm.scaling_plots import plot_envelope, plot_isoflop, plot_optimal, plot_routed
+    from lm.scaling.plots import plot_envelope, plot_isoflop, plot_optimal, plot_routed
 
     try:
         paths = [plot_isoflop(N, L, C, iso, fit if approach == 3 else None, out_dir / "isoflop.png"),

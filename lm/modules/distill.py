@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import zoo
-from lm.base import LMModule, check_data_fits, split_batch
+from lm.modules.base import LMModule, check_data_fits, split_batch
 from zoo.weights.lm import read_lm_checkpoint, resolve_checkpoint
 
 SUBSETS = ("topk", "sample")

@@ -1,6 +1,6 @@
 """The multimodal demo: does a BYOL-pretrained encoder help a small decoder see? Up to three rows, one table.
 
-    python -m lm.multimodal_demo --config configs/multimodal/digits_vlm.yaml
+    python -m lm.evals.multimodal_demo --config configs/multimodal/digits_vlm.yaml
 
 1. A short BYOL pretraining on the digits (configs/byol/digits.yaml's model and views, ``--byol-epochs`` epochs),
    run through the ``zoo fit`` command (lm does not import byol), unless its checkpoint exists already.
@@ -21,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import yaml
 
-from lm.multimodal import MultimodalLM
+from lm.modules.multimodal import MultimodalLM
 from zoo.data.interleaved import TASKS, InterleavedDataModule
 from zoo.train.trainer import build_trainer
 
@@ -35,10 +35,12 @@ def pretrain_byol(config: str, epochs: int, root: str) -> str:
     if os.path.isfile(ckpt):
         print(f"BYOL encoder: reusing {ckpt}")
         return ckpt
-    cmd = [sys.executable, "-m", "zoo.cli", "fit", "--config", config, f"--trainer.max_epochs={epochs}",
+    # the `zoo` console script of this environment (a child process; this library module does not import the front)
+    zoo = os.path.join(os.path.dirname(sys.executable), "zoo")
+    cmd = [zoo if os.path.isfile(zoo) else "zoo", "fit", "--config", config, f"--trainer.max_epochs={epochs}",
            f"--trainer.default_root_dir={root}", f"--trainer.check_val_every_n_epoch={epochs}",
            "--trainer.enable_progress_bar=false"]
-    print("BYOL pretraining:", " ".join(cmd[1:]), flush=True)
+    print("BYOL pretraining: zoo", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     if not os.path.isfile(ckpt):
         raise FileNotFoundError(f"the BYOL run wrote no {ckpt}; see its output above")
@@ -75,14 +77,14 @@ def format_table(rows: list[tuple[str, dict[str, dict[str, float]], float]]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: pretrain BYOL, train the chosen rows, print the table."""
-    ap = argparse.ArgumentParser(prog="python -m lm.multimodal_demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m lm.evals.multimodal_demo", description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/multimodal/digits_vlm.yaml")
     ap.add_argument("--byol-config", default="configs/byol/digits.yaml")
     ap.add_argument("--byol-epochs", type=int, default=15)
     ap.add_argument("--steps", type=int, default=None, help="multimodal training steps per row (default: config)")
     ap.add_argument("--rows", default="0,1", help="which rows to run (0 BYOL, 1 random frozen, 2 end to end: adds ~2 min)")
     args = ap.parse_args(argv)
-    from zoo.cli import quiet_lightning
+    from zoo.train.quiet import quiet_lightning
 
     quiet_lightning()  # the rows train in this process: no Lightning tips or availability lines, as under `zoo`
     cfg = yaml.safe_load(Path(args.config).read_text())

@@ -32,11 +32,11 @@ import torch
 from torch import nn
 
 import zoo
-from lm.flops import mfu_flops_per_token, matmul_params
-from lm.metrics import PEAK_BF16_FLOPS
+from lm.parallel.flops import mfu_flops_per_token, matmul_params
+from lm.parallel.hardware import PEAK_BF16_FLOPS
 from zoo.models import attention as A
 
-# Chip -> (key into lm.metrics.PEAK_BF16_FLOPS, the one table of dense bf16 datasheet peaks; memory in GiB from
+# Chip -> (key into lm.parallel.hardware.PEAK_BF16_FLOPS, the one table of dense bf16 datasheet peaks; memory in GiB from
 # the vendors' datasheets: H100 SXM 80 GB, H200 141 GB, A100 80 GB variant, L40S 48 GB, ...).
 CHIPS: dict[str, tuple[str, float]] = {
     "h100": ("H100", 80.0), "h100-pcie": ("H100 PCIe", 80.0), "h200": ("H200", 141.0), "a100": ("A100", 80.0),
@@ -116,9 +116,10 @@ class ActivationBytes:
     with_checkpointing: int
 
 
-def _norm_bytes(n: int, d: int) -> int:
-    # RMSNorm works in float32 whatever the activation dtype: input (or its fp32 copy), normalised h, rsqrt, (1 + w).
-    return 4 * (2 * n * d + n + d)
+def _norm_bytes(n: int, d: int, unit_offset: bool) -> int:
+    # RMSNorm works in float32 whatever the activation dtype: input (or its fp32 copy), normalised h, rsqrt, and the
+    # (1 + w) scale of a unit-offset norm (Gemma); a plain w scale (Llama, Gopher) is the parameter itself, no copy.
+    return 4 * (2 * n * d + n + (d if unit_offset else 0))
 
 
 def block_activation_bytes(config: Any, batch: int, seq_len: int, precision: str, backend: str) -> int:
@@ -127,12 +128,11 @@ def block_activation_bytes(config: Any, batch: int, seq_len: int, precision: str
     n, d, f, H, K, hd = b * t, c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim
     a = 2 if precision == "bf16-mixed" else 4  # bytes of a matmul input under autocast
     norms = 2 + (2 if c.post_norms else 0)
-    total = norms * _norm_bytes(n, d)
+    total = norms * _norm_bytes(n, d, c.norm_unit_offset)
     total += 2 * a * n * d  # the pre-norm outputs, saved as the q/k/v and FFN matmul inputs
     if a != 4:
         total += 4 * a * t * hd  # RoPE cos/sin cast to bf16 for q and for k, per layer
-    ffn_kind = c.expert_ffn if c.ffn == "routed" else c.ffn
-    total += (4 if ffn_kind == "geglu" else 2) * a * n * f  # GeGLU: gate, gelu(gate), up, product; MLP: up, gelu
+    total += c.dense_ffn().saved_activations * a * n * f  # gated: gate, act(gate), up, product; MLP: up, act(up)
     window = c.window if "local" in c.layer_pattern else None
     keys = min(t, window) if backend != "eager" and window else t
     if backend == "eager":
@@ -158,7 +158,8 @@ def activation_bytes(config: Any, batch: int, seq_len: int, precision: str, back
     a = 2 if precision == "bf16-mixed" else 4
     per_block = block_activation_bytes(c, batch, seq_len, precision, backend)
     # Input ids and targets (int64), final norm, its output as the head's input, soft-capped logits, log-softmax.
-    outside = 16 * n + _norm_bytes(n, d) + a * n * d + (a * n * V if c.final_softcap is not None else 0) + 4 * n * V
+    outside = (16 * n + _norm_bytes(n, d, c.norm_unit_offset) + a * n * d
+               + (a * n * V if c.final_softcap is not None else 0) + 4 * n * V)
     if a == 4:
         outside += 2 * 4 * seq_len * c.head_dim if c.positions == "rope" else 0  # one cos/sin pair for all layers
     # Checkpointing keeps each block's input (float32: the residual stream is not autocast); the block being
@@ -303,16 +304,9 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Plan a sharded LM run (``zoo plan``): parsed by ``lm.cli.plan_main`` (no torch for --help), then ``run_plan``."""
-    from lm.cli import plan_main
-
-    return plan_main(argv)
-
-
 def run_plan(args: Any) -> int:
-    """Print the plan for the arguments ``lm.cli.plan_parser`` parsed (a user's mistake: one line, exit 2)."""
-    from zoo.cli.errors import user_error_line
+    """Print the plan for the arguments ``lm.cli.plan`` parsed (a user's mistake: one line, exit 2)."""
+    from zoo.errors import user_error_line
 
     try:
         result = plan(**{k: v for k, v in vars(args).items() if k not in ("json", "__path__")})
@@ -324,7 +318,3 @@ def run_plan(args: Any) -> int:
         return 2
     print(json.dumps(result.to_dict()) if args.json else format_plan(result))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

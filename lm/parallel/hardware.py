@@ -1,7 +1,5 @@
-"""Pure metrics for language-model training: bits per byte, device peak FLOP/s, MFU (FLOP counts: lm/flops.py)."""
+"""Device throughput: the datasheet peak FLOP/s of accelerators and model FLOPs utilisation (MFU)."""
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -19,13 +17,6 @@ PEAK_BF16_FLOPS = (
     ("V100", 125e12),
     ("T4", 65e12),
 )
-
-
-def bits_per_byte(nats_per_token: float | torch.Tensor, bytes_per_token: float) -> float | torch.Tensor:
-    """Convert a mean next-token loss in nats into bits per UTF-8 byte of text."""
-    if bytes_per_token <= 0:
-        raise ValueError(f"bytes_per_token must be positive, got {bytes_per_token}")
-    return nats_per_token / (math.log(2) * bytes_per_token)
 
 
 def peak_flops(device: torch.device | str) -> float | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lm.base import LMModule, check_data_fits, split_batch, token_nll
+from lm.modules.base import LMModule, check_data_fits, split_batch, token_nll
 from zoo.weights.lm import load_lm, resolve_checkpoint
 
 __all__ = ["CausalLM", "check_data_fits", "load_lm", "resolve_checkpoint", "split_batch", "token_nll"]

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from lm import scaling as S
+import lm.scaling.laws as S
 
 
 def _plt() -> Any:

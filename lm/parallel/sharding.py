@@ -309,11 +309,3 @@ def consolidate(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     with atomic_path(out) as tmp_out, open(tmp_out, "wb") as f:
         torch.save(checkpoint, f)
     return out
-
-
-def consolidate_main(argv: list[str] | None = None) -> int:
-    """``zoo consolidate <folder> --out <file.ckpt>``: parsed by ``lm.cli.consolidate_main``, then ``consolidate``."""
-    from lm.cli import consolidate_main as front
-
-    return front(argv)
-

@@ -24,11 +24,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 import zoo
-from lm.flops import mfu_flops_per_token
-from lm.metrics import bits_per_byte, mfu, peak_flops
-from lm.optim import check_optim_args, lr_at, make_adamw, param_groups
-from lm.routing import reinforce_loss
-from lm.sharding import STRATEGY_NAME, apply_activation_checkpointing, build_sharded  # registers fsdp2
+from lm.modules.metrics import bits_per_byte
+from lm.modules.optim import check_optim_args, lr_at, make_adamw, param_groups
+from lm.modules.routing import reinforce_loss
+from lm.parallel.flops import mfu_flops_per_token
+from lm.parallel.hardware import mfu, peak_flops
+from lm.parallel.sharding import STRATEGY_NAME, apply_activation_checkpointing, build_sharded  # registers fsdp2
+from zoo.models.lm_blocks import ROUTED
 from zoo.models.transformer import TransformerOutput
 from zoo.weights.checkpoint import CONTRACT_KEY, CONTRACT_VERSION
 from zoo.weights.lm import CHECKPOINT_KIND
@@ -169,7 +171,7 @@ class LMModule(L.LightningModule):
     def _check_routing_knobs(self) -> None:
         # A knob that does nothing for this model is an error, so a config never claims a setting it does not use.
         c, hp = self._config, self.hparams
-        if c.ffn == "routed" and c.router == "rlr":
+        if c.ffn == ROUTED and c.router == "rlr":
             return
         for key, unused in (("reinforce_weight", hp.reinforce_weight is not None),
                             ("baseline_momentum", hp.baseline_momentum is not None),
@@ -177,7 +179,7 @@ class LMModule(L.LightningModule):
             if unused:
                 raise ValueError(f"model.{key}={hp[key]!r} has no effect: only the RL-R router (model_overrides: "
                                  f"{{ffn: routed, router: rlr}}) uses it, and {self.model_name!r} has "
-                                 f"ffn={c.ffn!r}" + (f", router={c.router!r}" if c.ffn == "routed" else "")
+                                 f"ffn={c.ffn!r}" + (f", router={c.router!r}" if c.ffn == ROUTED else "")
                                  + "; remove the key")
 
     @property
@@ -189,7 +191,7 @@ class LMModule(L.LightningModule):
         """Build the trained model (a no-op when it exists); Lightning calls this in the strategy's init context.
 
         Under ``FSDP2Strategy`` (a device mesh is set) it is built on meta, sharded per block and materialised
-        sharded (lm.sharding); otherwise built whole.
+        sharded (lm.parallel.sharding); otherwise built whole.
         """
         if self.model is not None:
             return

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zoo.models.lm_blocks import ROUTED, layer_ffn_kind
+
 __all__ = ["FlopBreakdown", "flops_6nd", "forward_flops", "training_flops", "param_count", "tokens_for_budget",
            "matmul_params", "attention_flops_per_token", "mfu_flops_per_token"]
 
@@ -74,8 +76,8 @@ def forward_flops(config: Any, seq_len: int) -> FlopBreakdown:
     d, V, n_layers = _field(config, "d_model"), _field(config, "vocab_size"), _field(config, "n_layers")
     H, K, hd, f = (_field(config, k) for k in ("n_heads", "n_kv_heads", "head_dim", "d_ff"))
     ffn = _field(config, "ffn")
-    mats = 3 if ffn == "geglu" or (ffn == "routed" and config.expert_ffn == "geglu") else 2
-    n_routed = sum(1 for i in range(n_layers) if config.is_routed(i)) if ffn == "routed" else 0
+    mats = layer_ffn_kind(config, ffn == ROUTED).matmuls  # the FFN table: gated kinds have a third matrix
+    n_routed = sum(1 for i in range(n_layers) if config.is_routed(i)) if ffn == ROUTED else 0
     # Hash routing is a table lookup: no router matmul.
     E = 0 if getattr(config, "router", "") == "hash" else int(getattr(config, "n_experts", 1))
     return FlopBreakdown(

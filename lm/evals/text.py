@@ -10,22 +10,20 @@ Command line (wired as ``zoo eval ...``)::
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import pickle
 import random
-import re
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from lm.evals.report import write_grid_report
 from zoo.files import check_folder_path, display_path
 from zoo.train.progress import track
 
@@ -112,7 +110,7 @@ def check_needle_grid(lengths: Sequence[int], depths: Sequence[float]) -> tuple[
 
 def check_tokenizer_fits(model: nn.Module, tokenizer: Any, spec: str | None = None) -> None:
     """Refuse a tokenizer whose ids do not fit the model's embedding (the check ``zoo eval ppl`` makes)."""
-    from lm.causal_lm import check_data_fits
+    from lm.modules.causal_lm import check_data_fits
 
     config = getattr(model, "config", None)
     if config is not None:
@@ -151,64 +149,6 @@ def needle_in_haystack(model: nn.Module, tokenizer: Any, lengths: Sequence[int],
     return rows
 
 
-def wrap_title(title: str, width: int) -> str:
-    """``title`` in lines of at most ``width`` characters, broken after a space or a ``/`` (a path splits between
-    its folders, never inside a name); a single piece longer than ``width`` keeps its own line whole."""
-    lines, line = [], ""
-    for piece in re.split(r"(?<=[ /])", title):
-        if line and len(line) + len(piece.rstrip()) > width:
-            lines.append(line.rstrip())
-            line = ""
-        line += piece
-    return "\n".join([*lines, line.rstrip()])
-
-
-def write_grid_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, stem: str, md_lines: list[str],
-                      grid: np.ndarray, cell_text: Callable[[float], str], xticklabels: list[str],
-                      yticklabels: list[str], xlabel: str, ylabel: str, title: str, base_width: float = 1.2
-                      ) -> dict[str, Path]:
-    """Write ``<stem>.csv`` (every row), ``<stem>.md`` (``md_lines``) and ``<stem>.png`` (``grid`` as a heatmap,
-    depth x context, values in [0, 1]) into ``out_dir``, each atomically; the paths by kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a display
-    import matplotlib.pyplot as plt
-
-    from zoo.files import atomic_path, atomic_write_text
-
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; the needle report needs a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-    fig, ax = plt.subplots(figsize=(base_width + 0.9 * grid.shape[1], 1.0 + 0.5 * grid.shape[0]))
-    ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, cell_text(grid[i, j]), ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(grid.shape[1]), xticklabels)
-    ax.set_yticks(range(grid.shape[0]), yticklabels)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    # wrapped to the figure's width (a narrow grid cut a long model path off); ~12 characters an inch at size 9
-    ax.set_title(wrap_title(title, max(16, int(fig.get_figwidth() * 12))), fontsize=9)
-    fig.tight_layout()
-    try:  # the figure is drawn before any file is replaced, so a plotting error leaves the old report whole
-        with atomic_path(paths["png"]) as tmp:
-            fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    with atomic_path(paths["csv"]) as tmp:
-        tmp.write_text(buf.getvalue(), encoding="utf-8", newline="")
-    atomic_write_text(paths["md"], "\n".join(md_lines) + "\n")
-    return paths
-
-
 def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, title: str = "needle in a haystack"
                         ) -> dict[str, Path]:
     """Write needle.csv (every cell), needle.md (depth x length grid + recall) and needle.png (heatmap)."""
@@ -238,8 +178,8 @@ def write_needle_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, tit
 def evaluate_perplexity(model: nn.Module, datamodule: Any, max_batches: int | None = None,
                         device: str | torch.device = "cpu") -> dict[str, float]:
     """Token-weighted loss, perplexity and bits per byte of ``model`` on the data module's held-out split."""
-    from lm.causal_lm import check_data_fits, split_batch, token_nll
-    from lm.metrics import bits_per_byte
+    from lm.modules.causal_lm import check_data_fits, split_batch, token_nll
+    from lm.modules.metrics import bits_per_byte
 
     datamodule.setup("validate")
     check_data_fits(type(model).__name__, model.config, datamodule.vocab_size, datamodule.seq_len,
@@ -381,7 +321,7 @@ def _written(paths: dict[str, Path]) -> str:
 
 def _image_needle(model: torch.nn.Module, args: Any, depths: list[float]) -> int:
     """``zoo eval needle --modality image``: the multimodal needle grid over image counts and depths."""
-    from lm.needle_image import image_needle_for_model, write_image_needle_report
+    from lm.evals.needle_image import image_needle_for_model, write_image_needle_report
     from zoo.data.interleaved import InterleavedDataModule
 
     if not hasattr(model, "tokens_per_image"):
@@ -402,19 +342,9 @@ def _image_needle(model: torch.nn.Module, args: Any, depths: list[float]) -> int
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Language-model evaluations: needle in a haystack, perplexity and bits per byte (``zoo eval``).
-
-    ``zoo eval needle|ppl ...``: parsed by ``lm.cli.eval_main`` (no torch needed for ``--help``), then ``run_eval``.
-    """
-    from lm.cli import eval_main
-
-    return eval_main(argv)
-
-
 def run_eval(args: Any) -> int:
-    """Run the evaluation that ``lm.cli.eval_parser`` parsed into ``args``; print a table and a JSON line."""
-    from lm.causal_lm import load_lm
+    """Run the evaluation that ``lm.cli.evals`` parsed into ``args``; print a table and a JSON line."""
+    from lm.modules.causal_lm import load_lm
 
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

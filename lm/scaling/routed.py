@@ -1,7 +1,8 @@
 """The routed-language-model scaling law of Clark et al. 2022 ("Unified Scaling Laws for Routed Language Models").
 
 log10 L = a log10 N + b log10 Ê + c log10 N log10 Ê + d, with N the dense base size and Ê a saturating transform
-of the expert count E; the published S-BASE, RL-R and Hash coefficient sets ship as data. Re-exported by lm.scaling.
+of the expert count E; the published S-BASE, RL-R and Hash coefficient sets ship as data (re-exported by
+lm.scaling.laws).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 
 import numpy as np
 from scipy import optimize
+
+from lm.scaling.checks import ScalingFitWarning, check_runs
 
 __all__ = ["RoutedCoefficients", "RoutedFit", "ROUTED_COEFFICIENTS", "expert_transform", "routed_loss",
            "effective_params", "routing_cutoff", "fit_routed"]
@@ -86,8 +89,6 @@ def fit_routed(N: Any, E: Any, L: Any, name: str = "fit") -> RoutedFit:
     For fixed (E_start, E_max) the law is linear in (a, b, c, d), so those are solved exactly and only the
     two saturation parameters are searched (from a small grid, then Nelder-Mead in log space).
     """
-    from lm.scaling import ScalingFitWarning, check_runs  # lm.scaling imports this module at its end
-
     cols = check_runs(N=N, E=E, L=L)
     n = cols["N"].size
     if n < 7:

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 import zoo
-from lm.base import LMModule, token_nll
-from lm.flops import mfu_flops_per_token
-from lm.metrics import mfu, peak_flops
+from lm.modules.base import LMModule, token_nll
+from lm.parallel.flops import mfu_flops_per_token
+from lm.parallel.hardware import mfu, peak_flops
 from zoo.data.interleaved import TASKS, answer_accuracy, answer_budget
 from zoo.models.multimodal import MultimodalDecoder
 from zoo.train.trainer import NAN_POLICIES, UsageError, check_finite_loss
@@ -239,7 +239,8 @@ class MultimodalLM(LMModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The LM contract plus the vision tower's image-encoder contract (read by zoo.load_backbone)."""
         super().on_save_checkpoint(checkpoint)
+        method = f"{type(self).__module__.split('.')[0]}.{type(self).__name__}"  # "lm.MultimodalLM", as ssl.py names it
         checkpoint[CONTRACT_KEY]["image_encoder"] = {
-            "format": CONTRACT_VERSION, "kind": "image-encoder", "method": "lm.MultimodalLM",
+            "format": CONTRACT_VERSION, "kind": "image-encoder", "method": method,
             "arch": self.layout["encoder"], "overrides": dict(self.layout["encoder_overrides"]),
             "encoders": {"online": "model.encoder."}, "classifier": None}

@@ -14,6 +14,13 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from scipy import optimize
 
+from lm.scaling.checks import ScalingFitWarning, check_runs
+# The routed-LM law lives in lm.scaling.routed; re-exported so this module is the one entry point to the fits.
+from lm.scaling.routed import (
+    ROUTED_COEFFICIENTS, RoutedCoefficients, RoutedFit, effective_params, expert_transform, fit_routed,
+    routed_loss, routing_cutoff,
+)
+
 __all__ = [
     "ScalingFitWarning", "ParametricFit", "PowerLawFit", "IsoFlopProfile", "IsoFlopFit", "TrainingCurve",
     "EnvelopeFit", "RoutedCoefficients", "RoutedFit", "ROUTED_COEFFICIENTS", "CHINCHILLA_PUBLISHED",
@@ -29,39 +36,6 @@ _GRAD_TOL = 1e-8
 _ALPHA_GRID = np.arange(0.0, 2.0 + 1e-9, 0.5)
 _E_GRID = np.arange(-1.0, 1.0 + 1e-9, 0.5)
 _AB_GRID = np.arange(0.0, 25.0 + 1e-9, 5.0)
-
-
-class ScalingFitWarning(UserWarning):
-    """A fit finished but its result should not be trusted (did not converge, or is degenerate)."""
-
-
-# --------------------------------------------------------------------------------------------- validation
-def check_runs(**columns: Any) -> dict[str, np.ndarray]:
-    """Validate equal-length columns of finite positive numbers; errors name the column and the row."""
-    out: dict[str, np.ndarray] = {}
-    length = None
-    for name, values in columns.items():
-        try:
-            arr = np.asarray(values, dtype=float).reshape(-1)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"column {name!r} must hold numbers: {exc}") from None
-        if length is None:
-            length = arr.size
-        elif arr.size != length:
-            raise ValueError(f"column {name!r} has {arr.size} values but the others have {length}; "
-                             "every run needs one value per column")
-        bad_nan = np.flatnonzero(~np.isfinite(arr))
-        if bad_nan.size:
-            i = int(bad_nan[0])
-            raise ValueError(f"row {i} has a non-finite {name} ({float(arr[i])!r}); remove or fix that run "
-                             f"({bad_nan.size} such row(s) in all)")
-        bad = np.flatnonzero(arr <= 0)
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"row {i}: {name} = {float(arr[i])!r} is not positive; every {name} must be > 0 "
-                             f"({bad.size} such row(s) in all)")
-        out[name] = arr
-    return out
 
 
 def check_allocation(approach: str, a: float, b: float, extra: Mapping[str, float] | None = None) -> bool:
@@ -533,10 +507,3 @@ def compute_optimal(C: Any, fit: ParametricFit | PowerLawFit | IsoFlopFit | Enve
         return fit.predict(C)
     raise TypeError(f"compute_optimal takes a ParametricFit, PowerLawFit, IsoFlopFit or EnvelopeFit, not "
                     f"{type(fit).__name__}")
-
-
-# The routed-LM law lives in lm.scaling_routed; re-exported so `lm.scaling` is the one entry point.
-from lm.scaling_routed import (  # noqa: E402
-    ROUTED_COEFFICIENTS, RoutedCoefficients, RoutedFit, effective_params, expert_transform, fit_routed,
-    routed_loss, routing_cutoff,
-)
