@@ -97,8 +97,7 @@ class KNNProbeCallback(pl.Callback):
         k: neighbours; the first is logged as ``knn/top1``/``knn/top5``, others as ``knn/top1_k<k>``.
         data: dataset spec for ``zoo.data.build_dataset`` ("digits", "imagefolder:/root", ...); its ``train`` split is
             the memory bank and ``val`` the queries. Or pass ``train_dataset``/``val_dataset`` objects.
-        encoder_attr: attribute of the LightningModule holding the encoder; None: the module's ``backbone()`` (the
-            encoder an image-pretraining method trains).
+        encoder_attr: attribute of the LightningModule holding the encoder (``online_encoder`` for ``byol.BYOL``).
         size, resize: the linear-eval test view applied to every image.
         eval_crop, resize_kernel: that view's order and resampling (``zoo.eval.features.ImagePrepare``; defaults:
             the BYOL authors' central square and TF2 bicubic).
@@ -110,7 +109,7 @@ class KNNProbeCallback(pl.Callback):
 
     def __init__(self, every_n_epochs: int = 1, k: int | Sequence[int] = 20, temperature: float = 0.07,
                  data: str | None = None, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
-                 encoder_attr: str | None = None, size: int = 224, resize: int | None = 256,
+                 encoder_attr: str = "online_encoder", size: int = 224, resize: int | None = 256,
                  batch_size: int = 256, num_workers: int | None = None, max_train: int | None = 20_000,
                  max_val: int | None = 10_000, image_size: int = 32, eval_crop: str = "official",
                  resize_kernel: str = "tf_bicubic") -> None:
@@ -143,9 +142,7 @@ class KNNProbeCallback(pl.Callback):
         return cap(self._train, self.max_train), cap(self._val, self.max_val)
 
     def _encoder(self, pl_module: pl.LightningModule) -> nn.Module:
-        if self.encoder_attr is None and callable(getattr(pl_module, "backbone", None)):
-            return pl_module.backbone()
-        enc = getattr(pl_module, self.encoder_attr or "", None)
+        enc = getattr(pl_module, self.encoder_attr, None)
         if not isinstance(enc, nn.Module):
             raise AttributeError(f"KNNProbeCallback: {type(pl_module).__name__} has no module attribute "
                                  f"{self.encoder_attr!r}; set encoder_attr to the encoder's name.")
