@@ -1,4 +1,4 @@
-"""Augmentation presets as data: BYOL's two views and the linear-evaluation train/test pipelines.
+"""Augmentation presets as data: the two training views (BYOL's numbers by default) and the linear-evaluation train/test pipelines.
 
 Numbers: BYOL paper (Grill et al. 2020), Appendix B Table 6 ("Augmentations") and the appendix "Linear evaluation
 protocol"; the authors' code: google-deepmind/deepmind-research, byol/utils/.
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 from augment.ops import CROP_SAMPLERS, IMAGENET_MEAN, IMAGENET_STD, RESIZE_KERNELS, blur_kernel_size
 
-__all__ = ["ViewPreset", "EvalPreset", "byol_presets", "linear_eval_train_preset", "linear_eval_test_preset"]
+__all__ = ["ViewPreset", "EvalPreset", "train_view_presets", "byol_presets", "linear_eval_train_preset",
+           "linear_eval_test_preset"]
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,9 @@ _VIEW1 = dict(blur_p=1.0, solarize_p=0.0)
 _VIEW2 = dict(blur_p=0.1, solarize_p=0.2)
 
 
-def byol_presets(size: int = 224, **overrides) -> tuple[ViewPreset, ViewPreset]:
-    """The paper's two view presets at ``size``; ``key=v`` overrides both views, ``view1_key=v``/``view2_key=v`` one."""
+def train_view_presets(size: int = 224, **overrides) -> tuple[ViewPreset, ViewPreset]:
+    """Two training view presets at ``size``, BYOL's paper numbers by default (a method's ``default_view_overrides``
+    change them); ``key=v`` overrides both views, ``view1_key=v``/``view2_key=v`` one."""
     names = {f.name for f in dataclasses.fields(ViewPreset)} - {"size"}
     per_view: list[dict] = [dict(_VIEW1), dict(_VIEW2)]
     for key, value in overrides.items():
@@ -135,6 +137,9 @@ def byol_presets(size: int = 224, **overrides) -> tuple[ViewPreset, ViewPreset]:
         for i in target:
             per_view[i][name] = tuple(value) if isinstance(value, list) else value
     return ViewPreset(size=size, **per_view[0]), ViewPreset(size=size, **per_view[1])
+
+
+byol_presets = train_view_presets  # the name of the time when BYOL was the only method; kept for code that uses it
 
 
 def linear_eval_train_preset(size: int = 224, **overrides) -> EvalPreset:

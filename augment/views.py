@@ -1,4 +1,5 @@
-"""Augmentation modules: BYOL's two views and the linear-evaluation transforms, on whatever device the batch is on.
+"""Augmentation modules: the two training views (BYOL's presets by default) and the linear-evaluation transforms,
+on whatever device the batch is on.
 
 Call signature of every module: ``module(images, generator=None) -> float32 [B, 3, size, size]`` (normalised), where
 ``images`` is a uint8 or float ``[B, C, H, W]`` batch (C = 1 is expanded to RGB; float must be in [0, 1]) or a list of
@@ -13,10 +14,10 @@ from torch import nn
 
 from augment import fused
 from augment.params import ViewParams, sample_view_params
-from augment.presets import EvalPreset, ViewPreset, byol_presets, linear_eval_test_preset, \
+from augment.presets import EvalPreset, ViewPreset, train_view_presets, linear_eval_test_preset, \
     linear_eval_train_preset
 
-__all__ = ["ByolView", "LinearEvalTrain", "LinearEvalTest", "byol_views", "image_sizes"]
+__all__ = ["TrainView", "LinearEvalTrain", "LinearEvalTest", "train_views", "image_sizes", "ByolView", "byol_views"]
 
 Images = torch.Tensor | Sequence[torch.Tensor]
 
@@ -50,8 +51,8 @@ def _check_dtype(t: torch.Tensor) -> None:
         raise ValueError(f"images must be uint8 (0-255) or float (0-1); got dtype {t.dtype}")
 
 
-class ByolView(nn.Module):
-    """One BYOL view: per-sample crop/flip/colour/grayscale/blur/solarize drawn from ``generator``, then normalise.
+class TrainView(nn.Module):
+    """One training view (a ``ViewPreset``): per-sample crop/flip/colour/grayscale/blur/solarize drawn from ``generator``, then normalise.
 
     ``per_sample``: schedule of the fused path (see ``augment.fused.apply_view``); None picks by device and size.
     ``dtype``: dtype of the resampling/blur matmuls (``torch.bfloat16`` for tensor cores); the output is float32.
@@ -94,11 +95,17 @@ class ByolView(nn.Module):
         return repr(self.preset)
 
 
-def byol_views(size: int = 224, per_sample: bool | None = None, dtype: torch.dtype = torch.float32,
-               compile: bool = False, **preset_overrides) -> tuple[ByolView, ByolView]:
-    """BYOL's two view modules at ``size`` (paper presets; overrides as in ``augment.presets.byol_presets``)."""
-    p1, p2 = byol_presets(size, **preset_overrides)
-    return ByolView(p1, per_sample, dtype, compile), ByolView(p2, per_sample, dtype, compile)
+def train_views(size: int = 224, per_sample: bool | None = None, dtype: torch.dtype = torch.float32,
+               compile: bool = False, **preset_overrides) -> tuple[TrainView, TrainView]:
+    """The two training view modules at ``size`` (presets and overrides as in
+    ``augment.presets.train_view_presets``; the defaults are BYOL's paper numbers)."""
+    p1, p2 = train_view_presets(size, **preset_overrides)
+    return TrainView(p1, per_sample, dtype, compile), TrainView(p2, per_sample, dtype, compile)
+
+
+# The names of the time when BYOL was the only method; kept for code that uses them.
+ByolView = TrainView
+byol_views = train_views
 
 
 class LinearEvalTrain(nn.Module):

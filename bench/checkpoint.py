@@ -20,7 +20,7 @@ import torch
 def build_checkpoint() -> dict:
     """A checkpoint shaped like a real ``zoo fit`` one for the ImageNet ResNet-50 config (heads 4096 -> 256)."""
     from byol import BYOL
-    from byol.lars import LARS, lars_param_groups
+    from zoo.train.optim import LARS, lars_param_groups
 
     model = BYOL(encoder="resnet50", image_size=224, projector_hidden=4096, projection_dim=256, num_classes=1000)
     model.configure_model() if hasattr(model, "configure_model") else None

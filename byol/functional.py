@@ -1,10 +1,12 @@
-"""BYOL's pure pieces: the regression loss, the learning-rate schedule and scaling rule (no state)."""
+"""BYOL's pure pieces: the regression loss and the learning-rate schedule (no state; the scaling rule is the kit's
+``zoo.train.optim.scaled_lr``)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from zoo.train.momentum import tau_schedule  # re-exported: the target decay lives with the EMA mixin
+from zoo.train.optim import scaled_lr  # re-exported: the rule every method shares
 from zoo.train.schedules import warmup_cosine
 
 __all__ = ["byol_loss", "lr_schedule", "regression_loss", "scaled_lr", "tau_schedule"]
@@ -28,8 +30,3 @@ def byol_loss(q1: torch.Tensor, q2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
 def lr_schedule(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
     """Linear warmup from 0 over ``warmup_steps``, then cosine decay to 0 at ``total_steps`` (BYOL, per step)."""
     return warmup_cosine(step, total_steps, warmup_steps, peak_lr, final=0.0, warmup_start="zero")
-
-
-def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """BYOL's linear scaling rule: ``base_lr * global_batch / 256``."""
-    return base_lr * global_batch / 256.0

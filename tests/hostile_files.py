@@ -358,7 +358,7 @@ def _rss_mb() -> float:
 def _entry(loader: str, work: Path):
     """A function path -> outcome ('refused' raises; 'skipped' / 'loaded' returned) for one loader entry point."""
     if loader == "official":
-        from zoo.weights.byol_official import read_official_pickle
+        from byol.official import read_official_pickle
         return lambda p: (read_official_pickle(p), "loaded")[1]
     if loader == "load_backbone":
         import zoo

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 # Lightning's log handlers bind the stderr of the moment they are made: made here, not inside a test's capture (a
 # later test would then log into a closed stream)
@@ -28,7 +29,8 @@ CASES = [
     # zoo export
     (["export", "{missing}", "--out", "{tmp}/x.safetensors"], "{missing}"),
     (["export", "{dir}", "--out", "{tmp}/x.safetensors"], "{dir}"),
-    (["export", "{ckpt}", "--out", "{tmp}/x.safetensors", "--which", "nope"], "which"),
+    # --which takes the names the checkpoint declares, so it is checked against a checkpoint that declares some
+    (["export", "{declared}", "--out", "{tmp}/x.safetensors", "--which", "nope"], "which"),
     # zoo export-hf
     (["export-hf", "gemma2-tiny", "--out", "{tmp}/hf", "--dtype", "int8"], "--dtype"),
     (["export-hf", "gemma2-tiny", "--out", "{tmp}/hf", "--dtype", "nan"], "--dtype"),
@@ -99,8 +101,11 @@ def test_a_bad_argument_is_one_line_naming_the_flag(tmp_path, capsys, monkeypatc
     (tmp_path / "folder").mkdir()
     (tmp_path / "afile").write_text("x\n")
     (tmp_path / "model.ckpt").write_bytes(b"not a checkpoint at all")
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "zoo": {"format": 1, "kind": "image-encoder",
+                "arch": "convnet_tiny", "encoders": {"online": "online_encoder."}}}, tmp_path / "declared.ckpt")
     fill = {"{tmp}": str(tmp_path), "{dir}": str(tmp_path / "folder"), "{file}": str(tmp_path / "afile"),
-            "{missing}": str(tmp_path / "missing"), "{ckpt}": str(tmp_path / "model.ckpt")}
+            "{missing}": str(tmp_path / "missing"), "{ckpt}": str(tmp_path / "model.ckpt"),
+            "{declared}": str(tmp_path / "declared.ckpt")}
 
     def sub(text: str) -> str:
         for k, v in fill.items():

@@ -215,7 +215,7 @@ def test_official_release_converts_to_both_formats_in_one_command(tmp_path, caps
         tv.load_state_dict(torch.load(out / "model.pth", weights_only=True), strict=True)
         torch.testing.assert_close(tv.eval()(x), logits, **TOL)
         # zoo.load_backbone(folder) restores the recorded TF-SAME padding: the original's features
-        from zoo.weights.byol_official import apply_tf_same_padding
+        from zoo.models.tf_same import apply_tf_same_padding
 
         apply_tf_same_padding(with_head.encoder)
         torch.testing.assert_close(load_backbone(out)(x), with_head.encoder(x), **TOL)

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from zoo.weights import load_backbone
-from zoo.weights.byol_official import (apply_tf_same_padding, haiku_to_torchvision, infer_arch, read_official_pickle,
+from byol.official import (apply_tf_same_padding, haiku_to_torchvision, infer_arch, read_official_pickle,
                                        tf_same_padding)
 from zoo.weights.safe_load import UnsafeFileError
 
@@ -450,7 +450,7 @@ def test_jax_array_rng_read_as_numpy(tmp_path, official_modules, monkeypatch):
         dill.dump(_release_data(online, online, rng=FakeJaxArray(rng)), f, protocol=2)
     assert b"_reconstruct_array" in path.read_bytes()
     monkeypatch.delitem(sys.modules, "jax._src.array")
-    from zoo.weights.byol_official import _BoundedReader, _RestrictedUnpickler
+    from byol.official import _BoundedReader, _RestrictedUnpickler
     with open(path, "rb") as f:
         top = _RestrictedUnpickler(_BoundedReader(f, path.stat().st_size), path.stat().st_size).load()
     np.testing.assert_array_equal(top["rng"], rng)

@@ -11,8 +11,8 @@ commands lives in the packaging metadata next to the console script, and another
 without editing ``zoo``. A command's one-line description is the first line of its ``main`` docstring, read from
 the source with ``ast`` without importing the module, so ``zoo --help`` imports neither torch nor the command.
 
-A source checkout whose installed metadata predates a new entry point (an editable install not re-run) also reads
-the checkout's own ``pyproject.toml``; the checkout wins, since it is the code that runs.
+The table is read through ``zoo.plugins`` (installed metadata, overridden by a source checkout's own
+``pyproject.toml``: the checkout wins, since it is the code that runs).
 
 Nothing here imports torch or Lightning.
 """
@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from zoo.plugins import DISTRIBUTION, from_checkout, from_metadata  # noqa: F401 - DISTRIBUTION re-exported
+
 GROUP = "byol_zoo.commands"
-DISTRIBUTION = "byol-zoo"
 HELP_WIDTH = 80  # every help zoo prints fits this: zoo --help (zoo.cli) and the rendered Lightning help (help_cache)
 
 # One-line descriptions of Lightning's subcommands: `zoo --help` prints them without importing Lightning, and each
@@ -100,26 +101,11 @@ class Command:
 
 
 def _from_metadata() -> dict[str, str]:
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    return from_metadata(GROUP)
 
 
 def _from_checkout() -> dict[str, str]:
-    """Entry points declared in the ``pyproject.toml`` of the source checkout this ``zoo`` was imported from."""
-    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-    if not pyproject.is_file():
-        return {}
-    try:
-        import tomllib  # Python >= 3.11
-    except ImportError:  # Python 3.10: the installed metadata alone
-        return {}
-
-    data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-    project = data.get("project", {})
-    if project.get("name") != DISTRIBUTION:
-        return {}
-    return dict(project.get("entry-points", {}).get(GROUP, {}))
+    return from_checkout(GROUP)
 
 
 def registered_commands() -> dict[str, Command]:

@@ -29,15 +29,26 @@ TOP_LEVEL_KEYS = ("trainer", "model", "data", "ckpt_path", "seed_everything", "o
 
 
 def class_parameters(class_path: str) -> list[str]:
-    """Constructor parameter names of ``module.Class`` (empty when it cannot be imported)."""
+    """Constructor parameter names of ``module.Class`` (empty when it cannot be imported), with those of the base
+    classes a ``**kwargs`` passes on to (as jsonargparse accepts them: a method's ``**kwargs`` reach its base)."""
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
-        params = inspect.signature(cls.__init__).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
+    except (ImportError, AttributeError):
         return []
-    return [p for p in params if p != "self" and params[p].kind not in (inspect.Parameter.VAR_POSITIONAL,
-                                                                         inspect.Parameter.VAR_KEYWORD)]
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            params = inspect.signature(klass.__init__).parameters
+        except (TypeError, ValueError):
+            break
+        names += [p for p in params if p != "self" and p not in names and params[p].kind not in (
+            inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            break
+    return names
 
 
 def group_parameters(group: str) -> list[str]:
@@ -94,7 +105,11 @@ def explain_parse_error(message: str, argv: list[str]) -> str:
         else:
             word, candidates = leaf, group_parameters(head)
         return _line(f"unknown key {key} (from flag {bad.split('=', 1)[0]})", word, candidates, _help_hint(argv))
-    typed = re.search(r'Parser key "([^"]+)":\s*Expected a (<class \'\w+\'>)\. Got value: (.*)', message)
+    typed = (re.search(r'Parser key "([^"]+)":\s*Expected a (<class \'\w+\'>)\. Got value: (.*)', message)
+             # an optional value (``float | None``: null keeps a default) reports both subtypes; name the real one
+             or re.search(r'Parser key "([^"]+)":\s*Does not validate against any of the Union subtypes\s*'
+                          r'Subtypes: \[(<class \'\w+\'>), <class \'NoneType\'>\].*?Given value: ([^\n]*)', message,
+                          flags=re.S))
     if typed:
         leaf, want, got = typed.group(1), typed.group(2), typed.group(3).strip()
         key = f"{group_name}.init_args.{leaf}" if class_path and group_name else leaf

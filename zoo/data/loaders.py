@@ -329,6 +329,16 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
+    def check_view_size(self, view_size: int) -> None:
+        """Refuse views of another size than the embedded digits are stored at (other datasets: any size).
+
+        The digits are upsampled once to ``data.image_size``; views of another size would resample them again (and
+        the probe report would probe at a size the data is not stored at): one size, stated once."""
+        if self.dataset.partition(":")[0] == "digits" and view_size != self.image_size:
+            raise UsageError(f"data.image_size={self.image_size} but model.image_size={view_size}: the digits "
+                             "are stored at the size the views use; set both to the same value (or leave "
+                             "data.image_size out: it defaults to 32)")
+
     def _build(self, split: str) -> Dataset:
         return build_dataset(self.dataset, split, decode=self.decode, image_size=self.image_size)
 

@@ -357,7 +357,7 @@ def evaluate(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, mode: str 
 
 
 def run_probe(backbone: str, data: str, mode: str = "fast", out: str | Path | None = None,
-              cfg: ProbeConfig | None = None, which: str = "online", padding: str | None = None,
+              cfg: ProbeConfig | None = None, which: str | None = None, padding: str | None = None,
               arch: str | None = None, overwrite: bool = False, recipe: str | None = None) -> dict[str, Any]:
     """Load ``backbone`` (any ``zoo.load_backbone`` source), probe it on ``data``; writes ``out/metrics.json`` and
     ``out/metrics.md``. Rerunning into the same ``out`` resumes; another probe's ``out`` is refused unless
@@ -366,11 +366,12 @@ def run_probe(backbone: str, data: str, mode: str = "fast", out: str | Path | No
     from zoo.weights import load_backbone
 
     cfg = cfg or ProbeConfig()
+    encoder = load_backbone(backbone, which=which, padding=padding, arch=arch)
+    which = getattr(encoder, "zoo_which", which)  # the encoder the source declared first, when which is None
     tool = {"backbone": backbone, "data": data, "mode": mode, "which": which, "padding": padding, "arch": arch}
     if out is not None and os.environ.get("RANK", "0") == "0":
         if claim(out, identity(tool, dataclasses.asdict(cfg)), overwrite):
             print(f"probe: resuming the probe in {out} (same arguments; --overwrite starts over)", file=sys.stderr)
-    encoder = load_backbone(backbone, which=which, padding=padding, arch=arch)
     # on a GPU the loader hands over the files' bytes and the batch is decoded there (nvjpeg); on a CPU the loader
     # workers decode in parallel
     decode = "device" if _device(cfg.device).type == "cuda" else "worker"

@@ -47,8 +47,9 @@ def build_parser() -> Any:
                    help="folder for metrics.json / metrics.md; rerunning the same probe there resumes it")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in --out (drop its features, lr-grid points and metrics)")
-    p.add_argument("--which", default="online", choices=("online", "target"),
-                   help="which network of a BYOL checkpoint to probe")
+    p.add_argument("--which", type=Optional[str], default=None,
+                   help="encoder to probe, by the name the checkpoint declares (BYOL: online | target); "
+                        "default: the first it declares, the trained encoder")
     p.add_argument("--padding", type=Optional[str], default=None, help="torch or tf_same (official checkpoints)")
     p.add_argument("--arch", type=Optional[str], default=None,
                    help="architecture for plain state dicts (e.g. resnet50, timm:<name>)")

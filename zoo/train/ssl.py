@@ -10,7 +10,13 @@ contract readers use (``zoo.weights.checkpoint``). A method subclasses it and de
 - ``build_networks(num_features)``: its heads (and targets), called between the encoder and the classifier;
 - ``forward_views(views)``: the per-view forward (compiled when ``compile=True``), any outputs;
 - ``compute_loss(outputs) -> (loss, features)``: the method loss and the encoder features of the first view;
-- ``configure_optimizers``; optionally ``make_views`` (default: the two BYOL view presets), ``encoder_prefixes``.
+- optionally ``optimizer_defaults`` (an ``OptimizerSpec``: the optimizer, lr, weight decay, exclusions and warmup
+  the base builds; every field is also a ``model.*`` key), ``optimizer_groups`` (default: every trainable
+  parameter), ``default_view_overrides`` (the two-view presets of ``augment.train_views``), ``make_views``,
+  ``encoder_attrs`` (the encoders the checkpoint contract names).
+
+A method's ``__init__`` takes its own arguments and passes ``**kwargs`` on: the base's arguments (encoder, views,
+optimizer, ...) are written once, here, and jsonargparse reads them through the ``**kwargs``.
 """
 from __future__ import annotations
 
@@ -28,49 +34,49 @@ from augment import fused
 from augment.decode import decode_batch
 from augment.params import ViewParams
 from zoo.models.registry import create
+from zoo.train.optim import OptimizerSpec, build_optimizer, fused_update, scaled_lr
 from zoo.train.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
 from zoo.train.whole_step import WholeStep, WholeStepMixin
 from zoo.weights.checkpoint import CONTRACT_KEY, CONTRACT_VERSION
 
-__all__ = ["ImagePretraining", "check_optimizer_args"]
+__all__ = ["ImagePretraining", "OptimizerSpec", "check_sizes"]
 
 
-def check_optimizer_args(base_lr: float, weight_decay: float, momentum: float, warmup_epochs: float,
-                         warmup_steps: int | None, sizes: dict[str, int]) -> None:
-    """The checks every image method's optimisation and head-size arguments share: one UsageError line naming the
-    first impossible value (``sizes``: head widths by argument name, each >= 1)."""
-    finite = math.isfinite
-    if not (finite(base_lr) and base_lr > 0):
-        raise UsageError(f"model.base_lr must be positive, got {base_lr}")
-    if not (finite(weight_decay) and weight_decay >= 0):
-        raise UsageError(f"model.weight_decay must be >= 0, got {weight_decay}")
-    if not (finite(momentum) and 0.0 <= momentum < 1.0):
-        raise UsageError(f"model.momentum must be in [0, 1), got {momentum}")
-    if not (finite(warmup_epochs) and warmup_epochs >= 0):
-        raise UsageError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
-    if warmup_steps is not None and warmup_steps < 0:
-        raise UsageError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+def check_sizes(**sizes: int) -> None:
+    """Head widths (and other counts) by argument name, each >= 1: one UsageError line naming the first that is not."""
     for key, value in sizes.items():
         if value < 1:
             raise UsageError(f"model.{key} must be >= 1, got {value}")
 
 
 class ImagePretraining(WholeStepMixin, pl.LightningModule):
-    """Base of the image pretraining methods (``byol.BYOL``, ``simsiam.SimSiam``); see the module docstring.
+    """Base of the image pretraining methods (one subclass per method package); see the module docstring.
 
     Args:
         encoder: registry name of the backbone (``zoo.available()``), e.g. ``resnet50``, ``resnet18_cifar``.
         encoder_overrides: keyword overrides for the backbone constructor.
         image_size: side of the augmented views.
         num_classes: classes of the online classifier; None reads it from the datamodule.
-        augment_overrides: preset overrides for ``augment.byol_views`` (the two views), on top of the method's
-            ``default_view_overrides``.
+        augment_overrides: preset overrides for ``augment.train_views`` (the two views), on top of the method's
+            ``default_view_overrides`` (``blur_p``: both views, ``view2_solarize_p``: one; ``crop_sampler``:
+            ``official`` | ``torchvision``, ``resize_kernel``: ``tf_bicubic`` | ``torch_bicubic``).
         eval_overrides: preset overrides for the online classifier's validation view ``augment.LinearEvalTest``.
         aug_seed: seed of the augmentation randomness (combined with the rank and the step, see ``_generator``).
         compile: ``True``: ``torch.compile`` the per-view forward; ``"step"``: compile the whole training step (views,
             forwards, loss, classifier, optimizer update, EMA; ``zoo.train.whole_step``), with manual optimization.
         channels_last: use channels-last memory format (default: on GPU only).
         nan_policy: ``stop`` or ``skip`` on a non-finite loss.
+        optimizer: ``lars`` | ``sgd`` | ``adamw``; this and every key below: null (left out) keeps the method's
+            default (its ``optimizer_defaults``, ``zoo.train.optim.OptimizerSpec``).
+        base_lr: lr per 256 images; the peak lr is ``base_lr * global_batch / 256``.
+        weight_decay: weight decay (biases and norm parameters excluded when ``exclude_bias_norm``).
+        momentum: LARS / SGD momentum (AdamW: beta1).
+        lars_eta: LARS trust coefficient.
+        exclude_bias_norm: no weight decay and no LARS adaptation for biases and normalisation parameters.
+        excluded_lr_scale: lr multiplier of those excluded parameters.
+        warmup_epochs: linear lr warmup from 0, in epochs (``warmup_steps`` overrides it).
+        warmup_steps: linear lr warmup in steps, if set.
+        final_lr_ratio: the cosine ends at this fraction of the peak lr.
     """
 
     min_batch_per_device = 2  # per-view batch-norm statistics need two images (checked before launch)
@@ -79,15 +85,25 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
     # these to state-dict prefixes and never needs to know the method.
     encoder_attrs: dict[str, str] = {"online": "online_encoder"}
     classifier_attr: str = "online_classifier"
-    # The method's own view recipe as overrides of ``augment.byol_presets`` (user's ``augment_overrides`` win).
+    # The method's own view recipe as overrides of ``augment.train_view_presets`` (user's ``augment_overrides`` win).
     default_view_overrides: dict[str, Any] = {}
+    # The method's optimisation recipe; each field is a ``model.*`` key a config may override.
+    optimizer_defaults: OptimizerSpec = OptimizerSpec()
 
     def __init__(self, encoder: str = "resnet50", encoder_overrides: dict[str, Any] | None = None,
                  image_size: int = 224, num_classes: int | None = None,
                  augment_overrides: dict[str, Any] | None = None, eval_overrides: dict[str, Any] | None = None,
                  aug_seed: int = 0, compile: bool | Literal["step"] = False, channels_last: bool | None = None,
-                 nan_policy: str = "stop") -> None:
+                 nan_policy: str = "stop", optimizer: Literal["lars", "sgd", "adamw"] | None = None,
+                 base_lr: float | None = None, weight_decay: float | None = None, momentum: float | None = None,
+                 lars_eta: float | None = None, exclude_bias_norm: bool | None = None,
+                 excluded_lr_scale: float | None = None, warmup_epochs: float | None = None,
+                 warmup_steps: int | None = None, final_lr_ratio: float | None = None) -> None:
         super().__init__()
+        self.optim_spec = self.optimizer_defaults.replace(
+            optimizer=optimizer, base_lr=base_lr, weight_decay=weight_decay, momentum=momentum, lars_eta=lars_eta,
+            exclude_bias_norm=exclude_bias_norm, excluded_lr_scale=excluded_lr_scale, warmup_epochs=warmup_epochs,
+            warmup_steps=warmup_steps, final_lr_ratio=final_lr_ratio)
         if compile not in (False, True, "step"):
             raise UsageError(f"model.compile must be false, true (per-view forward) or \"step\" (whole step), "
                              f"got {compile!r}")
@@ -98,13 +114,15 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         if image_size < 8:
             raise UsageError(f"model.image_size must be >= 8, got {image_size}")
         self.save_hyperparameters()  # collects the subclass's arguments too (Lightning walks the __init__ frames)
+        # the resolved recipe, not the nulls: what the run used is what the checkpoint and the loggers record
+        self.hparams.update({k: getattr(self.optim_spec, k) for k in OptimizerSpec.keys()})
         self.online_encoder = create(encoder, **(encoder_overrides or {}))
         dim = self.online_encoder.num_features
         self.build_networks(dim)  # before the classifier: keeps the parameter init order (and RNG draws) fixed
         self.online_classifier: nn.Linear | None = nn.Linear(dim, num_classes) if num_classes else None
         view_overrides = {**self.default_view_overrides, **(augment_overrides or {})}
         # "step" compiles the views inside the whole step, so they are not compiled on their own
-        self.view1, self.view2 = augment.byol_views(image_size, compile=compile is True, **view_overrides)
+        self.view1, self.view2 = augment.train_views(image_size, compile=compile is True, **view_overrides)
         self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224),
                                                 **(eval_overrides or {}))
         self._aug_gen: torch.Generator | None = None
@@ -129,7 +147,7 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must define compute_loss")
 
     def make_views(self, images: Any, gen: torch.Generator) -> list[torch.Tensor]:
-        """The augmented views of a batch, drawn from ``gen`` (default: BYOL's two view presets)."""
+        """The augmented views of a batch, drawn from ``gen`` (default: the two ``augment.train_views``)."""
         return [self.view1(images, gen), self.view2(images, gen)]
 
     def on_weights_updated(self) -> None:
@@ -143,11 +161,24 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         """``compile="step"``: the views from explicit parameters (batched schedule: static shapes, no branches)."""
         return [fused.apply_view(images, p, v.preset, False, v.dtype) for v, p in zip((self.view1, self.view2), params)]
 
+    def optimizer_groups(self) -> list[dict]:
+        """The parameter groups the optimizer spec applies to (default: one group of every trainable parameter; EMA
+        targets have ``requires_grad=False``). A group may set ``weight_decay`` or ``constant_after_warmup``."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self):
+        """The spec's optimizer over ``optimizer_groups()``, peak lr by the scaling rule, per-step warmup + cosine."""
+        spec = self.optim_spec
+        total, warmup = self.schedule_lengths(spec.warmup_epochs, spec.warmup_steps)
+        opt, factors = build_optimizer(spec, self.optimizer_groups(), scaled_lr(spec.base_lr, self.global_batch()),
+                                       total, warmup)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factors)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
     def fused_optimizer_update(self, groups: list[tuple[list, list, list, dict]], lrs: torch.Tensor) -> None:
         """``compile="step"``: the optimizer update in tensor ops, per group (params, grads, momentum buffers, hyper-
         parameters) with ``lrs[i]`` the group's lr as a device scalar (a Python float would recompile every step)."""
-        raise UsageError(f"{type(self).__name__} does not define fused_optimizer_update, so model.compile: step is not "
-                         "available for it; use model.compile: true (per-view forward) instead")
+        fused_update(self.optim_spec.optimizer, groups, lrs)
 
     def fused_step_scalars(self) -> dict[str, float]:
         """``compile="step"``: per-step scalars ``fused_weights_updated`` needs (passed as device tensors)."""
@@ -183,13 +214,9 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
                 raise ValueError("model.num_classes is not set and the datamodule does not expose num_classes")
             self.online_classifier = nn.Linear(self.online_encoder.num_features, dm.num_classes)
             self.hparams.num_classes = dm.num_classes
-        stored = getattr(dm, "image_size", None)
-        if getattr(dm, "dataset", None) == "digits" and stored != self.hparams.image_size:
-            # The digits are upsampled once to data.image_size; views of another size would resample them again
-            # (and the probe report would probe at a size the data is not stored at): one size, stated once.
-            raise UsageError(f"data.image_size={stored} but model.image_size={self.hparams.image_size}: the digits "
-                             "are stored at the size the views use; set both to the same value (or leave "
-                             "data.image_size out: it defaults to 32)")
+        check_view_size = getattr(dm, "check_view_size", None)
+        if check_view_size is not None:  # data stored at one size (the digits) refuses views of another
+            check_view_size(self.hparams.image_size)
         if stage == "fit" and dm is not None and getattr(dm, "batch_size", 2) < 2:
             raise ValueError(f"data.batch_size is {dm.batch_size} but {type(self).__name__}'s batch norm needs at "
                              "least 2 images per device (per-view batch statistics); use a batch size of 2 or more")
@@ -319,8 +346,7 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         optimizer state has the same tensors from the first step on (no recompile, a stable snapshot)."""
         if self.hparams.compile != "step":
             return
-        if type(self).fused_optimizer_update is ImagePretraining.fused_optimizer_update:
-            self.fused_optimizer_update([], torch.zeros(0))  # raises the one-line UsageError
+        self.fused_optimizer_update([], torch.zeros(0))  # an optimizer without a fused update: the one-line UsageError
         if self.trainer.accumulate_grad_batches != 1:
             raise UsageError(f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} does not work "
                              "with model.compile: step (manual optimization); use 1 or model.compile: true")

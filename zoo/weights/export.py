@@ -34,7 +34,7 @@ def _load(source: str, which: str, arch: str | None, padding: str | None, trust:
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, formats: Sequence[str] = ("safetensors",),
-           which: str = "online", arch: str | None = None, padding: str | None = None, trust: bool | None = None,
+           which: str | None = None, arch: str | None = None, padding: str | None = None, trust: bool | None = None,
            sha256: str | None = None) -> list[Path]:
     """Export the encoder of ``source`` in each of ``formats`` ('safetensors' file, 'timm'/'torchvision' folder)."""
     from zoo.weights.backbone import EXPORT_FORMAT
@@ -72,7 +72,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, formats: Sequence[
     return paths
 
 
-def export_backbone(source: str | os.PathLike, out: str | os.PathLike, which: str = "online",
+def export_backbone(source: str | os.PathLike, out: str | os.PathLike, which: str | None = None,
                     arch: str | None = None, padding: str | None = None) -> Path:
     """Write the encoder of ``source`` (anything ``load_backbone`` reads) to ``out`` as safetensors."""
     return export(source, out, ("safetensors",), which=which, arch=arch, padding=padding)[0]
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output: a .safetensors file, or a folder for --format timm/torchvision")
     ap.add_argument("--format", default="safetensors", help="safetensors (default), timm, torchvision, or "
                     "timm,torchvision (both into one folder)")
-    ap.add_argument("--which", default="online", choices=("online", "target"), help="encoder branch to export (target: a momentum method's EMA encoder)")
+    ap.add_argument("--which", default=None, help="encoder to export, by the name the checkpoint declares (BYOL: online "
+                    "| target, its EMA encoder); default: the first it declares, the trained encoder")
     ap.add_argument("--arch", default=None, help="registry name, needed for plain state dicts")
     ap.add_argument("--padding", default=None, choices=("torch", "tf_same"), help="padding recorded for reloading")
     ap.add_argument("--sha256", default=None, help="pin the source file's sha256 (URLs and files)")

@@ -93,11 +93,11 @@ def _weights(folder: Path) -> Any:
     raise ValueError(f"{folder}: no weight file (one of {', '.join(WEIGHT_FILES)}).")
 
 
-def load_folder(folder: Path, source: str, which: str, arch: str | nn.Module | None, padding: str | None,
+def load_folder(folder: Path, source: str, which: str | None, arch: str | nn.Module | None, padding: str | None,
                 head: bool) -> nn.Module:
     """The encoder of a timm-layout folder (ours or any timm model's); see the module docstring."""
     from zoo.models.registry import UnknownModelError
-    from zoo.weights.backbone import _build, _finish, _linear, load_into
+    from zoo.weights.assemble import _build, _finish, _linear, load_into
 
     cfg = _read_config(folder)
     card = cfg.get("zoo") if isinstance(cfg.get("zoo"), dict) else {}

@@ -7,7 +7,7 @@ Fields of an entry:
   entry without one prints the digest it measured and is refused unless trusted (``trust=True``, ``--trust`` or
   ``ZOO_TRUST_UNVERIFIED=1``); paste the printed digest here to verify it from then on;
 - ``size``: approximate size in bytes (the authors' README; shown before a download, never checked);
-- ``format``: ``"byol-official"`` (the DeepMind dill pickle, ``zoo.weights.byol_official``);
+- ``format``: ``"byol-official"`` (the DeepMind dill pickle, read by the reader ``byol`` registers: ``zoo.weights.readers``);
 - ``encoders``: which entries of the file hold which encoder (``load_backbone(name, which=...)``) and the classifier;
 - ``mean``/``std``/``input_size``/``crop_pct``/``interpolation``: the evaluation transform the figures were measured
   with (timm's ``pretrained_cfg`` names); ``padding``: the convolution padding the weights were trained with;

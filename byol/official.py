@@ -6,7 +6,11 @@ leaves are NumPy arrays. They reference classes from ``byol``/``optax``/``haiku`
 errors) turns those references into inert stand-ins and refuses every other global. dill's NumPy encoding
 (``_create_array``; ``_get_attr(_import_module('numpy.core._multiarray_umath'), '_reconstruct')`` before 0.3.6) and
 JAX arrays (``jax._src.array._reconstruct_array``) are re-implemented here for NumPy only: neither dill nor jax is
-imported. Haiku uses TF 'SAME' padding (asymmetric for stride-2 layers); ``apply_tf_same_padding`` reproduces it.
+imported. Haiku uses TF 'SAME' padding (asymmetric for stride-2 layers); ``zoo.models.tf_same`` reproduces it, and
+``load_backbone`` applies it by default to what this reader read.
+
+``READER`` is the reader ``zoo.load_backbone`` consults for plain pickles: registered in ``pyproject.toml`` under the
+entry-point group ``byol_zoo.weight_readers`` (``zoo.weights.readers``), so ``zoo`` never imports this package.
 """
 from __future__ import annotations
 
@@ -18,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from zoo.models.tf_same import TFSameConv2d, TFSameMaxPool2d, apply_tf_same_padding, tf_same_padding
 from zoo.weights.safe_load import UnsafeFileError
 from zoo.weights.safe_pickle import (BoundedReader, Guarded, GuardedUnpickler, TooLargeError, brief, describe_failure,
                                      one_line, plain_walk)
@@ -31,10 +35,11 @@ __all__ = [
     "haiku_to_torchvision",
     "haiku_classifier",
     "infer_arch",
-    "tf_same_padding",
+    "tf_same_padding",  # re-exported from zoo.models.tf_same (older callers import them from here)
     "TFSameConv2d",
     "TFSameMaxPool2d",
     "apply_tf_same_padding",
+    "READER",
     "EXPERIMENT_STATE_FIELDS",
 ]
 
@@ -405,53 +410,34 @@ def infer_arch(params: Mapping[str, Mapping[str, Any]]) -> str:
     return f"resnet{depth}" + (f"x{width}" if width > 1 else "")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# TF 'SAME' padding.
+class OfficialReader:
+    """The official release as a ``zoo.weights.readers`` reader: plain pickles (not torch's zip container) with
+    a name torch files do not use; the online and target encoders, the ImageNet classifier, TF 'SAME' padding."""
 
-def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
-    """(before, after) padding TF 'SAME' uses along one axis; the extra pixel goes after, unlike PyTorch."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
+    name = "byol-official"
+    encoders = ("online", "target")
+    default_padding = "tf_same"
 
+    def claims(self, path: Path, fmt: str) -> bool:
+        """A plain pickle not named like a torch file (those are only ever read by torch's safe loader)."""
+        return fmt == "pickle" and path.suffix not in (".pt", ".pth", ".bin", ".ckpt")
 
-def _pad_amounts(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
-                 ) -> tuple[int, int, int, int]:
-    top, bottom = tf_same_padding(x.shape[-2], kernel[0], stride[0], dilation[0])
-    left, right = tf_same_padding(x.shape[-1], kernel[1], stride[1], dilation[1])
-    return left, right, top, bottom
-
-
-class TFSameConv2d(nn.Conv2d):
-    """``nn.Conv2d`` computing TF 'SAME' padding from the input size (same parameters and state-dict keys)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, _pad_amounts(x, self.kernel_size, self.stride, self.dilation))
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
-class TFSameMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` with TF 'SAME' padding (padded cells never win: they are -inf)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s, d = _pair(self.kernel_size), _pair(self.stride), _pair(self.dilation)
-        x = F.pad(x, _pad_amounts(x, k, s, d), value=float("-inf"))
-        return F.max_pool2d(x, k, s, 0, d, ceil_mode=False, return_indices=self.return_indices)
+    def read(self, path: Path, which: str, arch: str | nn.Module | None, head: bool
+             ) -> tuple[dict[str, torch.Tensor], str | nn.Module, dict[str, torch.Tensor] | None]:
+        """(torchvision state dict of encoder ``which``, its architecture, the classifier's weight/bias or None)."""
+        state = read_official_pickle(path)
+        params, bn_state = state[f"{which}_params"], state[f"{which}_state"]
+        try:
+            name = arch if arch is not None else infer_arch(params)
+            sd = haiku_to_torchvision(params, bn_state)
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"{str(path)!r} ({which} encoder): {err}") from None
+        # The classifier is trained on the online representation; it is the ImageNet head for either encoder.
+        try:
+            cls = haiku_classifier(state["online_params"]) if head else None
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"{str(path)!r} (head=True): {err}") from None
+        return sd, name, cls
 
 
-def apply_tf_same_padding(model: nn.Module) -> int:
-    """Give every strided conv / max-pool TF 'SAME' padding in place; returns how many layers changed."""
-    changed = 0
-    for module in model.modules():
-        # Swapping the class in place keeps parameters, hooks and state-dict keys exactly as they were.
-        if type(module) is nn.Conv2d and max(module.stride) > 1:
-            module.__class__ = TFSameConv2d
-            changed += 1
-        elif type(module) is nn.MaxPool2d and max(_pair(module.stride)) > 1:
-            module.__class__ = TFSameMaxPool2d
-            changed += 1
-    return changed
+READER = OfficialReader()

@@ -1,0 +1,60 @@
+"""Cross-rank reductions a method's loss may need, differentiable, and the identity on one process.
+
+``all_gather_grad(x)``: every rank's ``x`` concatenated along dim 0 in rank order; the backward sums the incoming
+gradients of all ranks and returns this rank's slice. Under DDP (which averages parameter gradients over the W
+ranks) this gives exactly the gradient of the single-process loss over the concatenated batch: every rank computes
+the same loss L of the gathered tensor, each rank's slice receives sum_r dL/dx_slice = W dL/dx_slice, and DDP's mean
+divides the W back out.
+
+``all_reduce_sum(x)``: the sum over ranks, with the gradient of a sum (the incoming gradients summed again).
+
+Both are no-ops (the input itself) when ``torch.distributed`` is not initialised or has one process, so a method
+calls them unconditionally.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_gather_grad", "all_reduce_sum", "world_size"]
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward: all-reduce (sum) the gathered gradient, keep this rank's slice. An all-reduce
+    rather than torch's reduce-scatter / all-to-all, which gloo (CPU) does not offer in every build."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()  # reduced in place: never in the incoming buffer, which may be shared
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def world_size() -> int:
+    """Processes in the default group (1 when ``torch.distributed`` is not initialised)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x`` of every rank concatenated along dim 0 (rank order), differentiable; ``x`` itself on one process.
+
+    Every rank must pass the same shape (the training loader drops the last partial batch, so they do)."""
+    if world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over ranks, differentiable; ``x`` itself on one process."""
+    if world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x.contiguous(), op=dist.ReduceOp.SUM)
