@@ -20,15 +20,21 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["check_devices", "available_devices", "launched_rank", "extract_split"]
+__all__ = ["cpu_count", "check_devices", "available_devices", "launched_rank", "extract_split"]
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask: a container's or taskset's share, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def available_devices(device: torch.device) -> tuple[int, str]:
     """(devices this machine has for ``device``'s type, what they are, in words)."""
     if device.type == "cuda":
         return torch.cuda.device_count(), "GPUs (torch.cuda.device_count())"
-    from zoo.eval.probe import cpu_count
-
     return cpu_count(), "CPUs this process may use (a CPU device is one process)"
 
 
@@ -115,7 +121,5 @@ def extract_split(job: dict[str, Any], devices: int) -> None:
             dist.init_process_group(_backend(torch.device(job["device"])), init_method="env://")
         _extract_share(launched[0], launched[1], job)
         return
-    from zoo.eval.probe import cpu_count
-
     job = {**job, "threads": max(1, cpu_count() // devices)}
     mp.spawn(_spawned, args=(devices, _free_port(), job), nprocs=devices, join=True)

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from zoo.eval.features import (ImagePrepare, IndexedDataset, MeanPooledLM, TokenPrepare, collate_indexed,
                                 default_cache_dir, extract_to_store, frozen_autocast, quiet_decode_log,
                                 skipped_line, _feature_dim)
+from zoo.eval.distributed import cpu_count  # noqa: F401 - re-exported (tests, bench)
 from zoo.eval.knn import KNNProbeCallback, knn_evaluate_store
 from zoo.eval.grid import PassResult, search_and_final
 from zoo.eval.linear import divergence, divergence_advice, evaluate_heads, train_heads
@@ -111,14 +112,6 @@ class _Notices:
         self.lines.append(line)
         if os.environ.get("RANK", "0") == "0":
             print(f"probe: {line}", file=sys.stderr, flush=True)
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on (its affinity mask: a container's or taskset's share, not the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def _cap(ds: Dataset, n: int | None) -> Dataset:

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from zoo.weights.safe_load import UnsafeFileError
+from zoo.weights.file_errors import UnsafeFileError
 
 __all__ = ["guarded_builtins", "Guarded", "brief", "one_line", "Budget"]
 

@@ -15,6 +15,8 @@ from typing import Any, Iterable
 import torch
 
 from zoo.errors import UsageError
+from zoo.weights.file_errors import (FolderNotFileError, MissingFileError, UnreadableFileError, UnsafeFileError,
+                                     forbidden_global_error)
 
 __all__ = [
     "UnreadableFileError",
@@ -31,23 +33,6 @@ __all__ = [
 
 # Safetensors metadata is str -> str; the project stores its own JSON blob under this one key.
 ZOO_METADATA_KEY = "zoo"
-
-
-class UnreadableFileError(UsageError):
-    """A weight file that cannot be read (empty, truncated, corrupt, another format): ``zoo`` commands print the one
-    line and exit 2, like any refused input."""
-
-
-class MissingFileError(UnreadableFileError, FileNotFoundError):
-    """A weight path that does not exist: a FileNotFoundError for callers, one line and exit 2 for ``zoo``."""
-
-
-class FolderNotFileError(UnreadableFileError, IsADirectoryError):
-    """A folder given where a weight file is expected."""
-
-
-class UnsafeFileError(UnreadableFileError):
-    """A weight file asked to import or call something outside the safe allow-list; it was not executed."""
 
 
 def _as_path(path: str | os.PathLike) -> Path:
@@ -99,7 +84,7 @@ def safe_torch_load_bytes(data: io.BytesIO, label: str, map_location: str | torc
 
 def _weights_only_load(source: Path | io.BytesIO, label: str, map_location: str | torch.device,
                        extra_globals: Iterable[Any], mmap: bool = False) -> Any:
-    from zoo.weights.torch_prescan import prescan_torch_file  # imports safe_pickle, which imports this module
+    from zoo.weights.torch_prescan import prescan_torch_file  # lazily: the prescan is only needed for torch files
 
     extra_globals = list(extra_globals)
     prescan_torch_file(source, label, extra_globals)  # memory, hashing and graph size bounded before torch reads it
@@ -132,14 +117,6 @@ def explain_load_error(err: BaseException, label: str) -> UnreadableFileError:
     first = text.splitlines()[0] if text else ""
     return UnreadableFileError(f"could not read {label} as a torch file ({type(err).__name__}: {first}); "
                                "is it truncated or in another format?")
-
-
-def forbidden_global_error(label: str, name: str) -> UnsafeFileError:
-    """The one-line refusal of a torch file whose pickle names ``name``, a global outside the allow-list."""
-    return UnsafeFileError(
-        f"{label} is a pickle that references {name}, which is not allowed (loading uses "
-        "weights_only=True so pickled code is never executed). If you trust this file, re-save its tensors with "
-        "safetensors or torch.save(state_dict); if it is an official BYOL .pkl, give it a .pkl name.")
 
 
 def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from zoo.weights.pickle_builtins import Guarded, brief, guarded_builtins, one_line
-from zoo.weights.safe_load import UnsafeFileError
+from zoo.weights.file_errors import UnsafeFileError
 
 __all__ = ["GuardedUnpickler", "TooLargeError", "BoundedReader", "Guarded", "NDARRAY", "brief", "one_line",
            "plain_walk", "MAX_DEPTH", "check_dtype",

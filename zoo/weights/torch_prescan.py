@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
-from zoo.weights.safe_load import UnreadableFileError, UnsafeFileError, forbidden_global_error
+from zoo.weights.file_errors import UnreadableFileError, UnsafeFileError, forbidden_global_error
 from zoo.weights.safe_pickle import (MAX_DEPTH, BoundedReader, GuardedUnpickler, TooLargeError, describe_failure,
                                      one_line)
 
