@@ -9,11 +9,12 @@ import http.server
 import json
 import shutil
 import sys
-import threading
 
 import pytest
 import timm
 import torch
+
+from local_http import serve
 
 import zoo
 from zoo.weights import load_backbone
@@ -63,18 +64,15 @@ def served(tmp_path, monkeypatch):
     export_backbone("random:convnet_tiny", root / "tiny.safetensors")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/tiny.safetensors"
-    entry = {**PRETRAINED["byol-r50-official"], "name": "test-tiny", "arch": "convnet_tiny", "urls": [url],
-             "size": (root / "tiny.safetensors").stat().st_size, "padding": "torch"}
-    monkeypatch.setitem(PRETRAINED, "test-tiny", entry)
-    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
-    for k in ("ZOO_OFFLINE", "HF_HUB_OFFLINE", "ZOO_TRUST_UNVERIFIED"):
-        monkeypatch.delenv(k, raising=False)
-    yield root / "tiny.safetensors", entry
-    httpd.shutdown()
-    httpd.server_close()
+    with serve(handler) as base:
+        url = f"{base}/tiny.safetensors"
+        entry = {**PRETRAINED["byol-r50-official"], "name": "test-tiny", "arch": "convnet_tiny", "urls": [url],
+                 "size": (root / "tiny.safetensors").stat().st_size, "padding": "torch"}
+        monkeypatch.setitem(PRETRAINED, "test-tiny", entry)
+        monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+        for k in ("ZOO_OFFLINE", "HF_HUB_OFFLINE", "ZOO_TRUST_UNVERIFIED"):
+            monkeypatch.delenv(k, raising=False)
+        yield root / "tiny.safetensors", entry
 
 
 def test_unverified_download_is_refused_until_trusted(served, monkeypatch, capsys):

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from local_http import serve
 from augment.decode import decode_batch
 from zoo.data.images import build_dataset, collate_images
 from zoo.data.loaders import EpochShuffleSampler, ImageDataModule, collate_with_paths
@@ -260,21 +261,16 @@ def test_mid_epoch_resume_on_shards_is_bit_exact(packed, tmp_path, decode, monke
 def test_http_and_pipe_shards_are_fetched_once_then_read_locally(tmp_path):
     import functools
     import http.server
-    import threading
-
+    
     served = tmp_path / "served"
     served.mkdir()
     write_tar(served / "r-0.tar", [("a.jpg", jpeg(0)), ("a.cls", b"2")])
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
     handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        ds = build_dataset(f"wds:http://127.0.0.1:{server.server_port}/r-{{0..0}}.tar", "train")
+    with serve(handler) as base:
+        ds = build_dataset(f"wds:{base}/r-{{0..0}}.tar", "train")
         assert len(ds) == 1 and ds.labels.tolist() == [2] and ds[0][0].shape == (3, 14, 20)
         assert Path(ds.shards[0]).parent == tmp_path / "cache" / "shards"
-    finally:
-        server.shutdown()
     ds = build_dataset(f"wds:pipe:cat {served}/r-0.tar", "train")
     assert len(ds) == 1 and ds.key(0) == "a"
     with pytest.raises(FileNotFoundError, match="cannot fetch shard 'pipe:false': the command failed"):
