@@ -150,7 +150,8 @@ class KNNProbeCallback(pl.Callback):
             (n for n, _ in pl_module.named_children() if n.endswith("encoder")), None)
         enc = getattr(pl_module, attr, None) if isinstance(attr, str) else None
         if not isinstance(enc, nn.Module):
-            what = f"module attribute {attr!r}" if isinstance(attr, str) else "encoder (no encoder_attr, no *encoder child)"
+            what = (f"module attribute {attr!r}" if isinstance(attr, str)
+                    else "encoder (no encoder_attr, no *encoder child)")
             raise AttributeError(f"KNNProbeCallback: {type(pl_module).__name__} has no {what}; "
                                  f"set encoder_attr to the encoder's name.")
         return enc

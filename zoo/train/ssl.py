@@ -1,10 +1,11 @@
 """``ImagePretraining``: what every self-supervised image method shares, so a method is only its views, networks,
 loss and optimizer.
 
-The base owns the encoder (built from the registry), the linear classifier (the probe) on stop-gradient features and its validation, the augmentation randomness (a pure function of seed, rank, step and
-micro-batch), JPEG decode on the device, the non-finite-step policy (snapshot, roll back, DDP-safe skip),
-undecodable-image accounting, channels-last / ``torch.compile`` switches, the lr-schedule lengths and the checkpoint
-contract readers use (``zoo.weights.checkpoint``). A method subclasses it and defines:
+The base owns the encoder (built from the registry), the linear classifier (the probe) on stop-gradient features
+and its validation, the augmentation randomness (a pure function of seed, rank, step and micro-batch), JPEG decode
+on the device, the non-finite-step policy (snapshot, roll back, DDP-safe skip), undecodable-image accounting,
+channels-last / ``torch.compile`` switches, the lr-schedule lengths and the checkpoint contract readers use
+(``zoo.weights.checkpoint``). A method subclasses it and defines:
 
 - ``build_networks(num_features)``: its heads (and targets), called between the encoder and the classifier;
 - ``forward_views(views)``: the per-view forward (compiled when ``compile=True``), any outputs;
@@ -12,10 +13,8 @@ contract readers use (``zoo.weights.checkpoint``). A method subclasses it and de
 - optionally ``optimizer_defaults`` (an ``OptimizerSpec``: the optimizer, lr, weight decay, exclusions and warmup
   the base builds; every field is also a ``model.*`` key), ``optimizer_groups`` (default: every trainable
   parameter), ``default_view_overrides`` (the two-view presets of ``augment.train_views``), ``make_views``,
-  ``encoder_attrs`` (the encoders the checkpoint contract names, the trained one first: the base registers its encoder
-  under that first attribute), ``classifier_attr`` and ``metric_prefix`` (the classifier's attribute and the prefix
-  of its logged accuracies). The method chooses these names -- they are its checkpoints' state-dict prefixes and its
-  metric names -- and the base reaches the modules only through ``main_encoder`` / ``probe_classifier``.
+  ``encoder_attrs``, ``classifier_attr``, ``metric_prefix``: the names of its modules and metrics (the base's are
+  neutral; it reaches the modules only through ``main_encoder`` / ``probe_classifier``).
 
 A method's ``__init__`` takes its own arguments and passes ``**kwargs`` on: the base's arguments (encoder, views,
 optimizer, ...) are written once, here, and jsonargparse reads them through the ``**kwargs``.
@@ -83,9 +82,8 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
 
     min_batch_per_device = 2  # per-view batch-norm statistics need two images (checked before launch)
     supports_float64 = False  # the views are float32: trainer.precision 64 is refused before launch
-    # Checkpoint contract: branch name -> attribute holding that encoder; the classifier's attribute. A reader maps
-    # these to state-dict prefixes and never needs to know the method.
-    # The first entry is the trained encoder, the one the base builds and registers (``encoder_attr``).
+    # Checkpoint contract: branch name -> attribute holding that encoder (the first: the trained one, which the base
+    # builds); the classifier's attribute. A reader maps these to state-dict prefixes and never knows the method.
     encoder_attrs: dict[str, str] = {"main": "encoder"}
     classifier_attr: str = "classifier"
     # Logged as ``train/<prefix>_top1``, ``val/<prefix>_top1`` and ``val/<prefix>_top5``.
@@ -196,8 +194,7 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         """Extra values logged with each training step."""
         return {}
 
-    # The accessors' names are the base's own: a method must not name a module ``main_encoder`` or
-    # ``probe_classifier`` (the property would shadow it and recurse).
+    # (a method must not name a module ``main_encoder`` / ``probe_classifier``: the property would shadow it)
     @property
     def encoder_attr(self) -> str:
         """The attribute holding the trained encoder: the first one ``encoder_attrs`` declares."""
