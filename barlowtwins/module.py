@@ -70,6 +70,11 @@ class BarlowTwins(ImagePretraining):
             compile, ...).
     """
 
+    # The same module and metric names as BYOL and SimSiam, so ``--which online``, the probe's and the export's
+    # defaults and ``val/online_top1`` monitors read every image method alike.
+    encoder_attrs = {"online": "online_encoder"}
+    classifier_attr = "online_classifier"
+    metric_prefix = "online"
     optimizer_defaults = OptimizerSpec(optimizer="lars", base_lr=0.2, weight_decay=1.5e-6, momentum=0.9,
                                        lars_eta=1e-3, exclude_bias_norm=True, excluded_lr_scale=0.0048 / 0.2,
                                        warmup_epochs=10.0, final_lr_ratio=1e-3)

@@ -32,7 +32,11 @@ class BYOL(MomentumMixin, ImagePretraining):
             compile, ...).
     """
 
+    # The names this method's checkpoints and logs have used since its first release (state-dict prefixes, ``--which``,
+    # ``val/online_top1``): the base's are neutral, these keep old checkpoints and metric monitors working.
     encoder_attrs = {"online": "online_encoder", "target": "target_encoder"}
+    classifier_attr = "online_classifier"
+    metric_prefix = "online"
     optimizer_defaults = OptimizerSpec(optimizer="lars", base_lr=0.2, weight_decay=1.5e-6, momentum=0.9,
                                        lars_eta=1e-3, exclude_bias_norm=True, warmup_epochs=10.0)
 

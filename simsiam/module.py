@@ -62,6 +62,11 @@ class SimSiam(ImagePretraining):
             compile, ...).
     """
 
+    # The names this method's checkpoints and logs have used since its first release (state-dict prefixes, ``--which``,
+    # ``val/online_top1``): the base's are neutral, these keep old checkpoints and metric monitors working.
+    encoder_attrs = {"online": "online_encoder"}
+    classifier_attr = "online_classifier"
+    metric_prefix = "online"
     default_view_overrides = SIMSIAM_VIEWS
     optimizer_defaults = OptimizerSpec(optimizer="sgd", base_lr=0.05, weight_decay=1e-4, momentum=0.9,
                                        exclude_bias_norm=False, warmup_epochs=0.0)

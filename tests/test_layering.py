@@ -399,3 +399,24 @@ def test_fronts_are_read_from_pyproject():
     assert not is_front("zoo.data.pack", entry_points) and not is_front("zoo.models.registry", entry_points)
     assert not is_front("zoo.models.clip", entry_points)  # a name holding "cli" is not a front
     assert is_front("lm.cli.plan", set()) and is_front("zoo.cli.__main__", set())
+
+
+METHOD_NAMES = re.compile(r"online_|target_")  # a method's own module / metric names (BYOL's online and target)
+
+
+def method_name_literals(root: Path = ROOT) -> list[str]:
+    """``path:line`` of every line of ``zoo/**.py`` (code, strings or comments) naming a method's modules."""
+    return [f"{p.relative_to(root)}:{i}" for p in sorted((root / "zoo").rglob("*.py"))
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if METHOD_NAMES.search(line)]
+
+
+def test_zoo_never_names_a_methods_modules():
+    """The shared base speaks of "the encoder" and "the classifier"; the method chooses the names (``encoder_attrs``,
+    ``classifier_attr``, ``metric_prefix``), so ``online_`` / ``target_`` appear in the method packages only."""
+    assert method_name_literals() == []
+
+
+def test_the_name_check_finds_a_planted_literal(tmp_path):
+    _plant(tmp_path, {"zoo/__init__.py": "", "zoo/train/a.py": "x = 1\n# the target_encoder\n",
+                      "zoo/b.py": "log('val/online_top1')\n", "zoo/c.py": "target = online = 1\n"})
+    assert method_name_literals(tmp_path) == [f"{Path('zoo/b.py')}:1", f"{Path('zoo/train/a.py')}:2"]

@@ -81,3 +81,40 @@ def test_a_misspelt_base_key_is_answered_with_the_base_key(method, capsys):
     config = ROOT / "configs" / method / "digits.yaml"
     assert main(["fit", "--config", str(config), "--model.init_args.weight_decy", "1"]) == 2
     assert "did you mean weight_decay?" in capsys.readouterr().err
+
+
+def test_the_base_names_nothing_the_method_chooses_module_and_metric_names():
+    """A method that declares no names gets the base's neutral ones (modules ``encoder`` / ``classifier``, branch
+    ``main``, metrics ``*/probe_top*``); the kNN callback finds its encoder by default. BYOL keeps its own names."""
+    from byol import BYOL
+    from zoo.eval.knn import KNNProbeCallback
+    from zoo.train.ssl import ImagePretraining
+
+    class Plain(ImagePretraining):
+        def build_networks(self, num_features: int) -> None:
+            self.head = torch.nn.Linear(num_features, 4)
+
+        def forward_views(self, views):
+            return [self.main_encoder(v) for v in views]
+
+        def compute_loss(self, outputs):
+            return (outputs[0] - outputs[1]).pow(2).mean(), outputs[0]
+
+    tiny = dict(encoder="convnet_tiny", encoder_overrides={"widths": [8, 16, 16, 32]}, image_size=16, num_classes=3)
+    model = Plain(**tiny)
+    assert [n for n, _ in model.named_children()][:3] == ["encoder", "head", "classifier"]  # registration order kept
+    assert model.backbone() is model.encoder and model.probe_classifier is model.classifier
+    contract = model.checkpoint_contract()
+    assert contract["encoders"] == {"main": "encoder."} and contract["classifier"] == "classifier."
+    assert KNNProbeCallback(data="digits")._encoder(model) is model.encoder
+    logged: dict = {}
+    model.log_dict = lambda values, **_: logged.update(values)
+    model.validation_step({"image": torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8),
+                           "label": torch.tensor([0, 1, 2, 0])}, 0)
+    assert set(logged) == {"val/probe_top1", "val/probe_top5"}
+
+    byol = BYOL(**tiny, projector_hidden=32, projection_dim=16)
+    names = [n for n, _ in byol.named_children()]
+    assert names[0] == "online_encoder" and "online_classifier" in names and "encoder" not in names
+    assert KNNProbeCallback(data="digits")._encoder(byol) is byol.online_encoder
+    assert byol.checkpoint_contract()["encoders"] == {"online": "online_encoder.", "target": "target_encoder."}

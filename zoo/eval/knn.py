@@ -97,7 +97,9 @@ class KNNProbeCallback(pl.Callback):
         k: neighbours; the first is logged as ``knn/top1``/``knn/top5``, others as ``knn/top1_k<k>``.
         data: dataset spec for ``zoo.data.build_dataset`` ("digits", "imagefolder:/root", ...); its ``train`` split is
             the memory bank and ``val`` the queries. Or pass ``train_dataset``/``val_dataset`` objects.
-        encoder_attr: attribute of the LightningModule holding the encoder (``online_encoder`` for ``byol.BYOL``).
+        encoder_attr: attribute of the LightningModule holding the encoder; None: the one the module declares (its
+            ``encoder_attr``: the trained encoder of a ``zoo.train.ssl.ImagePretraining`` method), else its first
+            child module whose name ends in ``encoder``.
         size, resize: the linear-eval test view applied to every image.
         eval_crop, resize_kernel: that view's order and resampling (``zoo.eval.features.ImagePrepare``; defaults:
             the BYOL authors' central square and TF2 bicubic).
@@ -109,7 +111,7 @@ class KNNProbeCallback(pl.Callback):
 
     def __init__(self, every_n_epochs: int = 1, k: int | Sequence[int] = 20, temperature: float = 0.07,
                  data: str | None = None, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
-                 encoder_attr: str = "online_encoder", size: int = 224, resize: int | None = 256,
+                 encoder_attr: str | None = None, size: int = 224, resize: int | None = 256,
                  batch_size: int = 256, num_workers: int | None = None, max_train: int | None = 20_000,
                  max_val: int | None = 10_000, image_size: int = 32, eval_crop: str = "official",
                  resize_kernel: str = "tf_bicubic") -> None:
@@ -142,10 +144,16 @@ class KNNProbeCallback(pl.Callback):
         return cap(self._train, self.max_train), cap(self._val, self.max_val)
 
     def _encoder(self, pl_module: pl.LightningModule) -> nn.Module:
-        enc = getattr(pl_module, self.encoder_attr, None)
+        # the module's declared encoder; a module declaring none: its first ``*encoder`` child (registration order,
+        # the trained encoder first -- the rule ``zoo.weights.backbone`` applies to checkpoints without a contract)
+        attr = self.encoder_attr or getattr(pl_module, "encoder_attr", None) or next(
+            (n for n, _ in pl_module.named_children() if n.endswith("encoder")), None)
+        enc = getattr(pl_module, attr, None) if isinstance(attr, str) else None
         if not isinstance(enc, nn.Module):
-            raise AttributeError(f"KNNProbeCallback: {type(pl_module).__name__} has no module attribute "
-                                 f"{self.encoder_attr!r}; set encoder_attr to the encoder's name.")
+            what = (f"module attribute {attr!r}" if isinstance(attr, str)
+                    else "encoder (no encoder_attr, no *encoder child)")
+            raise AttributeError(f"KNNProbeCallback: {type(pl_module).__name__} has no {what}; "
+                                 f"set encoder_attr to the encoder's name.")
         return enc
 
     def _features(self, encoder: nn.Module, ds: Dataset, trainer: pl.Trainer, pl_module: pl.LightningModule):

@@ -1,11 +1,11 @@
 """``ImagePretraining``: what every self-supervised image method shares, so a method is only its views, networks,
 loss and optimizer.
 
-The base owns the encoder (``online_encoder``, built from the registry), the online linear classifier on
-stop-gradient features and its validation, the augmentation randomness (a pure function of seed, rank, step and
-micro-batch), JPEG decode on the device, the non-finite-step policy (snapshot, roll back, DDP-safe skip),
-undecodable-image accounting, channels-last / ``torch.compile`` switches, the lr-schedule lengths and the checkpoint
-contract readers use (``zoo.weights.checkpoint``). A method subclasses it and defines:
+The base owns the encoder (built from the registry), the linear classifier (the probe) on stop-gradient features
+and its validation, the augmentation randomness (a pure function of seed, rank, step and micro-batch), JPEG decode
+on the device, the non-finite-step policy (snapshot, roll back, DDP-safe skip), undecodable-image accounting,
+channels-last / ``torch.compile`` switches, the lr-schedule lengths and the checkpoint contract readers use
+(``zoo.weights.checkpoint``). A method subclasses it and defines:
 
 - ``build_networks(num_features)``: its heads (and targets), called between the encoder and the classifier;
 - ``forward_views(views)``: the per-view forward (compiled when ``compile=True``), any outputs;
@@ -13,7 +13,8 @@ contract readers use (``zoo.weights.checkpoint``). A method subclasses it and de
 - optionally ``optimizer_defaults`` (an ``OptimizerSpec``: the optimizer, lr, weight decay, exclusions and warmup
   the base builds; every field is also a ``model.*`` key), ``optimizer_groups`` (default: every trainable
   parameter), ``default_view_overrides`` (the two-view presets of ``augment.train_views``), ``make_views``,
-  ``encoder_attrs`` (the encoders the checkpoint contract names).
+  ``encoder_attrs``, ``classifier_attr``, ``metric_prefix``: the names of its modules and metrics (the base's are
+  neutral; it reaches the modules only through ``main_encoder`` / ``probe_classifier``).
 
 A method's ``__init__`` takes its own arguments and passes ``**kwargs`` on: the base's arguments (encoder, views,
 optimizer, ...) are written once, here, and jsonargparse reads them through the ``**kwargs``.
@@ -56,11 +57,11 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         encoder: registry name of the backbone (``zoo.available()``), e.g. ``resnet50``, ``resnet18_cifar``.
         encoder_overrides: keyword overrides for the backbone constructor.
         image_size: side of the augmented views.
-        num_classes: classes of the online classifier; None reads it from the datamodule.
+        num_classes: classes of the linear classifier; None reads it from the datamodule.
         augment_overrides: preset overrides for ``augment.train_views`` (the two views), on top of the method's
             ``default_view_overrides`` (``blur_p``: both views, ``view2_solarize_p``: one; ``crop_sampler``:
             ``official`` | ``torchvision``, ``resize_kernel``: ``tf_bicubic`` | ``torch_bicubic``).
-        eval_overrides: preset overrides for the online classifier's validation view ``augment.LinearEvalTest``.
+        eval_overrides: preset overrides for the classifier's validation view ``augment.LinearEvalTest``.
         aug_seed: seed of the augmentation randomness (combined with the rank and the step, see ``_generator``).
         compile: ``True``: ``torch.compile`` the per-view forward; ``"step"``: compile the whole training step (views,
             forwards, loss, classifier, optimizer update, EMA; ``zoo.train.whole_step``), with manual optimization.
@@ -81,10 +82,12 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
 
     min_batch_per_device = 2  # per-view batch-norm statistics need two images (checked before launch)
     supports_float64 = False  # the views are float32: trainer.precision 64 is refused before launch
-    # Checkpoint contract: branch name -> attribute holding that encoder; the classifier's attribute. A reader maps
-    # these to state-dict prefixes and never needs to know the method.
-    encoder_attrs: dict[str, str] = {"online": "online_encoder"}
-    classifier_attr: str = "online_classifier"
+    # Checkpoint contract: branch name -> attribute holding that encoder (the first: the trained one, which the base
+    # builds); the classifier's attribute. A reader maps these to state-dict prefixes and never knows the method.
+    encoder_attrs: dict[str, str] = {"main": "encoder"}
+    classifier_attr: str = "classifier"
+    # Logged as ``train/<prefix>_top1``, ``val/<prefix>_top1`` and ``val/<prefix>_top5``.
+    metric_prefix: str = "probe"
     # The method's own view recipe as overrides of ``augment.train_view_presets`` (user's ``augment_overrides`` win).
     default_view_overrides: dict[str, Any] = {}
     # The method's optimisation recipe; each field is a ``model.*`` key a config may override.
@@ -116,10 +119,10 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         self.save_hyperparameters()  # collects the subclass's arguments too (Lightning walks the __init__ frames)
         # the resolved recipe, not the nulls: what the run used is what the checkpoint and the loggers record
         self.hparams.update({k: getattr(self.optim_spec, k) for k in OptimizerSpec.keys()})
-        self.online_encoder = create(encoder, **(encoder_overrides or {}))
-        dim = self.online_encoder.num_features
+        setattr(self, self.encoder_attr, create(encoder, **(encoder_overrides or {})))
+        dim = self.main_encoder.num_features
         self.build_networks(dim)  # before the classifier: keeps the parameter init order (and RNG draws) fixed
-        self.online_classifier: nn.Linear | None = nn.Linear(dim, num_classes) if num_classes else None
+        setattr(self, self.classifier_attr, nn.Linear(dim, num_classes) if num_classes else None)
         view_overrides = {**self.default_view_overrides, **(augment_overrides or {})}
         # "step" compiles the views inside the whole step, so they are not compiled on their own
         self.view1, self.view2 = augment.train_views(image_size, compile=compile is True, **view_overrides)
@@ -191,9 +194,25 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         """Extra values logged with each training step."""
         return {}
 
+    # (a method must not name a module ``main_encoder`` / ``probe_classifier``: the property would shadow it)
+    @property
+    def encoder_attr(self) -> str:
+        """The attribute holding the trained encoder: the first one ``encoder_attrs`` declares."""
+        return next(iter(self.encoder_attrs.values()))
+
+    @property
+    def main_encoder(self) -> nn.Module:
+        """The trained encoder (registered under ``encoder_attr``)."""
+        return getattr(self, self.encoder_attr)
+
+    @property
+    def probe_classifier(self) -> nn.Linear | None:
+        """The linear classifier on stop-gradient features (under ``classifier_attr``); None until sized."""
+        return getattr(self, self.classifier_attr, None)
+
     def backbone(self) -> nn.Module:
-        """The encoder a probe or an export evaluates (the online encoder)."""
-        return self.online_encoder
+        """The encoder a probe or an export evaluates (the trained encoder)."""
+        return self.main_encoder
 
     # ---------------------------------------------------------------------------------------------- setup
     def input_bytes(self, batch_size: int) -> tuple[int, str]:
@@ -207,12 +226,12 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         return val, f"{batch_size} images x 3 x {r}^2 float32 evaluation view, model.image_size={s}"
 
     def setup(self, stage: str) -> None:
-        """Size the online classifier from the data and refuse batches too small for batch norm."""
+        """Size the classifier from the data and refuse batches too small for batch norm."""
         dm = getattr(self.trainer, "datamodule", None)
-        if self.online_classifier is None:
+        if self.probe_classifier is None:
             if dm is None or not hasattr(dm, "num_classes"):
                 raise ValueError("model.num_classes is not set and the datamodule does not expose num_classes")
-            self.online_classifier = nn.Linear(self.online_encoder.num_features, dm.num_classes)
+            setattr(self, self.classifier_attr, nn.Linear(self.main_encoder.num_features, dm.num_classes))
             self.hparams.num_classes = dm.num_classes
         check_view_size = getattr(dm, "check_view_size", None)
         if check_view_size is not None:  # data stored at one size (the digits) refuses views of another
@@ -298,7 +317,7 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         return batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """Views, the method's loss, the online classifier on stop-gradient first-view features."""
+        """Views, the method's loss, the classifier on stop-gradient first-view features."""
         if self.hparams.compile == "step":
             return self.compiled_step(batch, batch_idx)
         self._stepped = False
@@ -315,7 +334,7 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
                 self._compiled_views = torch.compile(self.forward_views)
             forward = self._compiled_views
         loss, h1 = self.compute_loss(forward(views))
-        logits = self.online_classifier(h1.detach())  # stop-gradient: the probe must not shape the encoder
+        logits = self.probe_classifier(h1.detach())  # stop-gradient: the probe must not shape the encoder
         cls_loss = F.cross_entropy(logits.float(), labels)
         total = loss + cls_loss
         if not check_finite_loss(self, total, self.hparams.nan_policy):
@@ -324,8 +343,8 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
             return self._skipped_step_loss()
         self._stepped = True
         top1 = (logits.argmax(-1) == labels).float().mean()
-        self.log_dict({"train/loss": loss, "train/cls_loss": cls_loss, "train/online_top1": top1, **self.step_logs()},
-                      prog_bar=True, sync_dist=False)
+        self.log_dict({"train/loss": loss, "train/cls_loss": cls_loss, f"train/{self.metric_prefix}_top1": top1,
+                       **self.step_logs()}, prog_bar=True, sync_dist=False)
         return total
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -461,14 +480,15 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Online classifier accuracy on the evaluation view (resize + centre crop)."""
+        """Classifier accuracy on the evaluation view (resize + centre crop)."""
         x = self.eval_view(batch["image"])
         if self._use_channels_last():
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.online_classifier(self.online_encoder(x))
+        logits = self.probe_classifier(self.main_encoder(x))
         labels = batch["label"]
         top5 = logits.topk(min(5, logits.shape[-1]), -1).indices.eq(labels[:, None]).any(-1).float().mean()
-        self.log_dict({"val/online_top1": (logits.argmax(-1) == labels).float().mean(), "val/online_top5": top5},
+        m = self.metric_prefix
+        self.log_dict({f"val/{m}_top1": (logits.argmax(-1) == labels).float().mean(), f"val/{m}_top5": top5},
                       prog_bar=True, sync_dist=True, batch_size=len(labels))
 
     test_step = validation_step
@@ -482,7 +502,7 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
                 "method": f"{type(self).__module__.split('.')[0]}.{type(self).__name__}",
                 "arch": hp.encoder, "overrides": dict(hp.encoder_overrides or {}),
                 "encoders": {branch: f"{attr}." for branch, attr in self.encoder_attrs.items()},
-                "classifier": f"{self.classifier_attr}." if getattr(self, self.classifier_attr, None) is not None
+                "classifier": f"{self.classifier_attr}." if self.probe_classifier is not None
                 else None}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -493,5 +513,5 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
         """Build the classifier before the weights are loaded (augmentation randomness needs no state, see
         ``_generator``)."""
         n = checkpoint.get("hyper_parameters", {}).get("num_classes")
-        if self.online_classifier is None and n:
-            self.online_classifier = nn.Linear(self.online_encoder.num_features, n)
+        if self.probe_classifier is None and n:
+            setattr(self, self.classifier_attr, nn.Linear(self.main_encoder.num_features, n))

@@ -1,7 +1,7 @@
 """``compile="step"``: the whole image-pretraining step as two compiled graphs, without a host sync in ``skip`` mode.
 
-Graph 1 (``WholeStep.forward``): both augmented views from per-sample parameter tensors, the method's online and
-target forwards, its loss, the online classifier, top-1 and a finite flag; AOTAutograd compiles its backward too.
+Graph 1 (``WholeStep.forward``): both augmented views from per-sample parameter tensors, the method's
+forwards, its loss, the linear classifier, top-1 and a finite flag; AOTAutograd compiles its backward too.
 Between the graphs ``manual_backward`` runs the backward through the strategy (DDP all-reduces the gradients there).
 Graph 2 (``WholeStep.update``): the method's optimizer update (LARS, SGD) as ``foreach``-style tensor ops with the
 learning rates as a device tensor, then its ``on_weights_updated`` work (the EMA, tau as a tensor), and a finite flag
@@ -119,7 +119,8 @@ class WholeStepMixin:
                    {k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")})
                   for g in raw.param_groups for ps in [[p for p in g["params"] if p.grad is not None]]]
         ok_state = update(groups, lrs, scalars)
-        logs = {"train/loss": loss, "train/cls_loss": cls_loss, "train/online_top1": top1, **self.step_logs()}
+        logs = {"train/loss": loss, "train/cls_loss": cls_loss, f"train/{self.metric_prefix}_top1": top1,
+                **self.step_logs()}
         if skip:  # no host sync: the flag selects, per tensor, the new state or the snapshot of the step's start
             ok = ok & ok_state
             if self.trainer.world_size > 1:  # all ranks keep or drop the step together
@@ -153,7 +154,7 @@ class WholeStepMixin:
         if self._use_channels_last():
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         loss, h1 = self.compute_loss(self.forward_views(views))
-        logits = self.online_classifier(h1.detach())  # stop-gradient: the probe must not shape the encoder
+        logits = self.probe_classifier(h1.detach())  # stop-gradient: the probe must not shape the encoder
         cls_loss = F.cross_entropy(logits.float(), labels)
         total = loss + cls_loss
         top1 = (logits.argmax(-1) == labels).float().mean()

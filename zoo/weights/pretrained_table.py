@@ -24,11 +24,12 @@ OFFICIAL_BASE_URL = "https://storage.googleapis.com/deepmind-byol/checkpoints/"
 _CITATION = ("Grill et al., Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning, NeurIPS 2020, "
              "arXiv:2006.07733")
 _LICENSE = "CC BY-NC 4.0 (DeepMind BYOL release)"
-# The official files: a dill pickle of _ByolExperimentState; each encoder is a Haiku torso + BN EMA state.
+# The official files: a dill pickle of _ByolExperimentState (its fields: byol.official.EXPERIMENT_STATE_FIELDS);
+# each encoder is a Haiku torso + BN EMA state.
 _OFFICIAL_ENCODERS = {
-    "online": "experiment_state.online_params['res_net*/~/...'] + online_state (BN mean_ema/var_ema averages)",
-    "target": "experiment_state.target_params['res_net*/~/...'] + target_state",
-    "classifier": "experiment_state.online_params['classifier'] (ImageNet, 1000 classes, on the online encoder)",
+    "online": "the online network's Haiku ResNet torso ('res_net*/~/...') + its batch-norm state (mean_ema/var_ema)",
+    "target": "the target network's Haiku ResNet torso ('res_net*/~/...') + its batch-norm state",
+    "classifier": "the online network's 'classifier' (ImageNet, 1000 classes, on the online encoder)",
 }
 # BYOL's linear-evaluation transform: bicubic resize of the short side to 256, centre crop 224, ImageNet statistics.
 _IMAGENET_EVAL = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "input_size": [3, 224, 224],
