@@ -54,3 +54,19 @@ def test_more_devices_than_the_machine_has_is_one_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="--num_nodes 2: start one process per device"):
         evaluate(zoo.create("convnet_tiny", widths=[8, 16, 16, 32]), Subset(digits_dataset("train", 16), range(8)),
                  Subset(digits_dataset("val", 16), range(4)), "knn", _cfg(tmp_path, num_nodes=2, devices=1))
+
+
+def test_a_spawned_ranks_full_disk_is_one_line_naming_the_rank():
+    import torch.multiprocessing as mp
+
+    from zoo.eval.distributed import rank_error
+
+    child = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n"
+             '  File "x.py", line 3, in _spawned\n    os.pwrite(fd, data, 0)\n'
+             "OSError: [Errno 28] No space left on device: '/cache/features/train/shard-3.npy'\n")
+    err = rank_error(mp.ProcessRaisedException(child, 1, 4242), 2)
+    assert type(err) is OSError and "Traceback" not in str(err) and len(str(err).splitlines()) == 1
+    assert str(err) == ("feature extraction, rank 1 of 2: [Errno 28] No space left on device: "
+                        "'/cache/features/train/shard-3.npy'")
+    bug = mp.ProcessRaisedException(child.replace("OSError", "AttributeError"), 0, 4243)
+    assert rank_error(bug, 2) is bug  # a bug keeps the rank's traceback

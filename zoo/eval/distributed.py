@@ -14,13 +14,14 @@ each running ``cpu_count() // N`` threads.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["cpu_count", "check_devices", "available_devices", "launched_rank", "extract_split"]
+__all__ = ["rank_error", "cpu_count", "check_devices", "available_devices", "launched_rank", "extract_split"]
 
 
 def cpu_count() -> int:
@@ -122,4 +123,22 @@ def extract_split(job: dict[str, Any], devices: int) -> None:
         _extract_share(launched[0], launched[1], job)
         return
     job = {**job, "threads": max(1, cpu_count() // devices)}
-    mp.spawn(_spawned, args=(devices, _free_port(), job), nprocs=devices, join=True)
+    try:
+        mp.spawn(_spawned, args=(devices, _free_port(), job), nprocs=devices, join=True)
+    except mp.ProcessRaisedException as err:
+        raise rank_error(err, devices) from None
+
+
+def rank_error(err: Exception, devices: int) -> Exception:
+    """A spawned rank's user error (a full disk, a vanished file, a bad value: ``OSError`` / ``ValueError``) as that
+    error in one line naming the rank, as the one-process path gives it; anything else (a bug) keeps the rank's
+    traceback."""
+    import builtins
+
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    found = re.match(r"(\w+): (.*)", lines[-1]) if lines else None
+    kind = getattr(builtins, found.group(1), None) if found else None
+    if isinstance(kind, type) and issubclass(kind, (OSError, ValueError)):
+        rank = getattr(err, "error_index", "?")
+        return kind(f"feature extraction, rank {rank} of {devices}: {found.group(2)}")
+    return err
