@@ -266,6 +266,9 @@ def test_divergence_is_reported_with_its_likely_cause_and_the_flag(tmp_path, cap
     bn = divergence_advice({"0.8": "loss 9 > 2 ln(4)"}, (0.1, 0.8), "batchnorm", 30)
     assert bn.startswith("base lr 0.8 diverged") and "--feature_norm" not in bn and "raise --epochs" in bn
     assert divergence_advice({}, (0.1,), "none", 5) is None
+    healthy = divergence_advice({"1.6": "loss 5.02 > 2 ln(10)"}, (0.1, 0.4, 1.6), "batchnorm", 600, picked=0.1)
+    assert "the picked base lr 0.1 did not, so the result stands" in healthy and "likely cause" not in healthy
+    assert "likely cause" in divergence_advice({"0.1": "loss 9 > 2 ln(4)"}, (0.1, 0.8), "batchnorm", 600, picked=0.1)
 
 
 def test_skipped_files_are_named_not_batch_indices_and_progress_lines_off_a_terminal(tiny_imagefolder, tmp_path,

@@ -242,12 +242,17 @@ def divergence(head: nn.Module, last_loss: Any, num_classes: int) -> str | None:
     return None
 
 
-def divergence_advice(diverged: dict[str, str], lr_grid: Sequence[float], feature_norm: str, steps: int) -> str | None:
+def divergence_advice(diverged: dict[str, str], lr_grid: Sequence[float], feature_norm: str, steps: int,
+                      picked: float | None = None) -> str | None:
     """One line for the diverged runs of a probe (``diverged``: base lr or "final" -> why): which, the likely cause
-    and the flag to change; None when nothing diverged."""
+    and the flag to change; None when nothing diverged. With ``picked`` (the held-out pick) healthy, a diverged
+    grid point is the grid doing its job: the line says the result stands."""
     if not diverged:
         return None
     lrs = [k for k in diverged if k != "final"]
+    if picked is not None and "final" not in diverged and all(float(k) != float(picked) for k in lrs):
+        return (f"base lr {', '.join(lrs)} diverged ({next(iter(diverged.values()))}); the picked base lr {picked:g} "
+                "did not, so the result stands (that grid point only cost its pass)")
     which = ("every lr of the grid" if len(lrs) == len(lr_grid) > 1 else
              f"base lr {', '.join(lrs)}" if lrs else "the final run")
     if lrs and "final" in diverged:

@@ -340,7 +340,7 @@ def evaluate(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, mode: str 
         counts["heldout"] = heldout_count(counts["train"], cfg.heldout)[1]
     if mode != "knn":
         steps = cfg.epochs * math.ceil(max(counts["train"] - counts.get("heldout", 0), 1) / cfg.batch_size)
-        advice = divergence_advice(res["diverged"], cfg.lr_grid, cfg.feature_norm, steps)
+        advice = divergence_advice(res["diverged"], cfg.lr_grid, cfg.feature_norm, steps, res.get("base_lr"))
         if advice:
             notices.say(advice)
             res["advice"] = advice
