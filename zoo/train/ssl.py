@@ -35,6 +35,7 @@ from augment import fused
 from augment.decode import decode_batch
 from augment.params import ViewParams
 from zoo.models.registry import create
+from zoo.train.nan_skip import NanSkipMixin
 from zoo.train.optim import OptimizerSpec, build_optimizer, fused_update, scaled_lr
 from zoo.train.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
 from zoo.train.whole_step import WholeStep, WholeStepMixin
@@ -50,7 +51,7 @@ def check_sizes(**sizes: int) -> None:
             raise UsageError(f"model.{key} must be >= 1, got {value}")
 
 
-class ImagePretraining(WholeStepMixin, pl.LightningModule):
+class ImagePretraining(NanSkipMixin, WholeStepMixin, pl.LightningModule):
     """Base of the image pretraining methods (one subclass per method package); see the module docstring.
 
     Args:
@@ -375,86 +376,6 @@ class ImagePretraining(WholeStepMixin, pl.LightningModule):
                     opt.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
         count = getattr(self, "_nonfinite", None)  # kept across fits of one module, as the eager nonfinite_steps
         self._nonfinite = torch.zeros((), device=self.device) if count is None else count.to(self.device)
-
-    # ---------------------------------------------------------------------------------------------- nan_policy: skip
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """``nan_policy: skip``: copy everything a step can change before its first micro-batch (see ``_snapshot``)."""
-        if self.hparams.nan_policy == "skip" and batch_idx % self.trainer.accumulate_grad_batches == 0:
-            self._take_snapshot()
-
-    def _state_tensors(self) -> tuple[list[torch.Tensor], list[tuple[int, str]]]:
-        """Parameters (online and any EMA target), buffers and the optimizer's tensor state, and the
-        (id(param), key) of each optimizer-state tensor."""
-        live = [p.detach() for p in self.parameters()] + list(self.buffers())
-        keys: list[tuple[Any, str]] = []
-        for opt in self.trainer.optimizers:
-            for p, st in opt.state.items():
-                for k, v in st.items():
-                    if isinstance(v, torch.Tensor):
-                        live.append(v)
-                        keys.append((id(p), k))
-        return live, keys
-
-    @torch.no_grad()
-    def _take_snapshot(self) -> None:
-        live, keys = self._state_tensors()
-        snap = getattr(self, "_snap", None)
-        if snap is not None and snap[1] == keys and all(a.shape == b.shape and a.dtype == b.dtype
-                                                        for a, b in zip(snap[0], live)):
-            torch._foreach_copy_(snap[0], live)  # preallocated: no allocation per step
-        else:
-            self._snap = ([t.clone() for t in live], keys)
-        self._snap_other = [{p: {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
-                             for p, st in opt.state.items()} for opt in self.trainer.optimizers]
-
-    @torch.no_grad()
-    def _restore_snapshot(self) -> None:
-        """Put parameters, EMA targets, buffers and optimizer state back to the start of the step."""
-        saved, keys = self._snap
-        live, now = self._state_tensors()
-        n = len(live) - len(now)  # parameters and buffers come first, in a fixed order
-        torch._foreach_copy_(live[:n], saved[:n])
-        old = dict(zip(keys, saved[n:]))
-        for opt, other in zip(self.trainer.optimizers, self._snap_other):
-            for p in list(opt.state):
-                if p not in other:  # state created by this step (first step of a parameter): remove it
-                    del opt.state[p]
-            for p, st in other.items():
-                opt.state[p].update(st)
-        for (p, k), t in zip(now, live[n:]):
-            if (p, k) in old:
-                t.copy_(old[(p, k)])
-
-    def _check_finite_state(self) -> bool:
-        """After the update: are all parameters, buffers and optimizer state finite? One fused check over foreach
-        norms, one host sync; a step whose finite loss still drove a weight or a batch-norm variance to Inf (a huge
-        lr) is rolled back and counted like a non-finite loss."""
-        live, _ = self._state_tensors()
-        floats = [t for t in live if t.is_floating_point()]
-        norms = torch._foreach_norm(floats)
-        ok = all_ranks(self, bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()))
-        if not ok:
-            self._restore_snapshot()
-            self.nonfinite_steps = getattr(self, "nonfinite_steps", 0) + 1
-            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
-            rank_zero_warn(f"step {self.global_step}: the update made weights, batch-norm statistics or optimizer "
-                           f"state non-finite; rolled back and skipped (nan_policy: skip, {self.nonfinite_steps} so far)")
-        return ok
-
-    def _skipped_step_loss(self) -> torch.Tensor:
-        """A loss whose gradient is exactly zero for every trainable parameter (its value may be NaN).
-
-        Lightning refuses ``None`` from ``training_step`` under DDP, and every rank must run backward for the gradient
-        all-reduce; ``on_before_optimizer_step`` then drops the gradients so the optimizer leaves everything as is.
-        """
-        return torch.stack([p.sum() for p in self.parameters() if p.requires_grad]).sum() * 0.0
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        """On a skipped step, remove the (zero) gradients: no weight decay, no momentum, no update at all."""
-        if not self._stepped:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
 
     def on_train_epoch_end(self) -> None:
         """Report undecodable images once per epoch (paths, from every rank), and count them."""
