@@ -411,17 +411,12 @@ def _count_decoders() -> dict[str, int]:
     import torchvision.io
     from PIL import ImageFile
 
+    from call_count import counting
+
     counts = {"decoders": 0}
-
-    def counting(fn):
-        def wrapper(*args, **kwargs):
-            counts["decoders"] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
     for name in ("decode_image", "decode_jpeg", "decode_png", "decode_gif", "decode_webp"):
-        setattr(torchvision.io, name, counting(getattr(torchvision.io, name)))
-    ImageFile.ImageFile.load = counting(ImageFile.ImageFile.load)
+        setattr(torchvision.io, name, counting(getattr(torchvision.io, name), counts, "decoders"))
+    ImageFile.ImageFile.load = counting(ImageFile.ImageFile.load, counts, "decoders")
     return counts
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import zoo.data.index as zindex
+from call_count import counting
 from zoo.data.images import IMAGE_EXTENSIONS, ImageFolderDataset, build_dataset
 
 
@@ -93,16 +94,9 @@ def test_flat_folder_is_indexed_like_the_old_listing(tmp_path):
 def count_stats(monkeypatch) -> dict[str, int]:
     """Count every Python-level way of asking for a file's metadata."""
     calls = {"n": 0}
-
-    def counting(fn):
-        def wrapped(*a, **k):
-            calls["n"] += 1
-            return fn(*a, **k)
-        return wrapped
-
     for mod, name in [(os, "stat"), (os, "lstat"), (os.path, "isfile"), (os.path, "isdir"), (os.path, "exists"),
                       (os.path, "getsize"), (Path, "stat"), (Path, "lstat"), (Path, "is_file"), (Path, "exists")]:
-        monkeypatch.setattr(mod, name, counting(getattr(mod, name)))
+        monkeypatch.setattr(mod, name, counting(getattr(mod, name), calls, "n"))
     return calls
 
 
