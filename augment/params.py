@@ -53,14 +53,31 @@ def sample_view_params(
     n: int,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> ViewParams:
     """Draw one view's parameters for ``n`` images of the given sizes (ints, or ``[n]`` tensors).
 
     Draws happen on the generator's device (or ``device`` when there is no generator) and the result is moved to
     ``device``, so a CPU generator gives the same parameters whatever device the batch is on.
+
+    ``rows=(offset, total)``: these ``n`` images are rows ``offset .. offset + n`` of a batch of ``total`` images
+    split between data-parallel processes. The numbers drawn are those of the whole batch and these rows get the
+    parameters that one process drawing for all ``total`` images gives them, so N ranks seeded alike augment exactly
+    as one device does (the other rows' draws cost ``total`` x a few scalars, no pixels).
     """
     if n < 1:
         raise ValueError("cannot augment an empty batch (n = 0)")
+    if rows is not None:
+        offset, total = int(rows[0]), int(rows[1])
+        if offset < 0 or offset + n > total:
+            raise ValueError(f"rows={rows}: {n} images from row {offset} do not fit in a batch of {total}")
+        if (offset, total) != (0, n):
+            def whole(side: int | torch.Tensor) -> torch.Tensor:  # this batch's sides in place; the others': any
+                side = torch.as_tensor(side).to(torch.float64).expand(n)
+                return torch.cat([side[:1].expand(offset), side, side[:1].expand(total - offset - n)])
+
+            return sample_view_params(preset, whole(heights), whole(widths), total, generator, device
+                                      )[offset:offset + n]
     out_device = torch.device(device) if device is not None else (
         generator.device if generator is not None else torch.device("cpu"))
     gdev = generator.device if generator is not None else out_device

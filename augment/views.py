@@ -1,7 +1,8 @@
 """Augmentation modules: the two training views (BYOL's presets by default) and the linear-evaluation transforms,
 on whatever device the batch is on.
 
-Call signature of every module: ``module(images, generator=None) -> float32 [B, 3, size, size]`` (normalised), where
+Call signature of every module: ``module(images, generator=None, rows=None) -> float32 [B, 3, size, size]``
+(normalised; ``rows``: the batch's place in one split between ranks, ``augment.params.sample_view_params``), where
 ``images`` is a uint8 or float ``[B, C, H, W]`` batch (C = 1 is expanded to RGB; float must be in [0, 1]) or a list of
 ``[C, H_i, W_i]`` tensors of different sizes (e.g. decoded JPEGs).
 """
@@ -70,10 +71,12 @@ class TrainView(nn.Module):
         self._compiled = None
         self.last_params: ViewParams | None = None  # parameters of the latest call (for inspection / tests)
 
-    def sample_params(self, images: Images, generator: torch.Generator | None = None) -> ViewParams:
-        """Draw this view's per-sample parameters for ``images`` (on the batch's device)."""
+    def sample_params(self, images: Images, generator: torch.Generator | None = None,
+                      rows: tuple[int, int] | None = None) -> ViewParams:
+        """Draw this view's per-sample parameters for ``images`` (on the batch's device); ``rows``: see
+        ``augment.params.sample_view_params``."""
         hs, ws, n, device = image_sizes(images)
-        return sample_view_params(self.preset, hs, ws, n, generator, device)
+        return sample_view_params(self.preset, hs, ws, n, generator, device, rows)
 
     def apply(self, images: Images, params: ViewParams) -> torch.Tensor:
         """Apply the view with explicit parameters (the fused implementation)."""
@@ -86,9 +89,11 @@ class TrainView(nn.Module):
         return fused.apply_view(images, params, self.preset, self.per_sample, self.dtype)
 
     @torch.no_grad()
-    def forward(self, images: Images, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Augment a batch: ``float32 [B, 3, size, size]``, normalised."""
-        self.last_params = self.sample_params(images, generator)
+    def forward(self, images: Images, generator: torch.Generator | None = None,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Augment a batch: ``float32 [B, 3, size, size]``, normalised (``rows``: this batch's place in a batch split
+        between ranks, see ``augment.params.sample_view_params``)."""
+        self.last_params = self.sample_params(images, generator, rows)
         return self.apply(images, self.last_params)
 
     def extra_repr(self) -> str:
@@ -120,10 +125,12 @@ class LinearEvalTrain(nn.Module):
                                 crop_sampler=self.preset.crop_sampler, resize_kernel=self.preset.resize_kernel)
 
     @torch.no_grad()
-    def forward(self, images: Images, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Random crop + flip of a batch: ``float32 [B, 3, size, size]``, normalised."""
+    def forward(self, images: Images, generator: torch.Generator | None = None,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Random crop + flip of a batch: ``float32 [B, 3, size, size]``, normalised (``rows``: see
+        ``augment.params.sample_view_params``)."""
         hs, ws, n, device = image_sizes(images)
-        p = sample_view_params(self._view, hs, ws, n, generator, device)
+        p = sample_view_params(self._view, hs, ws, n, generator, device, rows)
         return fused.apply_eval_train(images, p.boxes, p.flip, self.preset)
 
 
@@ -136,8 +143,9 @@ class LinearEvalTest(nn.Module):
         self.preset: EvalPreset = linear_eval_test_preset(size, resize, **overrides)
 
     @torch.no_grad()
-    def forward(self, images: Images, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Deterministic transform (``generator`` accepted for a uniform signature, unused)."""
+    def forward(self, images: Images, generator: torch.Generator | None = None,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Deterministic transform (``generator`` and ``rows`` accepted for a uniform signature, unused)."""
         image_sizes(images)
         return fused.apply_eval_test(images, self.preset.resize_to, self.preset.size, self.preset.mean,
                                      self.preset.std, self.preset.eval_crop, self.preset.resize_kernel)

@@ -266,3 +266,25 @@ def test_kornia_default_blur_border_is_reflect_not_zero():
     reflect = kornia.filters.gaussian_blur2d(ones, (7, 7), (2.0, 2.0))
     assert torch.allclose(reflect, ones)  # reflect keeps a constant image constant; TF's zero padding does not
     assert not torch.allclose(ops.gaussian_blur(ones, torch.tensor([2.0]), 7), ones)
+
+
+@pytest.mark.parametrize("sampler", ["official", "torchvision"])
+def test_rows_of_a_split_batch_get_the_parameters_one_batch_draws(sampler):
+    """Data-parallel ranks seeded alike, each drawing ``rows=(offset, total)``, augment as one process does."""
+    from dataclasses import fields, replace
+
+    from augment.params import sample_view_params
+    from augment.presets import train_view_presets
+
+    preset = replace(train_view_presets(32)[0], crop_sampler=sampler)
+    hs, ws = torch.randint(20, 90, (11,)), torch.randint(20, 90, (11,))
+    whole = sample_view_params(preset, hs, ws, 11, torch.Generator().manual_seed(4))
+    for offset, n in ((0, 4), (4, 5), (9, 2), (0, 11)):
+        part = sample_view_params(preset, hs[offset:offset + n], ws[offset:offset + n], n,
+                                  torch.Generator().manual_seed(4), rows=(offset, 11))
+        for f in fields(whole):
+            assert torch.equal(getattr(part, f.name), getattr(whole, f.name)[offset:offset + n]), (offset, f.name)
+    same = sample_view_params(preset, 40, 50, 3, torch.Generator().manual_seed(4), rows=(2, 6))  # one size for all
+    assert torch.equal(same.boxes, sample_view_params(preset, 40, 50, 6, torch.Generator().manual_seed(4)).boxes[2:5])
+    with pytest.raises(ValueError, match=r"rows=\(5, 6\): 3 images from row 5 do not fit in a batch of 6"):
+        sample_view_params(preset, 40, 50, 3, torch.Generator().manual_seed(4), rows=(5, 6))

@@ -191,6 +191,19 @@ def test_each_global_step_is_the_same_block_of_the_order_on_any_world_size():
         s.set_epoch(1)
     got = [i for s in tail for i in s]
     assert sorted(set(got)) == sorted(order) and len(got) == n + 1
+    # mark_padding: the repeats are PAD places instead, dropped by the probe's collate: each image exactly once,
+    # and every rank still has as many batches as the others (a share may end in an empty batch)
+    from zoo.eval.features import IndexedDataset, collate_indexed
+
+    for world, b in ((2, 4), (3, 4), (4, 1)):
+        marked = [EpochShuffleSampler(n, seed=2, num_replicas=world, rank=r, batch_size=b, mark_padding=True)
+                  for r in range(world)]
+        shares = [list(s) for s in marked]
+        assert len({len(x) for x in shares}) == 1
+        assert sorted(i for x in shares for i in x if i >= 0) == list(range(n))
+        data = IndexedDataset([(torch.zeros(3, 2, 2), 7, f"f{i}") for i in range(n)])
+        last = collate_indexed([data[i] for i in shares[-1][-b:]])
+        assert last["index"].tolist() == [i for i in shares[-1][-b:] if i >= 0] and last["skipped"] == []
 
 
 def _elastic_run(folder: Path, devices: int, steps_folder: Path, ckpt_path=None) -> None:

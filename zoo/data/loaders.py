@@ -38,16 +38,24 @@ class EpochShuffleSampler(DistributedSampler):
     reshuffle with its own seed and never forward ``set_epoch``); Lightning calls ``set_epoch`` at each epoch start.
     ``num_replicas`` / ``rank`` left as None are read from ``torch.distributed`` when the sampler is used, so a
     sampler built before DDP starts still shards.
+
+    ``mark_padding=True`` yields ``PAD`` (-1) instead of each wrapped repeat: a reader that drops those entries (the
+    probe's ``IndexedDataset`` / ``collate_indexed``) sees every image of the epoch exactly once over the ranks, as one
+    process does, while every rank still runs the same number of steps (a rank's last batch may come out empty).
     """
 
+    PAD = -1
+
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int | None = None,
-                 rank: int | None = None, batch_size: int = 1, drop_last: bool = False) -> None:
+                 rank: int | None = None, batch_size: int = 1, drop_last: bool = False,
+                 mark_padding: bool = False) -> None:
         # DistributedSampler.__init__ would query torch.distributed now; the shard is resolved at use instead.
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
         self._replicas, self._rank = num_replicas, rank
         self.batch_size, self.drop_last = int(batch_size), bool(drop_last)
+        self.mark_padding = bool(mark_padding)
         self.dataset = range(n)
         self._start = 0
 
@@ -123,7 +131,8 @@ class EpochShuffleSampler(DistributedSampler):
         if tail:
             rest = order[full * self.global_batch:]
             pad = tail * world - len(rest)
-            rest = rest + (order * math.ceil(pad / max(len(order), 1)))[:pad]  # wrap, as DistributedSampler pads
+            # wrap, as DistributedSampler pads (or mark the places, for a reader that drops them)
+            rest = rest + ([self.PAD] * pad if self.mark_padding else (order * math.ceil(pad / max(len(order), 1)))[:pad])
             out += rest[r * tail:(r + 1) * tail]
         return out
 

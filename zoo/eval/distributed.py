@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["rank_error", "cpu_count", "check_devices", "available_devices", "launched_rank", "extract_split"]
+__all__ = ["rank_error", "cpu_count", "check_devices", "available_devices", "launched_rank", "extract_split",
+           "is_main_process"]
 
 
 def cpu_count() -> int:
@@ -61,6 +62,22 @@ def launched_rank() -> tuple[int, int] | None:
     if world <= 1 or "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
         return None
     return int(os.environ["RANK"]), world
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0, the one that prints, claims ``--out`` and writes the probe's files.
+
+    Asked of the process group once there is one; before that of the launcher's variables: ``RANK`` (torchrun,
+    SLURM through Lightning) or, for the processes Lightning starts itself for ``--devices N`` (it re-runs the
+    command with only ``LOCAL_RANK`` / ``NODE_RANK`` set), both of those. A rank that is not 0 must never claim or
+    clear ``--out``: ``--overwrite`` there would delete the files rank 0 is writing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    if "RANK" in os.environ:
+        return os.environ["RANK"] in ("", "0")
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0") and os.environ.get("NODE_RANK", "0") in ("", "0")
 
 
 def _backend(device: torch.device) -> str:

@@ -28,6 +28,9 @@ __all__ = ["Features", "IndexedDataset", "collate_indexed", "collate_tokens", "I
 Prepare = Callable[[dict[str, Any], torch.Generator | None], torch.Tensor]
 
 
+PADDING = (None, -1, None, -1)  # the item of a padding place: dropped by ``collate_indexed``
+
+
 class IndexedDataset(Dataset):
     """Wraps a dataset so each sample also carries its dataset index (to split train/held-out identically
     in every mode, whatever images were skipped)."""
@@ -39,15 +42,19 @@ class IndexedDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> tuple:
+        if i < 0:  # a sampler's padding place (``EpochShuffleSampler(mark_padding=True)``): nothing is read
+            return PADDING
         item = self.dataset[i]
         path = item[2] if len(item) > 2 else f"#{i}"
         return item[0], item[1], path, i
 
 
 def collate_indexed(batch: list[tuple]) -> dict[str, Any]:
-    """``zoo.data.collate_images`` plus ``index`` (LongTensor of the kept samples' dataset indices)."""
+    """``zoo.data.collate_images`` plus ``index`` (LongTensor of the kept samples' dataset indices); padding places
+    leave the batch unseen (they are neither images nor skipped files)."""
     from zoo.data.images import collate_images
 
+    batch = [item for item in batch if item[3] >= 0]  # identity is lost when a loader worker pickles the item
     out = collate_images([item[:3] for item in batch])
     kept = [item for item in batch if item[0] is not None]
     out["index"] = torch.tensor([item[3] for item in kept], dtype=torch.long)
@@ -99,8 +106,11 @@ class ImagePrepare:
         self.view = (LinearEvalTrain(size, resize_kernel=resize_kernel, crop_sampler=crop_sampler) if train else
                      LinearEvalTest(size, resize, resize_kernel=resize_kernel, eval_crop=eval_crop))
 
-    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.view(batch["image"], generator=generator)
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The view of the batch's images; ``rows=(offset, total)``: the batch is those rows of a global batch split
+        between ranks, and draws the random view of them that one device would (``augment.params``)."""
+        return self.view(batch["image"], generator=generator, rows=rows)
 
     def describe(self) -> dict[str, Any]:
         """Identity of the transform, for the feature-cache key."""
@@ -111,8 +121,11 @@ class ImagePrepare:
 
 
 def collate_tokens(batch: list[tuple]) -> dict[str, Any]:
-    """Token samples ``(ids [T], label, name, index)`` -> ``{'tokens' [B, T], 'label', 'index', 'skipped'}``."""
-    return {"tokens": torch.stack([torch.as_tensor(item[0]) for item in batch]),
+    """Token samples ``(ids [T], label, name, index)`` -> ``{'tokens' [B, T], 'label', 'index', 'skipped'}``;
+    padding places are dropped, as by ``collate_indexed``."""
+    batch = [item for item in batch if item[3] >= 0]
+    tokens = [torch.as_tensor(item[0]) for item in batch]
+    return {"tokens": torch.stack(tokens) if tokens else torch.zeros(0, 0, dtype=torch.long),
             "label": torch.tensor([int(item[1]) for item in batch], dtype=torch.long),
             "index": torch.tensor([item[3] for item in batch], dtype=torch.long), "skipped": []}
 
@@ -122,7 +135,8 @@ class TokenPrepare:
 
     collate = staticmethod(collate_tokens)
 
-    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None,
+                 rows: tuple[int, int] | None = None) -> torch.Tensor:
         return batch["tokens"]
 
     def describe(self) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from zoo.eval.features import (ImagePrepare, IndexedDataset, MeanPooledLM, TokenPrepare, collate_indexed,
                                 default_cache_dir, extract_to_store, frozen_autocast, quiet_decode_log,
                                 skipped_line, _feature_dim)
-from zoo.eval.distributed import cpu_count  # noqa: F401 - re-exported (tests, bench)
+from zoo.eval.distributed import cpu_count, is_main_process  # noqa: F401 - cpu_count re-exported (tests, bench)
 from zoo.eval.knn import KNNProbeCallback, knn_evaluate_store
 from zoo.eval.grid import PassResult, search_and_final
 from zoo.eval.linear import divergence, divergence_advice, evaluate_heads, train_heads
@@ -110,7 +109,7 @@ class _Notices:
             return
         self._keys.add(key or line)
         self.lines.append(line)
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             print(f"probe: {line}", file=sys.stderr, flush=True)
 
 
@@ -362,7 +361,7 @@ def run_probe(backbone: str, data: str, mode: str = "fast", out: str | Path | No
     encoder = load_backbone(backbone, which=which, padding=padding, arch=arch)
     which = getattr(encoder, "zoo_which", which)  # the encoder the source declared first, when which is None
     tool = {"backbone": backbone, "data": data, "mode": mode, "which": which, "padding": padding, "arch": arch}
-    if out is not None and os.environ.get("RANK", "0") == "0":
+    if out is not None and is_main_process():  # the other ranks never claim: --overwrite would clear rank 0's files
         if claim(out, identity(tool, dataclasses.asdict(cfg)), overwrite):
             print(f"probe: resuming the probe in {out} (same arguments; --overwrite starts over)", file=sys.stderr)
     # on a GPU the loader hands over the files' bytes and the batch is decoded there (nvjpeg); on a CPU the loader
@@ -376,7 +375,7 @@ def run_probe(backbone: str, data: str, mode: str = "fast", out: str | Path | No
                "padding": getattr(encoder, "zoo_padding", None), **metrics, "config": dataclasses.asdict(cfg)}
     if recipe:
         metrics["recipe"] = recipe
-    if out is not None and os.environ.get("RANK", "0") == "0":  # under DDP every rank has it; rank 0 writes
+    if out is not None and is_main_process():  # under DDP every rank has it; rank 0 writes
         from zoo.files import atomic_write_text
 
         atomic_write_text(Path(out) / "metrics.json", json.dumps(metrics, indent=2, default=str))

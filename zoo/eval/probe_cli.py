@@ -146,9 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError, KeyError) as err:
         print(f"zoo probe: error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
-    print_summary(metrics)
-    if tool["out"]:
-        print(f"wrote {Path(tool['out']) / 'metrics.json'} and metrics.md")
+    from zoo.eval.distributed import is_main_process
+
+    if is_main_process():  # the other ranks of a --devices N protocol run hold the same figures: one report
+        print_summary(metrics)
+        if tool["out"]:
+            print(f"wrote {Path(tool['out']) / 'metrics.json'} and metrics.md")
     return 0
 
 

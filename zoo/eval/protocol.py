@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from zoo.eval.distributed import is_main_process
 from zoo.eval.features import frozen_autocast
 from zoo.eval.grid import PassResult, search_and_final
 from zoo.eval.linear import divergence
@@ -72,10 +73,16 @@ def run_protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_fe
             print(f"linear probe: one pass, {len(grid_lrs)} held-out grid head(s) {grid_lrs} and {len(final_lrs)} "
                   f"final head(s) {final_lrs}, {len(train_ds)} training images"
                   + (f" ({len(held)} held out of the grid heads)" if grid_lrs else ""), file=sys.stderr, flush=True)
+        # padding places, not repeated images, fill a rank's share of the last batch (see ProtocolHeads)
         train_loader = loader(train_ds, cfg.batch_size, prepare_train,
-                              EpochShuffleSampler(len(train_ds), cfg.seed, batch_size=cfg.batch_size), trainer)
-        val = ([loader(Subset(train_ds, held.tolist()), cfg.extract_batch_size, prepare_test)] if grid_lrs else []) \
-            + [loader(test_ds, cfg.extract_batch_size, prepare_test)]
+                              EpochShuffleSampler(len(train_ds), cfg.seed, batch_size=cfg.batch_size,
+                                                  mark_padding=True), trainer)
+
+        def scored(ds: Dataset) -> Any:  # in order, split between the ranks without an image counted twice
+            return loader(ds, cfg.extract_batch_size, prepare_test, EpochShuffleSampler(len(ds), shuffle=False,
+                                                                                         mark_padding=True))
+
+        val = ([scored(Subset(train_ds, held.tolist()))] if grid_lrs else []) + [scored(test_ds)]
         lightning_log = logging.getLogger("lightning.pytorch")
         level = lightning_log.level
         lightning_log.setLevel(logging.WARNING)  # no device banner / "fit stopped" lines for every pass
@@ -105,7 +112,7 @@ def run_protocol(encoder: nn.Module, train_ds: Dataset, test_ds: Dataset, num_fe
         encoder.train(was_training)  # the caller's encoder comes back in the mode it was given in
         if scratch is not None:
             scratch.cleanup()
-    if out is not None:  # every pass's result is in DIR/grid.json now: its checkpoints are spent
+    if out is not None and is_main_process():  # every pass's result is in DIR/grid.json now: its checkpoints are spent
         for folder in out.glob("protocol_pass_*"):
             shutil.rmtree(folder, ignore_errors=True)
     return {**res, "skipped": skipped}

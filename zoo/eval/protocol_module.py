@@ -5,12 +5,23 @@ feeds every head: the lr grid's (which leave the held-out images out) and the fi
 share ONE SGD optimiser with a param group per head, so Lightning's own machinery checkpoints and restores them: the
 shared trainer's ``last.ckpt`` at every epoch end and on SIGTERM / SIGUSR1 (``zoo.train.trainer.PreemptionCheckpoint``),
 the training loader's position (``zoo.data.loaders.ResumableLoader``), the schedule and the heads. The train view's
-randomness is a pure function of (seed, step, rank), as in ``zoo.train.ssl``, so no generator state is saved and a
-resumed run draws exactly the views of an uninterrupted one. The encoder's weights are left out of the checkpoint
-(they never change; the probe's identity already names their hash).
+randomness is a pure function of (seed, step), so no generator state is saved and a resumed run draws exactly the
+views of an uninterrupted one. The encoder's weights are left out of the checkpoint (they never change; the probe's
+identity already names their hash).
+
+Over N data-parallel ranks (``--devices N``) the result is that of one device with the N-times batch: each rank
+encodes its share of the global batch (the sampler's padding places come out empty, so no image counts twice), its
+views drawn as rows of the global batch (``rows=(offset, total)``: the same random numbers one device draws), then the
+features, labels and indices are gathered and EVERY rank trains the heads on the whole global batch. That matters:
+the batch-norm statistics of ``feature_norm: batchnorm`` and the mean over the grid heads' non-held-out rows are those
+of the global batch, not of a rank's share (a per-rank mean, averaged by DDP, is another estimator and another
+result). DDP's averaging of the ranks' identical gradients is then exact for 2 or 4 ranks and within a rounding
+otherwise. Validation is split without padding and its hit counters summed. A ``prepare_train`` without a ``rows``
+parameter gets a generator seeded by (seed, step, rank) instead: right, but not the views of one device.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -19,6 +30,7 @@ from torch import nn
 
 from zoo.eval.features import decode_on_device
 from zoo.eval.linear import HeadBank
+from zoo.train.distributed import all_gather_rows, gather_sizes
 
 __all__ = ["ProtocolHeads"]
 
@@ -63,6 +75,7 @@ class ProtocolHeads(pl.LightningModule):
         self.result: dict[str, list[dict[str, float]]] = {}
         self._counts = torch.zeros(0)
         self._gen: torch.Generator | None = None
+        self._rows_kw = _takes_rows(prepare_train)  # the view can draw its rows of a global batch
         # Undecodable files named by the loader (this process's share under DDP).
         self.skipped: dict[str, set[str]] = {"train": set(), "test": set()}
 
@@ -77,28 +90,36 @@ class ProtocolHeads(pl.LightningModule):
         self.encoder.eval()
 
     def _generator(self) -> torch.Generator:
-        """The train-view generator, re-seeded from (seed, step, rank): nothing to save for an exact resume."""
+        """The train-view generator, re-seeded from (seed, step) (every rank alike: each draws its rows of the global
+        batch), or (seed, step, rank) for a prepare that cannot draw rows: nothing to save for an exact resume."""
         if self._gen is None or self._gen.device != self.device:
             self._gen = torch.Generator(device=self.device)
-        return self._gen.manual_seed(((self.seed * 1_000_003 + self.global_step) * 65_537 + self.global_rank)
-                                     % (1 << 63))
+        rank = 0 if self._rows_kw else self.global_rank
+        return self._gen.manual_seed(((self.seed * 1_000_003 + self.global_step) * 65_537 + rank) % (1 << 63))
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Raw JPEG bytes are decoded here, on the device they were moved to (nvjpeg on a GPU)."""
         return decode_on_device(batch, self.device)
 
-    def _features(self, batch: dict[str, Any], prepare: Callable, gen: torch.Generator | None) -> torch.Tensor:
-        if len(batch["label"]) == 0:  # every image of the batch was undecodable: no forward, every head still steps
+    def _features(self, batch: dict[str, Any], prepare: Callable, gen: torch.Generator | None,
+                  rows: tuple[int, int] | None = None) -> torch.Tensor:
+        if len(batch["label"]) == 0:  # every image of the batch was undecodable (or padding): no forward
             return torch.zeros(0, self.bank.heads[0].linear.in_features, device=self.device)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return self.encoder(prepare(batch, gen)).float()
+            views = prepare(batch, gen, rows=rows) if rows is not None else prepare(batch, gen)
+            return self.encoder(views).float()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """The heads' summed cross-entropy on one shared forward of the train view."""
+        """The heads' summed cross-entropy on one shared forward of the train view (of the global batch under DDP,
+        see the module's docstring); a batch with no image still steps every head."""
         self.skipped["train"].update(batch.get("skipped", []))
-        x = self._features(batch, self.prepare_train, self._generator())
-        y = batch["label"]
-        fit = ~torch.isin(batch["index"].to(self.device), self.heldout) if self.grid_lrs else None
+        y, index = batch["label"].to(self.device), batch["index"].to(self.device)
+        sizes = gather_sizes(len(y), self.device)
+        offset = sum(sizes[:self.global_rank]) if len(sizes) > 1 else 0
+        rows = (offset, sum(sizes)) if len(sizes) > 1 and self._rows_kw else None
+        x = self._features(batch, self.prepare_train, self._generator(), rows)
+        x, y, index = (all_gather_rows(t, sizes) for t in (x, y, index))
+        fit = ~torch.isin(index, self.heldout) if self.grid_lrs else None
         loss = self.bank.loss(x, y, fit)
         self.log("probe/loss", loss, prog_bar=True, batch_size=max(len(y), 1))
         return loss
@@ -129,8 +150,12 @@ class ProtocolHeads(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Sum the counters over devices; ``self.result[part]``: top-1 / top-5 (percent) per head it scores."""
-        counts = self.trainer.strategy.reduce(self._counts, reduce_op="sum") if self.trainer.world_size > 1 \
-            else self._counts
+        counts = self._counts
+        if self.trainer.world_size > 1:  # the hits of every rank's share, and every rank's skipped files
+            counts = self.trainer.strategy.reduce(self._counts, reduce_op="sum")
+            shares: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(shares, self.skipped)
+            self.skipped = {part: set().union(*(share[part] for share in shares)) for part in self.skipped}
         g = len(self.grid_lrs)
         self.result = {}
         for j, part in enumerate(self.val_parts):
@@ -149,3 +174,13 @@ class ProtocolHeads(pl.LightningModule):
         """Leave the frozen encoder out: it never changes, and it can be 100x the heads."""
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("encoder.")}
         checkpoint["zoo_probe_pass"] = {"grid_lrs": self.grid_lrs, "final_lrs": self.final_lrs}
+
+
+def _takes_rows(prepare: Callable) -> bool:
+    """Whether ``prepare(batch, generator, rows=...)`` is accepted (``zoo.eval.features.ImagePrepare`` and
+    ``TokenPrepare`` are; a user's callable may not be)."""
+    try:
+        params = inspect.signature(prepare).parameters
+    except (TypeError, ValueError):
+        return False
+    return "rows" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -92,7 +92,9 @@ class GridPoints:
         self._write()
 
     def _write(self) -> None:
-        if self.path is not None:
+        from zoo.eval.distributed import is_main_process
+
+        if self.path is not None and is_main_process():  # every DDP rank holds the points; rank 0 writes them
             from zoo.files import atomic_write_text
 
             self.path.parent.mkdir(parents=True, exist_ok=True)

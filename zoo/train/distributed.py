@@ -8,15 +8,18 @@ divides the W back out.
 
 ``all_reduce_sum(x)``: the sum over ranks, with the gradient of a sum (the incoming gradients summed again).
 
-Both are no-ops (the input itself) when ``torch.distributed`` is not initialised or has one process, so a method
-calls them unconditionally.
+``gather_sizes(n)`` / ``all_gather_rows(x, sizes)``: every rank's row count, and rows of different counts per rank
+concatenated in rank order (no gradient: for tensors that have none, such as a frozen encoder's features).
+
+All are no-ops (the input itself, ``[n]``) when ``torch.distributed`` is not initialised or has one process, so a
+method calls them unconditionally.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_grad", "all_reduce_sum", "world_size"]
+__all__ = ["all_gather_grad", "all_reduce_sum", "world_size", "gather_sizes", "all_gather_rows"]
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -58,3 +61,26 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_reduce
 
     return all_reduce(x.contiguous(), op=dist.ReduceOp.SUM)
+
+
+def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's ``n`` in rank order (``[n]`` on one process); ``device``: where the collective runs (the
+    backend's: a GPU for NCCL)."""
+    if world_size() == 1:
+        return [int(n)]
+    parts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(parts, torch.tensor([int(n)], dtype=torch.long, device=device))
+    return [int(t) for t in parts]
+
+
+def all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's ``x`` (``sizes[r]`` rows on rank ``r``, from ``gather_sizes``) concatenated along dim 0 in rank
+    order, without gradient; ``x`` itself on one process. Ranks may hold different counts, zero included."""
+    most = max(sizes)
+    if world_size() == 1 or most == 0:
+        return x
+    padded = x.new_zeros((most, *x.shape[1:]))
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
