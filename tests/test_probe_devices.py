@@ -70,3 +70,40 @@ def test_a_spawned_ranks_full_disk_is_one_line_naming_the_rank():
                         "'/cache/features/train/shard-3.npy'")
     bug = mp.ProcessRaisedException(child.replace("OSError", "AttributeError"), 0, 4243)
     assert rank_error(bug, 2) is bug  # a bug keeps the rank's traceback
+
+
+def test_a_signal_to_the_probe_stops_its_extraction_ranks_and_the_rerun_resumes(tmp_path):
+    """``kill PID`` of the probe while 2 spawned ranks extract: the ranks stop with it (no orphan writes into the
+    store), it exits 143 in one line, the finished shards are kept and the rerun resumes from them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    driver = [sys.executable, str(Path(__file__).with_name("extract_ranks.py")), str(tmp_path / "cache")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(driver, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)  # its own process group: the ranks are found by it afterwards
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob("cache/*/train/shard_*.json")) and time.monotonic() < deadline:
+        assert run.poll() is None, run.communicate()
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)  # the parent only, as `kill PID` does
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM during feature extraction" in err and "Traceback" not in err
+    for _ in range(100):  # the spawned ranks are gone (terminated and joined before the exit)
+        try:
+            os.killpg(run.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("a rank outlived the probe")
+    kept = len(list(tmp_path.glob("cache/*/train/shard_*.json")))
+    assert 0 < kept < 30  # 240 images in shards of 8
+    again = subprocess.run(driver, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "done" in again.stdout, again.stderr[-3000:]
+    assert "resuming train features in" in again.stderr and f"{kept} of 30 shards already extracted" in again.stderr

@@ -53,3 +53,15 @@ def test_the_evaluators_notices_print_under_the_table_not_under_the_bar(capsys):
     report.teardown(types.SimpleNamespace(progress_bar_callback=Bar()), None, "fit")
     out = capsys.readouterr().out
     assert out.index("gain (points)") < out.index(f"probe: {note}")
+
+
+def test_notices_name_the_callbacks_settings_not_the_probe_commands_flags():
+    from zoo.eval.probe_report import callback_terms
+
+    line = ("the best base lr 0.1 is at the bottom of lr_grid [0.1, 0.4, 1.6]: the optimum may lie below; widen "
+            "--lr_grid, or pass --grid_extensions 2 to extend it")
+    said = callback_terms(line)
+    assert "--" not in said
+    assert "widen ProbeReport's init_args.lr_grid, or pass ProbeReport's init_args.grid_extensions 2" in said
+    assert "the end-of-fit probe's num_workers (fixed)" in callback_terms("lower --num_workers")
+    assert ProbeReport(grid_extensions=2).grid_extensions == 2

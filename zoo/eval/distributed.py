@@ -13,10 +13,12 @@ each running ``cpu_count() // N`` threads.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -140,10 +142,45 @@ def extract_split(job: dict[str, Any], devices: int) -> None:
         _extract_share(launched[0], launched[1], job)
         return
     job = {**job, "threads": max(1, cpu_count() // devices)}
+    ranks = mp.spawn(_spawned, args=(devices, _free_port(), job), nprocs=devices, join=False)
     try:
-        mp.spawn(_spawned, args=(devices, _free_port(), job), nprocs=devices, join=True)
+        with _ranks_stop_with_this_process(ranks.processes):
+            while not ranks.join():
+                pass
     except mp.ProcessRaisedException as err:
         raise rank_error(err, devices) from None
+
+
+@contextlib.contextmanager
+def _ranks_stop_with_this_process(processes: list) -> Iterator[None]:
+    """SIGTERM / SIGUSR1 / SIGHUP to this process (``kill PID``, a scheduler that signals only the job's first
+    process) stops the spawned ranks too, then exits 128 + signal: no orphan keeps extracting, or writing into a store
+    that a rerun resumes. Finished shards are kept (each is flushed before its record is written). Outside the main
+    thread, where no handler can be set, the ranks are left to finish."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        for proc in processes:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in processes:
+            proc.join(10)
+        print(f"probe: stopped by {signal.Signals(signum).name} during feature extraction; the finished shards are "
+              "kept: rerun the same command to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    wanted = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGHUP") if hasattr(signal, name)]
+    before = {signum: signal.signal(signum, stop) for signum in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def rank_error(err: Exception, devices: int) -> Exception:

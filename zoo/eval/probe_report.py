@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import inspect
 import json
 import os
+import re
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,15 +37,16 @@ class ProbeReport(pl.Callback):
     Args:
         epochs: epochs of the linear classifier on cached features.
         lr_grid: base learning rates tried (selected on a held-out part of train).
+        grid_extensions: times the grid is extended past an edge where the best lr sits (x2 / x0.5); 0: only say so.
         expected: the band a config's README figures span, by report key (e.g. ``gain_knn_points: [3.5, 8.5]``):
             printed under the table with whether this run falls inside, so a user can tell another CPU model or
             thread count (inside) from a broken install (outside).
         expected_source: where the band comes from (seeds, CPU models, thread counts), printed with it.
     """
 
-    def __init__(self, epochs: int = 100, lr_grid: tuple[float, ...] = (0.1, 0.4, 1.6),
+    def __init__(self, epochs: int = 100, lr_grid: tuple[float, ...] = (0.1, 0.4, 1.6), grid_extensions: int = 0,
                  expected: dict[str, tuple[float, float]] | None = None, expected_source: str = "") -> None:
-        self.epochs, self.lr_grid = epochs, tuple(lr_grid)
+        self.epochs, self.lr_grid, self.grid_extensions = epochs, tuple(lr_grid), int(grid_extensions)
         self.expected = {str(k): (float(v[0]), float(v[1])) for k, v in (expected or {}).items()}
         for key, (lo, hi) in self.expected.items():
             if key not in BAND_KEYS or not lo <= hi:
@@ -71,7 +74,7 @@ class ProbeReport(pl.Callback):
                       extract_batch_size=256, device=str(pl_module.device))
         knn = ProbeConfig(knn_k=(20,), **common)
         linear = ProbeConfig(epochs=self.epochs, batch_size=256, lr_grid=self.lr_grid, heldout=0.1,
-                             feature_norm="batchnorm", **common)
+                             grid_extensions=self.grid_extensions, feature_norm="batchnorm", **common)
         scores = {}
         notices: list[str] = []
         for tag, enc in (("trained", pl_module.backbone()), ("random_init", self.initial.to(pl_module.device))):
@@ -82,7 +85,7 @@ class ProbeReport(pl.Callback):
                 knn_res = evaluate(enc, dm.train_set, dm.val_set, mode="knn", cfg=knn)
                 lin_res = evaluate(enc, dm.train_set, dm.val_set, mode="fast", cfg=linear)
             scores[f"{tag}_knn_top1"], scores[f"{tag}_linear_top1"] = knn_res["top1"], lin_res["top1"]
-            notices += [f"{tag}: {n}" for n in knn_res.get("notices", []) + lin_res.get("notices", [])]
+            notices += [f"{tag}: {callback_terms(n)}" for n in knn_res.get("notices", []) + lin_res.get("notices", [])]
             enc.train(was_training)
         self.result = {"dataset": dm.dataset, "method": type(pl_module).__name__,
                        "encoder": pl_module.hparams.encoder, "steps": trainer.global_step,
@@ -108,6 +111,18 @@ class ProbeReport(pl.Callback):
             # (its teardown only stops the display, so running it twice is harmless).
             bar.teardown(trainer, pl_module, stage)
         print_report(self.result)
+
+
+def callback_terms(notice: str) -> str:
+    """An evaluator notice in the terms of a ``zoo fit`` config: ``zoo probe``'s ``--lr_grid`` is this callback's
+    ``init_args.lr_grid`` there; a flag the callback does not take is named as the probe's fixed setting."""
+    own = set(inspect.signature(ProbeReport.__init__).parameters) - {"self"}
+
+    def term(m: re.Match) -> str:
+        key = m.group(1)
+        return f"ProbeReport's init_args.{key}" if key in own else f"the end-of-fit probe's {key} (fixed)"
+
+    return re.sub(r"--([a-z_]+)", term, notice)
 
 
 def recipe(knn: ProbeConfig, linear: ProbeConfig) -> str:
