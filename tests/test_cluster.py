@@ -318,3 +318,47 @@ def test_a_requeue_with_another_model_is_one_line_naming_what_differs(tmp_path, 
                                         "(checkpoint: 16)"), err
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["version_0"]
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+_ARMED_RANK = """
+import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", '''
+import time
+from zoo.train.cluster import die_with_launcher
+die_with_launcher()
+print("armed", flush=True)
+time.sleep(120)
+'''], env={**os.environ, "LOCAL_RANK": "1", "ZOO_LAUNCHER_PID": str(os.getpid())}, stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "armed"
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_rank_lightning_started_dies_with_the_process_that_started_it():
+    """kill -9 of rank 0 (the OOM killer's way) takes the local rank it launched with it, instead of leaving it in
+    the rendezvous; a rank whose launcher is already gone stops in one line; other processes record their pid."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "ZOO_LAUNCHER_PID")}
+    parent = subprocess.Popen([sys.executable, "-c", _ARMED_RANK], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        rank = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+    for _ in range(200):
+        try:
+            os.kill(rank, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(rank, signal.SIGKILL)
+        raise AssertionError("the local rank outlived the process that started it")
+    late = subprocess.run([sys.executable, "-c", "from zoo.train.cluster import die_with_launcher; die_with_launcher()"],
+                          env={**env, "LOCAL_RANK": "1", "ZOO_LAUNCHER_PID": "999999999"}, capture_output=True, text=True)
+    assert late.returncode != 0 and "local rank 1: the process that started it (pid 999999999) is gone" in late.stderr
+    own = subprocess.run([sys.executable, "-c", "import os; from zoo.train.cluster import die_with_launcher; "
+                          "die_with_launcher(); print(os.environ['ZOO_LAUNCHER_PID'] == str(os.getpid()))"],
+                         env=env, capture_output=True, text=True)
+    assert own.stdout.strip() == "True", own.stderr

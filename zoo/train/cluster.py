@@ -8,10 +8,12 @@ no ``RANK``) are told apart by ``SLURM_PROCID``.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import subprocess
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,6 +23,45 @@ from zoo.errors import UsageError
 # The signals that take the deferred save path: SIGTERM (preemption: save and exit 143) and the scheduler's
 # pre-timeout signal (``sbatch --signal=USR1@90``: save, requeue the job, exit 128 + signum).
 REQUEUE_SIGNALS_DEFAULT = ("SIGUSR1",)
+_LAUNCHER_PID = "ZOO_LAUNCHER_PID"  # the pid of the process whose Lightning launcher starts the other local ranks
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def die_with_launcher() -> None:
+    """Make a rank that Lightning's own launcher started die with the process that started it.
+
+    For ``--devices N`` on one node without a scheduler, Lightning re-runs the command for local ranks 1..N-1
+    (``LOCAL_RANK`` >= 1, no ``RANK``). If rank 0 dies (``kill -9``, the OOM killer, a signal before its handlers are
+    set), such a rank waits in the rendezvous or a collective for up to half an hour, holding its memory and GPU. On
+    Linux the kernel now sends it SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), and a rank whose parent is
+    already gone stops at once. Every other process records its pid for the ranks it may start; ranks started by
+    torchrun or a scheduler are left to them."""
+    local, launcher = os.environ.get("LOCAL_RANK", ""), os.environ.get(_LAUNCHER_PID, "")
+    started = (local.isdigit() and int(local) >= 1 and "RANK" not in os.environ and launcher.isdigit()
+               and int(launcher) != os.getpid())
+    if started and os.getppid() != int(launcher) and _alive(int(launcher)):
+        started = False  # a variable inherited from a zoo process up the tree, not from this process's parent
+    if not started:  # rank 0, one process, torchrun / scheduler ranks, or a stray LOCAL_RANK
+        os.environ[_LAUNCHER_PID] = str(os.getpid())
+        return
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl (another libc): nothing is lost but the cleanup
+        return
+    if os.getppid() != int(launcher):  # gone before the line above took effect
+        raise UsageError(f"local rank {local}: the process that started it (pid {launcher}) is gone; stopping")
 
 
 def cluster_environment(trainer: pl.Trainer) -> Any:

@@ -28,7 +28,7 @@ from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, step_bas
 from zoo.train.checkpointing import (CHECKPOINT_EVERY_MINUTES, AtomicCheckpointIO, RootCheckpoint,  # noqa: F401
                                      cleanup_stale_temp_files, existing_checkpoints, first_nonfinite,
                                      remove_checkpoint)
-from zoo.train.cluster import REQUEUE_SIGNALS_DEFAULT, parse_signals, process_rank, requeue_job
+from zoo.train.cluster import REQUEUE_SIGNALS_DEFAULT, die_with_launcher, parse_signals, process_rank, requeue_job
 from zoo.train.run_folder import (claim_folder, mismatched_checkpoint, new_log_folders,  # noqa: F401
                                   remove_unused_log_folders, resolve_auto_ckpt_path)
 from zoo.train.preflight import (available_memory, check_datamodule, lightning_usage_error,  # noqa: F401
@@ -296,6 +296,7 @@ class ZooTrainer(pl.Trainer):
         if checkpoint_every_minutes is not None and not checkpoint_every_minutes >= 0:
             raise UsageError(f"trainer.checkpoint_every_minutes must be >= 0 (0: only at epoch ends), got "
                              f"{checkpoint_every_minutes}")
+        die_with_launcher()  # a rank Lightning started must not outlive rank 0
         signals = parse_signals(requeue_signals)
 
         # every tool that trains (zoo fit, zoo probe --mode protocol, zoo scaling sweep, ...) builds this Trainer:
