@@ -1,11 +1,10 @@
 """DDP equivalence on CPU: 2 gloo processes with per-process batch B == 1 process with batch 2B (SyncBatchNorm),
 to 1e-5 after k steps; the EMA target is identical on both ranks; the data shards and their resume are exact.
 
-BYOL draws augmentation parameters per rank (its generator is seeded with the rank), so two processes can never
-draw the views one process draws for the same images. The equivalence run therefore makes the views deterministic
-through the public ``augment_overrides`` (full-image crop, every random op off): the test then isolates what DDP
-must get right (data sharding, gradient averaging, SyncBatchNorm statistics, the lr scaling rule, the EMA) while
-the augmentation randomness itself is covered by the exact-resume tests.
+The equivalence holds with BYOL's random views too: every rank seeds the augmentation generator alike and draws its
+rows of the global batch (``rows=(offset, total)``), so two processes draw the very views one process draws for the
+same images. The other tests keep deterministic views (full-image crop, every random op off) through the public
+``augment_overrides``, isolating what they check.
 """
 from __future__ import annotations
 
@@ -60,9 +59,12 @@ def _run(folder: Path, devices: int, batch: int, callbacks=(), steps: int = STEP
                 ckpt_path=ckpt_path)
 
 
-def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path):
-    _run(tmp_path / "one", devices=1, batch=2 * B)
-    _run(tmp_path / "two", devices=2, batch=B)
+@pytest.mark.parametrize("views", ["random", "deterministic"])
+def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path, views):
+    """``random``: BYOL's own views (crop, flip, colour, blur, solarize at 16 px), drawn as rows of the global batch."""
+    kw = {"augment_overrides": {}} if views == "random" else {}
+    _run(tmp_path / "one", devices=1, batch=2 * B, **kw)
+    _run(tmp_path / "two", devices=2, batch=B, **kw)
     one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
     r0, r1 = (torch.load(tmp_path / "two" / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["sync_bn"] and r1["sync_bn"] and not one["sync_bn"]  # DDP really ran with SyncBatchNorm

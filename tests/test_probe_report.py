@@ -62,6 +62,6 @@ def test_notices_name_the_callbacks_settings_not_the_probe_commands_flags():
             "--lr_grid, or pass --grid_extensions 2 to extend it")
     said = callback_terms(line)
     assert "--" not in said
-    assert "widen ProbeReport's init_args.lr_grid, or pass ProbeReport's init_args.grid_extensions 2" in said
+    assert "widen ProbeReport's init_args.lr_grid, or set ProbeReport's init_args.grid_extensions to 2" in said
     assert "the end-of-fit probe's num_workers (fixed)" in callback_terms("lower --num_workers")
     assert ProbeReport(grid_extensions=2).grid_extensions == 2

@@ -122,6 +122,7 @@ def callback_terms(notice: str) -> str:
         key = m.group(1)
         return f"ProbeReport's init_args.{key}" if key in own else f"the end-of-fit probe's {key} (fixed)"
 
+    notice = re.sub(r"pass --([a-z_]+) (\S+)", lambda m: f"set {term(m)} to {m.group(2)}", notice)
     return re.sub(r"--([a-z_]+)", term, notice)
 
 

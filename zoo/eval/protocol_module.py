@@ -21,7 +21,6 @@ parameter gets a generator seeded by (seed, step, rank) instead: right, but not 
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -30,7 +29,7 @@ from torch import nn
 
 from zoo.eval.features import decode_on_device
 from zoo.eval.linear import HeadBank
-from zoo.train.distributed import all_gather_rows, gather_sizes
+from zoo.train.distributed import all_gather_rows, gather_sizes, rows_of, takes_rows
 
 __all__ = ["ProtocolHeads"]
 
@@ -75,7 +74,7 @@ class ProtocolHeads(pl.LightningModule):
         self.result: dict[str, list[dict[str, float]]] = {}
         self._counts = torch.zeros(0)
         self._gen: torch.Generator | None = None
-        self._rows_kw = _takes_rows(prepare_train)  # the view can draw its rows of a global batch
+        self._rows_kw = takes_rows(prepare_train)  # the view can draw its rows of a global batch
         # Undecodable files named by the loader (this process's share under DDP).
         self.skipped: dict[str, set[str]] = {"train": set(), "test": set()}
 
@@ -115,8 +114,7 @@ class ProtocolHeads(pl.LightningModule):
         self.skipped["train"].update(batch.get("skipped", []))
         y, index = batch["label"].to(self.device), batch["index"].to(self.device)
         sizes = gather_sizes(len(y), self.device)
-        offset = sum(sizes[:self.global_rank]) if len(sizes) > 1 else 0
-        rows = (offset, sum(sizes)) if len(sizes) > 1 and self._rows_kw else None
+        rows = rows_of(sizes, self.global_rank) if self._rows_kw else None
         x = self._features(batch, self.prepare_train, self._generator(), rows)
         x, y, index = (all_gather_rows(t, sizes) for t in (x, y, index))
         fit = ~torch.isin(index, self.heldout) if self.grid_lrs else None
@@ -175,12 +173,3 @@ class ProtocolHeads(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("encoder.")}
         checkpoint["zoo_probe_pass"] = {"grid_lrs": self.grid_lrs, "final_lrs": self.final_lrs}
 
-
-def _takes_rows(prepare: Callable) -> bool:
-    """Whether ``prepare(batch, generator, rows=...)`` is accepted (``zoo.eval.features.ImagePrepare`` and
-    ``TokenPrepare`` are; a user's callable may not be)."""
-    try:
-        params = inspect.signature(prepare).parameters
-    except (TypeError, ValueError):
-        return False
-    return "rows" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

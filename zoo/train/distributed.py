@@ -11,15 +11,23 @@ divides the W back out.
 ``gather_sizes(n)`` / ``all_gather_rows(x, sizes)``: every rank's row count, and rows of different counts per rank
 concatenated in rank order (no gradient: for tensors that have none, such as a frozen encoder's features).
 
+``rows_of(sizes, rank)``: this rank's ``(offset, total)`` in the global batch, the ``rows`` an ``augment`` view takes
+to draw the random parameters one process would draw for those images: with the generator seeded alike on every
+rank, N ranks augment the global batch exactly as one device does (``takes_rows`` says whether a callable can).
+
 All are no-ops (the input itself, ``[n]``) when ``torch.distributed`` is not initialised or has one process, so a
 method calls them unconditionally.
 """
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_grad", "all_reduce_sum", "world_size", "gather_sizes", "all_gather_rows"]
+__all__ = ["all_gather_grad", "all_reduce_sum", "world_size", "gather_sizes", "all_gather_rows", "takes_rows",
+           "rows_of"]
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -84,3 +92,18 @@ def all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def rows_of(sizes: list[int], rank: int) -> tuple[int, int] | None:
+    """``(offset, total)`` of rank ``rank``'s images in the global batch of ``sizes``; None on one process."""
+    return (sum(sizes[:rank]), sum(sizes)) if len(sizes) > 1 else None
+
+
+def takes_rows(fn: Any) -> bool:
+    """Whether ``fn(..., rows=...)`` is accepted (the ``augment`` views and the zoo's prepares are; a user's
+    override may not be, and then keeps a generator seeded per rank)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "rows" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

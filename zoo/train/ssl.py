@@ -2,7 +2,8 @@
 loss and optimizer.
 
 The base owns the encoder (built from the registry), the linear classifier (the probe) on stop-gradient features
-and its validation, the augmentation randomness (a pure function of seed, rank, step and micro-batch), JPEG decode
+and its validation, the augmentation randomness (a pure function of seed, step and micro-batch; each DDP rank draws
+its rows of the global batch, so N processes augment as one process with the N-times batch does), JPEG decode
 on the device, the non-finite-step policy (snapshot, roll back, DDP-safe skip), undecodable-image accounting,
 channels-last / ``torch.compile`` switches, the lr-schedule lengths and the checkpoint contract readers use
 (``zoo.weights.checkpoint``). A method subclasses it and defines:
@@ -35,9 +36,10 @@ from augment import fused
 from augment.decode import decode_batch
 from augment.params import ViewParams
 from zoo.models.registry import create
+from zoo.train.distributed import gather_sizes, rows_of, takes_rows
 from zoo.train.nan_skip import NanSkipMixin
 from zoo.train.optim import OptimizerSpec, build_optimizer, fused_update, scaled_lr
-from zoo.train.trainer import NAN_POLICIES, UsageError, all_ranks, check_finite_loss
+from zoo.train.trainer import NAN_POLICIES, UsageError, check_finite_loss
 from zoo.train.whole_step import WholeStep, WholeStepMixin
 from zoo.weights.checkpoint import CONTRACT_KEY, CONTRACT_VERSION
 
@@ -150,16 +152,20 @@ class ImagePretraining(NanSkipMixin, WholeStepMixin, pl.LightningModule):
         """(method loss, encoder features of the first view) from ``forward_views``'s outputs."""
         raise NotImplementedError(f"{type(self).__name__} must define compute_loss")
 
-    def make_views(self, images: Any, gen: torch.Generator) -> list[torch.Tensor]:
-        """The augmented views of a batch, drawn from ``gen`` (default: the two ``augment.train_views``)."""
-        return [self.view1(images, gen), self.view2(images, gen)]
+    def make_views(self, images: Any, gen: torch.Generator, rows: tuple[int, int] | None = None
+                   ) -> list[torch.Tensor]:
+        """The augmented views of a batch, drawn from ``gen`` (default: the two ``augment.train_views``); ``rows``:
+        the batch's ``(offset, total)`` in the global batch under DDP (``augment.params.sample_view_params``). An
+        override without ``rows`` still works: its generator is then seeded per rank."""
+        return [self.view1(images, gen, rows), self.view2(images, gen, rows)]
 
     def on_weights_updated(self) -> None:
         """Called after each optimizer step that was not skipped (``MomentumMixin`` moves its targets here)."""
 
-    def view_params(self, images: Any, gen: torch.Generator) -> list[ViewParams]:
+    def view_params(self, images: Any, gen: torch.Generator, rows: tuple[int, int] | None = None
+                    ) -> list[ViewParams]:
         """``compile="step"``: the per-sample parameters of each view, drawn from ``gen`` as ``make_views`` draws."""
-        return [self.view1.sample_params(images, gen), self.view2.sample_params(images, gen)]
+        return [self.view1.sample_params(images, gen, rows), self.view2.sample_params(images, gen, rows)]
 
     def apply_views(self, images: Any, params: list[ViewParams]) -> list[torch.Tensor]:
         """``compile="step"``: the views from explicit parameters (batched schedule: static shapes, no branches)."""
@@ -290,18 +296,32 @@ class ImagePretraining(NanSkipMixin, WholeStepMixin, pl.LightningModule):
         return total, warmup
 
     # ---------------------------------------------------------------------------------------------- training step
+    def _draws_rows(self) -> bool:
+        """Whether this method's views can draw their rows of the global batch (``make_views`` / ``view_params``
+        take ``rows``; an override may not)."""
+        hook = self.view_params if self.hparams.compile == "step" else self.make_views
+        return takes_rows(hook)
+
     def _generator(self, batch_idx: int) -> torch.Generator:
-        """The augmentation generator, re-seeded for this (seed, rank, optimizer step, micro-batch).
+        """The augmentation generator, re-seeded for this (seed, optimizer step, micro-batch), the same on every rank
+        (each draws its rows of the global batch: ``_global_rows``), or also per rank for views that cannot.
 
         A pure function of the position in training, so no generator state has to be saved: a resumed run (any rank,
-        any interruption point) draws exactly the views the uninterrupted run drew. One saved state would not do
-        under DDP, where only rank 0 writes the checkpoint but every rank has its own stream.
+        any interruption point, any device count) draws exactly the views the uninterrupted run drew.
         """
         if self._aug_gen is None or self._aug_gen.device != self.device:
             self._aug_gen = torch.Generator(device=self.device)
         micro = batch_idx % self.trainer.accumulate_grad_batches
-        seed = ((self.hparams.aug_seed * 1_000_003 + self.global_step) * 1_009 + micro) * 65_537 + self.global_rank
+        rank = 0 if self._draws_rows() else self.global_rank
+        seed = ((self.hparams.aug_seed * 1_000_003 + self.global_step) * 1_009 + micro) * 65_537 + rank
         return self._aug_gen.manual_seed(seed % (1 << 63))
+
+    def _global_rows(self, n: int) -> tuple[bool, dict[str, Any]]:
+        """(every rank has >= 2 decodable images, the ``rows`` keyword of this rank's views): one gather of the
+        ranks' image counts under DDP (every rank must skip a step together, or the others would hang)."""
+        sizes = gather_sizes(n, self.device)
+        rows = rows_of(sizes, self.global_rank) if self._draws_rows() else None
+        return min(sizes) >= 2, ({"rows": rows} if rows is not None else {})
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Decode raw JPEG bytes on the device they were moved to; drop and record undecodable files."""
@@ -323,10 +343,11 @@ class ImagePretraining(NanSkipMixin, WholeStepMixin, pl.LightningModule):
             return self.compiled_step(batch, batch_idx)
         self._stepped = False
         labels = batch["label"]
-        if not all_ranks(self, len(labels) >= 2):  # every DDP rank must skip together, or the others would hang
+        enough, rows = self._global_rows(len(labels))
+        if not enough:
             rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
             return self._skipped_step_loss()
-        views = self.make_views(batch["image"], self._generator(batch_idx))
+        views = self.make_views(batch["image"], self._generator(batch_idx), **rows)
         if self._use_channels_last():
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         forward = self.forward_views

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 
 from augment.params import ViewParams
-from zoo.train.trainer import all_ranks, check_finite_loss
+from zoo.train.trainer import check_finite_loss
 
 __all__ = ["WholeStep", "WholeStepMixin", "masked_restore", "all_finite"]
 
@@ -97,7 +97,8 @@ class WholeStepMixin:
         opt, sched = self.optimizers(), self.lr_schedulers()
         labels, images = batch["label"], batch["image"]
         opt.zero_grad(set_to_none=True)
-        if not all_ranks(self, len(labels) >= 2):
+        enough, rows = self._global_rows(len(labels))
+        if not enough:
             rank_zero_warn(f"skipping step {self.global_step}: fewer than 2 decodable images in the batch")
             opt.step()  # no gradients: counts the step and changes nothing, as the eager skip
             sched.step()
@@ -105,7 +106,7 @@ class WholeStepMixin:
         if self._whole_step is None:
             self._whole_step = WholeStep(self._step_forward, self._step_update)
         forward, update = self._whole_step.functions(images)
-        params = self.view_params(images, self._generator(batch_idx))
+        params = self.view_params(images, self._generator(batch_idx), **rows)
         total, loss, cls_loss, top1, ok = forward(images, params, labels)
         skip = self.hparams.nan_policy == "skip"
         if not skip:
