@@ -72,9 +72,11 @@ def test_a_spawned_ranks_full_disk_is_one_line_naming_the_rank():
     assert rank_error(bug, 2) is bug  # a bug keeps the rank's traceback
 
 
-def test_a_signal_to_the_probe_stops_its_extraction_ranks_and_the_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGKILL"])
+def test_a_signal_to_the_probe_stops_its_extraction_ranks_and_the_rerun_resumes(tmp_path, signum):
     """``kill PID`` of the probe while 2 spawned ranks extract: the ranks stop with it (no orphan writes into the
-    store), it exits 143 in one line, the finished shards are kept and the rerun resumes from them."""
+    store), it exits 143 in one line, the finished shards are kept and the rerun resumes from them. ``kill -9`` (the
+    OOM killer) leaves no handler to run: the kernel stops the ranks (torch's spawn sets ``PR_SET_PDEATHSIG``)."""
     import os
     import signal
     import subprocess
@@ -90,10 +92,13 @@ def test_a_signal_to_the_probe_stops_its_extraction_ranks_and_the_rerun_resumes(
     while not list(tmp_path.glob("cache/*/train/shard_*.json")) and time.monotonic() < deadline:
         assert run.poll() is None, run.communicate()
         time.sleep(0.05)
-    run.send_signal(signal.SIGTERM)  # the parent only, as `kill PID` does
+    run.send_signal(getattr(signal, signum))  # the parent only, as `kill PID` does
     out, err = run.communicate(timeout=120)
-    assert run.returncode == 143, err[-3000:]
-    assert "stopped by SIGTERM during feature extraction" in err and "Traceback" not in err
+    if signum == "SIGTERM":
+        assert run.returncode == 143, err[-3000:]
+        assert "stopped by SIGTERM during feature extraction" in err and "Traceback" not in err
+    else:
+        assert run.returncode == -signal.SIGKILL
     for _ in range(100):  # the spawned ranks are gone (terminated and joined before the exit)
         try:
             os.killpg(run.pid, 0)

@@ -54,14 +54,19 @@ def die_with_launcher() -> None:
     if not started:  # rank 0, one process, torchrun / scheduler ranks, or a stray LOCAL_RANK
         os.environ[_LAUNCHER_PID] = str(os.getpid())
         return
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):  # no prctl (another libc): nothing is lost but the cleanup
-        return
-    if os.getppid() != int(launcher):  # gone before the line above took effect
+    if not die_with_parent(int(launcher)):
         raise UsageError(f"local rank {local}: the process that started it (pid {launcher}) is gone; stopping")
+
+
+def die_with_parent(parent: int) -> bool:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere
+    nothing); False when the parent, pid ``parent``, is already gone (this process was orphaned before)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl (another libc): nothing is lost but the cleanup
+            pass
+    return os.getppid() == parent
 
 
 def cluster_environment(trainer: pl.Trainer) -> Any:
