@@ -399,3 +399,27 @@ def test_checkpoints_get_the_umask_permissions_not_owner_only(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "last.ckpt").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_worker_death_raised_outside_the_loaders_next_names_the_file(tmp_path, tiny_imagefolder):
+    """torch's SIGCHLD handler raises "DataLoader worker (pid(s) N) exited unexpectedly" wherever the main thread is
+    (here: a callback after a step), not inside the loader's ``next()``: the trainer still names the file the dead
+    worker was reading."""
+    import lightning.pytorch as pl
+
+    from zoo.data import ImageDataModule
+
+    class WorkerDiesDuringTheStep(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            ds = trainer.datamodule.train_set
+            while not hasattr(ds, "busy"):
+                ds = ds.dataset
+            ds.busy.table[5] = torch.tensor([4242, 2])  # worker 5 (pid 4242) was reading sample 2
+            self.victim = ds.where(2)
+            raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+    dies = WorkerDiesDuringTheStep()
+    data = ImageDataModule(f"imagefolder:{tiny_imagefolder}", batch_size=4, num_workers=0)
+    with pytest.raises(RuntimeError, match="exited unexpectedly while reading") as err:
+        fit(tmp_path, steps=2, callbacks=[dies], data=data, every_n=None)
+    assert dies.victim in str(err.value) and "OOM killer" in str(err.value)

@@ -4,6 +4,10 @@ A worker that raises is named by the dataset itself (its exception travels back)
 OOM killer, SIGKILL, a segfault in a decoder) leaves only ``DataLoader worker (pid N) is killed by signal``. Each
 worker writes ``(pid, sample)`` into its row of a small shared-memory table before reading a sample and clears it
 after; ``name_worker_death`` turns the loader's error into one naming the sample the dead pid was reading.
+
+The error reaches the main process two ways: from the loader's ``next()`` (the training loader names it there,
+``zoo.data.loaders``), or from torch's SIGCHLD handler, which raises it wherever the main thread happens to be (inside
+a training step, a callback): the trainer names that one on its way out (``name_worker_death_in``).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BusySlots", "name_worker_death"]
+__all__ = ["BusySlots", "name_worker_death", "name_worker_death_in"]
 
 _SLOTS = 64  # 1 KB; worker ids beyond this share rows (modulo): a name may then be missing, never wrong (the pid is kept)
 
@@ -78,3 +82,15 @@ def name_worker_death(err: BaseException, dataset: Any) -> RuntimeError | None:
         return None
     return RuntimeError(f"{str(err).strip()} while reading {', '.join(names)}; that sample (its shard or file) may "
                         "be what killed it (a decoder crash, or memory: check the system log for the OOM killer)")
+
+
+def name_worker_death_in(err: BaseException, datasets: Any) -> RuntimeError | None:
+    """``name_worker_death`` against each of ``datasets`` (those of the loaders a run had: a subset's parent too)
+    until one knows the dead pid; None when none does."""
+    for dataset in datasets:
+        while dataset is not None:
+            named = name_worker_death(err, dataset)
+            if named is not None:
+                return named
+            dataset = getattr(dataset, "dataset", None)  # Subset, IndexedDataset: the reading dataset is inside
+    return None

@@ -22,6 +22,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompo
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from zoo.data.workers import name_worker_death_in
 from zoo.errors import RunError, UsageError  # noqa: F401 - re-exported
 from zoo.files import LOCK_NAME, LockRefused, RunLock  # noqa: F401 - re-exported
 from zoo.train.announce import ModelTable, RunSummary, StepProgressBar, step_based  # noqa: F401 - re-exported
@@ -364,6 +365,9 @@ class ZooTrainer(pl.Trainer):
             if refusal is not None or isinstance(e, UsageError):
                 remove_unused_log_folders(fresh)  # a refused start leaves no empty logs/version_N, tb/version_N
             if refusal is None:
+                named = name_worker_death_in(e, _run_datasets(self, dm))  # a loader worker killed by a signal
+                if named is not None:
+                    raise named from e
                 raise
             raise refusal from None
         finally:
@@ -371,6 +375,14 @@ class ZooTrainer(pl.Trainer):
                 lock.release()
             if requeue and process_rank(self) == 0:  # after the save and the lock's release: the job may go now
                 print(f"zoo fit: {requeue_job()}", file=sys.stderr, flush=True)
+
+
+def _run_datasets(trainer: pl.Trainer, dm: Any) -> list[Any]:
+    """The datasets a fit reads: its data module's sets and its loaders' (whichever exist)."""
+    found = [getattr(dm, name, None) for name in ("train_set", "val_set")]
+    combined = getattr(trainer.fit_loop, "_combined_loader", None)  # Lightning internal: this fit's loaders
+    found += [getattr(loader, "dataset", None) for loader in (getattr(combined, "flattened", None) or [])]
+    return [d for d in found if d is not None]
 
 
 def build_trainer(**overrides: Any) -> pl.Trainer:
