@@ -75,7 +75,7 @@ class ProtocolHeads(pl.LightningModule):
         self._counts = torch.zeros(0)
         self._gen: torch.Generator | None = None
         self._rows_kw = takes_rows(prepare_train)  # the view can draw its rows of a global batch
-        # Undecodable files named by the loader (this process's share under DDP).
+        # Undecodable files named by the loader: this process's share under DDP, until a validation end unites them.
         self.skipped: dict[str, set[str]] = {"train": set(), "test": set()}
 
     def train(self, mode: bool = True) -> "ProtocolHeads":
@@ -113,7 +113,7 @@ class ProtocolHeads(pl.LightningModule):
         see the module's docstring); a batch with no image still steps every head."""
         self.skipped["train"].update(batch.get("skipped", []))
         y, index = batch["label"].to(self.device), batch["index"].to(self.device)
-        sizes = gather_sizes(len(y), self.device)
+        sizes = gather_sizes(len(y), self.device) if self.trainer.world_size > 1 else [len(y)]
         rows = rows_of(sizes, self.global_rank) if self._rows_kw else None
         x = self._features(batch, self.prepare_train, self._generator(), rows)
         x, y, index = (all_gather_rows(t, sizes) for t in (x, y, index))
@@ -172,4 +172,3 @@ class ProtocolHeads(pl.LightningModule):
         """Leave the frozen encoder out: it never changes, and it can be 100x the heads."""
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("encoder.")}
         checkpoint["zoo_probe_pass"] = {"grid_lrs": self.grid_lrs, "final_lrs": self.final_lrs}
-

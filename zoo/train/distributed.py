@@ -85,7 +85,7 @@ def all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Every rank's ``x`` (``sizes[r]`` rows on rank ``r``, from ``gather_sizes``) concatenated along dim 0 in rank
     order, without gradient; ``x`` itself on one process. Ranks may hold different counts, zero included."""
     most = max(sizes)
-    if world_size() == 1 or most == 0:
+    if len(sizes) == 1 or world_size() == 1 or most == 0:
         return x
     padded = x.new_zeros((most, *x.shape[1:]))
     padded[:len(x)] = x

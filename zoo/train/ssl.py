@@ -319,7 +319,8 @@ class ImagePretraining(NanSkipMixin, WholeStepMixin, pl.LightningModule):
     def _global_rows(self, n: int) -> tuple[bool, dict[str, Any]]:
         """(every rank has >= 2 decodable images, the ``rows`` keyword of this rank's views): one gather of the
         ranks' image counts under DDP (every rank must skip a step together, or the others would hang)."""
-        sizes = gather_sizes(n, self.device)
+        trainer = getattr(self, "_trainer", None)  # this run's world, not whatever process group exists
+        sizes = gather_sizes(n, self.device) if trainer is not None and trainer.world_size > 1 else [n]
         rows = rows_of(sizes, self.global_rank) if self._draws_rows() else None
         return min(sizes) >= 2, ({"rows": rows} if rows is not None else {})
 
