@@ -112,3 +112,23 @@ def test_a_signal_to_the_probe_stops_its_extraction_ranks_and_the_rerun_resumes(
     again = subprocess.run(driver, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "done" in again.stdout, again.stderr[-3000:]
     assert "resuming train features in" in again.stderr and f"{kept} of 30 shards already extracted" in again.stderr
+
+
+@pytest.mark.parametrize("env,main", [
+    ({}, True),
+    ({"RANK": "1"}, True), ({"LOCAL_RANK": "1"}, True), ({"NODE_RANK": "2"}, True),  # stray: one process
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, False),  # torchrun
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, True),
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, False),  # Lightning's own launch
+    ({"NODE_RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "MASTER_ADDR": "h"}, False),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3"}, False), ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, True),
+])
+def test_rank_zero_is_asked_of_a_real_launch_only(monkeypatch, env, main):
+    """A stray RANK / LOCAL_RANK in a one-process probe must not silence its report or skip claiming --out."""
+    from zoo.eval.distributed import is_main_process
+
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert is_main_process() is main

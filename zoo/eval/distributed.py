@@ -69,17 +69,24 @@ def launched_rank() -> tuple[int, int] | None:
 def is_main_process() -> bool:
     """Whether this process is rank 0, the one that prints, claims ``--out`` and writes the probe's files.
 
-    Asked of the process group once there is one; before that of the launcher's variables: ``RANK`` (torchrun,
-    SLURM through Lightning) or, for the processes Lightning starts itself for ``--devices N`` (it re-runs the
-    command with only ``LOCAL_RANK`` / ``NODE_RANK`` set), both of those. A rank that is not 0 must never claim or
-    clear ``--out``: ``--overwrite`` there would delete the files rank 0 is writing."""
+    Asked of the process group once there is one; before that of the launcher's variables, read only when a launch
+    is really under way (``WORLD_SIZE`` > 1 with ``MASTER_ADDR``, or ``SLURM_NTASKS`` > 1), so a stray ``RANK`` or
+    ``LOCAL_RANK`` in a one-process run changes nothing: ``RANK`` (torchrun), ``SLURM_PROCID`` (srun tasks), or, for
+    the processes Lightning starts itself for ``--devices N`` (it re-runs the command with only ``LOCAL_RANK`` /
+    ``NODE_RANK`` set), both of those. A rank that is not 0 must never claim or clear ``--out``: ``--overwrite``
+    there would delete the files rank 0 is writing."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    if "RANK" in os.environ:
-        return os.environ["RANK"] in ("", "0")
-    return os.environ.get("LOCAL_RANK", "0") in ("", "0") and os.environ.get("NODE_RANK", "0") in ("", "0")
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_PROCID" in env and "RANK" not in env:
+        return env["SLURM_PROCID"] in ("", "0")
+    if int(env.get("WORLD_SIZE", "1") or 1) <= 1 or "MASTER_ADDR" not in env:
+        return True
+    if "RANK" in env:
+        return env["RANK"] in ("", "0")
+    return env.get("LOCAL_RANK", "0") in ("", "0") and env.get("NODE_RANK", "0") in ("", "0")
 
 
 def _backend(device: torch.device) -> str:

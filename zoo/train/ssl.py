@@ -132,6 +132,7 @@ class ImagePretraining(NanSkipMixin, WholeStepMixin, pl.LightningModule):
         self.eval_view = augment.LinearEvalTest(image_size, resize=round(image_size * 256 / 224),
                                                 **(eval_overrides or {}))
         self._aug_gen: torch.Generator | None = None
+        self._rows_ok: bool | None = None  # ``_draws_rows``, once known
         self._stepped = False
         self.skipped_images: list[str] = []
         self._compiled_views = None
@@ -299,8 +300,9 @@ class ImagePretraining(NanSkipMixin, WholeStepMixin, pl.LightningModule):
     def _draws_rows(self) -> bool:
         """Whether this method's views can draw their rows of the global batch (``make_views`` / ``view_params``
         take ``rows``; an override may not)."""
-        hook = self.view_params if self.hparams.compile == "step" else self.make_views
-        return takes_rows(hook)
+        if self._rows_ok is None:  # asked twice per step: the signature is read once
+            self._rows_ok = takes_rows(self.view_params if self.hparams.compile == "step" else self.make_views)
+        return self._rows_ok
 
     def _generator(self, batch_idx: int) -> torch.Generator:
         """The augmentation generator, re-seeded for this (seed, optimizer step, micro-batch), the same on every rank
